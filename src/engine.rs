@@ -1,0 +1,322 @@
+//! The engine: evaluates a micro-batch of messages against the rule set.
+//!
+//! For each message the topic index picks the candidate rules, so a message never runs a rule
+//! whose filter it does not match. The payload is parsed once, and only when some rule is a
+//! candidate. Each rule then runs once per batch and type variant over just the messages that
+//! are its candidates, with columns built only for the payload paths it references.
+//!
+//! Evaluation is pure: no I/O, no metrics. The daemon, `iotfwd rules test` and the benchmark all
+//! call [`Engine::evaluate`], so they always agree.
+
+use std::sync::Arc;
+
+use base64::Engine as _;
+use datafusion::arrow::array::{Array, ArrayRef, AsArray};
+use datafusion::arrow::datatypes::{self as dt, DataType};
+use datafusion::arrow::util::display::array_value_to_string;
+use serde_json::{Map, Number, Value};
+
+use crate::message::Message;
+use crate::outcome::Code;
+use crate::rules::compile::{Kind, VariantOutput};
+use crate::rules::sql::{Item, ParsedSql};
+use crate::rules::{Compiler, Rule, RuleSet};
+
+/// A rule's output for one message: one JSON object, one key per select item.
+pub type Output = Map<String, Value>;
+
+/// What one candidate rule did with one message.
+#[derive(Clone, Debug, PartialEq)]
+pub enum RuleOutcome {
+    /// WHERE held (or there is none): the output object.
+    Passed(Output),
+    /// WHERE was false or NULL.
+    NoResult,
+    /// The rule could not run on this message: 9320 (payload) or 9307 (SQL at run time).
+    Failed { code: Code, reason: String },
+}
+
+/// One candidate rule's outcome for one message.
+#[derive(Clone, Debug)]
+pub struct RuleResult {
+    pub rule: Arc<Rule>,
+    pub outcome: RuleOutcome,
+}
+
+/// Evaluates batches against one version of the rule set.
+#[derive(Clone)]
+pub struct Engine {
+    compiler: Arc<Compiler>,
+    rules: Arc<RuleSet>,
+}
+
+impl Engine {
+    pub fn new(compiler: Arc<Compiler>, rules: Arc<RuleSet>) -> Engine {
+        Engine { compiler, rules }
+    }
+
+    pub fn rules(&self) -> &Arc<RuleSet> {
+        &self.rules
+    }
+
+    /// Swaps in a new rule set; batches already evaluated keep the version they ran under.
+    pub fn set_rules(&mut self, rules: Arc<RuleSet>) {
+        self.rules = rules;
+    }
+
+    /// Evaluates a batch. The result has one entry per message, each listing its candidate rules
+    /// in rule order. Equal, message for message, to evaluating each message alone.
+    pub fn evaluate(&self, messages: &[Message]) -> Vec<Vec<RuleResult>> {
+        let rules = self.rules.rules();
+        let mut results: Vec<Vec<RuleResult>> = (0..messages.len()).map(|_| Vec::new()).collect();
+        let mut members: Vec<Vec<usize>> = vec![Vec::new(); rules.len()];
+        let mut payloads: Vec<Option<Result<Value, String>>> = vec![None; messages.len()];
+        let mut candidates = Vec::new();
+        for (m, message) in messages.iter().enumerate() {
+            self.rules.candidates_into(&message.topic, &mut candidates);
+            if candidates.is_empty() {
+                continue;
+            }
+            payloads[m] = Some(parse_payload(&message.payload));
+            for &r in &candidates {
+                members[r].push(m);
+            }
+        }
+        for (r, members) in members.iter().enumerate() {
+            if members.is_empty() {
+                continue;
+            }
+            let rule = &rules[r];
+            let mut ok = Vec::with_capacity(members.len());
+            for &m in members {
+                match payloads[m].as_ref().expect("parsed for every candidate") {
+                    Ok(_) => ok.push(m),
+                    Err(reason) => results[m].push(RuleResult {
+                        rule: Arc::clone(rule),
+                        outcome: RuleOutcome::Failed {
+                            code: Code::PayloadInvalid,
+                            reason: reason.clone(),
+                        },
+                    }),
+                }
+            }
+            if ok.is_empty() {
+                continue;
+            }
+            let payload_of = |m: usize| match &payloads[m] {
+                Some(Ok(Value::Object(map))) => map,
+                _ => unreachable!("only objects are ok"),
+            };
+            let outcomes = self.run_rule(rule, messages, &ok, &payload_of);
+            for (m, outcome) in ok.into_iter().zip(outcomes) {
+                results[m].push(RuleResult { rule: Arc::clone(rule), outcome });
+            }
+        }
+        results
+    }
+
+    /// Runs one rule over the messages `ok` (all with object payloads); one outcome each.
+    fn run_rule<'a>(
+        &self,
+        rule: &Rule,
+        messages: &'a [Message],
+        ok: &[usize],
+        payload_of: &dyn Fn(usize) -> &'a Map<String, Value>,
+    ) -> Vec<RuleOutcome> {
+        let parsed = &rule.program.parsed;
+        let paths = parsed.paths.len();
+        let mut values: Vec<Option<&Value>> = Vec::with_capacity(ok.len() * paths);
+        let mut kinds: Vec<Kind> = Vec::with_capacity(ok.len() * paths);
+        for &m in ok {
+            let payload = payload_of(m);
+            for path in &parsed.paths {
+                let v = lookup(payload, &path.segments);
+                values.push(v);
+                kinds.push(Kind::of(v));
+            }
+        }
+        // Group rows by type variant; nearly always one group.
+        let mut groups: Vec<(usize, Vec<usize>)> = Vec::new();
+        for row in 0..ok.len() {
+            let sig = &kinds[row * paths..(row + 1) * paths];
+            match groups.iter_mut().find(|(rep, _)| &kinds[rep * paths..(rep + 1) * paths] == sig)
+            {
+                Some((_, rows)) => rows.push(row),
+                None => groups.push((row, vec![row])),
+            }
+        }
+        let mut outcomes = vec![RuleOutcome::NoResult; ok.len()];
+        for (rep, rows) in groups {
+            let sig = &kinds[rep * paths..(rep + 1) * paths];
+            self.run_group(rule, messages, ok, &values, sig, &rows, payload_of, &mut outcomes);
+        }
+        outcomes
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn run_group<'a>(
+        &self,
+        rule: &Rule,
+        messages: &'a [Message],
+        ok: &[usize],
+        values: &[Option<&Value>],
+        sig: &[Kind],
+        rows: &[usize],
+        payload_of: &dyn Fn(usize) -> &'a Map<String, Value>,
+        outcomes: &mut [RuleOutcome],
+    ) {
+        let parsed = &rule.program.parsed;
+        let paths = parsed.paths.len();
+        let variant = match rule.program.variant(sig, self.compiler.state()) {
+            Ok(v) => v,
+            Err(reason) => {
+                for &row in rows {
+                    outcomes[row] = RuleOutcome::Failed { code: Code::SqlError, reason: reason.clone() };
+                }
+                return;
+            }
+        };
+        let group_messages: Vec<&Message> = rows.iter().map(|&row| &messages[ok[row]]).collect();
+        let group_values: Vec<Option<&Value>> = rows
+            .iter()
+            .flat_map(|&row| values[row * paths..(row + 1) * paths].iter().copied())
+            .collect();
+        match variant.run(parsed, &group_messages, &group_values, sig) {
+            Ok(VariantOutput { passed, columns }) => {
+                for (out_row, &g) in passed.iter().enumerate() {
+                    let row = rows[g];
+                    let output = build_output(
+                        parsed,
+                        payload_of(ok[row]),
+                        &values[row * paths..(row + 1) * paths],
+                        &columns,
+                        out_row,
+                    );
+                    outcomes[row] = RuleOutcome::Passed(output);
+                }
+            }
+            // One bad row fails a whole Arrow evaluation: re-run the rows alone so only the
+            // messages that cause the error get it.
+            Err(_) if rows.len() > 1 => {
+                for &row in rows {
+                    self.run_group(rule, messages, ok, values, sig, &[row], payload_of, outcomes);
+                }
+            }
+            Err(reason) => {
+                outcomes[rows[0]] = RuleOutcome::Failed { code: Code::SqlError, reason };
+            }
+        }
+    }
+}
+
+/// Parses a payload for the JSON rules: it must be a JSON object.
+fn parse_payload(payload: &[u8]) -> Result<Value, String> {
+    match serde_json::from_slice::<Value>(payload) {
+        Ok(v @ Value::Object(_)) => Ok(v),
+        Ok(other) => Err(format!(
+            "payload is JSON but not an object (it is {}); rules read the fields of an object",
+            json_kind(&other)
+        )),
+        Err(e) => Err(format!("payload is not valid JSON: {e}")),
+    }
+}
+
+fn json_kind(v: &Value) -> &'static str {
+    match v {
+        Value::Null => "null",
+        Value::Bool(_) => "a boolean",
+        Value::Number(_) => "a number",
+        Value::String(_) => "a string",
+        Value::Array(_) => "an array",
+        Value::Object(_) => "an object",
+    }
+}
+
+/// Walks a payload path; None when any step is missing or not an object.
+fn lookup<'a>(payload: &'a Map<String, Value>, segments: &[String]) -> Option<&'a Value> {
+    let (first, rest) = segments.split_first()?;
+    let mut v = payload.get(first)?;
+    for s in rest {
+        v = v.as_object()?.get(s)?;
+    }
+    Some(v)
+}
+
+fn build_output(
+    parsed: &ParsedSql,
+    payload: &Map<String, Value>,
+    row_values: &[Option<&Value>],
+    columns: &[Option<ArrayRef>],
+    out_row: usize,
+) -> Output {
+    let mut out = Map::with_capacity(parsed.items.len());
+    for (i, item) in parsed.items.iter().enumerate() {
+        match item {
+            Item::Wildcard => {
+                for (k, v) in payload {
+                    out.insert(k.clone(), v.clone());
+                }
+            }
+            Item::Path { key, path } => {
+                out.insert(key.clone(), row_values[*path].cloned().unwrap_or(Value::Null));
+            }
+            Item::Expr { key, .. } => {
+                let column = columns[i].as_ref().expect("expression items have a column");
+                out.insert(key.clone(), arrow_to_json(column.as_ref(), out_row));
+            }
+        }
+    }
+    out
+}
+
+fn float(f: f64) -> Value {
+    Number::from_f64(f).map(Value::Number).unwrap_or(Value::Null)
+}
+
+/// One Arrow value as JSON: numbers as numbers, lists as arrays, structs as objects, and
+/// anything else (dates, decimals, durations) as its display text.
+pub fn arrow_to_json(array: &dyn Array, row: usize) -> Value {
+    if array.is_null(row) {
+        return Value::Null;
+    }
+    match array.data_type() {
+        DataType::Null => Value::Null,
+        DataType::Boolean => Value::Bool(array.as_boolean().value(row)),
+        DataType::Int8 => array.as_primitive::<dt::Int8Type>().value(row).into(),
+        DataType::Int16 => array.as_primitive::<dt::Int16Type>().value(row).into(),
+        DataType::Int32 => array.as_primitive::<dt::Int32Type>().value(row).into(),
+        DataType::Int64 => array.as_primitive::<dt::Int64Type>().value(row).into(),
+        DataType::UInt8 => array.as_primitive::<dt::UInt8Type>().value(row).into(),
+        DataType::UInt16 => array.as_primitive::<dt::UInt16Type>().value(row).into(),
+        DataType::UInt32 => array.as_primitive::<dt::UInt32Type>().value(row).into(),
+        DataType::UInt64 => array.as_primitive::<dt::UInt64Type>().value(row).into(),
+        DataType::Float16 => float(array.as_primitive::<dt::Float16Type>().value(row).to_f64()),
+        DataType::Float32 => float(array.as_primitive::<dt::Float32Type>().value(row) as f64),
+        DataType::Float64 => float(array.as_primitive::<dt::Float64Type>().value(row)),
+        DataType::Utf8 => Value::String(array.as_string::<i32>().value(row).to_owned()),
+        DataType::LargeUtf8 => Value::String(array.as_string::<i64>().value(row).to_owned()),
+        DataType::Utf8View => Value::String(array.as_string_view().value(row).to_owned()),
+        DataType::Binary => Value::String(
+            base64::engine::general_purpose::STANDARD.encode(array.as_binary::<i32>().value(row)),
+        ),
+        DataType::List(_) => {
+            let list = array.as_list::<i32>().value(row);
+            Value::Array((0..list.len()).map(|i| arrow_to_json(list.as_ref(), i)).collect())
+        }
+        DataType::LargeList(_) => {
+            let list = array.as_list::<i64>().value(row);
+            Value::Array((0..list.len()).map(|i| arrow_to_json(list.as_ref(), i)).collect())
+        }
+        DataType::Struct(fields) => {
+            let s = array.as_struct();
+            Value::Object(
+                fields
+                    .iter()
+                    .zip(s.columns())
+                    .map(|(f, c)| (f.name().clone(), arrow_to_json(c.as_ref(), row)))
+                    .collect(),
+            )
+        }
+        _ => array_value_to_string(array, row).map(Value::String).unwrap_or(Value::Null),
+    }
+}

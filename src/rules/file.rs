@@ -1,0 +1,108 @@
+//! The rule file format: one rule per TOML file, named by the file's stem.
+//!
+//! ```toml
+//! description = "Alert on overheating sensors"
+//! sql = '''
+//! SELECT deviceName() AS device, items.temperature.value AS temperature
+//! FROM "/a1b2c3/+/thing/event/property/post"
+//! WHERE items.temperature.value > 38
+//! '''
+//!
+//! [[action]]
+//! to = "amqp"
+//! exchange = "alerts"
+//! routing_key = "temp.${device}"
+//!
+//! [error_action]
+//! to = "amqp"
+//! exchange = "iotfwd.failed"
+//! ```
+
+use std::collections::BTreeMap;
+
+use serde::{Deserialize, Serialize};
+
+use super::template::Template;
+
+/// The TOML document of a rule file.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RuleFile {
+    /// What the rule is for, shown by `iotfwd check` and the API.
+    #[serde(default)]
+    pub description: String,
+    /// The rule's SQL (`SELECT ... FROM "<topic filter>" [WHERE ...]`).
+    pub sql: toml::Spanned<String>,
+    /// A disabled rule is checked but not run.
+    #[serde(default = "yes")]
+    pub enabled: bool,
+    /// Where each output goes; every action runs for every output.
+    #[serde(default, rename = "action")]
+    pub actions: Vec<ActionSpec>,
+    /// Where a message goes when one of its actions fails for good.
+    #[serde(default)]
+    pub error_action: Option<ActionSpec>,
+}
+
+fn yes() -> bool {
+    true
+}
+
+/// One destination of a rule's outputs.
+#[derive(Clone, Debug, PartialEq, Deserialize, Serialize)]
+#[serde(tag = "to", rename_all = "lowercase")]
+pub enum ActionSpec {
+    /// Publish to a RabbitMQ exchange.
+    Amqp(AmqpAction),
+    /// Enqueue for an AMQP 1.0 consumer group hosted by iotfwd.
+    Group(GroupAction),
+}
+
+impl ActionSpec {
+    /// A short name for records and metrics: `amqp:<exchange>` or `group:<id>`.
+    pub fn destination(&self) -> String {
+        match self {
+            ActionSpec::Amqp(a) => format!("amqp:{}", a.exchange),
+            ActionSpec::Group(g) => format!("group:{}", g.group),
+        }
+    }
+
+    /// Every template of the action, with its field name.
+    pub fn templates(&self) -> Vec<(String, &Template)> {
+        match self {
+            ActionSpec::Amqp(a) => std::iter::once(("routing_key".to_owned(), &a.routing_key))
+                .chain(a.headers.iter().map(|(k, v)| (format!("headers.{k}"), v)))
+                .collect(),
+            ActionSpec::Group(_) => Vec::new(),
+        }
+    }
+}
+
+/// `to = "amqp"`: publish each output to an exchange, with publisher confirms.
+#[derive(Clone, Debug, PartialEq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct AmqpAction {
+    /// The exchange to publish to ("" is the default exchange).
+    pub exchange: String,
+    /// Routing key template over the output's keys, e.g. `temp.${device}`.
+    #[serde(default = "empty_template")]
+    pub routing_key: Template,
+    /// Extra headers, each a template.
+    #[serde(default)]
+    pub headers: BTreeMap<String, Template>,
+    /// Persistent delivery (delivery mode 2); on by default.
+    #[serde(default = "yes")]
+    pub persistent: bool,
+}
+
+fn empty_template() -> Template {
+    Template::parse("").expect("the empty template parses")
+}
+
+/// `to = "group"`: hand each output to a consumer group of the AMQP 1.0 endpoint.
+#[derive(Clone, Debug, PartialEq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct GroupAction {
+    /// The consumer group's id.
+    pub group: String,
+}
