@@ -109,7 +109,10 @@ impl Engine {
             };
             let outcomes = self.run_rule(rule, messages, &ok, &payload_of);
             for (m, outcome) in ok.into_iter().zip(outcomes) {
-                results[m].push(RuleResult { rule: Arc::clone(rule), outcome });
+                results[m].push(RuleResult {
+                    rule: Arc::clone(rule),
+                    outcome,
+                });
             }
         }
         results
@@ -139,7 +142,9 @@ impl Engine {
         let mut groups: Vec<(usize, Vec<usize>)> = Vec::new();
         for row in 0..ok.len() {
             let sig = &kinds[row * paths..(row + 1) * paths];
-            match groups.iter_mut().find(|(rep, _)| &kinds[rep * paths..(rep + 1) * paths] == sig)
+            match groups
+                .iter_mut()
+                .find(|(rep, _)| &kinds[rep * paths..(rep + 1) * paths] == sig)
             {
                 Some((_, rows)) => rows.push(row),
                 None => groups.push((row, vec![row])),
@@ -148,7 +153,16 @@ impl Engine {
         let mut outcomes = vec![RuleOutcome::NoResult; ok.len()];
         for (rep, rows) in groups {
             let sig = &kinds[rep * paths..(rep + 1) * paths];
-            self.run_group(rule, messages, ok, &values, sig, &rows, payload_of, &mut outcomes);
+            self.run_group(
+                rule,
+                messages,
+                ok,
+                &values,
+                sig,
+                &rows,
+                payload_of,
+                &mut outcomes,
+            );
         }
         outcomes
     }
@@ -171,7 +185,10 @@ impl Engine {
             Ok(v) => v,
             Err(reason) => {
                 for &row in rows {
-                    outcomes[row] = RuleOutcome::Failed { code: Code::SqlError, reason: reason.clone() };
+                    outcomes[row] = RuleOutcome::Failed {
+                        code: Code::SqlError,
+                        reason: reason.clone(),
+                    };
                 }
                 return;
             }
@@ -199,11 +216,23 @@ impl Engine {
             // messages that cause the error get it.
             Err(_) if rows.len() > 1 => {
                 for &row in rows {
-                    self.run_group(rule, messages, ok, values, sig, &[row], payload_of, outcomes);
+                    self.run_group(
+                        rule,
+                        messages,
+                        ok,
+                        values,
+                        sig,
+                        &[row],
+                        payload_of,
+                        outcomes,
+                    );
                 }
             }
             Err(reason) => {
-                outcomes[rows[0]] = RuleOutcome::Failed { code: Code::SqlError, reason };
+                outcomes[rows[0]] = RuleOutcome::Failed {
+                    code: Code::SqlError,
+                    reason,
+                };
             }
         }
     }
@@ -258,7 +287,10 @@ fn build_output(
                 }
             }
             Item::Path { key, path } => {
-                out.insert(key.clone(), row_values[*path].cloned().unwrap_or(Value::Null));
+                out.insert(
+                    key.clone(),
+                    row_values[*path].cloned().unwrap_or(Value::Null),
+                );
             }
             Item::Expr { key, .. } => {
                 let column = columns[i].as_ref().expect("expression items have a column");
@@ -270,7 +302,9 @@ fn build_output(
 }
 
 fn float(f: f64) -> Value {
-    Number::from_f64(f).map(Value::Number).unwrap_or(Value::Null)
+    Number::from_f64(f)
+        .map(Value::Number)
+        .unwrap_or(Value::Null)
 }
 
 /// One Arrow value as JSON: numbers as numbers, lists as arrays, structs as objects, and
@@ -301,11 +335,19 @@ pub fn arrow_to_json(array: &dyn Array, row: usize) -> Value {
         ),
         DataType::List(_) => {
             let list = array.as_list::<i32>().value(row);
-            Value::Array((0..list.len()).map(|i| arrow_to_json(list.as_ref(), i)).collect())
+            Value::Array(
+                (0..list.len())
+                    .map(|i| arrow_to_json(list.as_ref(), i))
+                    .collect(),
+            )
         }
         DataType::LargeList(_) => {
             let list = array.as_list::<i64>().value(row);
-            Value::Array((0..list.len()).map(|i| arrow_to_json(list.as_ref(), i)).collect())
+            Value::Array(
+                (0..list.len())
+                    .map(|i| arrow_to_json(list.as_ref(), i))
+                    .collect(),
+            )
         }
         DataType::Struct(fields) => {
             let s = array.as_struct();
@@ -317,6 +359,8 @@ pub fn arrow_to_json(array: &dyn Array, row: usize) -> Value {
                     .collect(),
             )
         }
-        _ => array_value_to_string(array, row).map(Value::String).unwrap_or(Value::Null),
+        _ => array_value_to_string(array, row)
+            .map(Value::String)
+            .unwrap_or(Value::Null),
     }
 }

@@ -1,5 +1,17 @@
+//! iotfwd: a rules-engine forwarding daemon for IoT messages.
+//!
+//! The data path is one straight line, and the modules follow it:
+//! `source` (HTTP ingest, later AMQP) -> [`message::Message`] -> [`engine`] (batching, topic index,
+//! compiled SQL rules) -> [`action`] -> [`outcome`] (one record per step, counted in [`telemetry`]).
+//! Data flows forward only; a module never reaches back into the one before it.
+
+pub mod action;
+pub mod bench;
+pub mod cli;
 pub mod config;
+pub mod daemon;
 pub mod engine;
+pub mod http;
 pub mod message;
 pub mod outcome;
 pub mod rules;

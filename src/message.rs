@@ -62,7 +62,7 @@ impl Message {
     pub fn new(topic: String, payload: Bytes, identity: Identity) -> Result<Message, Rejection> {
         let (pk, dn) = parse_platform_topic(&topic).map_err(|reason| Rejection {
             code: Code::TopicInvalid,
-            reason: format!("topic {topic:?}: {reason}"),
+            reason,
         })?;
         let non_empty = |v: Option<String>| v.filter(|s| !s.is_empty());
         let product_key = non_empty(identity.product_key).unwrap_or_else(|| pk.to_owned());
@@ -116,10 +116,14 @@ impl Envelope {
     pub fn into_message(self) -> Result<Message, Rejection> {
         let payload = match (self.payload, self.payload_base64) {
             (Some(_), Some(_)) => {
-                return Err(bad_envelope("give either payload or payload_base64, not both"));
+                return Err(bad_envelope(
+                    "give either payload or payload_base64, not both",
+                ));
             }
             (None, None) => return Err(bad_envelope("missing payload (or payload_base64)")),
-            (Some(value), None) => Bytes::from(serde_json::to_vec(&value).expect("a Value serializes")),
+            (Some(value), None) => {
+                Bytes::from(serde_json::to_vec(&value).expect("a Value serializes"))
+            }
             (None, Some(b64)) => base64::engine::general_purpose::STANDARD
                 .decode(b64.trim())
                 .map(Bytes::from)
@@ -142,7 +146,10 @@ impl Envelope {
 }
 
 fn bad_envelope(reason: &str) -> Rejection {
-    Rejection { code: Code::ParamInvalid, reason: reason.to_owned() }
+    Rejection {
+        code: Code::ParamInvalid,
+        reason: reason.to_owned(),
+    }
 }
 
 /// Milliseconds since the Unix epoch, now.
@@ -170,13 +177,18 @@ mod tests {
     use super::*;
 
     fn envelope(json: &str) -> Result<Message, Rejection> {
-        serde_json::from_str::<Envelope>(json).unwrap().into_message()
+        serde_json::from_str::<Envelope>(json)
+            .unwrap()
+            .into_message()
     }
 
     #[test]
     fn identity_comes_from_the_topic() {
         let m = envelope(r#"{"topic":"/pk1/dev1/user/update","payload":{"a":1}}"#).unwrap();
-        assert_eq!((m.product_key.as_str(), m.device_name.as_str()), ("pk1", "dev1"));
+        assert_eq!(
+            (m.product_key.as_str(), m.device_name.as_str()),
+            ("pk1", "dev1")
+        );
         assert_eq!(&m.payload[..], br#"{"a":1}"#);
         assert_eq!(m.message_id.len(), 19);
         assert_eq!(m.trace_id.len(), 32);
@@ -188,7 +200,10 @@ mod tests {
             r#"{"topic":"/p/d/x","payload":1,"messageId":"m1","traceId":"t1","timestamp":5}"#,
         )
         .unwrap();
-        assert_eq!((m.message_id.as_str(), m.trace_id.as_str(), m.timestamp_ms), ("m1", "t1", 5));
+        assert_eq!(
+            (m.message_id.as_str(), m.trace_id.as_str(), m.timestamp_ms),
+            ("m1", "t1", 5)
+        );
     }
 
     #[test]

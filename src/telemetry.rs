@@ -6,8 +6,8 @@
 //!   + sum by code of iotfwd_rule_failed_total`.
 
 use prometheus::{
-    Encoder, Histogram, HistogramOpts, IntCounterVec, IntGauge, IntGaugeVec, Opts,
-    Registry, TextEncoder,
+    Encoder, Histogram, HistogramOpts, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry,
+    TextEncoder,
 };
 
 /// The daemon's metrics. One instance per daemon (not a global), so tests can run several.
@@ -42,11 +42,16 @@ impl Metrics {
         let registry = Registry::new();
         let counter = |name: &str, help: &str, labels: &[&str]| {
             let c = IntCounterVec::new(Opts::new(name, help), labels).expect("valid metric");
-            registry.register(Box::new(c.clone())).expect("unique metric");
+            registry
+                .register(Box::new(c.clone()))
+                .expect("unique metric");
             c
         };
-        let messages_received =
-            counter("iotfwd_messages_received_total", "Messages taken in, by source.", &["source"]);
+        let messages_received = counter(
+            "iotfwd_messages_received_total",
+            "Messages taken in, by source.",
+            &["source"],
+        );
         let outcomes = counter(
             "iotfwd_outcomes_total",
             "Outcome records written, by service type (bizCode) and status code.",
@@ -73,11 +78,14 @@ impl Metrics {
             &["rule", "code"],
         );
         let batch_size = Histogram::with_opts(
-            HistogramOpts::new("iotfwd_batch_size", "Messages per evaluated micro-batch.")
-                .buckets(vec![1.0, 4.0, 16.0, 64.0, 128.0, 256.0, 512.0, 1024.0, 4096.0]),
+            HistogramOpts::new("iotfwd_batch_size", "Messages per evaluated micro-batch.").buckets(
+                vec![1.0, 4.0, 16.0, 64.0, 128.0, 256.0, 512.0, 1024.0, 4096.0],
+            ),
         )
         .expect("valid metric");
-        registry.register(Box::new(batch_size.clone())).expect("unique metric");
+        registry
+            .register(Box::new(batch_size.clone()))
+            .expect("unique metric");
         let batch_eval_seconds = Histogram::with_opts(
             HistogramOpts::new(
                 "iotfwd_batch_eval_seconds",
@@ -86,10 +94,14 @@ impl Metrics {
             .buckets(prometheus::exponential_buckets(0.00005, 2.0, 16).expect("valid buckets")),
         )
         .expect("valid metric");
-        registry.register(Box::new(batch_eval_seconds.clone())).expect("unique metric");
-        let rules_loaded = IntGauge::new("iotfwd_rules_loaded", "Rules currently loaded.")
-            .expect("valid metric");
-        registry.register(Box::new(rules_loaded.clone())).expect("unique metric");
+        registry
+            .register(Box::new(batch_eval_seconds.clone()))
+            .expect("unique metric");
+        let rules_loaded =
+            IntGauge::new("iotfwd_rules_loaded", "Rules currently loaded.").expect("valid metric");
+        registry
+            .register(Box::new(rules_loaded.clone()))
+            .expect("unique metric");
         let rule_variants = IntGaugeVec::new(
             Opts::new(
                 "iotfwd_rule_compiled_variants",
@@ -98,14 +110,23 @@ impl Metrics {
             &["rule"],
         )
         .expect("valid metric");
-        registry.register(Box::new(rule_variants.clone())).expect("unique metric");
+        registry
+            .register(Box::new(rule_variants.clone()))
+            .expect("unique metric");
         let build_info = IntGaugeVec::new(
-            Opts::new("iotfwd_build_info", "Constant 1, labelled with the iotfwd version."),
+            Opts::new(
+                "iotfwd_build_info",
+                "Constant 1, labelled with the iotfwd version.",
+            ),
             &["version"],
         )
         .expect("valid metric");
-        registry.register(Box::new(build_info.clone())).expect("unique metric");
-        build_info.with_label_values(&[env!("CARGO_PKG_VERSION")]).set(1);
+        registry
+            .register(Box::new(build_info.clone()))
+            .expect("unique metric");
+        build_info
+            .with_label_values(&[env!("CARGO_PKG_VERSION")])
+            .set(1);
         Metrics {
             registry,
             messages_received,
@@ -125,7 +146,9 @@ impl Metrics {
     /// The Prometheus text exposition of every metric.
     pub fn render(&self) -> String {
         let mut buf = Vec::new();
-        TextEncoder::new().encode(&self.registry.gather(), &mut buf).expect("text encoding");
+        TextEncoder::new()
+            .encode(&self.registry.gather(), &mut buf)
+            .expect("text encoding");
         String::from_utf8(buf).expect("prometheus text is UTF-8")
     }
 }
@@ -142,7 +165,9 @@ pub fn init_tracing(filter: &str, json: bool) {
     use tracing_subscriber::EnvFilter;
     let filter = EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| EnvFilter::try_new(filter).unwrap_or_else(|_| EnvFilter::new("info")));
-    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
     let _ = if json {
         builder.json().flatten_event(true).try_init()
     } else {

@@ -95,7 +95,8 @@ pub struct EngineConfig {
     pub queue_capacity: usize,
     /// How many compiled type-variants of one rule are kept. A payload field can arrive
     /// with different JSON types (a number here, a string there) and each combination
-    /// needs its own compiled plan; beyond this many the least recently used is dropped.
+    /// needs its own compiled plan; beyond this many, further combinations are compiled
+    /// for each batch that needs them and not kept, so memory stays bounded.
     /// At least 1. Default `32`.
     pub max_variants_per_rule: usize,
 }

@@ -26,7 +26,10 @@ pub struct Outcomes {
 
 impl Outcomes {
     pub fn new(metrics: Arc<Metrics>) -> Outcomes {
-        Outcomes { metrics, sinks: Arc::new(Vec::new()) }
+        Outcomes {
+            metrics,
+            sinks: Arc::new(Vec::new()),
+        }
     }
 
     /// Attaches a sink. Its channel is bounded: when the sink falls behind, `record` waits, which

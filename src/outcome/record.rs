@@ -98,8 +98,18 @@ mod tests {
         assert_eq!(
             keys,
             [
-                "time", "traceId", "messageId", "productKey", "deviceName", "bizCode",
-                "operation", "code", "reason", "content", "tenantId", "instanceId"
+                "time",
+                "traceId",
+                "messageId",
+                "productKey",
+                "deviceName",
+                "bizCode",
+                "operation",
+                "code",
+                "reason",
+                "content",
+                "tenantId",
+                "instanceId"
             ]
         );
         assert_eq!(v["time"], "1970-01-01T00:00:00.000Z");

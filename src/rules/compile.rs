@@ -18,6 +18,8 @@ use datafusion::arrow::datatypes::{DataType, Field, Schema, SchemaRef};
 use datafusion::arrow::record_batch::{RecordBatch, RecordBatchOptions};
 use datafusion::common::DFSchema;
 use datafusion::execution::context::SessionState;
+use datafusion::logical_expr::simplify::SimplifyContext;
+use datafusion::optimizer::simplify_expressions::ExprSimplifier;
 use datafusion::physical_expr::PhysicalExpr;
 use datafusion::sql::sqlparser::ast::{Expr as SqlExpr, ExprWithAlias};
 use serde_json::Value;
@@ -134,30 +136,58 @@ impl Program {
 }
 
 impl Variant {
-    fn compile(parsed: &ParsedSql, kinds: &[Kind], state: &SessionState) -> Result<Variant, String> {
+    fn compile(
+        parsed: &ParsedSql,
+        kinds: &[Kind],
+        state: &SessionState,
+    ) -> Result<Variant, String> {
         let mut fields: Vec<Field> = parsed
             .paths
             .iter()
             .zip(kinds)
             .map(|(p, k)| Field::new(&p.column, k.data_type(), true))
             .collect();
-        fields.extend(parsed.meta.iter().map(|m| Field::new(m.column(), m.data_type(), true)));
+        fields.extend(
+            parsed
+                .meta
+                .iter()
+                .map(|m| Field::new(m.column(), m.data_type(), true)),
+        );
         let schema = Arc::new(Schema::new(fields));
         let df_schema = DFSchema::try_from(schema.as_ref().clone()).map_err(|e| e.to_string())?;
+        let df_schema_ref = Arc::new(df_schema.clone());
         let plan = |expr: &SqlExpr| -> Result<Arc<dyn PhysicalExpr>, String> {
             let logical = state
                 .create_logical_expr_from_sql_expr(
-                    ExprWithAlias { expr: expr.clone(), alias: None },
+                    ExprWithAlias {
+                        expr: expr.clone(),
+                        alias: None,
+                    },
                     &df_schema,
                 )
                 .map_err(|e| clean_error(&e.to_string()))?;
-            state.create_physical_expr(logical, &df_schema).map_err(|e| clean_error(&e.to_string()))
+            // Simplify first: some built-ins (coalesce, nvl) only run in their rewritten form.
+            let simplifier = ExprSimplifier::new(
+                SimplifyContext::builder()
+                    .with_schema(Arc::clone(&df_schema_ref))
+                    .with_config_options(Arc::clone(state.config_options()))
+                    .build(),
+            );
+            let logical = simplifier
+                .coerce(logical, &df_schema)
+                .and_then(|e| simplifier.simplify(e))
+                .map_err(|e| clean_error(&e.to_string()))?;
+            state
+                .create_physical_expr(logical, &df_schema)
+                .map_err(|e| clean_error(&e.to_string()))
         };
         let predicate = parsed.predicate.as_ref().map(&plan).transpose()?;
         if let Some(p) = &predicate {
             let t = p.data_type(&schema).map_err(|e| e.to_string())?;
             if !matches!(t, DataType::Boolean | DataType::Null) {
-                return Err(format!("WHERE must be a condition (boolean), but it is {t}"));
+                return Err(format!(
+                    "WHERE must be a condition (boolean), but it is {t}"
+                ));
             }
         }
         let projections = parsed
@@ -168,7 +198,11 @@ impl Variant {
                 Item::Wildcard | Item::Path { .. } => Ok(None),
             })
             .collect::<Result<Vec<_>, String>>()?;
-        Ok(Variant { schema, predicate, projections })
+        Ok(Variant {
+            schema,
+            predicate,
+            projections,
+        })
     }
 
     /// Evaluates WHERE and the projections over `rows` (messages of this variant), where
@@ -213,9 +247,12 @@ impl Variant {
                     // WHERE NULL: no row matches.
                     _ => BooleanArray::from(vec![false; n]),
                 };
-                let mask = if mask.null_count() > 0 { prep_null_mask_filter(&mask) } else { mask };
-                let passed: Vec<usize> =
-                    (0..n).filter(|&i| mask.value(i)).collect();
+                let mask = if mask.null_count() > 0 {
+                    prep_null_mask_filter(&mask)
+                } else {
+                    mask
+                };
+                let passed: Vec<usize> = (0..n).filter(|&i| mask.value(i)).collect();
                 if passed.len() == n {
                     (batch, passed)
                 } else {
@@ -322,5 +359,7 @@ pub fn clean_error(text: &str) -> String {
     ] {
         s = s.replace(internal, public);
     }
-    s.strip_prefix("Execution error: ").map(str::to_owned).unwrap_or(s)
+    s.strip_prefix("Execution error: ")
+        .map(str::to_owned)
+        .unwrap_or(s)
 }

@@ -37,7 +37,10 @@ struct TopicLevel {
 impl TopicLevel {
     fn new() -> Self {
         TopicLevel {
-            signature: Signature::exact(vec![DataType::Utf8, DataType::Int64], Volatility::Immutable),
+            signature: Signature::exact(
+                vec![DataType::Utf8, DataType::Int64],
+                Volatility::Immutable,
+            ),
         }
     }
 }
@@ -67,7 +70,10 @@ impl ScalarUDFImpl for TopicLevel {
             if n < 1 {
                 return exec_err!("topic(n) takes a level of 1 or more, got {n}");
             }
-            out.append_option(crate::rules::topic::topic_level(topics.value(i), n as usize));
+            out.append_option(crate::rules::topic::topic_level(
+                topics.value(i),
+                n as usize,
+            ));
         }
         Ok(ColumnarValue::Array(Arc::new(out.finish()) as ArrayRef))
     }
@@ -81,7 +87,10 @@ struct FormatTimestamp {
 impl FormatTimestamp {
     fn new() -> Self {
         FormatTimestamp {
-            signature: Signature::exact(vec![DataType::Int64, DataType::Utf8], Volatility::Immutable),
+            signature: Signature::exact(
+                vec![DataType::Int64, DataType::Utf8],
+                Volatility::Immutable,
+            ),
         }
     }
 }
@@ -135,7 +144,10 @@ pub fn java_pattern_to_chrono(pattern: &str) -> Result<String> {
     while i < chars.len() {
         let c = chars[i];
         if c == '\'' {
-            let end = chars[i + 1..].iter().position(|&x| x == '\'').map(|p| i + 1 + p);
+            let end = chars[i + 1..]
+                .iter()
+                .position(|&x| x == '\'')
+                .map(|p| i + 1 + p);
             let Some(end) = end else {
                 return exec_err!("timestamp format {pattern:?}: unterminated quote");
             };
@@ -202,7 +214,9 @@ struct NewUuid {
 
 impl NewUuid {
     fn new() -> Self {
-        NewUuid { signature: Signature::nullary(Volatility::Volatile) }
+        NewUuid {
+            signature: Signature::nullary(Volatility::Volatile),
+        }
     }
 }
 
@@ -232,9 +246,18 @@ mod tests {
 
     #[test]
     fn java_patterns() {
-        assert_eq!(java_pattern_to_chrono("yyyy-MM-dd HH:mm:ss").unwrap(), "%Y-%m-%d %H:%M:%S");
-        assert_eq!(java_pattern_to_chrono("HH:mm:ss.SSS").unwrap(), "%H:%M:%S.%3f");
-        assert_eq!(java_pattern_to_chrono("yyyy'T'MM 100%").unwrap(), "%YT%m 100%%");
+        assert_eq!(
+            java_pattern_to_chrono("yyyy-MM-dd HH:mm:ss").unwrap(),
+            "%Y-%m-%d %H:%M:%S"
+        );
+        assert_eq!(
+            java_pattern_to_chrono("HH:mm:ss.SSS").unwrap(),
+            "%H:%M:%S.%3f"
+        );
+        assert_eq!(
+            java_pattern_to_chrono("yyyy'T'MM 100%").unwrap(),
+            "%YT%m 100%%"
+        );
         assert!(java_pattern_to_chrono("qqq").is_err());
         assert!(java_pattern_to_chrono("yyyy'T").is_err());
     }

@@ -35,7 +35,10 @@ pub struct Rule {
 
 impl fmt::Debug for Rule {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("Rule").field("name", &self.name).field("file", &self.file).finish()
+        f.debug_struct("Rule")
+            .field("name", &self.name)
+            .field("file", &self.file)
+            .finish()
     }
 }
 
@@ -76,7 +79,10 @@ impl Compiler {
         for udf in functions::all() {
             ctx.register_udf(udf);
         }
-        Compiler { state: ctx.state(), max_variants }
+        Compiler {
+            state: ctx.state(),
+            max_variants,
+        }
     }
 
     pub fn state(&self) -> &SessionState {
@@ -84,34 +90,62 @@ impl Compiler {
     }
 
     /// Compiles a rule from the text of its file. Reports every problem found, not the first.
-    pub fn compile_text(&self, name: &str, file: &Path, text: &str) -> Result<Rule, Vec<RuleError>> {
-        let err = |line: Option<usize>, column: Option<usize>, code: Code, message: String| {
-            RuleError { file: file.to_owned(), line, column, code, message }
-        };
+    pub fn compile_text(
+        &self,
+        name: &str,
+        file: &Path,
+        text: &str,
+    ) -> Result<Rule, Vec<RuleError>> {
+        let err =
+            |line: Option<usize>, column: Option<usize>, code: Code, message: String| RuleError {
+                file: file.to_owned(),
+                line,
+                column,
+                code,
+                message,
+            };
         let doc: RuleFile = toml::from_str(text).map_err(|e| {
             let (line, column) = e.span().map(|s| line_col(text, s.start)).unzip();
-            vec![err(line, column, Code::SqlError, format!("invalid rule file: {}", e.message()))]
+            vec![err(
+                line,
+                column,
+                Code::SqlError,
+                format!("invalid rule file: {}", e.message()),
+            )]
         })?;
         let sql_span = doc.sql.span();
         let sql_text = doc.sql.into_inner();
         // Lines inside the SQL count from the line its string starts on ('''\n skips one).
         let (sql_line, _) = line_col(text, sql_span.start);
-        let first_sql_line = text[sql_span.clone()]
+        let starts_with_newline = text[sql_span.clone()]
             .trim_start_matches(['\'', '"'])
-            .starts_with('\n')
-            .then_some(sql_line + 1)
-            .unwrap_or(sql_line);
+            .starts_with('\n');
+        let first_sql_line = if starts_with_newline {
+            sql_line + 1
+        } else {
+            sql_line
+        };
         let mut errors = Vec::new();
         let program = match sql::parse(&sql_text, name) {
             Err(e) => {
                 let line = Some(e.line.map_or(sql_line, |l| first_sql_line + l - 1));
-                errors.push(err(line, e.column, Code::SqlError, format!("SQL: {}", e.message)));
+                errors.push(err(
+                    line,
+                    e.column,
+                    Code::SqlError,
+                    format!("SQL: {}", e.message),
+                ));
                 None
             }
             Ok(parsed) => match Program::new(parsed, &self.state, self.max_variants) {
                 Ok(p) => Some(p),
                 Err(e) => {
-                    errors.push(err(Some(sql_line), None, Code::SqlError, format!("SQL: {e}")));
+                    errors.push(err(
+                        Some(sql_line),
+                        None,
+                        Code::SqlError,
+                        format!("SQL: {e}"),
+                    ));
                     None
                 }
             },
@@ -123,12 +157,18 @@ impl Compiler {
                 .iter()
                 .enumerate()
                 .map(|(i, a)| (format!("action {}", i + 1), a))
-                .chain(doc.error_action.iter().map(|a| ("error_action".to_owned(), a)));
+                .chain(
+                    doc.error_action
+                        .iter()
+                        .map(|a| ("error_action".to_owned(), a)),
+                );
             for (label, action) in all_actions {
                 for (field, template) in action.templates() {
                     let Some(outputs) = &outputs else { continue };
                     for key in template.keys() {
-                        if !outputs.contains(&key) && !outputs.iter().any(|o| key.starts_with(&format!("{o}."))) {
+                        if !outputs.contains(&key)
+                            && !outputs.iter().any(|o| key.starts_with(&format!("{o}.")))
+                        {
                             errors.push(err(
                                 None,
                                 None,
@@ -142,10 +182,15 @@ impl Compiler {
                         }
                     }
                 }
-                if let ActionSpec::Group(g) = action {
-                    if g.group.trim().is_empty() {
-                        errors.push(err(None, None, Code::ParamInvalid, format!("{label}: group is empty")));
-                    }
+                if let ActionSpec::Group(g) = action
+                    && g.group.trim().is_empty()
+                {
+                    errors.push(err(
+                        None,
+                        None,
+                        Code::ParamInvalid,
+                        format!("{label}: group is empty"),
+                    ));
                 }
             }
         }
@@ -167,11 +212,22 @@ impl Compiler {
     /// Loads one rule file; the rule is named by the file's stem.
     pub fn load_file(&self, path: &Path) -> Result<Rule, Vec<RuleError>> {
         let fail = |message: String| {
-            vec![RuleError { file: path.to_owned(), line: None, column: None, code: Code::SqlError, message }]
+            vec![RuleError {
+                file: path.to_owned(),
+                line: None,
+                column: None,
+                code: Code::SqlError,
+                message,
+            }]
         };
-        let name = path.file_stem().and_then(|s| s.to_str()).unwrap_or_default();
+        let name = path
+            .file_stem()
+            .and_then(|s| s.to_str())
+            .unwrap_or_default();
         if name.is_empty()
-            || !name.chars().all(|c| c.is_ascii_alphanumeric() || matches!(c, '_' | '-' | '.'))
+            || !name
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || matches!(c, '_' | '-' | '.'))
         {
             return Err(fail(format!(
                 "rule name {name:?} (the file's stem) may use only letters, digits, '_', '-' and '.'"
@@ -236,7 +292,11 @@ pub struct RuleSet {
 
 impl RuleSet {
     pub fn new(rules: Vec<Rule>) -> RuleSet {
-        let rules: Vec<Arc<Rule>> = rules.into_iter().filter(|r| r.enabled).map(Arc::new).collect();
+        let rules: Vec<Arc<Rule>> = rules
+            .into_iter()
+            .filter(|r| r.enabled)
+            .map(Arc::new)
+            .collect();
         let mut index = TopicIndex::new();
         for (i, rule) in rules.iter().enumerate() {
             index.insert(&rule.program.parsed.filter, i);

@@ -58,7 +58,7 @@ pub enum Item {
     /// A bare payload path: its JSON value is copied as is (objects and arrays included).
     Path { key: String, path: usize },
     /// Any other expression, evaluated by DataFusion.
-    Expr { key: String, expr: Expr },
+    Expr { key: String, expr: Box<Expr> },
 }
 
 /// A payload path referenced by the rule, e.g. `items.temperature.value`.
@@ -91,7 +91,11 @@ pub struct SqlError {
 
 impl SqlError {
     fn new(message: impl Into<String>) -> SqlError {
-        SqlError { message: message.into(), line: None, column: None }
+        SqlError {
+            message: message.into(),
+            line: None,
+            column: None,
+        }
     }
 }
 
@@ -140,7 +144,12 @@ pub fn parse(sql: &str, rule_name: &str) -> Result<ParsedSql, SqlError> {
     }
     let filter = topic_filter(&select.from)?;
 
-    let mut rewriter = Rewriter { rule_name, paths: Vec::new(), meta: Vec::new(), error: None };
+    let mut rewriter = Rewriter {
+        rule_name,
+        paths: Vec::new(),
+        meta: Vec::new(),
+        error: None,
+    };
     let mut items = Vec::with_capacity(select.projection.len());
     let mut keys: Vec<String> = Vec::new();
     for item in select.projection {
@@ -162,8 +171,14 @@ pub fn parse(sql: &str, rule_name: &str) -> Result<ParsedSql, SqlError> {
         }
         keys.push(key.clone());
         let item = match path_segments(&expr) {
-            Some(segments) => Item::Path { key, path: rewriter.path(segments) },
-            None => Item::Expr { key, expr: rewriter.rewrite(expr)? },
+            Some(segments) => Item::Path {
+                key,
+                path: rewriter.path(segments),
+            },
+            None => Item::Expr {
+                key,
+                expr: Box::new(rewriter.rewrite(expr)?),
+            },
         };
         items.push(item);
     }
@@ -174,7 +189,13 @@ pub fn parse(sql: &str, rule_name: &str) -> Result<ParsedSql, SqlError> {
     let mut meta = rewriter.meta;
     meta.sort();
     meta.dedup();
-    Ok(ParsedSql { filter, items, predicate, paths: rewriter.paths, meta })
+    Ok(ParsedSql {
+        filter,
+        items,
+        predicate,
+        paths: rewriter.paths,
+        meta,
+    })
 }
 
 /// The output key of an unaliased select item: a path's own dotted name, else the SQL text.
@@ -222,10 +243,18 @@ fn topic_filter(from: &[ast::TableWithJoins]) -> Result<TopicFilter, SqlError> {
 /// Converts sqlparser's "... at Line: 3, Column: 7" into a positioned error.
 fn parser_error(e: datafusion::sql::sqlparser::parser::ParserError) -> SqlError {
     let text = e.to_string();
-    let text = text.strip_prefix("sql parser error: ").unwrap_or(&text).to_owned();
+    let text = text
+        .strip_prefix("sql parser error: ")
+        .unwrap_or(&text)
+        .to_owned();
     let number_after = |tag: &str| -> Option<usize> {
         let start = text.rfind(tag)? + tag.len();
-        text[start..].chars().take_while(char::is_ascii_digit).collect::<String>().parse().ok()
+        text[start..]
+            .chars()
+            .take_while(char::is_ascii_digit)
+            .collect::<String>()
+            .parse()
+            .ok()
     };
     SqlError {
         line: number_after("Line: "),
@@ -262,10 +291,10 @@ impl Rewriter<'_> {
 
     fn rewrite(&mut self, mut expr: Expr) -> Result<Expr, SqlError> {
         let _ = ast::visit_expressions_mut(&mut expr, |e| {
-            if self.error.is_none() {
-                if let Err(err) = self.rewrite_one(e) {
-                    self.error = Some(err);
-                }
+            if self.error.is_none()
+                && let Err(err) = self.rewrite_one(e)
+            {
+                self.error = Some(err);
             }
             ControlFlow::<()>::Continue(())
         });
@@ -283,7 +312,9 @@ impl Rewriter<'_> {
             return Ok(());
         }
         let Expr::Function(f) = e else { return Ok(()) };
-        let [ObjectNamePart::Identifier(name)] = f.name.0.as_slice() else { return Ok(()) };
+        let [ObjectNamePart::Identifier(name)] = f.name.0.as_slice() else {
+            return Ok(());
+        };
         let name = name.value.to_ascii_lowercase();
         let args = match &f.args {
             FunctionArguments::None => Vec::new(),
@@ -312,7 +343,11 @@ impl Rewriter<'_> {
                 Err(SqlError::new(format!(
                     "{}() takes {} argument{}, got {}",
                     f.name,
-                    if n == 0 { "no".to_owned() } else { format!("at most {n}") },
+                    if n == 0 {
+                        "no".to_owned()
+                    } else {
+                        format!("at most {n}")
+                    },
                     if n == 1 { "" } else { "s" },
                     args.len()
                 )))
@@ -346,6 +381,13 @@ impl Rewriter<'_> {
                 arity(0)?;
                 *e = call(super::functions::NEW_UUID, Vec::new());
             }
+            "now" | "current_timestamp" | "current_date" | "current_time" => {
+                return Err(SqlError::new(format!(
+                    "{}() is not supported in rules: a compiled rule would freeze it at load \
+                     time; use timestamp() (the message time)",
+                    f.name
+                )));
+            }
             "rulename" => {
                 arity(0)?;
                 *e = Expr::value(Value::SingleQuotedString(self.rule_name.to_owned()));
@@ -363,7 +405,10 @@ fn call(name: &str, args: Vec<Expr>) -> Expr {
         parameters: FunctionArguments::None,
         args: FunctionArguments::List(ast::FunctionArgumentList {
             duplicate_treatment: None,
-            args: args.into_iter().map(|a| FunctionArg::Unnamed(FunctionArgExpr::Expr(a))).collect(),
+            args: args
+                .into_iter()
+                .map(|a| FunctionArg::Unnamed(FunctionArgExpr::Expr(a)))
+                .collect(),
             clauses: Vec::new(),
         }),
         filter: None,
@@ -416,7 +461,9 @@ mod tests {
     #[test]
     fn rule_name_is_a_literal() {
         let p = parse("SELECT ruleName() AS r FROM \"/x/y\"", "overheat").unwrap();
-        let Item::Expr { expr, .. } = &p.items[0] else { panic!() };
+        let Item::Expr { expr, .. } = &p.items[0] else {
+            panic!()
+        };
         assert_eq!(expr.to_string(), "'overheat'");
     }
 }

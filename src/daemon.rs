@@ -1,0 +1,416 @@
+//! The daemon: wires source -> engine -> actions -> outcome, and runs until shutdown.
+//!
+//! Sources submit messages to the [`Pipeline`]. One engine task collects submissions into
+//! micro-batches (up to `engine.batch_max_messages`, or `engine.batch_max_wait_ms` after the
+//! first message), evaluates each batch, records the outcomes and runs the actions. The queue in
+//! front of it is bounded (`engine.queue_capacity` messages), so a slow engine slows the sources
+//! rather than growing memory.
+
+use std::future::Future;
+use std::path::Path;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Instant;
+
+use anyhow::Context as _;
+use serde::Serialize;
+use serde_json::Value;
+use tokio::net::TcpListener;
+use tokio::sync::{Semaphore, mpsc, oneshot};
+
+use crate::action::{ActionReport, Dispatcher};
+use crate::config::Config;
+use crate::engine::{Engine, RuleOutcome};
+use crate::message::Message;
+use crate::outcome::{BizCode, Code, Outcomes, Record};
+use crate::rules::{Compiler, RuleError, RuleSet};
+use crate::telemetry::Metrics;
+
+/// What happened to one message, as the ingest API reports it.
+#[derive(Clone, Debug, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct MessageReport {
+    pub message_id: String,
+    pub trace_id: String,
+    pub code: Code,
+    #[serde(skip_serializing_if = "String::is_empty")]
+    pub reason: String,
+    /// Every rule whose topic filter matched, with what it did.
+    pub rules: Vec<RuleReport>,
+}
+
+/// One candidate rule's result for one message.
+#[derive(Clone, Debug, Serialize)]
+pub struct RuleReport {
+    pub rule: String,
+    /// `passed` (WHERE held), `no_result` (WHERE false or NULL) or `failed`.
+    pub result: &'static str,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub code: Option<Code>,
+    #[serde(skip_serializing_if = "String::is_empty")]
+    pub reason: String,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub output: Option<serde_json::Map<String, Value>>,
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub actions: Vec<ActionReport>,
+}
+
+struct Submission {
+    messages: Vec<Message>,
+    reply: oneshot::Sender<Vec<MessageReport>>,
+    /// Queue capacity this submission holds until the engine has taken it.
+    _permit: tokio::sync::OwnedSemaphorePermit,
+}
+
+/// The entry point for sources. Cheap to clone.
+#[derive(Clone)]
+pub struct Pipeline {
+    tx: mpsc::UnboundedSender<Submission>,
+    capacity: Arc<Semaphore>,
+    max_messages: usize,
+    outcomes: Outcomes,
+}
+
+/// Why a submission was not taken.
+#[derive(Debug, thiserror::Error)]
+pub enum SubmitError {
+    #[error("the daemon is shutting down")]
+    ShuttingDown,
+    #[error("{0} messages exceed the engine queue ({1}); send fewer per request")]
+    TooMany(usize, usize),
+}
+
+impl Pipeline {
+    /// Records the uplink of each message, then evaluates them; resolves when every rule and
+    /// action of every message has reached its outcome. Waits while the engine queue is full.
+    pub async fn submit(
+        &self,
+        messages: Vec<Message>,
+        source: &str,
+    ) -> Result<Vec<MessageReport>, SubmitError> {
+        if messages.is_empty() {
+            return Ok(Vec::new());
+        }
+        if messages.len() > self.max_messages {
+            return Err(SubmitError::TooMany(messages.len(), self.max_messages));
+        }
+        let permit = Arc::clone(&self.capacity)
+            .acquire_many_owned(messages.len() as u32)
+            .await
+            .map_err(|_| SubmitError::ShuttingDown)?;
+        let metrics = self.outcomes.metrics();
+        metrics
+            .messages_received
+            .with_label_values(&[source])
+            .inc_by(messages.len() as u64);
+        for m in &messages {
+            self.outcomes
+                .record(Record::for_message(
+                    m,
+                    BizCode::Uplink,
+                    m.topic.clone(),
+                    Code::Ok,
+                    "",
+                    payload_excerpt(&m.payload),
+                ))
+                .await;
+        }
+        let (reply, rx) = oneshot::channel();
+        self.tx
+            .send(Submission {
+                messages,
+                reply,
+                _permit: permit,
+            })
+            .map_err(|_| SubmitError::ShuttingDown)?;
+        rx.await.map_err(|_| SubmitError::ShuttingDown)
+    }
+
+    /// Records a message a source could not accept (e.g. 1903 for a bad topic).
+    pub async fn reject(&self, topic: &str, payload: &[u8], code: Code, reason: &str) {
+        self.outcomes
+            .record(Record {
+                time_ms: crate::message::now_ms(),
+                trace_id: crate::message::new_trace_id(),
+                message_id: crate::message::new_message_id(),
+                product_key: String::new(),
+                device_name: String::new(),
+                biz_code: BizCode::Uplink,
+                operation: topic.to_owned(),
+                code,
+                reason: reason.to_owned(),
+                content: payload_excerpt(payload),
+                tenant_id: String::new(),
+                instance_id: String::new(),
+            })
+            .await;
+    }
+}
+
+/// Up to 256 bytes of the payload, as text, for a record's content.
+fn payload_excerpt(payload: &[u8]) -> String {
+    let cut = &payload[..payload.len().min(256)];
+    let text = String::from_utf8_lossy(cut);
+    if payload.len() > cut.len() {
+        format!("{text}…")
+    } else {
+        text.into_owned()
+    }
+}
+
+/// Starts the engine task. Returns the pipeline and the task's handle; the task ends when every
+/// `Pipeline` clone is dropped and the queue is drained.
+pub fn start_engine(
+    config: &Config,
+    engine: Engine,
+    outcomes: Outcomes,
+) -> (Pipeline, tokio::task::JoinHandle<()>) {
+    let (tx, rx) = mpsc::unbounded_channel();
+    let capacity = config.engine.queue_capacity;
+    let pipeline = Pipeline {
+        tx,
+        capacity: Arc::new(Semaphore::new(capacity)),
+        max_messages: capacity,
+        outcomes: outcomes.clone(),
+    };
+    let batch_max = config.engine.batch_max_messages;
+    let wait = config.batch_max_wait();
+    let task = tokio::spawn(engine_loop(rx, engine, outcomes, batch_max, wait));
+    (pipeline, task)
+}
+
+async fn engine_loop(
+    mut rx: mpsc::UnboundedReceiver<Submission>,
+    engine: Engine,
+    outcomes: Outcomes,
+    batch_max: usize,
+    wait: std::time::Duration,
+) {
+    let dispatcher = Dispatcher::new(outcomes.clone());
+    let metrics = Arc::clone(outcomes.metrics());
+    metrics.rules_loaded.set(engine.rules().len() as i64);
+    while let Some(first) = rx.recv().await {
+        let deadline = tokio::time::Instant::now() + wait;
+        let mut submissions = vec![first];
+        let mut size = submissions[0].messages.len();
+        while size < batch_max {
+            match tokio::time::timeout_at(deadline, rx.recv()).await {
+                Ok(Some(s)) => {
+                    size += s.messages.len();
+                    submissions.push(s);
+                }
+                Ok(None) | Err(_) => break,
+            }
+        }
+        let mut messages = Vec::with_capacity(size);
+        let mut replies = Vec::with_capacity(submissions.len());
+        for s in submissions {
+            replies.push((s.reply, s.messages.len()));
+            messages.extend(s.messages);
+        }
+        let mut reports = Vec::with_capacity(messages.len());
+        for chunk in messages.chunks(batch_max) {
+            reports.extend(process_batch(&engine, &dispatcher, &outcomes, &metrics, chunk).await);
+        }
+        let mut reports = reports.into_iter();
+        for (reply, n) in replies {
+            let _ = reply.send(reports.by_ref().take(n).collect());
+        }
+    }
+}
+
+/// Evaluates one batch, records every rule outcome and runs the actions.
+async fn process_batch(
+    engine: &Engine,
+    dispatcher: &Dispatcher,
+    outcomes: &Outcomes,
+    metrics: &Metrics,
+    batch: &[Message],
+) -> Vec<MessageReport> {
+    let started = Instant::now();
+    // Evaluation is CPU work; let the runtime move other tasks off this worker meanwhile.
+    let results = tokio::task::block_in_place(|| engine.evaluate(batch));
+    metrics
+        .batch_eval_seconds
+        .observe(started.elapsed().as_secs_f64());
+    metrics.batch_size.observe(batch.len() as f64);
+    let mut reports = Vec::with_capacity(batch.len());
+    for (message, results) in batch.iter().zip(results) {
+        let mut rules = Vec::with_capacity(results.len());
+        for result in results {
+            let rule = &result.rule;
+            metrics.rule_matched.with_label_values(&[&rule.name]).inc();
+            let report = match result.outcome {
+                RuleOutcome::Passed(output) => {
+                    metrics.rule_passed.with_label_values(&[&rule.name]).inc();
+                    let actions = dispatcher.dispatch(message, rule, &output).await;
+                    RuleReport {
+                        rule: rule.name.clone(),
+                        result: "passed",
+                        code: None,
+                        reason: String::new(),
+                        output: Some(output),
+                        actions,
+                    }
+                }
+                RuleOutcome::NoResult => {
+                    metrics
+                        .rule_no_result
+                        .with_label_values(&[&rule.name])
+                        .inc();
+                    RuleReport {
+                        rule: rule.name.clone(),
+                        result: "no_result",
+                        code: None,
+                        reason: String::new(),
+                        output: None,
+                        actions: Vec::new(),
+                    }
+                }
+                RuleOutcome::Failed { code, reason } => {
+                    metrics
+                        .rule_failed
+                        .with_label_values(&[&rule.name, &code.to_string()])
+                        .inc();
+                    outcomes
+                        .record(Record::for_message(
+                            message,
+                            BizCode::RuleEngine,
+                            rule.name.clone(),
+                            code,
+                            reason.clone(),
+                            payload_excerpt(&message.payload),
+                        ))
+                        .await;
+                    RuleReport {
+                        rule: rule.name.clone(),
+                        result: "failed",
+                        code: Some(code),
+                        reason,
+                        output: None,
+                        actions: Vec::new(),
+                    }
+                }
+            };
+            rules.push(report);
+        }
+        reports.push(MessageReport {
+            message_id: message.message_id.clone(),
+            trace_id: message.trace_id.clone(),
+            code: Code::Ok,
+            reason: String::new(),
+            rules,
+        });
+    }
+    reports
+}
+
+/// Loads the rules of `dir`, logging 9307 for each file that does not load.
+pub fn load_rules(compiler: &Compiler, dir: &Path) -> (RuleSet, Vec<RuleError>) {
+    let (rules, errors) = compiler.load_dir(dir);
+    for e in &errors {
+        tracing::error!(code = e.code.as_u16(), file = %e.file.display(), "rule not loaded: {e}");
+    }
+    (RuleSet::new(rules), errors)
+}
+
+/// Shared state the HTTP server reads.
+pub struct AppState {
+    pub pipeline: Pipeline,
+    pub metrics: Arc<Metrics>,
+    pub rules: Arc<RuleSet>,
+    pub config: Config,
+    pub ready: AtomicBool,
+}
+
+impl AppState {
+    pub fn is_ready(&self) -> bool {
+        self.ready.load(Ordering::Relaxed)
+    }
+}
+
+/// Runs the daemon on a bound listener until `shutdown` resolves, then drains in-flight work
+/// within `shutdown.grace_ms`. Tests bind `127.0.0.1:0` and drive the real daemon.
+pub async fn run(
+    config: Config,
+    listener: TcpListener,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> anyhow::Result<()> {
+    std::fs::create_dir_all(&config.data.dir)
+        .with_context(|| format!("cannot create the data directory {} (data.dir)", config.data.dir.display()))?;
+    let metrics = Arc::new(Metrics::new());
+    let outcomes = Outcomes::new(Arc::clone(&metrics));
+    let compiler = Arc::new(Compiler::new(config.engine.max_variants_per_rule));
+    let (rules, errors) = load_rules(&compiler, &config.rules.dir);
+    let rules = Arc::new(rules);
+    tracing::info!(
+        dir = %config.rules.dir.display(),
+        loaded = rules.len(),
+        failed = errors.len(),
+        "rules: {}",
+        rules.rules().iter().map(|r| format!("{} (FROM {})", r.name, r.program.parsed.filter)).collect::<Vec<_>>().join(", ")
+    );
+    let engine = Engine::new(compiler, Arc::clone(&rules));
+    let (pipeline, engine_task) = start_engine(&config, engine, outcomes);
+    let grace = config.shutdown_grace();
+    let state = Arc::new(AppState {
+        pipeline,
+        metrics,
+        rules,
+        config,
+        ready: AtomicBool::new(false),
+    });
+    let app = crate::http::router(Arc::clone(&state));
+    let addr = listener.local_addr().context("listener address")?;
+    tracing::info!(%addr, "listening: POST http://{addr}/api/v1/messages, GET /metrics, /healthz, /readyz");
+    state.ready.store(true, Ordering::Relaxed);
+    let (stop_tx, stop_rx) = oneshot::channel::<()>();
+    let server = axum::serve(listener, app).with_graceful_shutdown(async move {
+        shutdown.await;
+        let _ = stop_tx.send(());
+    });
+    let server_task = tokio::spawn(async move { server.await });
+    // Wait for the signal, then give in-flight requests and batches `grace` to finish.
+    let _ = stop_rx.await;
+    state.ready.store(false, Ordering::Relaxed);
+    tracing::info!(
+        grace_ms = grace.as_millis() as u64,
+        "shutting down: intake stopped, draining in-flight messages"
+    );
+    drop(state);
+    let drained = tokio::time::timeout(grace, async {
+        let _ = server_task.await;
+        let _ = engine_task.await;
+    })
+    .await;
+    match drained {
+        Ok(()) => tracing::info!("shutdown complete"),
+        Err(_) => tracing::warn!(
+            grace_ms = grace.as_millis() as u64,
+            "shutdown grace elapsed with work still in flight"
+        ),
+    }
+    Ok(())
+}
+
+/// Resolves on SIGTERM or Ctrl-C.
+pub async fn shutdown_signal() {
+    let ctrl_c = async {
+        let _ = tokio::signal::ctrl_c().await;
+    };
+    #[cfg(unix)]
+    let term = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut s) => {
+                s.recv().await;
+            }
+            Err(_) => std::future::pending::<()>().await,
+        }
+    };
+    #[cfg(not(unix))]
+    let term = std::future::pending::<()>();
+    tokio::select! {
+        _ = ctrl_c => tracing::info!("Ctrl-C received"),
+        _ = term => tracing::info!("SIGTERM received"),
+    }
+}
