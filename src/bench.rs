@@ -16,8 +16,13 @@ use crate::rules::{Compiler, RuleSet};
 const PRODUCTS: usize = 10;
 const DEVICES: usize = 1000;
 
-/// Generates `n` property-post messages, deterministic.
+/// Generates `n` property-post messages from 1000 devices, deterministic.
 pub fn property_posts(n: usize) -> Vec<Message> {
+    property_posts_from(n, DEVICES)
+}
+
+/// Generates `n` property-post messages from `devices` devices, deterministic.
+pub fn property_posts_from(n: usize, devices: usize) -> Vec<Message> {
     let mut seed: u64 = 0x2545_F491_4F6C_DD1D;
     let mut next = move || {
         seed ^= seed << 13;
@@ -27,7 +32,7 @@ pub fn property_posts(n: usize) -> Vec<Message> {
     };
     (0..n)
         .map(|i| {
-            let device = (next() as usize) % DEVICES;
+            let device = (next() as usize) % devices.max(1);
             let product = device % PRODUCTS;
             let topic = format!("/pk{product:02}a7Hx/dev{device:04}/thing/event/property/post");
             let r = next();
@@ -133,4 +138,97 @@ pub fn engine(rules: usize, messages: usize, batch: usize) {
         passed as f64 / messages as f64
     );
     println!("ratio engine / parse-only: {:.3}", engine_rate / parse_rate);
+}
+
+/// The quota set of `bench engine --quotas`: 100 tenants with one instance each; the ten
+/// generated products belong to the first ten instances; every device has a quota. The rates
+/// are high enough that nothing is throttled: the benchmark measures the bookkeeping.
+fn bench_quotas() -> crate::config::quota::QuotaSet {
+    let mut toml = String::from("[quota.device]\nforward_tps = 1000000\n");
+    for t in 0..100 {
+        toml.push_str(&format!(
+            "[[tenant]]\nid = \"tenant{t:03}\"\nforward_tps = 100000000\n"
+        ));
+        let products = if t < PRODUCTS {
+            format!("\"pk{t:02}a7Hx\"")
+        } else {
+            format!("\"idle{t:03}\"")
+        };
+        toml.push_str(&format!(
+            "[[instance]]\nid = \"inst{t:03}\"\ntenant = \"tenant{t:03}\"\nproducts = [{products}]\nforward_tps = 100000000\n"
+        ));
+    }
+    crate::config::quota::QuotaSet::from_toml_str(&toml).expect("benchmark quotas are valid")
+}
+
+/// Engine plus quota check for every passed output, as the daemon counts forwards.
+fn run_with_limiter(
+    engine: &Engine,
+    limiter: &crate::limits::Limiter,
+    msgs: &[Message],
+    batch: usize,
+    runtime: &tokio::runtime::Runtime,
+) -> (Duration, usize) {
+    let mut throttled = 0;
+    let started = Instant::now();
+    for chunk in msgs.chunks(batch) {
+        let results = engine.evaluate(chunk);
+        runtime.block_on(async {
+            for (m, r) in chunk.iter().zip(&results) {
+                for x in r {
+                    if matches!(x.outcome, RuleOutcome::Passed(_))
+                        && limiter
+                            .acquire(&m.product_key, &m.device_name, None, None)
+                            .await
+                            .is_err()
+                    {
+                        throttled += 1;
+                    }
+                }
+            }
+        });
+        black_box(results);
+    }
+    (started.elapsed(), throttled)
+}
+
+/// `bench engine --quotas`: the engine with quotas on (100 tenants, 100 000 devices, none
+/// throttled) against quotas off, in the same run.
+pub fn engine_quotas(rules: usize, messages: usize, batch: usize) {
+    let batch = batch.max(1);
+    let compiler = Arc::new(Compiler::new(32));
+    let loaded: Vec<_> = rule_texts(rules)
+        .into_iter()
+        .map(|(name, text)| {
+            compiler
+                .compile_text(&name, std::path::Path::new(&name), &text)
+                .expect("benchmark rules compile")
+        })
+        .collect();
+    let engine = Engine::new(Arc::clone(&compiler), Arc::new(RuleSet::new(loaded)));
+    let msgs = property_posts_from(messages, 100_000);
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("runtime");
+    let off = crate::limits::Limiter::disabled();
+    let on = runtime.block_on(async { crate::limits::Limiter::new(&bench_quotas(), None) });
+    println!(
+        "bench engine --quotas: {messages} messages from 100000 devices, {rules} rules, batch {batch}, 100 tenants"
+    );
+    // Warm up both paths (compiled variants, limiter state for every device).
+    run_with_limiter(
+        &engine,
+        &off,
+        &msgs[..msgs.len().min(4 * batch)],
+        batch,
+        &runtime,
+    );
+    run_with_limiter(&engine, &on, &msgs, batch, &runtime);
+    let (t_off, _) = run_with_limiter(&engine, &off, &msgs, batch, &runtime);
+    let (t_on, throttled) = run_with_limiter(&engine, &on, &msgs, batch, &runtime);
+    let (r_off, r_on) = (rate(messages, t_off), rate(messages, t_on));
+    println!("quotas off: {r_off:>12.0} msg/s");
+    println!("quotas on:  {r_on:>12.0} msg/s  ({throttled} throttled)");
+    println!("ratio on / off: {:.3}", r_on / r_off);
 }

@@ -20,7 +20,7 @@ use tokio::sync::{Semaphore, mpsc, oneshot};
 
 use crate::action::{ActionReport, Dispatcher};
 use crate::config::Config;
-use crate::engine::{Engine, RuleOutcome};
+use crate::engine::{Engine, RuleOutcome, RuleResult};
 use crate::message::Message;
 use crate::outcome::{BizCode, Code, Outcomes, Record};
 use crate::rules::{Compiler, RuleError, RuleSet};
@@ -37,6 +37,9 @@ pub struct MessageReport {
     pub reason: String,
     /// Every rule whose topic filter matched, with what it did.
     pub rules: Vec<RuleReport>,
+    /// An action and its error action both failed: the source must not ack the message.
+    #[serde(skip)]
+    pub requeue: bool,
 }
 
 /// One candidate rule's result for one message.
@@ -58,8 +61,9 @@ pub struct RuleReport {
 struct Submission {
     messages: Vec<Message>,
     reply: oneshot::Sender<Vec<MessageReport>>,
-    /// Queue capacity this submission holds until the engine has taken it.
-    _permit: tokio::sync::OwnedSemaphorePermit,
+    /// Capacity this submission holds until every action of its messages is terminal, so the
+    /// queue bounds what is in flight, not just what waits for the engine.
+    permit: tokio::sync::OwnedSemaphorePermit,
 }
 
 /// The entry point for sources. Cheap to clone.
@@ -120,7 +124,7 @@ impl Pipeline {
             .send(Submission {
                 messages,
                 reply,
-                _permit: permit,
+                permit,
             })
             .map_err(|_| SubmitError::ShuttingDown)?;
         rx.await.map_err(|_| SubmitError::ShuttingDown)
@@ -163,6 +167,7 @@ fn payload_excerpt(payload: &[u8]) -> String {
 pub fn start_engine(
     config: &Config,
     engine: Engine,
+    dispatcher: Dispatcher,
     outcomes: Outcomes,
 ) -> (Pipeline, tokio::task::JoinHandle<()>) {
     let (tx, rx) = mpsc::unbounded_channel();
@@ -175,20 +180,23 @@ pub fn start_engine(
     };
     let batch_max = config.engine.batch_max_messages;
     let wait = config.batch_max_wait();
-    let task = tokio::spawn(engine_loop(rx, engine, outcomes, batch_max, wait));
+    let task = tokio::spawn(engine_loop(
+        rx, engine, dispatcher, outcomes, batch_max, wait,
+    ));
     (pipeline, task)
 }
 
 async fn engine_loop(
     mut rx: mpsc::UnboundedReceiver<Submission>,
     engine: Engine,
+    dispatcher: Dispatcher,
     outcomes: Outcomes,
     batch_max: usize,
     wait: std::time::Duration,
 ) {
-    let dispatcher = Dispatcher::new(outcomes.clone());
     let metrics = Arc::clone(outcomes.metrics());
     metrics.rules_loaded.set(engine.rules().len() as i64);
+    let mut in_flight = tokio::task::JoinSet::new();
     while let Some(first) = rx.recv().await {
         let deadline = tokio::time::Instant::now() + wait;
         let mut submissions = vec![first];
@@ -203,106 +211,112 @@ async fn engine_loop(
             }
         }
         let mut messages = Vec::with_capacity(size);
-        let mut replies = Vec::with_capacity(submissions.len());
+        let mut owners = Vec::with_capacity(submissions.len());
         for s in submissions {
-            replies.push((s.reply, s.messages.len()));
+            owners.push((s.reply, s.permit, s.messages.len()));
             messages.extend(s.messages);
         }
-        let mut reports = Vec::with_capacity(messages.len());
+        let mut results = Vec::with_capacity(messages.len());
         for chunk in messages.chunks(batch_max) {
-            reports.extend(process_batch(&engine, &dispatcher, &outcomes, &metrics, chunk).await);
+            let started = Instant::now();
+            // Evaluation is CPU work; let the runtime move other tasks off this worker.
+            results.extend(tokio::task::block_in_place(|| engine.evaluate(chunk)));
+            metrics
+                .batch_eval_seconds
+                .observe(started.elapsed().as_secs_f64());
+            metrics.batch_size.observe(chunk.len() as f64);
         }
-        let mut reports = reports.into_iter();
-        for (reply, n) in replies {
-            let _ = reply.send(reports.by_ref().take(n).collect());
+        // Actions run concurrently with the next batch's evaluation; each submission is
+        // answered (and its capacity released) when all of its messages are terminal.
+        let mut messages = messages.into_iter();
+        let mut results = results.into_iter();
+        for (reply, permit, n) in owners {
+            let msgs: Vec<Message> = messages.by_ref().take(n).collect();
+            let res: Vec<Vec<RuleResult>> = results.by_ref().take(n).collect();
+            let dispatcher = dispatcher.clone();
+            let outcomes = outcomes.clone();
+            in_flight.spawn(async move {
+                let reports = futures::future::join_all(
+                    msgs.iter()
+                        .zip(res)
+                        .map(|(m, r)| finish_message(&dispatcher, &outcomes, m, r)),
+                )
+                .await;
+                let _ = reply.send(reports);
+                drop(permit);
+            });
         }
+        while in_flight.try_join_next().is_some() {}
     }
+    while in_flight.join_next().await.is_some() {}
 }
 
-/// Evaluates one batch, records every rule outcome and runs the actions.
-async fn process_batch(
-    engine: &Engine,
+/// Counts and records one message's rule outcomes and runs the actions of the rules it passed.
+async fn finish_message(
     dispatcher: &Dispatcher,
     outcomes: &Outcomes,
-    metrics: &Metrics,
-    batch: &[Message],
-) -> Vec<MessageReport> {
-    let started = Instant::now();
-    // Evaluation is CPU work; let the runtime move other tasks off this worker meanwhile.
-    let results = tokio::task::block_in_place(|| engine.evaluate(batch));
-    metrics
-        .batch_eval_seconds
-        .observe(started.elapsed().as_secs_f64());
-    metrics.batch_size.observe(batch.len() as f64);
-    let mut reports = Vec::with_capacity(batch.len());
-    for (message, results) in batch.iter().zip(results) {
-        let mut rules = Vec::with_capacity(results.len());
-        for result in results {
-            let rule = &result.rule;
-            metrics.rule_matched.with_label_values(&[&rule.name]).inc();
-            let report = match result.outcome {
-                RuleOutcome::Passed(output) => {
-                    metrics.rule_passed.with_label_values(&[&rule.name]).inc();
-                    let actions = dispatcher.dispatch(message, rule, &output).await;
-                    RuleReport {
-                        rule: rule.name.clone(),
-                        result: "passed",
-                        code: None,
-                        reason: String::new(),
-                        output: Some(output),
-                        actions,
-                    }
-                }
-                RuleOutcome::NoResult => {
-                    metrics
-                        .rule_no_result
-                        .with_label_values(&[&rule.name])
-                        .inc();
-                    RuleReport {
-                        rule: rule.name.clone(),
-                        result: "no_result",
-                        code: None,
-                        reason: String::new(),
-                        output: None,
-                        actions: Vec::new(),
-                    }
-                }
-                RuleOutcome::Failed { code, reason } => {
-                    metrics
-                        .rule_failed
-                        .with_label_values(&[&rule.name, &code.to_string()])
-                        .inc();
-                    outcomes
-                        .record(Record::for_message(
-                            message,
-                            BizCode::RuleEngine,
-                            rule.name.clone(),
-                            code,
-                            reason.clone(),
-                            payload_excerpt(&message.payload),
-                        ))
-                        .await;
-                    RuleReport {
-                        rule: rule.name.clone(),
-                        result: "failed",
-                        code: Some(code),
-                        reason,
-                        output: None,
-                        actions: Vec::new(),
-                    }
-                }
-            };
-            rules.push(report);
-        }
-        reports.push(MessageReport {
-            message_id: message.message_id.clone(),
-            trace_id: message.trace_id.clone(),
-            code: Code::Ok,
+    message: &Message,
+    results: Vec<RuleResult>,
+) -> MessageReport {
+    let metrics = outcomes.metrics();
+    let mut rules = Vec::with_capacity(results.len());
+    let mut requeue = false;
+    for result in results {
+        let rule = &result.rule;
+        metrics.rule_matched.with_label_values(&[&rule.name]).inc();
+        let mut report = RuleReport {
+            rule: rule.name.clone(),
+            result: "passed",
+            code: None,
             reason: String::new(),
-            rules,
-        });
+            output: None,
+            actions: Vec::new(),
+        };
+        match result.outcome {
+            RuleOutcome::Passed(output) => {
+                metrics.rule_passed.with_label_values(&[&rule.name]).inc();
+                let dispatched = dispatcher.dispatch(message, rule, &output).await;
+                requeue |= dispatched.requeue;
+                report.actions = dispatched.actions;
+                report.output = Some(output);
+            }
+            RuleOutcome::NoResult => {
+                metrics
+                    .rule_no_result
+                    .with_label_values(&[&rule.name])
+                    .inc();
+                report.result = "no_result";
+            }
+            RuleOutcome::Failed { code, reason } => {
+                metrics
+                    .rule_failed
+                    .with_label_values(&[&rule.name, &code.to_string()])
+                    .inc();
+                outcomes
+                    .record(Record::for_message(
+                        message,
+                        BizCode::RuleEngine,
+                        rule.name.clone(),
+                        code,
+                        reason.clone(),
+                        payload_excerpt(&message.payload),
+                    ))
+                    .await;
+                report.result = "failed";
+                report.code = Some(code);
+                report.reason = reason;
+            }
+        }
+        rules.push(report);
     }
-    reports
+    MessageReport {
+        message_id: message.message_id.clone(),
+        trace_id: message.trace_id.clone(),
+        code: Code::Ok,
+        reason: String::new(),
+        rules,
+        requeue,
+    }
 }
 
 /// Loads the rules of `dir`, logging 9307 for each file that does not load.
@@ -320,12 +334,16 @@ pub struct AppState {
     pub metrics: Arc<Metrics>,
     pub rules: Arc<RuleSet>,
     pub config: Config,
+    pub broker: Option<Arc<crate::broker::Broker>>,
+    /// The record store's reader for `GET /api/v1/logs`; `None` when `store.enabled = false`.
+    pub logs: Option<crate::outcome::store::Reader>,
     pub ready: AtomicBool,
 }
 
 impl AppState {
+    /// Ready: rules loaded, listener up, and the broker connected when one is configured.
     pub fn is_ready(&self) -> bool {
-        self.ready.load(Ordering::Relaxed)
+        self.ready.load(Ordering::Relaxed) && self.broker.as_ref().is_none_or(|b| b.is_connected())
     }
 }
 
@@ -336,10 +354,18 @@ pub async fn run(
     listener: TcpListener,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> anyhow::Result<()> {
-    std::fs::create_dir_all(&config.data.dir)
-        .with_context(|| format!("cannot create the data directory {} (data.dir)", config.data.dir.display()))?;
+    std::fs::create_dir_all(&config.data.dir).with_context(|| {
+        format!(
+            "cannot create the data directory {} (data.dir)",
+            config.data.dir.display()
+        )
+    })?;
     let metrics = Arc::new(Metrics::new());
     let outcomes = Outcomes::new(Arc::clone(&metrics));
+    // The record store and the JSON lines ([store]): attached before the engine starts, closed
+    // (everything queued written) after it drained.
+    let record_sinks = crate::outcome::store::RecordSinks::open(&config, &metrics.registry).await?;
+    let outcomes = record_sinks.attach(outcomes);
     let compiler = Arc::new(Compiler::new(config.engine.max_variants_per_rule));
     let (rules, errors) = load_rules(&compiler, &config.rules.dir);
     let rules = Arc::new(rules);
@@ -351,13 +377,52 @@ pub async fn run(
         rules.rules().iter().map(|r| format!("{} (FROM {})", r.name, r.program.parsed.filter)).collect::<Vec<_>>().join(", ")
     );
     let engine = Engine::new(compiler, Arc::clone(&rules));
-    let (pipeline, engine_task) = start_engine(&config, engine, outcomes);
+    let (stop_sources, sources_stopped) = tokio::sync::watch::channel(false);
+    let broker = match &config.broker {
+        None => None,
+        Some(b) => {
+            let broker = crate::broker::Broker::new(b).map_err(|e| anyhow::anyhow!(e))?;
+            tracing::info!(broker = %broker.redacted_url(), "broker configured; connecting in the background");
+            tokio::spawn(crate::broker::keep_connected(
+                Arc::clone(&broker),
+                Arc::clone(&metrics),
+                sources_stopped.clone(),
+            ));
+            Some(broker)
+        }
+    };
+    let limiter = crate::limits::Limiter::new(
+        &crate::config::quota::QuotaSet::from(&config),
+        Some(Arc::clone(&metrics)),
+    );
+    if limiter.is_enabled() {
+        limiter.spawn_pruner(std::time::Duration::from_secs(60));
+        tracing::info!(
+            tenants = config.tenant.len(),
+            instances = config.instance.len(),
+            "quotas on"
+        );
+    }
+    let dispatcher = Dispatcher::new(outcomes.clone(), broker.clone(), limiter);
+    let (pipeline, engine_task) = start_engine(&config, engine, dispatcher, outcomes);
     let grace = config.shutdown_grace();
+    let source_task = match (&broker, &config.source.amqp) {
+        (Some(broker), Some(source)) => Some(tokio::spawn(crate::source::amqp::run(
+            Arc::clone(broker),
+            source.clone(),
+            pipeline.clone(),
+            sources_stopped.clone(),
+            grace,
+        ))),
+        _ => None,
+    };
     let state = Arc::new(AppState {
         pipeline,
         metrics,
         rules,
         config,
+        broker: broker.clone(),
+        logs: record_sinks.reader(),
         ready: AtomicBool::new(false),
     });
     let app = crate::http::router(Arc::clone(&state));
@@ -373,16 +438,24 @@ pub async fn run(
     // Wait for the signal, then give in-flight requests and batches `grace` to finish.
     let _ = stop_rx.await;
     state.ready.store(false, Ordering::Relaxed);
+    // Sources stop taking messages first; what they have in flight finishes or is requeued.
+    let _ = stop_sources.send(true);
     tracing::info!(
         grace_ms = grace.as_millis() as u64,
         "shutting down: intake stopped, draining in-flight messages"
     );
     drop(state);
     let drained = tokio::time::timeout(grace, async {
+        if let Some(source) = source_task {
+            let _ = source.await;
+        }
         let _ = server_task.await;
         let _ = engine_task.await;
     })
     .await;
+    if let Some(broker) = &broker {
+        broker.close().await;
+    }
     match drained {
         Ok(()) => tracing::info!("shutdown complete"),
         Err(_) => tracing::warn!(
@@ -390,6 +463,7 @@ pub async fn run(
             "shutdown grace elapsed with work still in flight"
         ),
     }
+    record_sinks.shutdown().await;
     Ok(())
 }
 

@@ -22,6 +22,7 @@ pub fn router(state: Arc<AppState>) -> Router {
     Router::new()
         .route("/api/v1/messages", post(ingest))
         .route("/api/v1/rules", get(list_rules))
+        .route("/api/v1/logs", get(query_logs))
         .route("/metrics", get(metrics))
         .route("/healthz", get(|| async { "ok\n" }))
         .route("/readyz", get(readyz))
@@ -38,6 +39,45 @@ struct IngestParams {
 
 fn error(status: StatusCode, message: impl Into<String>) -> Response {
     (status, Json(json!({ "error": message.into() }))).into_response()
+}
+
+/// `GET /api/v1/logs`: the filters of `iotfwd logs` as query parameters (names in
+/// [`crate::outcome::query::HTTP_PARAMS`]), the same validation and the same results:
+/// `{"records": [...], "count": n, "nextCursor": "..." | null}`, newest first, each record with
+/// the platform's field names. A bad query is a 400 naming every problem.
+async fn query_logs(
+    State(state): State<Arc<AppState>>,
+    params: Result<Query<Vec<(String, String)>>, axum::extract::rejection::QueryRejection>,
+) -> Response {
+    use crate::outcome::query::LogParams;
+    let Some(reader) = state.logs.clone() else {
+        return error(
+            StatusCode::NOT_FOUND,
+            "the record store is disabled (store.enabled = false); enable it to query logs here",
+        );
+    };
+    let Query(pairs) = match params {
+        Ok(p) => p,
+        Err(e) => return error(StatusCode::BAD_REQUEST, format!("bad query string: {e}")),
+    };
+    let query =
+        match LogParams::from_pairs(pairs).and_then(|p| p.validate(crate::message::now_ms())) {
+            Ok(q) => q,
+            Err(e) => return error(StatusCode::BAD_REQUEST, e.to_string()),
+        };
+    match tokio::task::spawn_blocking(move || reader.query(&query)).await {
+        Ok(Ok(page)) => Json(json!({
+            "records": page.records,
+            "count": page.records.len(),
+            "nextCursor": page.next_cursor.map(|c| c.to_string()),
+        }))
+        .into_response(),
+        Ok(Err(e)) => error(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()),
+        Err(e) => error(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            format!("log query failed: {e}"),
+        ),
+    }
 }
 
 /// Accepts one JSON envelope, or NDJSON with one envelope per line. The whole body is checked
@@ -96,6 +136,7 @@ async fn ingest(
                     code: rejection.code,
                     reason: rejection.reason,
                     rules: Vec::new(),
+                    requeue: false,
                 }));
             }
         }

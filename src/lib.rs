@@ -7,12 +7,17 @@
 
 pub mod action;
 pub mod bench;
+pub mod bench_logs;
+pub mod bench_pipeline;
+pub mod broker;
 pub mod cli;
 pub mod config;
 pub mod daemon;
 pub mod engine;
 pub mod http;
+pub mod limits;
 pub mod message;
 pub mod outcome;
 pub mod rules;
+pub mod source;
 pub mod telemetry;

@@ -3,7 +3,9 @@
 //! Every metric the daemon exports is declared here, once: names, help texts and labels. The
 //! counters are built to balance, and tests check it:
 //! - per rule: `iotfwd_rule_matched_total = iotfwd_rule_passed_total + iotfwd_rule_no_result_total
-//!   + sum by code of iotfwd_rule_failed_total`.
+//!   + sum by code of iotfwd_rule_failed_total`;
+//! - per action: `iotfwd_action_executions_total = iotfwd_action_success_total + sum by code of
+//!   iotfwd_action_failed_total + iotfwd_action_in_flight`.
 
 use prometheus::{
     Encoder, Histogram, HistogramOpts, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry,
@@ -33,8 +35,23 @@ pub struct Metrics {
     pub rules_loaded: IntGauge,
     /// Compiled type variants per rule (payload fields arriving with different JSON types).
     pub rule_variants: IntGaugeVec,
+    /// Forwards refused by a quota, by tenant, instance and scope (`device`, `tenant`,
+    /// `instance`): 9324 for device and tenant, 9326 for instance.
+    pub throttled: IntCounterVec,
     /// Constant 1, labelled with the version.
     pub build_info: IntGaugeVec,
+    /// Action executions started, by rule and action (destination).
+    pub action_executions: IntCounterVec,
+    /// Actions that reached 200.
+    pub action_success: IntCounterVec,
+    /// Actions that failed for good, by code.
+    pub action_failed: IntCounterVec,
+    /// Retries (attempts after the first) of actions.
+    pub action_retries: IntCounterVec,
+    /// Actions started and not yet terminal.
+    pub action_in_flight: IntGaugeVec,
+    /// 1 while the broker is connected, 0 otherwise (absent without `[broker]`).
+    pub broker_connected: IntGauge,
 }
 
 impl Metrics {
@@ -76,6 +93,11 @@ impl Metrics {
             "iotfwd_rule_failed_total",
             "Matched messages the rule failed on, by code.",
             &["rule", "code"],
+        );
+        let throttled = counter(
+            "iotfwd_throttled_total",
+            "Forwards refused by a quota (9324 device or tenant, 9326 instance), by tenant, instance and scope.",
+            &["tenant", "instance", "scope"],
         );
         let batch_size = Histogram::with_opts(
             HistogramOpts::new("iotfwd_batch_size", "Messages per evaluated micro-batch.").buckets(
@@ -127,6 +149,45 @@ impl Metrics {
         build_info
             .with_label_values(&[env!("CARGO_PKG_VERSION")])
             .set(1);
+        let action_executions = counter(
+            "iotfwd_action_executions_total",
+            "Action executions started, by rule and action.",
+            &["rule", "action"],
+        );
+        let action_success = counter(
+            "iotfwd_action_success_total",
+            "Actions delivered (200).",
+            &["rule", "action"],
+        );
+        let action_failed = counter(
+            "iotfwd_action_failed_total",
+            "Actions that failed for good, by code.",
+            &["rule", "action", "code"],
+        );
+        let action_retries = counter(
+            "iotfwd_action_retries_total",
+            "Retried attempts of actions (attempts after the first).",
+            &["rule", "action"],
+        );
+        let action_in_flight = IntGaugeVec::new(
+            Opts::new(
+                "iotfwd_action_in_flight",
+                "Actions started and not yet terminal.",
+            ),
+            &["rule", "action"],
+        )
+        .expect("valid metric");
+        registry
+            .register(Box::new(action_in_flight.clone()))
+            .expect("unique metric");
+        let broker_connected = IntGauge::new(
+            "iotfwd_broker_connected",
+            "1 while the RabbitMQ broker is connected, else 0.",
+        )
+        .expect("valid metric");
+        registry
+            .register(Box::new(broker_connected.clone()))
+            .expect("unique metric");
         Metrics {
             registry,
             messages_received,
@@ -135,11 +196,18 @@ impl Metrics {
             rule_passed,
             rule_no_result,
             rule_failed,
+            throttled,
             batch_size,
             batch_eval_seconds,
             rules_loaded,
             rule_variants,
             build_info,
+            action_executions,
+            action_success,
+            action_failed,
+            action_retries,
+            action_in_flight,
+            broker_connected,
         }
     }
 

@@ -1,21 +1,27 @@
 //! Actions: what happens to a rule's output.
 //!
 //! Each action of a matched rule reaches exactly one terminal outcome, recorded once as a
-//! `ruleengine` record: 200 when delivered, otherwise the failure's code. A failed action hands
-//! the message to the rule's `[error_action]` when it has one.
-//!
-//! Destinations: this build resolves every action's templates (an invalid parameter is 9321)
-//! and then needs a destination backend. The RabbitMQ publisher (`to = "amqp"`, needs
-//! `[broker]`) and the AMQP 1.0 consumer groups (`to = "group"`, needs `[subscription]`) are
-//! the next steps of the roadmap; until a backend is running, the action fails with 9325
-//! (destination unavailable) and says which backend is missing. Nothing is dropped silently.
+//! `ruleengine` record carrying its code and attempt count: 200 when delivered, otherwise the
+//! failure's code. A failure that may pass (broker down: 9325; nack or channel error: 9331) is
+//! retried with exponential backoff and jitter under the action's `retry` policy; one that
+//! cannot (9321 invalid parameter, 9332 exchange missing, 9333 access refused, 9399) is final at
+//! once. A failed action hands the original payload to the rule's `[error_action]`; if that
+//! fails too, the source message is not acked ([`DispatchReport::requeue`]).
 
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU32, Ordering};
+
+use backon::Retryable;
+use lapin::BasicProperties;
+use lapin::types::FieldTable;
 use serde::Serialize;
 
+use crate::broker::{Broker, BrokerError, header};
 use crate::engine::Output;
+use crate::limits::Limiter;
 use crate::message::Message;
 use crate::outcome::{BizCode, Code, Outcomes, Record};
-use crate::rules::{ActionSpec, Rule};
+use crate::rules::{ActionSpec, AmqpAction, Rule};
 
 /// The terminal outcome of one action for one message, as the HTTP API reports it.
 #[derive(Clone, Debug, PartialEq, Serialize)]
@@ -24,29 +30,52 @@ pub struct ActionReport {
     pub code: Code,
     #[serde(skip_serializing_if = "String::is_empty")]
     pub reason: String,
+    pub attempts: u32,
     /// For a failed action with an `[error_action]`: that action's outcome.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub error_action: Option<Box<ActionReport>>,
+}
+
+/// Every action outcome of one rule for one message.
+#[derive(Clone, Debug, Default)]
+pub struct DispatchReport {
+    pub actions: Vec<ActionReport>,
+    /// An action and its error action both failed: the source should redeliver the message.
+    pub requeue: bool,
+}
+
+/// What an action sends: the rule's output, or (for the error action) the original payload
+/// with the failure described in headers.
+enum Body<'a> {
+    Output,
+    Failure(&'a ActionReport),
 }
 
 /// Executes actions and records their outcomes.
 #[derive(Clone)]
 pub struct Dispatcher {
     outcomes: Outcomes,
+    broker: Option<Arc<Broker>>,
+    limiter: Limiter,
 }
 
 impl Dispatcher {
-    pub fn new(outcomes: Outcomes) -> Dispatcher {
-        Dispatcher { outcomes }
+    pub fn new(outcomes: Outcomes, broker: Option<Arc<Broker>>, limiter: Limiter) -> Dispatcher {
+        Dispatcher {
+            outcomes,
+            broker,
+            limiter,
+        }
     }
 
-    /// Runs every action of `rule` for one output; one record per action (and per error action).
+    /// Runs every action of `rule` for one output, concurrently; one record per action (and
+    /// per error action).
     pub async fn dispatch(
         &self,
         message: &Message,
         rule: &Rule,
         output: &Output,
-    ) -> Vec<ActionReport> {
+    ) -> DispatchReport {
         if rule.actions.is_empty() {
             let content = serde_json::to_string(output).unwrap_or_default();
             self.outcomes
@@ -59,26 +88,30 @@ impl Dispatcher {
                     content,
                 ))
                 .await;
-            return Vec::new();
+            return DispatchReport::default();
         }
-        let mut reports = Vec::with_capacity(rule.actions.len());
-        for action in &rule.actions {
-            let mut report = self.execute(message, rule, action, output, "").await;
+        let runs = rule.actions.iter().map(|action| async move {
+            let mut report = self
+                .execute(message, rule, action, output, Body::Output)
+                .await;
+            let mut requeue = false;
             if !report.code.is_success()
                 && let Some(error_action) = &rule.error_action
             {
-                let why = format!(
-                    "for {}, which failed with {}",
-                    report.destination, report.code
-                );
                 let fallback = self
-                    .execute(message, rule, error_action, output, &why)
+                    .execute(message, rule, error_action, output, Body::Failure(&report))
                     .await;
+                requeue = !fallback.code.is_success();
                 report.error_action = Some(Box::new(fallback));
             }
-            reports.push(report);
+            (report, requeue)
+        });
+        let results = futures::future::join_all(runs).await;
+        let requeue = results.iter().any(|(_, r)| *r);
+        DispatchReport {
+            actions: results.into_iter().map(|(a, _)| a).collect(),
+            requeue,
         }
-        reports
     }
 
     async fn execute(
@@ -87,56 +120,196 @@ impl Dispatcher {
         rule: &Rule,
         action: &ActionSpec,
         output: &Output,
-        context: &str,
+        body: Body<'_>,
     ) -> ActionReport {
         let destination = action.destination();
-        let (code, reason) = match resolve(action, output) {
-            Err(reason) => (Code::ParamInvalid, reason),
-            Ok(()) => (Code::DestinationUnavailable, missing_backend(action)),
+        let metrics = self.outcomes.metrics();
+        let labels = [rule.name.as_str(), destination.as_str()];
+        metrics.action_executions.with_label_values(&labels).inc();
+        metrics.action_in_flight.with_label_values(&labels).inc();
+        let attempts = AtomicU32::new(0);
+        // Each forward counts once against its device, tenant and instance, before it runs.
+        // The error action is where a refused or failed forward goes, so it is not counted.
+        let quota = match body {
+            Body::Output => {
+                self.limiter
+                    .acquire(
+                        &message.product_key,
+                        &message.device_name,
+                        message.tenant_id.as_deref(),
+                        message.instance_id.as_deref(),
+                    )
+                    .await
+            }
+            Body::Failure(_) => Ok(Default::default()),
         };
-        let reason = if context.is_empty() {
-            reason
-        } else {
-            format!("{reason} (error action {context})")
+        let (tenant, instance) = match &quota {
+            Ok(r) => (r.tenant.clone(), r.instance.clone()),
+            Err(t) => (t.tenant.clone(), t.instance.clone()),
         };
-        let content = serde_json::to_string(output).unwrap_or_default();
-        self.outcomes
-            .record(Record::for_message(
-                message,
-                BizCode::RuleEngine,
-                format!("{}/{}", rule.name, destination),
-                code,
-                reason.clone(),
-                content,
-            ))
-            .await;
+        let result = match (quota, action) {
+            (Err(throttle), _) => Err(BrokerError {
+                code: throttle.code,
+                reason: throttle.reason,
+                retryable: false,
+            }),
+            (Ok(_), ActionSpec::Amqp(a)) => {
+                self.publish(message, rule, a, output, &body, &attempts, &labels)
+                    .await
+            }
+            (Ok(_), ActionSpec::Group(g)) => Err(BrokerError {
+                code: Code::DestinationUnavailable,
+                reason: format!(
+                    "consumer group {:?} is not hosted: no AMQP 1.0 endpoint is running",
+                    g.group
+                ),
+                retryable: false,
+            }),
+        };
+        let attempts = attempts.load(Ordering::Relaxed);
+        metrics.action_in_flight.with_label_values(&labels).dec();
+        let (code, mut reason) = match result {
+            Ok(()) => {
+                metrics.action_success.with_label_values(&labels).inc();
+                (Code::Ok, String::new())
+            }
+            Err(e) => {
+                metrics
+                    .action_failed
+                    .with_label_values(&[labels[0], labels[1], &e.code.to_string()])
+                    .inc();
+                (e.code, e.reason)
+            }
+        };
+        if let Body::Failure(failed) = body {
+            reason = format!(
+                "error action for {} (which failed with {}){}{reason}",
+                failed.destination,
+                failed.code,
+                if reason.is_empty() { "" } else { ": " }
+            );
+        }
+        let content = serde_json::json!({ "attempts": attempts, "output": output }).to_string();
+        let mut record = Record::for_message(
+            message,
+            BizCode::RuleEngine,
+            format!("{}/{}", rule.name, destination),
+            code,
+            reason.clone(),
+            content,
+        );
+        if let Some(t) = tenant {
+            record.tenant_id = t.to_string();
+        }
+        if let Some(i) = instance {
+            record.instance_id = i.to_string();
+        }
+        self.outcomes.record(record).await;
         ActionReport {
             destination,
             code,
             reason,
+            attempts,
             error_action: None,
         }
     }
-}
 
-/// Resolves the action's templates against the output; an unresolvable one is 9321.
-fn resolve(action: &ActionSpec, output: &Output) -> Result<(), String> {
-    for (field, template) in action.templates() {
-        template
+    #[allow(clippy::too_many_arguments)]
+    async fn publish(
+        &self,
+        message: &Message,
+        rule: &Rule,
+        action: &AmqpAction,
+        output: &Output,
+        body: &Body<'_>,
+        attempts: &AtomicU32,
+        labels: &[&str; 2],
+    ) -> Result<(), BrokerError> {
+        let invalid = |reason: String| BrokerError {
+            code: Code::ParamInvalid,
+            reason,
+            retryable: false,
+        };
+        let routing_key = action
+            .routing_key
             .render(output)
-            .map_err(|e| format!("{field}: {e}"))?;
-    }
-    Ok(())
-}
-
-fn missing_backend(action: &ActionSpec) -> String {
-    match action {
-        ActionSpec::Amqp(_) => {
-            "no RabbitMQ broker is connected, so amqp actions cannot be delivered".into()
+            .map_err(|e| invalid(format!("routing_key: {e}")))?;
+        if routing_key.len() > 255 {
+            return Err(invalid(format!(
+                "routing_key is {} bytes; AMQP allows 255",
+                routing_key.len()
+            )));
         }
-        ActionSpec::Group(g) => format!(
-            "consumer group {:?} is not hosted: no AMQP 1.0 endpoint is running",
-            g.group
-        ),
+        let mut headers = FieldTable::default();
+        for (name, template) in &action.headers {
+            let value = template
+                .render(output)
+                .map_err(|e| invalid(format!("headers.{name}: {e}")))?;
+            headers.insert(name.as_str().into(), header(&value));
+        }
+        for (name, value) in [
+            ("traceId", message.trace_id.as_str()),
+            ("messageId", &message.message_id),
+            ("rule", &rule.name),
+            ("topic", &message.topic),
+            ("productKey", &message.product_key),
+            ("deviceName", &message.device_name),
+        ] {
+            headers.insert(name.into(), header(value));
+        }
+        let payload: Vec<u8> = match body {
+            Body::Output => serde_json::to_vec(output).expect("a JSON map serializes"),
+            Body::Failure(failed) => {
+                headers.insert("failedAction".into(), header(&failed.destination));
+                headers.insert("failedCode".into(), header(&failed.code.to_string()));
+                headers.insert("failedReason".into(), header(&failed.reason));
+                headers.insert(
+                    "failedAttempts".into(),
+                    header(&failed.attempts.to_string()),
+                );
+                message.payload.to_vec()
+            }
+        };
+        let Some(broker) = &self.broker else {
+            return Err(BrokerError {
+                code: Code::DestinationUnavailable,
+                reason: "no [broker] is configured, so amqp actions cannot be delivered".into(),
+                retryable: false,
+            });
+        };
+        let mut properties = BasicProperties::default()
+            .with_message_id(message.message_id.as_str().into())
+            .with_timestamp((message.timestamp_ms.max(0) / 1000) as u64)
+            .with_headers(headers);
+        if matches!(body, Body::Output) {
+            properties = properties.with_content_type("application/json".into());
+        }
+        if action.persistent {
+            properties = properties.with_delivery_mode(2);
+        }
+        let retries = self
+            .outcomes
+            .metrics()
+            .action_retries
+            .with_label_values(labels);
+        let publish = || {
+            attempts.fetch_add(1, Ordering::Relaxed);
+            broker.publish(&action.exchange, &routing_key, &payload, properties.clone())
+        };
+        publish
+            .retry(action.retry.backoff())
+            .when(|e: &BrokerError| e.retryable)
+            .notify(|e: &BrokerError, after| {
+                retries.inc();
+                tracing::debug!(exchange = %action.exchange, "publish failed, retrying in {after:?}: {e}");
+            })
+            .await
+            .map_err(|mut e| {
+                let n = attempts.load(Ordering::Relaxed);
+                if n > 1 {
+                    e.reason = format!("{} (after {n} attempts)", e.reason);
+                }
+                e
+            })
     }
 }

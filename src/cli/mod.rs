@@ -13,6 +13,8 @@ use crate::message::{Identity, Message};
 use crate::outcome::{Code, codes};
 use crate::rules::{Compiler, RuleSet};
 
+pub mod logs;
+
 /// iotfwd: a rules-engine forwarding daemon for IoT messages.
 ///
 /// It takes device messages in, evaluates SQL forwarding rules over them
@@ -67,6 +69,10 @@ pub enum Command {
         #[arg(long, default_value_t = true, action = clap::ArgAction::Set)]
         verbose: bool,
     },
+    /// Query the outcome records (one per step of each message) in the record store, like the
+    /// IoT console's log search; `iotfwd logs trace ID` follows one message. Reads the store
+    /// file directly: the daemon need not run.
+    Logs(Box<logs::LogsCmd>),
     /// Benchmarks (not tests): each prints its rate and the ratio to a baseline measured in the
     /// same run.
     Bench {
@@ -97,6 +103,20 @@ pub enum RulesCommand {
 
 #[derive(Debug, Subcommand)]
 pub enum BenchCommand {
+    /// The record store: fills N records of realistic shape through the writer (the sustained
+    /// insert rate, against 3 records per message at the engine's rate measured in the same
+    /// run), then times the console's lookups and a keyword scan, each next to its target.
+    Logs {
+        /// Records to fill.
+        #[arg(long, default_value_t = 10_000_000)]
+        records: usize,
+        /// The store file (default: a new file in the temp directory, deleted afterwards).
+        #[arg(long, value_name = "PATH")]
+        db: Option<PathBuf>,
+        /// Keep the store file afterwards.
+        #[arg(long)]
+        keep: bool,
+    },
     /// Engine throughput on generated property-post messages (no I/O), against a parse-only
     /// baseline (serde_json parse of the same payloads) measured in the same run.
     Engine {
@@ -109,6 +129,30 @@ pub enum BenchCommand {
         /// Micro-batch size.
         #[arg(long, default_value_t = 512)]
         batch: usize,
+        /// Measure quotas on (100 tenants, 100 000 devices, none throttled) against quotas
+        /// off instead of the parse-only baseline.
+        #[arg(long)]
+        quotas: bool,
+    },
+    /// RabbitMQ -> iotfwd (10 rules) -> RabbitMQ with confirms, against a bare lapin relay
+    /// (consume -> publish -> ack, same prefetch and confirm window) in the same run; then the
+    /// end-to-end latency at half the measured rate. Needs a broker.
+    Pipeline {
+        /// The broker to run against.
+        #[arg(long, default_value = "amqp://guest:guest@127.0.0.1:5672/%2f")]
+        url: String,
+        /// Messages per throughput measurement.
+        #[arg(long, default_value_t = 50_000)]
+        messages: usize,
+        /// Prefetch of both consumers.
+        #[arg(long, default_value_t = 256)]
+        prefetch: u16,
+        /// Publisher-confirm window of both publishers.
+        #[arg(long, default_value_t = 256)]
+        confirm_window: usize,
+        /// Rules in iotfwd (each message matches one).
+        #[arg(long, default_value_t = 10)]
+        rules: usize,
     },
 }
 
@@ -128,6 +172,10 @@ pub fn main() -> ExitCode {
                 },
         } => rules_test(&rule_file, topic, &payload, timestamp),
         Command::Codes { code } => codes_cmd(code),
+        Command::Logs(cmd) => logs::run(*cmd),
+        Command::Bench {
+            command: BenchCommand::Logs { records, db, keep },
+        } => crate::bench_logs::run(records, db, keep),
         Command::Send {
             topic,
             payload,
@@ -136,13 +184,47 @@ pub fn main() -> ExitCode {
         } => send(&url, topic, &payload, verbose),
         Command::Bench {
             command:
+                BenchCommand::Pipeline {
+                    url,
+                    messages,
+                    prefetch,
+                    confirm_window,
+                    rules,
+                },
+        } => {
+            let bench = crate::bench_pipeline::PipelineBench {
+                url,
+                messages,
+                prefetch,
+                confirm_window,
+                rules,
+            };
+            let runtime = tokio::runtime::Builder::new_multi_thread()
+                .enable_all()
+                .build()
+                .expect("runtime");
+            match runtime.block_on(crate::bench_pipeline::run(bench)) {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(e) => {
+                    eprintln!("error: {e:#}");
+                    ExitCode::FAILURE
+                }
+            }
+        }
+        Command::Bench {
+            command:
                 BenchCommand::Engine {
                     rules,
                     messages,
                     batch,
+                    quotas,
                 },
         } => {
-            crate::bench::engine(rules, messages, batch);
+            if quotas {
+                crate::bench::engine_quotas(rules, messages, batch);
+            } else {
+                crate::bench::engine(rules, messages, batch);
+            }
             ExitCode::SUCCESS
         }
     }

@@ -13,6 +13,12 @@ use std::time::Duration;
 use serde::{Deserialize, Serialize};
 use toml::de::{DeTable, DeValue};
 
+pub mod store;
+
+pub mod broker;
+
+pub mod quota;
+
 const MIB: usize = 1024 * 1024;
 
 /// The whole daemon config.
@@ -35,6 +41,26 @@ pub struct Config {
     pub log: LogConfig,
     /// `[shutdown]`: graceful shutdown on SIGTERM / Ctrl-C.
     pub shutdown: ShutdownConfig,
+    /// `[broker]`: the RabbitMQ broker for `to = "amqp"` actions and `[source.amqp]`.
+    /// Absent in the embedded default.
+    pub broker: Option<broker::BrokerConfig>,
+    /// `[source]`: message sources besides the HTTP ingest.
+    pub source: broker::SourceConfig,
+    /// `[store]`: the embedded record store of outcome records (`iotfwd logs`,
+    /// `GET /api/v1/logs`) and their JSON-lines copy.
+    pub store: store::StoreConfig,
+    /// `[[tenant]]`: tenants and their forwarding quotas (over one: 9324). Declaring any
+    /// tenant or instance turns quotas on; with none (the default) they are off. See
+    /// `docs/quotas.md`.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub tenant: Vec<quota::TenantQuota>,
+    /// `[[instance]]`: instances, each of one tenant, with their products and their
+    /// forwarding-TPS specification (over it: 9326).
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub instance: Vec<quota::InstanceQuota>,
+    /// `[quota]`: per-device quotas (`[quota.device]`, with per-product overrides) and what
+    /// happens to products of no instance (`unmapped`, `default_instance`).
+    pub quota: quota::QuotaConfig,
 }
 
 /// `[http]`: the HTTP server.
@@ -388,6 +414,23 @@ impl Config {
             );
         }
 
+        if let Some(b) = &self.broker {
+            for (path, message) in b.problems() {
+                report(&[path], message);
+            }
+        }
+        if let Some(a) = &self.source.amqp {
+            for (path, message) in a.problems() {
+                report(&[path], message);
+            }
+            if self.broker.is_none() {
+                report(
+                    &[&["source", "amqp"]],
+                    "needs a [broker] section with the broker's url".to_owned(),
+                );
+            }
+        }
+
         if !(1..=600_000).contains(&self.shutdown.grace_ms) {
             report(
                 &[&["shutdown", "grace_ms"]],
@@ -397,6 +440,20 @@ impl Config {
                 ),
             );
         }
+
+        for (keys, message) in self.store.problems() {
+            let paths: Vec<[&str; 2]> = keys.iter().map(|key| ["store", *key]).collect();
+            let paths: Vec<&[&str]> = paths.iter().map(|path| &path[..]).collect();
+            report(&paths, message);
+        }
+
+        // [[tenant]], [[instance]], [quota]: paths through arrays, so quota.rs places them.
+        errors.extend(quota::validate(
+            self,
+            doc.as_ref().map(|doc| doc.get_ref()),
+            text,
+            file,
+        ));
 
         errors
     }
@@ -541,9 +598,9 @@ mod tests {
 
     #[test]
     fn unknown_section_is_rejected() {
-        let errs = errors("\n[broker]\nurl = \"amqp://localhost\"\n");
+        let errs = errors("\n[brokers]\nurl = \"amqp://localhost\"\n");
         assert_eq!(errs.len(), 1);
-        assert!(errs[0].message.contains("broker"), "{}", errs[0]);
+        assert!(errs[0].message.contains("brokers"), "{}", errs[0]);
         assert_eq!(errs[0].line, Some(2));
     }
 

@@ -497,7 +497,9 @@ static CATALOG: &[CodeInfo] = &[
          as routing_key, with the SELECT: every ${key} must be a select item's alias or field \
          name. Run `iotfwd rules test` on the message to see the result object the templates \
          are filled from. For fields that can be missing, give the select item a default with \
-         coalesce(...), then `iotfwd check`.",
+         coalesce(...), then `iotfwd check`. With quotas on, 9321 also means the message's \
+         productKey is in no [[instance]] products list while [quota] unmapped = \"refuse\": \
+         add the product to an instance, or set unmapped = \"default_instance\".",
     ),
     entry(
         Code::Throttled,
@@ -509,11 +511,15 @@ static CATALOG: &[CodeInfo] = &[
         "Too many forwarding requests from the device or tenant: the tenant's forwarding rate \
          exceeded its [[tenant]] forward_tps (plus burst), or the device exceeded its per-device \
          quota, and the limiter refused the forward.",
-        "The record's tenantId and deviceName say whose quota was hit. Reduce the message \
-         sending frequency of that device or tenant, or raise the quota in the daemon config \
-         (forward_tps and burst of the matching [[tenant]] entry, or the device quota), check \
-         the config with `iotfwd check` and restart the daemon. Quotas are per iotfwd process \
-         today, so N processes together allow up to N times the configured rate.",
+        "The record's reason names the quota that was hit and its value; tenantId and \
+         deviceName say whose. Reduce the message sending frequency of that device or tenant, \
+         or raise the quota in the daemon config: forward_tps and burst of the matching \
+         [[tenant]], or [quota.device] (and its per-product overrides \
+         [quota.device.products.<productKey>]). To smooth short bursts instead of failing them, \
+         set on_limit = \"wait\" with a max_wait_ms on that quota. Check the config with \
+         `iotfwd check` and restart the daemon. Throttled messages go to the rule's \
+         [error_action]. Quotas are per iotfwd process, so N processes together allow up to N \
+         times the configured rate.",
     ),
     entry(
         Code::DestinationUnavailable,

@@ -6,7 +6,10 @@
 //! never be logged without being counted.
 
 pub mod codes;
+pub mod jsonl;
+pub mod query;
 mod record;
+pub mod store;
 
 pub use codes::{BizCode, Code};
 pub use record::Record;

@@ -93,6 +93,54 @@ pub struct AmqpAction {
     /// Persistent delivery (delivery mode 2); on by default.
     #[serde(default = "yes")]
     pub persistent: bool,
+    /// How failures that may pass (broker down, nack) are retried.
+    #[serde(default)]
+    pub retry: RetryPolicy,
+}
+
+/// Retries of one action: exponential backoff with jitter, bounded by a count and a deadline.
+/// The defaults wait about 1 s, 3 s and 9 s between four attempts.
+#[derive(Clone, Debug, PartialEq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RetryPolicy {
+    /// Retries after the first attempt. Default 3; 0 disables retrying.
+    pub max_retries: usize,
+    /// Delay before the first retry, in ms. Default 1000.
+    pub initial_delay_ms: u64,
+    /// Each delay is this many times the previous one. Default 3.
+    pub factor: f32,
+    /// Upper bound of one delay, in ms. Default 10000.
+    pub max_delay_ms: u64,
+    /// Upper bound of all delays together, in ms. Default 30000.
+    pub deadline_ms: u64,
+}
+
+impl Default for RetryPolicy {
+    fn default() -> Self {
+        RetryPolicy {
+            max_retries: 3,
+            initial_delay_ms: 1000,
+            factor: 3.0,
+            max_delay_ms: 10_000,
+            deadline_ms: 30_000,
+        }
+    }
+}
+
+impl RetryPolicy {
+    /// The backon backoff this policy describes.
+    pub fn backoff(&self) -> backon::ExponentialBuilder {
+        use std::time::Duration;
+        backon::ExponentialBuilder::default()
+            .with_min_delay(Duration::from_millis(self.initial_delay_ms))
+            .with_factor(self.factor.max(1.0))
+            .with_max_delay(Duration::from_millis(
+                self.max_delay_ms.max(self.initial_delay_ms),
+            ))
+            .with_max_times(self.max_retries)
+            .with_total_delay(Some(Duration::from_millis(self.deadline_ms)))
+            .with_jitter()
+    }
 }
 
 fn empty_template() -> Template {

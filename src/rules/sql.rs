@@ -210,6 +210,18 @@ fn path_segments(expr: &Expr) -> Option<Vec<String>> {
     match expr {
         Expr::Identifier(id) => Some(vec![id.value.clone()]),
         Expr::CompoundIdentifier(ids) => Some(ids.iter().map(|i| i.value.clone()).collect()),
+        // SQL keywords that parse as functions without parentheses (`user`, `session_user`)
+        // are payload fields in this dialect; only the clock ones stay functions (refused
+        // later, like now()).
+        Expr::Function(f) if matches!(f.args, FunctionArguments::None) => match f.name.0.as_slice()
+        {
+            [ObjectNamePart::Identifier(id)]
+                if !id.value.to_ascii_lowercase().starts_with("current_") =>
+            {
+                Some(vec![id.value.clone()])
+            }
+            _ => None,
+        },
         _ => None,
     }
 }
@@ -316,6 +328,7 @@ impl Rewriter<'_> {
             return Ok(());
         };
         let name = name.value.to_ascii_lowercase();
+
         let args = match &f.args {
             FunctionArguments::None => Vec::new(),
             FunctionArguments::List(list) => list

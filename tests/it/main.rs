@@ -1,6 +1,10 @@
 //! Integration tests, in one binary so DataFusion is linked once: golden SQL cases,
-//! batch-equivalence properties, the CLI and the HTTP daemon.
+//! batch-equivalence properties, the CLI, the HTTP daemon and RabbitMQ in and out.
 mod cli;
 mod golden;
 mod http;
+mod limits;
+mod logs;
 mod proptest_batch;
+mod rabbit;
+mod resilience;

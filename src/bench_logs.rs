@@ -1,0 +1,403 @@
+//! `iotfwd bench logs`: the record store under the issue's targets.
+//!
+//! 1. The engine's rate on the `bench engine` workload (10 rules, property posts), measured in
+//!    the same run: the pipeline's best rate, since every other stage is slower. The insert
+//!    target is 3 records per message at that rate.
+//! 2. Fill: N records of realistic shape through the real write path (bounded channel, drain
+//!    task, writer thread, one transaction per batch), timed from the first send until the last
+//!    record is committed. Per message: its uplink (the payload as content), two ruleengine
+//!    records (one rule without actions, one `to = "amqp"` action, 10% of them 9325 with the
+//!    reason), and a ServerSubscribe delivery for every fourth message: 3.25 records per message
+//!    from 1000 devices of 10 products, spread over the last 24 hours.
+//! 3. The console's lookups on the filled store, through the same reader `iotfwd logs` uses:
+//!    by messageId, by traceId, by device over the last hour, and `logs trace`; 25 random
+//!    lookups each, median and slowest.
+//! 4. A keyword scan that matches nothing, so it reads every record: the worst case.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use crate::engine::Engine;
+use crate::outcome::query::{LogParams, LogQuery};
+use crate::outcome::store::{Reader, Store, StoreOptions};
+use crate::outcome::{BizCode, Code, Record};
+use crate::rules::{Compiler, RuleSet};
+
+const DEVICES: u64 = 1000;
+const PRODUCTS: u64 = 10;
+/// The fill spans this much time, ending now.
+const SPAN_MS: i64 = 24 * 3600 * 1000;
+
+/// splitmix64: a pure function of `i`, so any message's ids can be regenerated.
+fn mix(i: u64) -> u64 {
+    let mut z = i.wrapping_add(0x9E37_79B9_7F4A_7C15);
+    z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+    z ^ (z >> 31)
+}
+
+/// The synthetic message `i` of `n`.
+struct Msg {
+    i: u64,
+    time_ms: i64,
+    device: u64,
+}
+
+impl Msg {
+    fn new(i: u64, n: u64, end_ms: i64) -> Msg {
+        Msg {
+            i,
+            time_ms: end_ms - SPAN_MS + (i as i128 * SPAN_MS as i128 / n.max(1) as i128) as i64,
+            device: mix(i) % DEVICES,
+        }
+    }
+    fn message_id(&self) -> String {
+        format!("{:019}", 1_882_975_926_703_095_808u64 + self.i)
+    }
+    fn trace_id(&self) -> String {
+        format!("{:016x}{:016x}", mix(self.i ^ 0xA5A5), mix(self.i ^ 0x5A5A))
+    }
+    fn device_name(&self) -> String {
+        format!("dev{:04}", self.device)
+    }
+    fn product_key(&self) -> String {
+        format!("pk{:02}a7Hx", self.device % PRODUCTS)
+    }
+
+    /// This message's records, in the order the daemon writes them.
+    fn records(&self) -> Vec<Record> {
+        let r = mix(self.i ^ 0xFEED);
+        let device = self.device_name();
+        let product = self.product_key();
+        let temperature = 15.0 + (r % 300) as f64 / 10.0;
+        let payload = format!(
+            r#"{{"id":"{}","version":"1.0","items":{{"temperature":{{"value":{temperature:.1},"time":{}}},"humidity":{{"value":{},"time":{}}}}},"method":"thing.event.property.post"}}"#,
+            self.i,
+            self.time_ms,
+            30 + (r >> 12) % 60,
+            self.time_ms
+        );
+        let output = format!(
+            r#"{{"device":"{device}","temperature":{temperature:.1},"humidity":{},"ts":{}}}"#,
+            30 + (r >> 12) % 60,
+            self.time_ms
+        );
+        let base = Record {
+            time_ms: self.time_ms,
+            trace_id: self.trace_id(),
+            message_id: self.message_id(),
+            product_key: product.clone(),
+            device_name: device.clone(),
+            biz_code: BizCode::Uplink,
+            operation: format!("/{product}/{device}/thing/event/property/post"),
+            code: Code::Ok,
+            reason: String::new(),
+            content: payload,
+            tenant_id: "tenant-1".into(),
+            instance_id: "iot-instance-1".into(),
+        };
+        let mut out = Vec::with_capacity(4);
+        out.push(base.clone());
+        out.push(Record {
+            time_ms: self.time_ms + 1,
+            biz_code: BizCode::RuleEngine,
+            operation: format!("archive_{}", self.device % PRODUCTS),
+            content: output.clone(),
+            ..base.clone()
+        });
+        let failed = r.is_multiple_of(10);
+        out.push(Record {
+            time_ms: self.time_ms + 2,
+            biz_code: BizCode::RuleEngine,
+            operation: format!("overheat_{}/amqp:alerts", self.device % PRODUCTS),
+            code: if failed {
+                Code::DestinationUnavailable
+            } else {
+                Code::Ok
+            },
+            reason: if failed {
+                "destination unreachable after 3 attempts: connection refused (os error 111)".into()
+            } else {
+                String::new()
+            },
+            content: output,
+            ..base.clone()
+        });
+        if self.i.is_multiple_of(4) {
+            out.push(Record {
+                time_ms: self.time_ms + 3,
+                biz_code: BizCode::ServerSubscribe,
+                operation: "group:ops-dashboard".into(),
+                content: "delivered on attempt 1, accepted".into(),
+                ..base
+            });
+        }
+        out
+    }
+}
+
+/// Messages needed for `records` records (3.25 per message on average).
+fn messages_for(records: u64) -> u64 {
+    (records * 4).div_ceil(13)
+}
+
+/// The engine's msg/s on the `bench engine` workload (10 rules), a short run.
+fn engine_rate() -> f64 {
+    let compiler = Arc::new(Compiler::new(32));
+    let rules: Vec<_> = crate::bench::rule_texts(10)
+        .into_iter()
+        .map(|(name, text)| {
+            compiler
+                .compile_text(&name, std::path::Path::new(&name), &text)
+                .expect("benchmark rules compile")
+        })
+        .collect();
+    let engine = Engine::new(Arc::clone(&compiler), Arc::new(RuleSet::new(rules)));
+    let messages = crate::bench::property_posts(100_000);
+    for chunk in messages.chunks(512).take(4) {
+        std::hint::black_box(engine.evaluate(chunk));
+    }
+    let started = Instant::now();
+    for chunk in messages.chunks(512) {
+        std::hint::black_box(engine.evaluate(chunk));
+    }
+    messages.len() as f64 / started.elapsed().as_secs_f64()
+}
+
+fn ms(d: Duration) -> f64 {
+    d.as_secs_f64() * 1000.0
+}
+
+/// Runs `f` on each input; returns (median, slowest).
+fn time_each<T>(inputs: &[T], mut f: impl FnMut(&T) -> usize) -> (Duration, Duration, usize) {
+    let mut times = Vec::with_capacity(inputs.len());
+    let mut found = 0;
+    for input in inputs {
+        let started = Instant::now();
+        found += f(input);
+        times.push(started.elapsed());
+    }
+    times.sort();
+    (
+        times[times.len() / 2],
+        *times.last().expect("inputs"),
+        found,
+    )
+}
+
+fn query(params: &[(&str, String)]) -> LogQuery {
+    LogParams::from_pairs(params.iter().map(|(k, v)| (*k, v.clone())))
+        .and_then(|p| p.validate(crate::message::now_ms()))
+        .expect("bench queries are valid")
+}
+
+fn verdict(ok: bool) -> &'static str {
+    if ok { "met" } else { "MISSED" }
+}
+
+/// `iotfwd bench logs`.
+pub fn run(records: usize, db: Option<PathBuf>, keep: bool) -> ExitCode {
+    let records = records.max(1) as u64;
+    let temp = db.is_none();
+    let path = db.unwrap_or_else(|| {
+        std::env::temp_dir().join(format!("iotfwd-bench-logs-{}.db", std::process::id()))
+    });
+    // An existing --db (kept from an earlier run) is measured as it is, without a fill.
+    let reuse = path.exists();
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .expect("runtime");
+
+    println!("bench logs: {records} records into {}", path.display());
+    let engine = engine_rate();
+    let target_rate = 3.0 * engine;
+    println!(
+        "engine rate (pipeline's best, bench engine workload, 10 rules): {engine:.0} msg/s -> \
+         insert target {target_rate:.0} records/s"
+    );
+
+    // Fill through the real write path.
+    let n_msgs = messages_for(records);
+    let end_ms = crate::message::now_ms();
+    let fill = runtime.block_on(async {
+        if reuse {
+            let sent = Reader::open(&path)?.count()?;
+            println!(
+                "{} exists: measuring its {sent} records, no fill",
+                path.display()
+            );
+            return Ok((sent, None, Default::default()));
+        }
+        let store = Store::open(&path, StoreOptions::default(), None)?;
+        let tx = store.sender();
+        let started = Instant::now();
+        let mut sent = 0u64;
+        let mut next_report = 1_000_000u64.min(records);
+        let mut last = (Instant::now(), 0u64);
+        'fill: for i in 0..n_msgs {
+            for r in Msg::new(i, n_msgs, end_ms).records() {
+                if sent == records {
+                    break 'fill;
+                }
+                if tx.send(r).await.is_err() {
+                    break 'fill;
+                }
+                sent += 1;
+                if sent == next_report {
+                    let now = Instant::now();
+                    let rate = (sent - last.1) as f64 / (now - last.0).as_secs_f64();
+                    println!(
+                        "  {sent:>11} records sent, {rate:>9.0} records/s over the last {}",
+                        sent - last.1
+                    );
+                    last = (now, sent);
+                    next_report = (sent + 1_000_000).min(records);
+                }
+            }
+        }
+        drop(tx);
+        store.flush().await?;
+        let elapsed = started.elapsed();
+        let stats = store.shutdown().await;
+        Ok::<_, crate::outcome::store::StoreError>((sent, Some(elapsed), stats))
+    });
+    let (sent, fill_time, stats) = match fill {
+        Ok(f) => f,
+        Err(e) => {
+            eprintln!("error: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let insert_rate = fill_time.map(|t| sent as f64 / t.as_secs_f64());
+    let size: u64 = ["", "-wal"]
+        .iter()
+        .filter_map(|suffix| {
+            let mut p = path.clone().into_os_string();
+            p.push(suffix);
+            std::fs::metadata(p).ok().map(|m| m.len())
+        })
+        .sum();
+    if let Some(fill_time) = fill_time {
+        println!(
+            "filled {} records ({} transactions, {} failed) in {:.1} s",
+            stats.written,
+            stats.transactions,
+            stats.failed,
+            fill_time.as_secs_f64(),
+        );
+    }
+    println!(
+        "file {:.2} GB ({:.0} B/record)",
+        size as f64 / 1e9,
+        size as f64 / sent.max(1) as f64
+    );
+
+    let reader = match Reader::open(&path) {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("error: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let msgs_written = n_msgs.min(sent * 4 / 13).max(1);
+    let picks: Vec<Msg> = (0..25)
+        .map(|k| Msg::new(mix(k * 7919) % msgs_written, n_msgs, end_ms))
+        .collect();
+    let run_query = |q: &LogQuery| reader.query(q).expect("query").records.len();
+
+    let by_message = time_each(&picks, |m| {
+        run_query(&query(&[("messageId", m.message_id())]))
+    });
+    let by_trace = time_each(&picks, |m| run_query(&query(&[("traceId", m.trace_id())])));
+    let by_device = time_each(&picks, |m| {
+        run_query(&query(&[
+            ("device", m.device_name()),
+            ("since", "1h".to_owned()),
+        ]))
+    });
+    let trace = time_each(&picks, |m| {
+        reader.trace(&m.message_id()).expect("trace").records.len()
+    });
+    let scans: Vec<u32> = (0..3).collect();
+    let keyword = time_each(&scans, |_| {
+        run_query(&query(&[(
+            "keyword",
+            "no such keyword, (anywhere)".to_owned(),
+        )]))
+    });
+    let keyword_hit = time_each(&scans, |_| {
+        run_query(&query(&[("keyword", "os error 111".to_owned())]))
+    });
+
+    let lookup_target = Duration::from_millis(50);
+    let scan_target = Duration::from_secs(3);
+    println!();
+    println!("| measure | figure | target | |");
+    println!("|---|---|---|---|");
+    if let Some(insert_rate) = insert_rate {
+        println!(
+            "| sustained insert rate ({sent} records) | {insert_rate:.0} records/s | ≥ \
+             {target_rate:.0} records/s (3 × {engine:.0} msg/s) | {} |",
+            verdict(insert_rate >= target_rate)
+        );
+    }
+    for (name, (median, max, found)) in [
+        ("lookup by messageId", by_message),
+        ("lookup by traceId", by_trace),
+        ("lookup by device, last hour (first page of 50)", by_device),
+        ("`logs trace <messageId>`", trace),
+    ] {
+        println!(
+            "| {name} | median {:.2} ms, slowest {:.2} ms ({} records in 25 lookups) | < 50 ms | {} |",
+            ms(median),
+            ms(max),
+            found,
+            verdict(max < lookup_target)
+        );
+    }
+    println!(
+        "| keyword scan, no match (reads all {sent} records) | median {:.2} s, slowest {:.2} s | < 3 s | {} |",
+        keyword.0.as_secs_f64(),
+        keyword.1.as_secs_f64(),
+        verdict(keyword.1 < scan_target)
+    );
+    println!(
+        "| keyword scan, 10% of messages match (first page of 50) | median {:.2} ms | < 3 s | {} |",
+        ms(keyword_hit.0),
+        verdict(keyword_hit.1 < scan_target)
+    );
+    drop(reader);
+    if temp && !keep {
+        for suffix in ["", "-wal", "-shm"] {
+            let mut p = path.clone().into_os_string();
+            p.push(suffix);
+            let _ = std::fs::remove_file(p);
+        }
+    } else {
+        println!("store kept at {}", path.display());
+    }
+    ExitCode::SUCCESS
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn messages_have_stable_ids_and_about_3_25_records() {
+        let n = 1000;
+        let total: usize = (0..n).map(|i| Msg::new(i, n, 0).records().len()).sum();
+        assert_eq!(total, 3250);
+        let a = Msg::new(7, n, 0);
+        let b = Msg::new(7, n, 0);
+        assert_eq!(
+            (a.message_id(), a.trace_id()),
+            (b.message_id(), b.trace_id())
+        );
+        assert_eq!(a.trace_id().len(), 32);
+        assert!(messages_for(3250) >= 1000);
+    }
+}

@@ -1,0 +1,376 @@
+//! `iotfwd bench pipeline`: RabbitMQ -> iotfwd (10 rules) -> RabbitMQ, against a bare relay
+//! (lapin consume -> publish with the same prefetch and confirm window, no rules) measured in
+//! the same run on the same broker.
+//!
+//! Each run pre-loads the source queue, then times until the destination queue has received
+//! every message. The latency run publishes at half the measured iotfwd rate with the send
+//! time in the payload and reads it back at the destination.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant};
+
+use anyhow::Context as _;
+use futures::StreamExt;
+use lapin::options::*;
+use lapin::types::FieldTable;
+use lapin::{BasicProperties, Channel, Connection, ConnectionProperties, ExchangeKind};
+
+use crate::config::Config;
+use crate::config::broker::{AmqpSourceConfig, BrokerConfig, TopicFrom};
+
+/// Settings of one benchmark run.
+pub struct PipelineBench {
+    pub url: String,
+    pub messages: usize,
+    pub prefetch: u16,
+    pub confirm_window: usize,
+    pub rules: usize,
+}
+
+fn now_ns() -> u128 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap_or_default()
+        .as_nanos()
+}
+
+struct Names {
+    source: String,
+    exchange: String,
+    dest: String,
+}
+
+impl Names {
+    fn new(tag: &str) -> Names {
+        let id = uuid::Uuid::new_v4().simple().to_string();
+        Names {
+            source: format!("iotfwd-bench-{tag}-src-{id}"),
+            exchange: format!("iotfwd-bench-{tag}-x-{id}"),
+            dest: format!("iotfwd-bench-{tag}-dst-{id}"),
+        }
+    }
+}
+
+async fn setup(ch: &Channel, n: &Names) -> anyhow::Result<()> {
+    for q in [&n.source, &n.dest] {
+        ch.queue_declare(
+            q.as_str().into(),
+            QueueDeclareOptions {
+                durable: true,
+                ..Default::default()
+            },
+            FieldTable::default(),
+        )
+        .await?;
+    }
+    ch.exchange_declare(
+        n.exchange.as_str().into(),
+        ExchangeKind::Topic,
+        ExchangeDeclareOptions::default(),
+        FieldTable::default(),
+    )
+    .await?;
+    ch.queue_bind(
+        n.dest.as_str().into(),
+        n.exchange.as_str().into(),
+        "#".into(),
+        QueueBindOptions::default(),
+        FieldTable::default(),
+    )
+    .await?;
+    Ok(())
+}
+
+async fn teardown(ch: &Channel, n: &Names) {
+    for q in [&n.source, &n.dest] {
+        let _ = ch
+            .queue_delete(q.as_str().into(), QueueDeleteOptions::default())
+            .await;
+    }
+    let _ = ch
+        .exchange_delete(n.exchange.as_str().into(), ExchangeDeleteOptions::default())
+        .await;
+}
+
+fn payload(i: usize, sent_ns: u128) -> Vec<u8> {
+    format!(
+        r#"{{"id":"{i}","version":"1.0","sent_ns":{sent_ns},"items":{{"temperature":{{"value":{}.5,"time":1764201600000}},"humidity":{{"value":{},"time":1764201600000}}}},"method":"thing.event.property.post"}}"#,
+        20 + i % 20,
+        40 + i % 30
+    )
+    .into_bytes()
+}
+
+fn properties(i: usize) -> BasicProperties {
+    let mut headers = FieldTable::default();
+    let topic = format!(
+        "/pk{:02}/dev{:04}/thing/event/property/post",
+        i % 10,
+        i % 1000
+    );
+    headers.insert("topic".into(), crate::broker::header(&topic));
+    BasicProperties::default()
+        .with_headers(headers)
+        .with_delivery_mode(2)
+}
+
+/// Publishes `count` messages to `queue`, pipelined with confirms; `pace` spaces them.
+async fn load(
+    ch: &Channel,
+    queue: &str,
+    count: usize,
+    pace: Option<Duration>,
+) -> anyhow::Result<()> {
+    ch.confirm_select(ConfirmSelectOptions::default()).await?;
+    let started = Instant::now();
+    for i in 0..count {
+        if let Some(p) = pace {
+            let due = started + p * i as u32;
+            tokio::time::sleep_until(due.into()).await;
+        }
+        ch.basic_publish(
+            "".into(),
+            queue.into(),
+            BasicPublishOptions::default(),
+            &payload(i, now_ns()),
+            properties(i),
+        )
+        .await?;
+        if i % 1000 == 999 {
+            ch.wait_for_confirms().await?;
+        }
+    }
+    ch.wait_for_confirms().await?;
+    Ok(())
+}
+
+/// Counts `count` messages arriving at `queue`; returns when all arrived, with each one's
+/// latency from its `sent_ns`.
+async fn collect(ch: &Channel, queue: &str, count: usize) -> anyhow::Result<Vec<Duration>> {
+    ch.basic_qos(1000, BasicQosOptions::default()).await?;
+    let mut consumer = ch
+        .basic_consume(
+            queue.into(),
+            "bench-collector".into(),
+            BasicConsumeOptions {
+                no_ack: true,
+                ..Default::default()
+            },
+            FieldTable::default(),
+        )
+        .await?;
+    let mut latencies = Vec::with_capacity(count);
+    while latencies.len() < count {
+        let d = tokio::time::timeout(Duration::from_secs(60), consumer.next())
+            .await
+            .context("no message at the destination for 60 s")?
+            .context("consumer ended")??;
+        let sent = serde_json::from_slice::<serde_json::Value>(&d.data)
+            .ok()
+            .and_then(|v| v["sent_ns"].as_u64())
+            .unwrap_or(0) as u128;
+        latencies.push(Duration::from_nanos(now_ns().saturating_sub(sent) as u64));
+    }
+    Ok(latencies)
+}
+
+/// The baseline: consume -> publish with confirm -> ack, nothing else.
+async fn relay(
+    conn: &Connection,
+    n: &Names,
+    prefetch: u16,
+    window: usize,
+    stop: Arc<AtomicBool>,
+) -> anyhow::Result<()> {
+    let consume = conn.create_channel().await?;
+    consume
+        .basic_qos(prefetch, BasicQosOptions::default())
+        .await?;
+    let publish = conn.create_channel().await?;
+    publish
+        .confirm_select(ConfirmSelectOptions::default())
+        .await?;
+    let window = Arc::new(tokio::sync::Semaphore::new(window));
+    let mut consumer = consume
+        .basic_consume(
+            n.source.as_str().into(),
+            "bench-relay".into(),
+            BasicConsumeOptions::default(),
+            FieldTable::default(),
+        )
+        .await?;
+    while !stop.load(Ordering::Relaxed) {
+        let Ok(Some(Ok(d))) =
+            tokio::time::timeout(Duration::from_millis(200), consumer.next()).await
+        else {
+            continue;
+        };
+        let permit = Arc::clone(&window).acquire_owned().await?;
+        let confirm = publish
+            .basic_publish(
+                n.exchange.as_str().into(),
+                "relay".into(),
+                BasicPublishOptions::default(),
+                &d.data,
+                BasicProperties::default().with_delivery_mode(2),
+            )
+            .await?;
+        tokio::spawn(async move {
+            if confirm.await.is_ok() {
+                let _ = d.ack(BasicAckOptions::default()).await;
+            }
+            drop(permit);
+        });
+    }
+    Ok(())
+}
+
+fn rule_files(dir: &std::path::Path, exchange: &str, rules: usize) -> anyhow::Result<()> {
+    for i in 0..rules {
+        let text = format!(
+            "sql = '''SELECT *, deviceName() AS device FROM \"/pk{i:02}/+/thing/event/property/post\" WHERE items.temperature.value > 0'''\n\
+             [[action]]\nto = \"amqp\"\nexchange = \"{exchange}\"\nrouting_key = \"t.${{device}}\"\n"
+        );
+        std::fs::write(dir.join(format!("bench{i:02}.toml")), text)?;
+    }
+    Ok(())
+}
+
+async fn start_daemon(
+    b: &PipelineBench,
+    n: &Names,
+    dir: &std::path::Path,
+) -> anyhow::Result<(
+    tokio::sync::oneshot::Sender<()>,
+    tokio::task::JoinHandle<anyhow::Result<()>>,
+)> {
+    let mut config = Config::default();
+    config.rules.dir = dir.to_owned();
+    config.data.dir = dir.join("data");
+    config.broker = Some(BrokerConfig {
+        url: b.url.clone(),
+        password_env: None,
+        password_file: None,
+        confirm_window: b.confirm_window,
+        reconnect_max_delay_ms: 1000,
+    });
+    config.source.amqp = Some(AmqpSourceConfig {
+        queue: n.source.clone(),
+        prefetch: b.prefetch,
+        declare: false,
+        topic_from: TopicFrom::Header,
+    });
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let task = tokio::spawn(crate::daemon::run(config, listener, async move {
+        let _ = stopped.await;
+    }));
+    Ok((stop, task))
+}
+
+fn percentile(sorted: &[Duration], p: f64) -> Duration {
+    if sorted.is_empty() {
+        return Duration::ZERO;
+    }
+    sorted[((sorted.len() - 1) as f64 * p).round() as usize]
+}
+
+/// Runs the benchmark and prints its figures.
+pub async fn run(b: PipelineBench) -> anyhow::Result<()> {
+    let conn = Connection::connect(&b.url, ConnectionProperties::default())
+        .await
+        .with_context(|| {
+            format!(
+                "cannot connect to {}",
+                crate::config::broker::redact(&b.url)
+            )
+        })?;
+    let ch = conn.create_channel().await?;
+    println!(
+        "bench pipeline: {} messages, prefetch {}, confirm window {}, {} rules, broker {}",
+        b.messages,
+        b.prefetch,
+        b.confirm_window,
+        b.rules,
+        crate::config::broker::redact(&b.url)
+    );
+
+    // Baseline relay.
+    let n = Names::new("relay");
+    setup(&ch, &n).await?;
+    load(&conn.create_channel().await?, &n.source, b.messages, None).await?;
+    let stop = Arc::new(AtomicBool::new(false));
+    let started = Instant::now();
+    let relay_task = tokio::spawn(relay_owned(
+        b.url.clone(),
+        n.source.clone(),
+        n.exchange.clone(),
+        b.prefetch,
+        b.confirm_window,
+        Arc::clone(&stop),
+    ));
+    collect(&conn.create_channel().await?, &n.dest, b.messages).await?;
+    let relay_rate = b.messages as f64 / started.elapsed().as_secs_f64();
+    stop.store(true, Ordering::Relaxed);
+    let _ = relay_task.await;
+    teardown(&ch, &n).await;
+    println!("relay baseline:   {relay_rate:>10.0} msg/s");
+
+    // iotfwd at full speed.
+    let n = Names::new("iotfwd");
+    setup(&ch, &n).await?;
+    let dir = tempfile_dir()?;
+    rule_files(&dir, &n.exchange, b.rules)?;
+    load(&conn.create_channel().await?, &n.source, b.messages, None).await?;
+    let started = Instant::now();
+    let (stop_daemon, daemon) = start_daemon(&b, &n, &dir).await?;
+    collect(&conn.create_channel().await?, &n.dest, b.messages).await?;
+    let iotfwd_rate = b.messages as f64 / started.elapsed().as_secs_f64();
+    println!("iotfwd:           {iotfwd_rate:>10.0} msg/s");
+    println!("ratio iotfwd / relay: {:.3}", iotfwd_rate / relay_rate);
+
+    // Latency at half the iotfwd rate, with the daemon warm.
+    let half = iotfwd_rate / 2.0;
+    let count = (half * 10.0).clamp(1000.0, b.messages as f64) as usize;
+    let pace = Duration::from_secs_f64(1.0 / half);
+    let loader = conn.create_channel().await?;
+    let source = n.source.clone();
+    let publisher = tokio::spawn(async move { load(&loader, &source, count, Some(pace)).await });
+    let mut latencies = collect(&conn.create_channel().await?, &n.dest, count).await?;
+    publisher.await??;
+    latencies.sort();
+    println!(
+        "latency at {half:.0} msg/s ({count} messages): p50 {:.2} ms, p99 {:.2} ms",
+        percentile(&latencies, 0.50).as_secs_f64() * 1e3,
+        percentile(&latencies, 0.99).as_secs_f64() * 1e3
+    );
+    let _ = stop_daemon.send(());
+    let _ = daemon.await;
+    teardown(&ch, &n).await;
+    let _ = std::fs::remove_dir_all(&dir);
+    Ok(())
+}
+
+async fn relay_owned(
+    url: String,
+    source: String,
+    exchange: String,
+    prefetch: u16,
+    window: usize,
+    stop: Arc<AtomicBool>,
+) -> anyhow::Result<()> {
+    let conn = Connection::connect(&url, ConnectionProperties::default()).await?;
+    let n = Names {
+        source,
+        exchange,
+        dest: String::new(),
+    };
+    relay(&conn, &n, prefetch, window, stop).await
+}
+
+fn tempfile_dir() -> anyhow::Result<std::path::PathBuf> {
+    let dir = std::env::temp_dir().join(format!("iotfwd-bench-{}", uuid::Uuid::new_v4().simple()));
+    std::fs::create_dir_all(&dir)?;
+    Ok(dir)
+}

@@ -1,0 +1,209 @@
+//! `[broker]` and `[source.amqp]`: RabbitMQ (AMQP 0-9-1) as destination and source.
+
+use std::path::PathBuf;
+
+use serde::{Deserialize, Serialize};
+
+/// `[broker]`: the RabbitMQ broker that `to = "amqp"` actions publish to and `[source.amqp]`
+/// consumes from. Absent in the embedded default.
+#[derive(Clone, Debug, PartialEq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, expecting = "a table")]
+pub struct BrokerConfig {
+    /// The broker URL, `amqp://user@host:5672/vhost` (`%2f` is the default vhost `/`). The
+    /// password may be written in the URL, but prefer `password_env` or `password_file`:
+    /// iotfwd never logs it either way.
+    pub url: String,
+    /// Name of an environment variable holding the password (overrides one in the URL).
+    #[serde(default)]
+    pub password_env: Option<String>,
+    /// A file holding the password, e.g. a mounted secret (trailing newline ignored).
+    #[serde(default)]
+    pub password_file: Option<PathBuf>,
+    /// Publishes that may await their publisher confirm at once, per destination exchange.
+    /// Publishes are pipelined under this window, never awaited one at a time. Default 256.
+    #[serde(default = "default_confirm_window")]
+    pub confirm_window: usize,
+    /// Longest pause between reconnection attempts while the broker is down, in ms. The
+    /// first retry is after 100 ms, doubling up to this. Default 1000, so consuming and
+    /// publishing resume within about a second of the broker coming back.
+    #[serde(default = "default_reconnect_max_delay_ms")]
+    pub reconnect_max_delay_ms: u64,
+}
+
+fn default_confirm_window() -> usize {
+    256
+}
+
+fn default_reconnect_max_delay_ms() -> u64 {
+    1000
+}
+
+/// `[source]`: where messages come from besides the HTTP ingest.
+#[derive(Clone, Debug, Default, PartialEq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default, expecting = "a table")]
+pub struct SourceConfig {
+    /// `[source.amqp]`: consume device messages from a RabbitMQ queue (needs `[broker]`).
+    pub amqp: Option<AmqpSourceConfig>,
+}
+
+/// How a consumed message's topic is found.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum TopicFrom {
+    /// The `topic` header (the default).
+    #[default]
+    Header,
+    /// The routing key, as RabbitMQ's MQTT plugin writes it: `.` separates levels, so
+    /// `a.b.c` (or `.a.b.c`, from the MQTT topic `/a/b/c`) is the topic `/a/b/c`; a `/` in the
+    /// routing key is a `.` in the topic. A `topic` header still wins when present.
+    RoutingKey,
+}
+
+/// `[source.amqp]`: the queue iotfwd consumes device messages from.
+#[derive(Clone, Debug, PartialEq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, expecting = "a table")]
+pub struct AmqpSourceConfig {
+    /// The queue to consume.
+    pub queue: String,
+    /// Unacked messages in flight at once (basic.qos prefetch). Bounds memory and, after a
+    /// crash, the redelivered duplicates. Default 256.
+    #[serde(default = "default_prefetch")]
+    pub prefetch: u16,
+    /// Declare the queue (durable) at start. Turn off when the queue is managed elsewhere
+    /// (policies, quorum queues). Default true.
+    #[serde(default = "default_true")]
+    pub declare: bool,
+    /// Where the topic comes from: `"header"` (default) or `"routing_key"`.
+    #[serde(default)]
+    pub topic_from: TopicFrom,
+}
+
+fn default_prefetch() -> u16 {
+    256
+}
+
+fn default_true() -> bool {
+    true
+}
+
+impl BrokerConfig {
+    /// Problems, each as (key path, message).
+    pub fn problems(&self) -> Vec<(&'static [&'static str], String)> {
+        let mut out: Vec<(&'static [&'static str], String)> = Vec::new();
+        match url::Url::parse(&self.url) {
+            Ok(u) if u.scheme() == "amqp" || u.scheme() == "amqps" => {
+                if u.host_str().is_none_or(str::is_empty) {
+                    out.push((&["broker", "url"], "has no host".into()));
+                }
+            }
+            Ok(u) => out.push((
+                &["broker", "url"],
+                format!("scheme {:?} is not amqp:// or amqps://", u.scheme()),
+            )),
+            Err(e) => out.push((&["broker", "url"], format!("is not a URL: {e}"))),
+        }
+        if self.password_env.is_some() && self.password_file.is_some() {
+            out.push((
+                &["broker", "password_file"],
+                "give password_env or password_file, not both".into(),
+            ));
+        }
+        if !(1..=65_535).contains(&self.confirm_window) {
+            out.push((&["broker", "confirm_window"], "must be 1..=65535".into()));
+        }
+        if !(10..=60_000).contains(&self.reconnect_max_delay_ms) {
+            out.push((
+                &["broker", "reconnect_max_delay_ms"],
+                "must be 10..=60000".into(),
+            ));
+        }
+        out
+    }
+
+    /// The URL with the password from `password_env` / `password_file` filled in.
+    pub fn resolved_url(&self) -> Result<String, String> {
+        let mut url = url::Url::parse(&self.url).map_err(|e| format!("broker.url: {e}"))?;
+        let password = match (&self.password_env, &self.password_file) {
+            (Some(var), _) => Some(std::env::var(var).map_err(|_| {
+                format!("broker.password_env: environment variable {var} is not set")
+            })?),
+            (None, Some(file)) => Some(
+                std::fs::read_to_string(file)
+                    .map_err(|e| format!("broker.password_file {}: {e}", file.display()))?
+                    .trim_end_matches(['\n', '\r'])
+                    .to_owned(),
+            ),
+            (None, None) => None,
+        };
+        if let Some(p) = password {
+            url.set_password(Some(&p))
+                .map_err(|_| "broker.url cannot carry a password".to_owned())?;
+        }
+        Ok(url.to_string())
+    }
+}
+
+/// A URL safe to log: any password replaced by `***`.
+pub fn redact(url: &str) -> String {
+    match url::Url::parse(url) {
+        Ok(mut u) => {
+            if u.password().is_some() {
+                let _ = u.set_password(Some("***"));
+            }
+            u.to_string()
+        }
+        Err(_) => "<invalid url>".into(),
+    }
+}
+
+impl AmqpSourceConfig {
+    pub fn problems(&self) -> Vec<(&'static [&'static str], String)> {
+        let mut out: Vec<(&'static [&'static str], String)> = Vec::new();
+        if self.queue.trim().is_empty() {
+            out.push((&["source", "amqp", "queue"], "must not be empty".into()));
+        }
+        if self.prefetch == 0 {
+            out.push((&["source", "amqp", "prefetch"], "must be at least 1".into()));
+        }
+        out
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn broker(url: &str) -> BrokerConfig {
+        BrokerConfig {
+            url: url.into(),
+            password_env: None,
+            password_file: None,
+            confirm_window: 256,
+            reconnect_max_delay_ms: 1000,
+        }
+    }
+
+    #[test]
+    fn password_comes_from_a_file_and_is_never_shown() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("pw");
+        std::fs::write(&file, "s3cret\n").unwrap();
+        let mut b = broker("amqp://guest@127.0.0.1:5672/%2f");
+        b.password_file = Some(file);
+        let url = b.resolved_url().unwrap();
+        assert_eq!(url, "amqp://guest:s3cret@127.0.0.1:5672/%2f");
+        assert_eq!(redact(&url), "amqp://guest:***@127.0.0.1:5672/%2f");
+        assert!(!redact(&url).contains("s3cret"));
+    }
+
+    #[test]
+    fn bad_urls_are_reported() {
+        assert_eq!(broker("http://x").problems().len(), 1);
+        assert_eq!(broker("nope").problems().len(), 1);
+        assert!(
+            broker("amqp://guest:guest@127.0.0.1:5672/%2f")
+                .problems()
+                .is_empty()
+        );
+    }
+}

@@ -1,0 +1,257 @@
+//! `[store]`: the embedded record store of outcome records and their JSON-lines copy.
+//!
+//! Every step of every message writes one outcome record (see [`crate::outcome`]). The store
+//! keeps them in an SQLite file (WAL mode) so `iotfwd logs` and `GET /api/v1/logs` can answer
+//! "what happened to this message, and why?"; `jsonl` additionally writes each record as one
+//! JSON line for shipping to Loki, Elasticsearch or ClickHouse.
+
+use std::fmt;
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Deserializer, Serialize, Serializer};
+
+/// `[store]`: the embedded record store.
+#[derive(Clone, Debug, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default, expecting = "a table")]
+pub struct StoreConfig {
+    /// Keep outcome records in the embedded store, queryable with `iotfwd logs` and
+    /// `GET /api/v1/logs`. When false, records still go to the diagnostic log, the metrics and
+    /// `jsonl`, and the query endpoint answers that the store is disabled. Default `true`.
+    pub enabled: bool,
+    /// The SQLite file. Relative paths are relative to the daemon's working directory, like
+    /// `data.dir`. Unset means `<data.dir>/outcomes.db`. Its `-wal` and `-shm` companions sit
+    /// beside it. Default: unset.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub path: Option<PathBuf>,
+    /// Records older than this many days are deleted in the background (checked at start and
+    /// then every 10 minutes, in small chunks so writing never stalls). Range 1..=3650.
+    /// Default `7`.
+    pub retention_days: u32,
+    /// Most records the writer commits in one transaction. The writer takes whatever is queued,
+    /// up to this many, so a quiet daemon commits each record at once and a busy one amortizes
+    /// the commit over a large batch (fewer index pages rewritten per record). Range
+    /// 1..=100000. Default `16384`.
+    pub batch_max_records: usize,
+    /// Records that may wait for the writer. When the queue is full, the steps that record
+    /// outcomes wait (backpressure that slows intake) instead of records being dropped.
+    /// At least `batch_max_records`, at most 10000000. Default `65536`.
+    pub queue_capacity: usize,
+    /// Where the JSON-lines copy of every record goes (one object per line, the platform's
+    /// field names): `"none"`, `"stdout"`, or a file path (appended to; created if missing,
+    /// its directory must exist). Independent of `enabled`. Default `"none"`.
+    pub jsonl: JsonlTarget,
+}
+
+impl Default for StoreConfig {
+    fn default() -> Self {
+        StoreConfig {
+            enabled: true,
+            path: None,
+            retention_days: 7,
+            batch_max_records: 16_384,
+            queue_capacity: 65_536,
+            jsonl: JsonlTarget::None,
+        }
+    }
+}
+
+impl StoreConfig {
+    /// The SQLite file: `path`, or `<data_dir>/outcomes.db` when unset.
+    pub fn resolved_path(&self, data_dir: &Path) -> PathBuf {
+        match &self.path {
+            Some(path) => path.clone(),
+            None => data_dir.join("outcomes.db"),
+        }
+    }
+
+    /// Semantic checks. Returns every problem as (keys under `store`, message): the first key
+    /// is the one the message is about, the others are where the file may have set the value
+    /// that makes it wrong. The caller prefixes `store.` and adds the position in the file.
+    pub fn problems(&self) -> Vec<(&'static [&'static str], String)> {
+        let mut problems: Vec<(&'static [&'static str], String)> = Vec::new();
+        if let Some(path) = &self.path
+            && path.as_os_str().is_empty()
+        {
+            problems.push((
+                &["path"],
+                "must not be empty (leave it out for <data.dir>/outcomes.db)".to_owned(),
+            ));
+        }
+        if !(1..=3650).contains(&self.retention_days) {
+            problems.push((
+                &["retention_days"],
+                format!(
+                    "{} is out of range (expected 1..=3650 days)",
+                    self.retention_days
+                ),
+            ));
+        }
+        if !(1..=100_000).contains(&self.batch_max_records) {
+            problems.push((
+                &["batch_max_records"],
+                format!(
+                    "{} is out of range (expected 1..=100000)",
+                    self.batch_max_records
+                ),
+            ));
+        }
+        if self.queue_capacity > 10_000_000 {
+            problems.push((
+                &["queue_capacity"],
+                format!(
+                    "{} is out of range (expected at most 10000000)",
+                    self.queue_capacity
+                ),
+            ));
+        } else if self.queue_capacity < self.batch_max_records.max(1) {
+            problems.push((
+                &["queue_capacity", "batch_max_records"],
+                format!(
+                    "{} is smaller than store.batch_max_records ({}); the queue must hold at \
+                     least one full batch",
+                    self.queue_capacity, self.batch_max_records
+                ),
+            ));
+        }
+        if let JsonlTarget::File(path) = &self.jsonl
+            && path.as_os_str().is_empty()
+        {
+            problems.push((
+                &["jsonl"],
+                "must be \"none\", \"stdout\" or a file path, not empty".to_owned(),
+            ));
+        }
+        problems
+    }
+}
+
+/// Where the JSON-lines copy of the records goes. Written in the config as a string:
+/// `"none"`, `"stdout"`, or a file path (write `"./none"` for a file really named `none`).
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub enum JsonlTarget {
+    /// No JSON lines.
+    #[default]
+    None,
+    /// The daemon's standard output (its diagnostic log goes to standard error).
+    Stdout,
+    /// Appended to this file.
+    File(PathBuf),
+}
+
+impl JsonlTarget {
+    /// Parses the config's string form.
+    pub fn parse(s: &str) -> JsonlTarget {
+        match s {
+            "none" => JsonlTarget::None,
+            "stdout" => JsonlTarget::Stdout,
+            path => JsonlTarget::File(PathBuf::from(path)),
+        }
+    }
+}
+
+impl fmt::Display for JsonlTarget {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            JsonlTarget::None => f.write_str("none"),
+            JsonlTarget::Stdout => f.write_str("stdout"),
+            JsonlTarget::File(path) => write!(f, "{}", path.display()),
+        }
+    }
+}
+
+impl Serialize for JsonlTarget {
+    fn serialize<S: Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        serializer.collect_str(self)
+    }
+}
+
+impl<'de> Deserialize<'de> for JsonlTarget {
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        struct Visitor;
+        impl serde::de::Visitor<'_> for Visitor {
+            type Value = JsonlTarget;
+            fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str("\"none\", \"stdout\" or a file path")
+            }
+            fn visit_str<E: serde::de::Error>(self, v: &str) -> Result<JsonlTarget, E> {
+                Ok(JsonlTarget::parse(v))
+            }
+        }
+        deserializer.deserialize_str(Visitor)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn defaults() {
+        let c = StoreConfig::default();
+        assert!(c.enabled);
+        assert_eq!(c.retention_days, 7);
+        assert_eq!(c.jsonl, JsonlTarget::None);
+        assert_eq!(
+            c.resolved_path(Path::new("data")),
+            PathBuf::from("data/outcomes.db")
+        );
+        assert!(c.problems().is_empty());
+    }
+
+    #[test]
+    fn jsonl_target_forms() {
+        #[derive(Deserialize, Serialize)]
+        struct T {
+            jsonl: JsonlTarget,
+        }
+        for (text, target) in [
+            ("none", JsonlTarget::None),
+            ("stdout", JsonlTarget::Stdout),
+            (
+                "/var/log/iotfwd/outcomes.jsonl",
+                JsonlTarget::File("/var/log/iotfwd/outcomes.jsonl".into()),
+            ),
+        ] {
+            let toml_text = format!("jsonl = {text:?}\n");
+            let t: T = toml::from_str(&toml_text).unwrap();
+            assert_eq!(t.jsonl, target);
+            assert_eq!(toml::to_string(&t).unwrap(), toml_text);
+        }
+        assert!(toml::from_str::<T>("jsonl = 1\n").is_err());
+    }
+
+    #[test]
+    fn every_problem_is_reported() {
+        let c = StoreConfig {
+            enabled: true,
+            path: Some(PathBuf::new()),
+            retention_days: 0,
+            batch_max_records: 0,
+            queue_capacity: 0,
+            jsonl: JsonlTarget::File(PathBuf::new()),
+        };
+        let keys: Vec<&str> = c.problems().iter().map(|(k, _)| k[0]).collect();
+        assert_eq!(
+            keys,
+            [
+                "path",
+                "retention_days",
+                "batch_max_records",
+                "queue_capacity",
+                "jsonl"
+            ]
+        );
+        let c = StoreConfig {
+            batch_max_records: 4096,
+            queue_capacity: 1000,
+            ..StoreConfig::default()
+        };
+        let problems = c.problems();
+        assert_eq!(problems.len(), 1);
+        assert!(
+            problems[0]
+                .1
+                .contains("smaller than store.batch_max_records")
+        );
+    }
+}

@@ -1,0 +1,235 @@
+//! `[source.amqp]`: consume device messages from a RabbitMQ queue, at least once.
+//!
+//! A delivery is acked only after every action of every rule it matched reached a terminal
+//! outcome; if an action and its error action both failed it is nacked with requeue, so it
+//! comes back later. Prefetch bounds what is in flight. When the broker goes away the source
+//! reconnects by itself and resumes; unacked deliveries are redelivered by the broker.
+//!
+//! The envelope: the body is the device payload; the AMQP `message_id` and `timestamp`
+//! properties are used when present; the headers `topic`, `productKey`, `deviceName`,
+//! `messageId`, `traceId`, `tenantId` and `instanceId` override what the topic gives.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use futures::StreamExt;
+use lapin::message::Delivery;
+use lapin::options::{
+    BasicAckOptions, BasicCancelOptions, BasicConsumeOptions, BasicNackOptions, BasicQosOptions,
+    QueueDeclareOptions,
+};
+use lapin::types::FieldTable;
+use tokio::sync::watch;
+use tokio::task::JoinSet;
+
+use crate::broker::{Broker, header_text};
+use crate::config::broker::{AmqpSourceConfig, TopicFrom};
+use crate::daemon::Pipeline;
+use crate::message::{Identity, Message, Rejection};
+use crate::outcome::Code;
+
+/// How long a message whose error action failed waits before it is nacked back to the queue,
+/// so a destination that is down for good does not become a hot redelivery loop.
+const REQUEUE_DELAY: Duration = Duration::from_secs(1);
+
+/// Consumes until `stop` turns true; then cancels the consumer, lets in-flight messages finish
+/// within `grace`, and closes the channel (the broker requeues whatever is still unacked).
+pub async fn run(
+    broker: Arc<Broker>,
+    config: AmqpSourceConfig,
+    pipeline: Pipeline,
+    stop: watch::Receiver<bool>,
+    grace: Duration,
+) {
+    loop {
+        let Some(conn) = broker.connect_with_backoff(&stop).await else {
+            return;
+        };
+        match consume(&conn, &config, &pipeline, stop.clone(), grace).await {
+            Ok(()) => return,
+            Err(e) => {
+                tracing::warn!(queue = %config.queue, "consuming stopped: {e}; reconnecting");
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        }
+    }
+}
+
+async fn consume(
+    conn: &lapin::Connection,
+    config: &AmqpSourceConfig,
+    pipeline: &Pipeline,
+    mut stop: watch::Receiver<bool>,
+    grace: Duration,
+) -> Result<(), lapin::Error> {
+    let channel = conn.create_channel().await?;
+    channel
+        .basic_qos(config.prefetch, BasicQosOptions::default())
+        .await?;
+    if config.declare {
+        channel
+            .queue_declare(
+                config.queue.as_str().into(),
+                QueueDeclareOptions {
+                    durable: true,
+                    ..QueueDeclareOptions::default()
+                },
+                FieldTable::default(),
+            )
+            .await?;
+    }
+    let tag = format!("iotfwd-{}", std::process::id());
+    let mut consumer = channel
+        .basic_consume(
+            config.queue.as_str().into(),
+            tag.as_str().into(),
+            BasicConsumeOptions::default(),
+            FieldTable::default(),
+        )
+        .await?;
+    tracing::info!(queue = %config.queue, prefetch = config.prefetch, "consuming");
+    let mut in_flight = JoinSet::new();
+    loop {
+        tokio::select! {
+            _ = stop.wait_for(|s| *s) => break,
+            next = consumer.next() => match next {
+                Some(Ok(delivery)) => {
+                    let pipeline = pipeline.clone();
+                    let topic_from = config.topic_from;
+                    in_flight.spawn(async move { handle(delivery, topic_from, &pipeline).await });
+                }
+                Some(Err(e)) => return Err(e),
+                None => return Err(lapin::Error::from(std::io::Error::other("the consumer was cancelled by the broker"))),
+            },
+        }
+        while in_flight.try_join_next().is_some() {}
+    }
+    let _ = channel
+        .basic_cancel(tag.as_str().into(), BasicCancelOptions::default())
+        .await;
+    let pending = in_flight.len();
+    if pending > 0 {
+        tracing::info!(pending, "source stopped; finishing in-flight messages");
+    }
+    let finished = tokio::time::timeout(grace, async {
+        while in_flight.join_next().await.is_some() {}
+    })
+    .await;
+    if finished.is_err() {
+        tracing::warn!(
+            pending = in_flight.len(),
+            "in-flight messages did not finish within the grace period; the broker redelivers them"
+        );
+        in_flight.abort_all();
+    }
+    let _ = channel.close(200, "iotfwd shutting down".into()).await;
+    Ok(())
+}
+
+async fn handle(delivery: Delivery, topic_from: TopicFrom, pipeline: &Pipeline) {
+    let ack = match to_message(&delivery, topic_from) {
+        Err((topic, rejection)) => {
+            // Not processable, ever: record why and take it off the queue.
+            pipeline
+                .reject(&topic, &delivery.data, rejection.code, &rejection.reason)
+                .await;
+            true
+        }
+        Ok(message) => match pipeline.submit(vec![message], "amqp").await {
+            Ok(reports) => !reports.iter().any(|r| r.requeue),
+            Err(_) => false,
+        },
+    };
+    let result = if ack {
+        delivery.ack(BasicAckOptions::default()).await
+    } else {
+        tokio::time::sleep(REQUEUE_DELAY).await;
+        delivery
+            .nack(BasicNackOptions {
+                requeue: true,
+                ..BasicNackOptions::default()
+            })
+            .await
+    };
+    if let Err(e) = result {
+        // The channel is gone: the broker redelivers the message, so it is a duplicate, not a loss.
+        tracing::warn!("could not settle a delivery ({e}); the broker will redeliver it");
+    }
+}
+
+/// The topic a routing key stands for, as RabbitMQ's MQTT plugin maps them: `.` separates
+/// levels and a `/` in the key was a `.` in the topic; a missing leading `/` is added, so
+/// `a.b.c` and `.a.b.c` are both `/a/b/c`.
+pub fn topic_from_routing_key(key: &str) -> String {
+    let mapped: String = key
+        .chars()
+        .map(|c| match c {
+            '.' => '/',
+            '/' => '.',
+            c => c,
+        })
+        .collect();
+    if mapped.starts_with('/') {
+        mapped
+    } else {
+        format!("/{mapped}")
+    }
+}
+
+fn to_message(delivery: &Delivery, topic_from: TopicFrom) -> Result<Message, (String, Rejection)> {
+    let headers = delivery.properties.headers().as_ref();
+    let get = |name: &str| -> Option<String> {
+        headers
+            .and_then(|h| h.inner().get(name))
+            .and_then(header_text)
+            .filter(|s| !s.is_empty())
+    };
+    let topic = match (get("topic"), topic_from) {
+        (Some(t), _) => t,
+        (None, TopicFrom::RoutingKey) => topic_from_routing_key(delivery.routing_key.as_str()),
+        (None, TopicFrom::Header) => {
+            return Err((
+                String::new(),
+                Rejection {
+                    code: Code::TopicInvalid,
+                    reason: "the message has no topic header (source.amqp.topic_from = \"header\")"
+                        .into(),
+                },
+            ));
+        }
+    };
+    let identity = Identity {
+        message_id: get("messageId").or_else(|| {
+            delivery
+                .properties
+                .message_id()
+                .as_ref()
+                .map(|m| m.as_str().to_owned())
+        }),
+        trace_id: get("traceId"),
+        timestamp_ms: delivery
+            .properties
+            .timestamp()
+            .map(|s| (s as i64).saturating_mul(1000)),
+        product_key: get("productKey"),
+        device_name: get("deviceName"),
+        tenant_id: get("tenantId"),
+        instance_id: get("instanceId"),
+    };
+    Message::new(topic.clone(), delivery.data.clone().into(), identity).map_err(|r| (topic, r))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn routing_keys_map_to_topics() {
+        assert_eq!(topic_from_routing_key("a.b.c"), "/a/b/c");
+        assert_eq!(topic_from_routing_key(".a.b.c"), "/a/b/c");
+        assert_eq!(
+            topic_from_routing_key("pk.dev/1.user.update"),
+            "/pk/dev.1/user/update"
+        );
+    }
+}
