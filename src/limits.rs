@@ -3,7 +3,7 @@
 //! Each forward (one action of one matching rule for one message) is counted once against
 //! its device's quota, its instance's specification and its tenant's quota, before the action
 //! runs: [`Limiter::acquire`]. The configuration model is in [`crate::config::quota`]; the
-//! operator's view in `docs/quotas.md`.
+//! operator's view in README "Quotas".
 //!
 //! # Resolution
 //!

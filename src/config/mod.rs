@@ -51,7 +51,7 @@ pub struct Config {
     pub store: store::StoreConfig,
     /// `[[tenant]]`: tenants and their forwarding quotas (over one: 9324). Declaring any
     /// tenant or instance turns quotas on; with none (the default) they are off. See
-    /// `docs/quotas.md`.
+    /// README "Quotas".
     #[serde(skip_serializing_if = "Vec::is_empty")]
     pub tenant: Vec<quota::TenantQuota>,
     /// `[[instance]]`: instances, each of one tenant, with their products and their

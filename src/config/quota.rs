@@ -1,6 +1,6 @@
 //! Quotas in the daemon config: `[[tenant]]`, `[[instance]]` and `[quota]`.
 //!
-//! The model (see `docs/quotas.md` for the operator's view):
+//! The model (see README "Quotas" for the operator's view):
 //! - a **tenant** owns instances; its `forward_tps` caps all forwards of all its instances;
 //! - an **instance** belongs to one tenant and serves a set of products; its `forward_tps` is
 //!   its specification (over it: 9326);

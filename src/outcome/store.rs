@@ -793,8 +793,11 @@ impl Reader {
                 let high_water = match &query.cursor {
                     Some(c) => c.high_water,
                     None => conn
-                        .query_row("SELECT coalesce(max(id), 0) FROM records", [], |r| r.get(0))
-                        .map_err(&err)?,
+                        .query_row("SELECT max(id) FROM records", [], |r| {
+                            r.get::<_, Option<i64>>(0)
+                        })
+                        .map_err(&err)?
+                        .unwrap_or(0),
                 };
                 let fetch = |(sql, values): (String, Vec<rusqlite::types::Value>)| {
                     let mut stmt = conn.prepare_cached(&sql).map_err(&err)?;
@@ -1036,11 +1039,14 @@ fn split_at(
     else {
         return Ok(None);
     };
-    let (min_id, max_id): (i64, i64) = conn.query_row(
-        "SELECT coalesce(min(id), 0), coalesce(max(id), 0) FROM records",
-        [],
-        |r| Ok((r.get(0)?, r.get(1)?)),
-    )?;
+    // Two statements: SQLite answers a lone min() or max() of the rowid from the B-tree's edge,
+    // but both in one statement would scan the table.
+    let edge = |sql: &str| -> rusqlite::Result<i64> {
+        conn.query_row(sql, [], |r| r.get::<_, Option<i64>>(0))
+            .map(|v| v.unwrap_or(0))
+    };
+    let min_id = edge("SELECT min(id) FROM records")?;
+    let max_id = edge("SELECT max(id) FROM records")?;
     let from_id = match query.from_ms {
         Some(from) => conn
             .prepare_cached(LogQuery::first_id_from_sql())?
