@@ -75,9 +75,8 @@ fn rate(n: usize, d: Duration) -> f64 {
     n as f64 / d.as_secs_f64()
 }
 
-/// Runs the engine benchmark and prints its figures.
-pub fn engine(rules: usize, messages: usize, batch: usize) {
-    let batch = batch.max(1);
+/// The engine over `rule_texts(rules)`.
+fn bench_engine(rules: usize) -> Engine {
     let compiler = Arc::new(Compiler::new(32));
     let loaded: Vec<_> = rule_texts(rules)
         .into_iter()
@@ -87,7 +86,13 @@ pub fn engine(rules: usize, messages: usize, batch: usize) {
                 .expect("benchmark rules compile")
         })
         .collect();
-    let engine = Engine::new(Arc::clone(&compiler), Arc::new(RuleSet::new(loaded)));
+    Engine::new(compiler, Arc::new(RuleSet::new(loaded)))
+}
+
+/// Runs the engine benchmark and prints its figures.
+pub fn engine(rules: usize, messages: usize, batch: usize) {
+    let batch = batch.max(1);
+    let engine = bench_engine(rules);
     let msgs = property_posts(messages);
     let avg_bytes = msgs.iter().map(|m| m.payload.len()).sum::<usize>() / msgs.len().max(1);
     println!(
@@ -196,16 +201,7 @@ fn run_with_limiter(
 /// throttled) against quotas off, in the same run.
 pub fn engine_quotas(rules: usize, messages: usize, batch: usize) {
     let batch = batch.max(1);
-    let compiler = Arc::new(Compiler::new(32));
-    let loaded: Vec<_> = rule_texts(rules)
-        .into_iter()
-        .map(|(name, text)| {
-            compiler
-                .compile_text(&name, std::path::Path::new(&name), &text)
-                .expect("benchmark rules compile")
-        })
-        .collect();
-    let engine = Engine::new(Arc::clone(&compiler), Arc::new(RuleSet::new(loaded)));
+    let engine = bench_engine(rules);
     let msgs = property_posts_from(messages, 100_000);
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()

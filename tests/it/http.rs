@@ -3,6 +3,8 @@
 use std::path::Path;
 
 use iotfwd::config::Config;
+
+use super::rabbit::metric;
 use serde_json::{Value, json};
 use tokio::sync::oneshot;
 
@@ -79,21 +81,6 @@ fn rules_dir() -> tempfile::TempDir {
     )
     .unwrap();
     dir
-}
-
-/// Sums a metric's samples whose label set contains every `labels` pair.
-fn metric(scrape: &str, name: &str, labels: &[(&str, &str)]) -> f64 {
-    scrape
-        .lines()
-        .filter(|l| !l.starts_with('#'))
-        .filter(|l| l.starts_with(name) && l[name.len()..].starts_with(['{', ' ']))
-        .filter(|l| {
-            labels
-                .iter()
-                .all(|(k, v)| l.contains(&format!("{k}=\"{v}\"")))
-        })
-        .map(|l| l.rsplit(' ').next().unwrap().parse::<f64>().unwrap())
-        .sum()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
