@@ -71,12 +71,12 @@ pub fn rule_texts(n: usize) -> Vec<(String, String)> {
         .collect()
 }
 
-fn rate(n: usize, d: Duration) -> f64 {
+pub(crate) fn rate(n: usize, d: Duration) -> f64 {
     n as f64 / d.as_secs_f64()
 }
 
 /// The engine over `rule_texts(rules)`.
-fn bench_engine(rules: usize) -> Engine {
+pub(crate) fn bench_engine(rules: usize) -> Engine {
     let compiler = Arc::new(Compiler::new(32));
     let loaded: Vec<_> = rule_texts(rules)
         .into_iter()

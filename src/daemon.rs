@@ -188,7 +188,7 @@ pub fn start_engine(
 
 async fn engine_loop(
     mut rx: mpsc::UnboundedReceiver<Submission>,
-    engine: Engine,
+    mut engine: Engine,
     dispatcher: Dispatcher,
     outcomes: Outcomes,
     batch_max: usize,
@@ -215,6 +215,10 @@ async fn engine_loop(
         for s in submissions {
             owners.push((s.reply, s.permit, s.messages.len()));
             messages.extend(s.messages);
+        }
+        // A reloaded rule set is swapped in here, between batches; results hold their Arc<Rule>.
+        if engine.refresh() {
+            metrics.rules_loaded.set(engine.rules().len() as i64);
         }
         let mut results = Vec::with_capacity(messages.len());
         for chunk in messages.chunks(batch_max) {
@@ -332,9 +336,14 @@ pub fn load_rules(compiler: &Compiler, dir: &Path) -> (RuleSet, Vec<RuleError>) 
 pub struct AppState {
     pub pipeline: Pipeline,
     pub metrics: Arc<Metrics>,
-    pub rules: Arc<RuleSet>,
+    /// The rules: `rules.current()` is the set running now (hot reload swaps it).
+    pub rules: Arc<crate::reload::Reloader>,
+    /// Destinations, rule files and the last reload, for `GET /api/v1/health`.
+    pub health: Arc<crate::health::Health>,
     pub config: Config,
     pub broker: Option<Arc<crate::broker::Broker>>,
+    /// The consumer groups, when the AMQP 1.0 endpoint runs.
+    pub groups: Option<Arc<crate::subscription::Hub>>,
     /// The record store's reader for `GET /api/v1/logs`; `None` when `store.enabled = false`.
     pub logs: Option<crate::outcome::store::Reader>,
     pub ready: AtomicBool,
@@ -367,16 +376,23 @@ pub async fn run(
     let record_sinks = crate::outcome::store::RecordSinks::open(&config, &metrics.registry).await?;
     let outcomes = record_sinks.attach(outcomes);
     let compiler = Arc::new(Compiler::new(config.engine.max_variants_per_rule));
-    let (rules, errors) = load_rules(&compiler, &config.rules.dir);
-    let rules = Arc::new(rules);
+    let health = Arc::new(crate::health::Health::new());
+    let reloader = crate::reload::Reloader::start(
+        Arc::clone(&compiler),
+        &config.rules.dir,
+        outcomes.clone(),
+        Arc::clone(&health),
+    )
+    .await;
+    let rules = reloader.current();
     tracing::info!(
         dir = %config.rules.dir.display(),
         loaded = rules.len(),
-        failed = errors.len(),
+        failed = reloader.failed().len(),
         "rules: {}",
         rules.rules().iter().map(|r| format!("{} (FROM {})", r.name, r.program.parsed.filter)).collect::<Vec<_>>().join(", ")
     );
-    let engine = Engine::new(compiler, Arc::clone(&rules));
+    let engine = Engine::new(compiler, Arc::clone(&rules)).follow(reloader.subscribe());
     let (stop_sources, sources_stopped) = tokio::sync::watch::channel(false);
     let broker = match &config.broker {
         None => None,
@@ -403,7 +419,28 @@ pub async fn run(
             "quotas on"
         );
     }
-    let dispatcher = Dispatcher::new(outcomes.clone(), broker.clone(), limiter);
+    let mut dispatcher =
+        Dispatcher::new(outcomes.clone(), broker.clone(), limiter).with_health(Arc::clone(&health));
+    // Consumer groups and their AMQP 1.0 endpoint ([subscription], [[group]]).
+    let rule_lookup: crate::subscription::RuleLookup = {
+        // The running version of the rule: hot reload swaps rules.
+        let rules = Arc::clone(&reloader);
+        Arc::new(move |name: &str| rules.current().get(name).cloned())
+    };
+    let mut groups = crate::subscription::start(
+        &config,
+        broker.clone(),
+        outcomes.clone(),
+        &metrics.registry,
+        Arc::clone(&rule_lookup),
+    )
+    .await?;
+    if let Some(g) = &mut groups {
+        dispatcher = dispatcher.with_groups(Arc::clone(&g.hub));
+        g.spawn_reject_handler(dispatcher.clone(), rule_lookup);
+        let hub = Arc::clone(&g.hub);
+        health.set_groups(Box::new(move || serde_json::Value::Array(hub.status())));
+    }
     let (pipeline, engine_task) = start_engine(&config, engine, dispatcher, outcomes);
     let grace = config.shutdown_grace();
     let source_task = match (&broker, &config.source.amqp) {
@@ -419,12 +456,20 @@ pub async fn run(
     let state = Arc::new(AppState {
         pipeline,
         metrics,
-        rules,
+        rules: Arc::clone(&reloader),
+        health,
         config,
         broker: broker.clone(),
+        groups: groups.as_ref().map(|g| Arc::clone(&g.hub)),
         logs: record_sinks.reader(),
         ready: AtomicBool::new(false),
     });
+    // Rule reloads: on changes in the rules directory (rules.watch) and on SIGHUP.
+    let reload_task = crate::reload::spawn(
+        Arc::clone(&reloader),
+        state.config.rules.watch,
+        sources_stopped.clone(),
+    );
     let app = crate::http::router(Arc::clone(&state));
     let addr = listener.local_addr().context("listener address")?;
     tracing::info!(%addr, "listening: POST http://{addr}/api/v1/messages, GET /metrics, /healthz, /readyz");
@@ -446,6 +491,7 @@ pub async fn run(
     );
     drop(state);
     let drained = tokio::time::timeout(grace, async {
+        let _ = reload_task.await;
         if let Some(source) = source_task {
             let _ = source.await;
         }
@@ -453,6 +499,11 @@ pub async fn run(
         let _ = engine_task.await;
     })
     .await;
+    // AMQP 1.0 consumers are closed (9602 each) once in-flight work had its chance to reach
+    // them; unsettled deliveries stay in a broker-backed backlog.
+    if let Some(g) = groups {
+        g.shutdown(std::time::Duration::from_secs(5)).await;
+    }
     if let Some(broker) = &broker {
         broker.close().await;
     }

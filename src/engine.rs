@@ -7,6 +7,12 @@
 //!
 //! Evaluation is pure: no I/O, no metrics. The daemon, `iotfwd rules test` and the benchmark all
 //! call [`Engine::evaluate`], so they always agree.
+//!
+//! Hot reload: an engine may [`Engine::follow`] a channel on which the reloader publishes new
+//! rule sets. The daemon's engine loop calls [`Engine::refresh`] before it evaluates a batch, so
+//! a batch runs under exactly one version and a swap happens only between batches. Results hold
+//! the `Arc<Rule>` that matched, so a message already evaluated finishes its actions under that
+//! version even when a newer one is in by then.
 
 use std::sync::Arc;
 
@@ -15,6 +21,7 @@ use datafusion::arrow::array::{Array, ArrayRef, AsArray};
 use datafusion::arrow::datatypes::{self as dt, DataType};
 use datafusion::arrow::util::display::array_value_to_string;
 use serde_json::{Map, Number, Value};
+use tokio::sync::watch;
 
 use crate::message::Message;
 use crate::outcome::Code;
@@ -48,11 +55,36 @@ pub struct RuleResult {
 pub struct Engine {
     compiler: Arc<Compiler>,
     rules: Arc<RuleSet>,
+    /// Newer rule sets, published by the reloader; picked up by [`Engine::refresh`].
+    updates: Option<watch::Receiver<Arc<RuleSet>>>,
 }
 
 impl Engine {
     pub fn new(compiler: Arc<Compiler>, rules: Arc<RuleSet>) -> Engine {
-        Engine { compiler, rules }
+        Engine {
+            compiler,
+            rules,
+            updates: None,
+        }
+    }
+
+    /// Follows the rule sets published on `updates`: [`Engine::refresh`] swaps in the newest.
+    pub fn follow(mut self, updates: watch::Receiver<Arc<RuleSet>>) -> Engine {
+        self.updates = Some(updates);
+        self
+    }
+
+    /// Swaps in the newest published rule set, if there is one this engine has not seen yet.
+    /// Returns whether it swapped. Call it between batches, never during one.
+    pub fn refresh(&mut self) -> bool {
+        let Some(updates) = &mut self.updates else {
+            return false;
+        };
+        if !updates.has_changed().unwrap_or(false) {
+            return false;
+        }
+        self.rules = Arc::clone(&updates.borrow_and_update());
+        true
     }
 
     pub fn rules(&self) -> &Arc<RuleSet> {

@@ -1,5 +1,5 @@
-//! The HTTP server: ingest (`POST /api/v1/messages`), `/metrics`, `/healthz`, `/readyz` and
-//! `GET /api/v1/rules`.
+//! The HTTP server: ingest (`POST /api/v1/messages`), `/metrics`, `/healthz`, `/readyz`,
+//! `GET /api/v1/rules`, `POST /api/v1/rules/reload`, `GET /api/v1/health` and `GET /api/v1/logs`.
 
 use std::sync::Arc;
 
@@ -22,6 +22,8 @@ pub fn router(state: Arc<AppState>) -> Router {
     Router::new()
         .route("/api/v1/messages", post(ingest))
         .route("/api/v1/rules", get(list_rules))
+        .route("/api/v1/rules/reload", post(reload_rules))
+        .route("/api/v1/health", get(health))
         .route("/api/v1/logs", get(query_logs))
         .route("/metrics", get(metrics))
         .route("/healthz", get(|| async { "ok\n" }))
@@ -196,6 +198,7 @@ fn parse_body(body: &[u8]) -> Result<Vec<Envelope>, String> {
 async fn list_rules(State(state): State<Arc<AppState>>) -> Response {
     let rules: Vec<_> = state
         .rules
+        .current()
         .rules()
         .iter()
         .map(|r| {
@@ -212,7 +215,41 @@ async fn list_rules(State(state): State<Arc<AppState>>) -> Response {
     Json(json!({ "rules": rules })).into_response()
 }
 
+/// `POST /api/v1/rules/reload`: what SIGHUP does, answered with what the reload did (the
+/// `lastReload` of `GET /api/v1/health`). 200 when every rule file loaded, else 422.
+async fn reload_rules(State(state): State<Arc<AppState>>) -> Response {
+    let last = state.rules.reload(crate::reload::Cause::Api).await;
+    let status = if last.result == "success" {
+        StatusCode::OK
+    } else {
+        StatusCode::UNPROCESSABLE_ENTITY
+    };
+    (
+        status,
+        Json(json!({
+            "reload": last,
+            "failed": state.rules.failed(),
+        })),
+    )
+        .into_response()
+}
+
+/// `GET /api/v1/health`: destinations, rule files, the last reload, the broker and the consumer
+/// groups (see [`crate::health`]). Always 200; `status` says `ok` or `degraded`.
+async fn health(State(state): State<Arc<AppState>>) -> Response {
+    let broker = state.broker.as_ref().map(|b| b.is_connected());
+    Json(state.health.report(broker)).into_response()
+}
+
 async fn metrics(State(state): State<Arc<AppState>>) -> Response {
+    // Compiled variants change as payloads arrive; read them at scrape time.
+    for rule in state.rules.current().rules() {
+        state
+            .metrics
+            .rule_variants
+            .with_label_values(&[&rule.name])
+            .set(rule.program.variant_count() as i64);
+    }
     (
         [(header::CONTENT_TYPE, "text/plain; version=0.0.4")],
         state.metrics.render(),

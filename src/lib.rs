@@ -7,6 +7,7 @@
 
 pub mod action;
 pub mod bench;
+pub mod bench_groups;
 pub mod bench_logs;
 pub mod bench_pipeline;
 pub mod broker;
@@ -14,10 +15,13 @@ pub mod cli;
 pub mod config;
 pub mod daemon;
 pub mod engine;
+pub mod health;
 pub mod http;
 pub mod limits;
 pub mod message;
 pub mod outcome;
+pub mod reload;
 pub mod rules;
 pub mod source;
+pub mod subscription;
 pub mod telemetry;

@@ -6,9 +6,13 @@
 //!   + sum by code of iotfwd_rule_failed_total`;
 //! - per action: `iotfwd_action_executions_total = iotfwd_action_success_total + sum by code of
 //!   iotfwd_action_failed_total + iotfwd_action_in_flight`.
+//!
+//! A reload never resets them: series are keyed by rule name, so a changed rule keeps counting
+//! in the same series, and a removed rule's series stay (frozen) until the process restarts,
+//! which keeps `rate()` and the balances right for messages that were still in flight.
 
 use prometheus::{
-    Encoder, Histogram, HistogramOpts, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry,
+    Encoder, Gauge, Histogram, HistogramOpts, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry,
     TextEncoder,
 };
 
@@ -52,6 +56,15 @@ pub struct Metrics {
     pub action_in_flight: IntGaugeVec,
     /// 1 while the broker is connected, 0 otherwise (absent without `[broker]`).
     pub broker_connected: IntGauge,
+    /// Seconds from a message's receipt to each of its actions' delivery (200), error actions
+    /// excluded.
+    pub forward_latency: Histogram,
+    /// Rule reloads after start, by result (`success`, `failure`: some rule file did not load).
+    pub rules_reload: IntCounterVec,
+    /// 1 when the last load of the rules directory (at start or a reload) loaded every file.
+    pub rules_last_reload_success: IntGauge,
+    /// When the last load of the rules directory ran, in seconds since the Unix epoch.
+    pub rules_last_reload_timestamp: Gauge,
 }
 
 impl Metrics {
@@ -188,6 +201,41 @@ impl Metrics {
         registry
             .register(Box::new(broker_connected.clone()))
             .expect("unique metric");
+        let forward_latency = Histogram::with_opts(
+            HistogramOpts::new(
+                "iotfwd_forward_latency_seconds",
+                "Time from a message's receipt to the delivery (200) of one of its actions.",
+            )
+            .buckets(prometheus::exponential_buckets(0.0005, 2.0, 17).expect("valid buckets")),
+        )
+        .expect("valid metric");
+        registry
+            .register(Box::new(forward_latency.clone()))
+            .expect("unique metric");
+        let rules_reload = counter(
+            "iotfwd_rules_reload_total",
+            "Reloads of the rules directory after start, by result (failure: some rule file did not load).",
+            &["result"],
+        );
+        for result in ["success", "failure"] {
+            rules_reload.with_label_values(&[result]);
+        }
+        let rules_last_reload_success = IntGauge::new(
+            "iotfwd_rules_last_reload_success",
+            "1 when the last load of the rules directory loaded every rule file, else 0.",
+        )
+        .expect("valid metric");
+        registry
+            .register(Box::new(rules_last_reload_success.clone()))
+            .expect("unique metric");
+        let rules_last_reload_timestamp = Gauge::new(
+            "iotfwd_rules_last_reload_timestamp_seconds",
+            "When the rules directory was last loaded, in seconds since the Unix epoch.",
+        )
+        .expect("valid metric");
+        registry
+            .register(Box::new(rules_last_reload_timestamp.clone()))
+            .expect("unique metric");
         Metrics {
             registry,
             messages_received,
@@ -208,6 +256,10 @@ impl Metrics {
             action_retries,
             action_in_flight,
             broker_connected,
+            forward_latency,
+            rules_reload,
+            rules_last_reload_success,
+            rules_last_reload_timestamp,
         }
     }
 

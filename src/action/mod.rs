@@ -22,6 +22,7 @@ use crate::limits::Limiter;
 use crate::message::Message;
 use crate::outcome::{BizCode, Code, Outcomes, Record};
 use crate::rules::{ActionSpec, AmqpAction, Rule};
+use crate::subscription::{Delivery, Hub, RejectedDelivery};
 
 /// The terminal outcome of one action for one message, as the HTTP API reports it.
 #[derive(Clone, Debug, PartialEq, Serialize)]
@@ -57,6 +58,10 @@ pub struct Dispatcher {
     outcomes: Outcomes,
     broker: Option<Arc<Broker>>,
     limiter: Limiter,
+    /// Each destination's state for `GET /api/v1/health`, fed with every terminal outcome.
+    health: Arc<crate::health::Health>,
+    /// The consumer groups `to = "group"` actions forward to; `None` with the endpoint off.
+    groups: Option<Arc<Hub>>,
 }
 
 impl Dispatcher {
@@ -65,7 +70,49 @@ impl Dispatcher {
             outcomes,
             broker,
             limiter,
+            health: Arc::default(),
+            groups: None,
         }
+    }
+
+    /// Reports each destination's outcomes to `health`.
+    pub fn with_health(mut self, health: Arc<crate::health::Health>) -> Dispatcher {
+        self.health = health;
+        self
+    }
+
+    /// Forwards `to = "group"` actions to these consumer groups.
+    pub fn with_groups(mut self, groups: Arc<Hub>) -> Dispatcher {
+        self.groups = Some(groups);
+        self
+    }
+
+    /// A group delivery its consumer rejected (9652) goes to the rule's `[error_action]`,
+    /// with the delivered body as payload and the rejection in the `failed*` headers.
+    /// Returns whether the error action delivered it.
+    pub async fn reject_to_error_action(&self, rule: &Rule, rejected: &RejectedDelivery) -> bool {
+        let Some(error_action) = &rule.error_action else {
+            return false;
+        };
+        let message = rejected.delivery.to_message();
+        let output: Output = serde_json::from_slice(&rejected.delivery.body).unwrap_or_default();
+        let failed = ActionReport {
+            destination: format!("group:{}", rejected.group),
+            code: Code::Rejected,
+            reason: rejected.reason.clone(),
+            attempts: 1,
+            error_action: None,
+        };
+        self.execute(
+            &message,
+            rule,
+            error_action,
+            &output,
+            Body::Failure(&failed),
+        )
+        .await
+        .code
+        .is_success()
     }
 
     /// Runs every action of `rule` for one output, concurrently; one record per action (and
@@ -157,20 +204,33 @@ impl Dispatcher {
                 self.publish(message, rule, a, output, &body, &attempts, &labels)
                     .await
             }
-            (Ok(_), ActionSpec::Group(g)) => Err(BrokerError {
-                code: Code::DestinationUnavailable,
-                reason: format!(
-                    "consumer group {:?} is not hosted: no AMQP 1.0 endpoint is running",
-                    g.group
-                ),
-                retryable: false,
-            }),
+            (Ok(_), ActionSpec::Group(g)) => match &self.groups {
+                Some(hub) => {
+                    attempts.fetch_add(1, Ordering::Relaxed);
+                    hub.enqueue(&g.group, Delivery::new(message, &rule.name, output))
+                        .await
+                }
+                None => Err(BrokerError {
+                    code: Code::DestinationUnavailable,
+                    reason: format!(
+                        "consumer group {:?} is not hosted: the AMQP 1.0 endpoint is off (subscription.enabled = false)",
+                        g.group
+                    ),
+                    retryable: false,
+                }),
+            },
         };
         let attempts = attempts.load(Ordering::Relaxed);
+        self.health.observe(&destination, &result);
         metrics.action_in_flight.with_label_values(&labels).dec();
         let (code, mut reason) = match result {
             Ok(()) => {
                 metrics.action_success.with_label_values(&labels).inc();
+                if matches!(body, Body::Output) {
+                    metrics
+                        .forward_latency
+                        .observe(message.received_at.elapsed().as_secs_f64());
+                }
                 (Code::Ok, String::new())
             }
             Err(e) => {

@@ -19,6 +19,8 @@ pub mod broker;
 
 pub mod quota;
 
+pub mod subscription;
+
 const MIB: usize = 1024 * 1024;
 
 /// The whole daemon config.
@@ -61,6 +63,13 @@ pub struct Config {
     /// `[quota]`: per-device quotas (`[quota.device]`, with per-product overrides) and what
     /// happens to products of no instance (`unmapped`, `default_instance`).
     pub quota: quota::QuotaConfig,
+    /// `[subscription]`: the AMQP 1.0 endpoint consumer groups connect to. On by default at
+    /// 127.0.0.1:5673. See README "Consumer groups".
+    pub subscription: subscription::SubscriptionConfig,
+    /// `[[group]]`: consumer groups; `to = "group"` actions forward to them. The embedded
+    /// default has one, `demo`.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub group: Vec<subscription::GroupConfig>,
 }
 
 /// `[http]`: the HTTP server.
@@ -94,12 +103,16 @@ pub struct RulesConfig {
     /// Directory holding the rule files, one rule per `*.toml` file named by its stem.
     /// Relative paths are relative to the daemon's working directory. Default `"rules"`.
     pub dir: PathBuf,
+    /// Reload the rules when a file in `dir` changes (debounced). SIGHUP and
+    /// `POST /api/v1/rules/reload` reload them either way. Default `true`.
+    pub watch: bool,
 }
 
 impl Default for RulesConfig {
     fn default() -> Self {
         RulesConfig {
             dir: PathBuf::from("rules"),
+            watch: true,
         }
     }
 }
@@ -454,8 +467,29 @@ impl Config {
             text,
             file,
         ));
+        errors.extend(subscription::validate(
+            self,
+            doc.as_ref().map(|doc| doc.get_ref()),
+            text,
+            file,
+        ));
 
         errors
+    }
+
+    /// The config `iotfwd run` uses without `--config`: the defaults, plus the consumer group
+    /// `demo` (AccessKey id `demo`, secret created in `data/demo-group.secret`).
+    pub fn embedded_default() -> Config {
+        let mut config = Config::default();
+        config
+            .group
+            .push(subscription::GroupConfig::demo(&config.data.dir));
+        config
+    }
+
+    /// The consumer group `id`, if configured.
+    pub fn group(&self, id: &str) -> Option<&subscription::GroupConfig> {
+        self.group.iter().find(|g| g.id == id)
     }
 
     /// The HTTP listen address.

@@ -344,7 +344,7 @@ impl From<&Config> for QuotaSet {
 
 /// One step of a key path: a table key or an array index.
 #[derive(Clone, Copy, Debug)]
-enum Seg<'a> {
+pub(super) enum Seg<'a> {
     Key(&'a str),
     Index(usize),
 }
@@ -394,17 +394,17 @@ fn span_of(doc: &DeTable<'_>, path: &[Seg<'_>]) -> Option<Range<usize>> {
 }
 
 /// Collects problems, each with its key path and, when the file spells it out, its position.
-struct Reporter<'a> {
-    doc: Option<&'a DeTable<'a>>,
-    text: Option<&'a str>,
-    file: Option<&'a Path>,
-    errors: Vec<ConfigError>,
+pub(super) struct Reporter<'a> {
+    pub(super) doc: Option<&'a DeTable<'a>>,
+    pub(super) text: Option<&'a str>,
+    pub(super) file: Option<&'a Path>,
+    pub(super) errors: Vec<ConfigError>,
 }
 
 impl Reporter<'_> {
     /// Reports `message` under the key path `paths[0]`. The position is that of the first of
     /// `paths` written in the file, else of the nearest written parent of `paths[0]`.
-    fn report(&mut self, paths: &[&[Seg<'_>]], message: String) {
+    pub(super) fn report(&mut self, paths: &[&[Seg<'_>]], message: String) {
         let span = self.doc.and_then(|doc| {
             paths
                 .iter()

@@ -211,55 +211,18 @@ impl Compiler {
 
     /// Loads one rule file; the rule is named by the file's stem.
     pub fn load_file(&self, path: &Path) -> Result<Rule, Vec<RuleError>> {
-        let fail = |message: String| {
-            vec![RuleError {
-                file: path.to_owned(),
-                line: None,
-                column: None,
-                code: Code::SqlError,
-                message,
-            }]
-        };
-        let name = path
-            .file_stem()
-            .and_then(|s| s.to_str())
-            .unwrap_or_default();
-        if name.is_empty()
-            || !name
-                .chars()
-                .all(|c| c.is_ascii_alphanumeric() || matches!(c, '_' | '-' | '.'))
-        {
-            return Err(fail(format!(
-                "rule name {name:?} (the file's stem) may use only letters, digits, '_', '-' and '.'"
-            )));
-        }
-        let text = std::fs::read_to_string(path).map_err(|e| fail(format!("cannot read: {e}")))?;
-        self.compile_text(name, path, &text)
+        let name = rule_name(path).map_err(|e| vec![e])?;
+        let text = read_rule_file(path).map_err(|e| vec![e])?;
+        self.compile_text(&name, path, &text)
     }
 
     /// Loads every `*.toml` file of `dir`, in name order. Returns the rules that loaded and every
     /// problem of the others; one bad file never stops the rest.
     pub fn load_dir(&self, dir: &Path) -> (Vec<Rule>, Vec<RuleError>) {
-        let entries = match std::fs::read_dir(dir) {
-            Ok(entries) => entries,
-            Err(e) => {
-                return (
-                    Vec::new(),
-                    vec![RuleError {
-                        file: dir.to_owned(),
-                        line: None,
-                        column: None,
-                        code: Code::SqlError,
-                        message: format!("cannot read the rules directory: {e}"),
-                    }],
-                );
-            }
+        let paths = match rule_files(dir) {
+            Ok(paths) => paths,
+            Err(e) => return (Vec::new(), vec![e]),
         };
-        let mut paths: Vec<PathBuf> = entries
-            .filter_map(|e| e.ok().map(|e| e.path()))
-            .filter(|p| p.extension().is_some_and(|x| x == "toml") && p.is_file())
-            .collect();
-        paths.sort();
         let mut rules = Vec::new();
         let mut errors = Vec::new();
         for path in paths {
@@ -270,6 +233,55 @@ impl Compiler {
         }
         (rules, errors)
     }
+}
+
+/// A load problem of `file` with no position, code 9307.
+fn file_error(file: &Path, message: String) -> RuleError {
+    RuleError {
+        file: file.to_owned(),
+        line: None,
+        column: None,
+        code: Code::SqlError,
+        message,
+    }
+}
+
+/// The rule name of a rule file: its stem, which may use only letters, digits, `_`, `-` and `.`.
+pub fn rule_name(path: &Path) -> Result<String, RuleError> {
+    let name = path
+        .file_stem()
+        .and_then(|s| s.to_str())
+        .unwrap_or_default();
+    if name.is_empty()
+        || !name
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '_' | '-' | '.'))
+    {
+        return Err(file_error(
+            path,
+            format!(
+                "rule name {name:?} (the file's stem) may use only letters, digits, '_', '-' and '.'"
+            ),
+        ));
+    }
+    Ok(name.to_owned())
+}
+
+/// The text of a rule file.
+pub fn read_rule_file(path: &Path) -> Result<String, RuleError> {
+    std::fs::read_to_string(path).map_err(|e| file_error(path, format!("cannot read: {e}")))
+}
+
+/// The rule files of `dir` (`*.toml`, regular files or links to them), in name order.
+pub fn rule_files(dir: &Path) -> Result<Vec<PathBuf>, RuleError> {
+    let entries = std::fs::read_dir(dir)
+        .map_err(|e| file_error(dir, format!("cannot read the rules directory: {e}")))?;
+    let mut paths: Vec<PathBuf> = entries
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .filter(|p| p.extension().is_some_and(|x| x == "toml") && p.is_file())
+        .collect();
+    paths.sort();
+    Ok(paths)
 }
 
 /// The output keys a rule produces, or None when `*` makes them depend on the payload.
@@ -292,11 +304,14 @@ pub struct RuleSet {
 
 impl RuleSet {
     pub fn new(rules: Vec<Rule>) -> RuleSet {
-        let rules: Vec<Arc<Rule>> = rules
-            .into_iter()
-            .filter(|r| r.enabled)
-            .map(Arc::new)
-            .collect();
+        RuleSet::from_shared(rules.into_iter().map(Arc::new).collect())
+    }
+
+    /// A rule set of rules that may also be in other versions of the set (a reload keeps the
+    /// very same `Arc<Rule>` of every rule whose file did not change). Disabled rules are left
+    /// out.
+    pub fn from_shared(rules: Vec<Arc<Rule>>) -> RuleSet {
+        let rules: Vec<Arc<Rule>> = rules.into_iter().filter(|r| r.enabled).collect();
         let mut index = TopicIndex::new();
         for (i, rule) in rules.iter().enumerate() {
             index.insert(&rule.program.parsed.filter, i);
@@ -306,6 +321,11 @@ impl RuleSet {
 
     pub fn rules(&self) -> &[Arc<Rule>] {
         &self.rules
+    }
+
+    /// The rule named `name`, if it is in this set.
+    pub fn get(&self, name: &str) -> Option<&Arc<Rule>> {
+        self.rules.iter().find(|r| r.name == name)
     }
 
     pub fn len(&self) -> usize {

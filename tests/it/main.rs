@@ -1,10 +1,14 @@
 //! Integration tests, in one binary so DataFusion is linked once: golden SQL cases,
 //! batch-equivalence properties, the CLI, the HTTP daemon and RabbitMQ in and out.
 mod cli;
+mod deploy;
 mod golden;
+mod groups;
+mod health;
 mod http;
 mod limits;
 mod logs;
 mod proptest_batch;
 mod rabbit;
+mod reload;
 mod resilience;

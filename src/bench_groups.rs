@@ -1,0 +1,141 @@
+//! `iotfwd bench groups`: push throughput of the AMQP 1.0 consumer-group endpoint, against the
+//! engine's ingest rate measured in the same run.
+//!
+//! The endpoint runs in this process on 127.0.0.1 with an in-memory backlog; consumers are
+//! fe2o3-amqp clients in the same process that accept every message (one disposition each).
+//! A push run enqueues N rule outputs and ends when the endpoint has seen N Accepted outcomes,
+//! so the figure is settled deliveries per second, not frames written.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant};
+
+use fe2o3_amqp::types::messaging::Body;
+use fe2o3_amqp::types::primitives::Value;
+
+use crate::config::Config;
+use crate::config::subscription::GroupConfig;
+use crate::outcome::Outcomes;
+use crate::subscription::client::{Consumer, ConsumerOptions};
+use crate::subscription::{Delivery, RuleLookup};
+use crate::telemetry::Metrics;
+
+/// Runs the benchmark and prints its figures.
+pub fn run(messages: usize, connections: &[usize]) -> anyhow::Result<()> {
+    let messages = messages.max(1);
+    let engine = crate::bench::bench_engine(10);
+    let msgs = crate::bench::property_posts(messages);
+    for chunk in msgs.chunks(512).take(4) {
+        std::hint::black_box(engine.evaluate(chunk));
+    }
+    let started = Instant::now();
+    let mut outputs = 0usize;
+    for chunk in msgs.chunks(512) {
+        outputs += engine.evaluate(chunk).iter().map(Vec::len).sum::<usize>();
+    }
+    let ingest = crate::bench::rate(messages, started.elapsed());
+    println!("bench groups: {messages} messages per run");
+    println!(
+        "engine ingest (10 rules, batch 512, baseline): {ingest:>10.0} msg/s ({:.2} rule results/msg)",
+        outputs as f64 / messages as f64
+    );
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()?;
+    for &n in connections {
+        let push = runtime.block_on(push(messages, n.max(1)))?;
+        println!(
+            "push to {n} connection(s):                   {push:>10.0} msg/s  ratio to ingest {:.3}",
+            push / ingest
+        );
+    }
+    Ok(())
+}
+
+async fn push(messages: usize, connections: usize) -> anyhow::Result<f64> {
+    let dir = std::env::temp_dir().join(format!("iotfwd-bench-groups-{}", std::process::id()));
+    std::fs::create_dir_all(&dir)?;
+    let secret_file = dir.join("bench.secret");
+    std::fs::write(&secret_file, "bench-secret\n")?;
+    let mut group = GroupConfig::demo(&dir);
+    group.id = "bench".into();
+    group.access_key_id = "bench".into();
+    group.secret_file = Some(secret_file);
+    group.create_secret = false;
+    group.max_backlog = messages;
+    group.max_connections = connections;
+    let mut config = Config::default();
+    config.subscription.listen = "127.0.0.1:0".into();
+    config.group = vec![group];
+    let metrics = Arc::new(Metrics::new());
+    let outcomes = Outcomes::new(Arc::clone(&metrics));
+    let no_rules: RuleLookup = Arc::new(|_| None);
+    let running = crate::subscription::start(&config, None, outcomes, &metrics.registry, no_rules)
+        .await?
+        .expect("the endpoint is enabled");
+    let url = format!("amqp://{}", running.addr.expect("a group is configured"));
+    let stop = Arc::new(AtomicBool::new(false));
+    let mut consumers = Vec::new();
+    for i in 0..connections {
+        let mut o = ConsumerOptions::new(&url, "bench", "bench", "bench-secret");
+        o.client_id = format!("bench-{i}");
+        o.credit = 500;
+        let mut c = Consumer::connect(&o).await?;
+        let stop = Arc::clone(&stop);
+        consumers.push(tokio::spawn(async move {
+            while !stop.load(Ordering::Relaxed) {
+                match tokio::time::timeout(
+                    Duration::from_millis(200),
+                    c.receiver.recv::<Body<Value>>(),
+                )
+                .await
+                {
+                    Ok(Ok(d)) => {
+                        if c.receiver.accept(&d).await.is_err() {
+                            break;
+                        }
+                    }
+                    Ok(Err(_)) => break,
+                    Err(_) => {}
+                }
+            }
+            c.close().await;
+        }));
+    }
+    let hub = Arc::clone(&running.hub);
+    let accepted = hub
+        .metrics
+        .outcomes
+        .with_label_values(&["bench", "accepted"]);
+    let template = crate::bench::property_posts(1).remove(0);
+    let mut output = serde_json::Map::new();
+    output.insert("device".into(), "dev0001".into());
+    output.insert("temperature".into(), serde_json::json!(38.5));
+    output.insert("ts".into(), serde_json::json!(1_764_201_600_000i64));
+    let started = Instant::now();
+    for i in 0..messages {
+        let mut d = Delivery::new(&template, "bench_rule", &output);
+        d.message_id = i.to_string();
+        hub.enqueue("bench", d)
+            .await
+            .map_err(|e| anyhow::anyhow!(e.reason))?;
+    }
+    let deadline = Instant::now() + Duration::from_secs(300);
+    while (accepted.get() as usize) < messages {
+        if Instant::now() > deadline {
+            anyhow::bail!(
+                "only {} of {messages} accepted within 300 s",
+                accepted.get()
+            );
+        }
+        tokio::time::sleep(Duration::from_millis(1)).await;
+    }
+    let elapsed = started.elapsed();
+    stop.store(true, Ordering::Relaxed);
+    for c in consumers {
+        let _ = c.await;
+    }
+    running.shutdown(Duration::from_secs(5)).await;
+    let _ = std::fs::remove_dir_all(&dir);
+    Ok(crate::bench::rate(messages, elapsed))
+}

@@ -1,0 +1,549 @@
+//! The AMQP 1.0 endpoint consumer groups connect to (fe2o3-amqp's acceptor).
+//!
+//! Per socket: TLS when configured, then SASL PLAIN in the platform's signed format, then the
+//! connection rules — the client's idle time-out must be 30–300 s (else 9601), its group must
+//! have room (else 9600), and it must attach one receiving link within
+//! `subscription.attach_timeout_ms`. The link then receives the group's deliveries until the
+//! client goes away or the daemon stops (9602).
+//!
+//! The server does not enforce an idle time-out of its own (some clients send no heartbeats
+//! on an idle link); TCP keepalive finds dead peers instead.
+
+use std::io;
+use std::pin::Pin;
+use std::sync::{Arc, Mutex, OnceLock};
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use fe2o3_amqp::acceptor::{ConnectionAcceptor, LinkAcceptor, LinkEndpoint, SessionAcceptor};
+use fe2o3_amqp::types::definitions::{self, AmqpError, ConnectionError};
+use fe2o3_amqp::types::messaging::Outcome;
+use fe2o3_amqp::types::performatives::Performative;
+use futures::StreamExt;
+use futures::stream::FuturesUnordered;
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::{Semaphore, watch};
+
+use super::auth::SignedPlain;
+use super::{Group, Hub, Membership, Settlement};
+use crate::config::subscription::SubscriptionConfig;
+use crate::outcome::{BizCode, Code, Outcomes, Record};
+
+/// The accepted idle time-out range a client must announce, in ms.
+pub const IDLE_TIMEOUT_RANGE: std::ops::RangeInclusive<u32> = 30_000..=300_000;
+
+/// Loads the TLS certificate chain and key of `[subscription.tls]`.
+pub fn tls_acceptor(
+    config: &SubscriptionConfig,
+) -> Result<Option<tokio_rustls::TlsAcceptor>, String> {
+    use tokio_rustls::rustls;
+    use tokio_rustls::rustls::pki_types::pem::PemObject;
+    use tokio_rustls::rustls::pki_types::{CertificateDer, PrivateKeyDer};
+    let Some(tls) = &config.tls else {
+        return Ok(None);
+    };
+    let certs: Vec<CertificateDer<'static>> = CertificateDer::pem_file_iter(&tls.cert)
+        .and_then(|it| it.collect::<Result<_, _>>())
+        .map_err(|e| format!("subscription.tls.cert {}: {e}", tls.cert.display()))?;
+    if certs.is_empty() {
+        return Err(format!(
+            "subscription.tls.cert {}: no certificate in the file",
+            tls.cert.display()
+        ));
+    }
+    let key = PrivateKeyDer::from_pem_file(&tls.key)
+        .map_err(|e| format!("subscription.tls.key {}: {e}", tls.key.display()))?;
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let server = rustls::ServerConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .map_err(|e| format!("subscription.tls: {e}"))?
+        .with_no_client_auth()
+        .with_single_cert(certs, key)
+        .map_err(|e| format!("subscription.tls: the key does not fit the certificate: {e}"))?;
+    Ok(Some(tokio_rustls::TlsAcceptor::from(Arc::new(server))))
+}
+
+/// Accepts consumer connections until `stop` turns true, then closes every open one with
+/// 9602 and returns once they are closed.
+pub async fn serve(
+    listener: TcpListener,
+    hub: Arc<Hub>,
+    config: SubscriptionConfig,
+    tls: Option<tokio_rustls::TlsAcceptor>,
+    outcomes: Outcomes,
+    stop: watch::Receiver<bool>,
+) {
+    let slots = Arc::new(Semaphore::new(config.max_connections));
+    let attach_timeout = Duration::from_millis(config.attach_timeout_ms);
+    let mut connections = tokio::task::JoinSet::new();
+    let mut stopping = stop.clone();
+    loop {
+        tokio::select! {
+            _ = super::stopped(&mut stopping) => break,
+            accepted = listener.accept() => {
+                let (socket, peer) = match accepted {
+                    Ok(a) => a,
+                    Err(e) => {
+                        tracing::warn!("AMQP 1.0 accept failed: {e}");
+                        tokio::time::sleep(Duration::from_millis(50)).await;
+                        continue;
+                    }
+                };
+                let Ok(permit) = Arc::clone(&slots).try_acquire_owned() else {
+                    tracing::warn!(%peer, max = config.max_connections, "AMQP 1.0 connection refused: subscription.max_connections reached");
+                    continue;
+                };
+                let conn = Connection {
+                    hub: Arc::clone(&hub),
+                    outcomes: outcomes.clone(),
+                    tls: tls.clone(),
+                    attach_timeout,
+                    stop: stop.clone(),
+                    peer: peer.to_string(),
+                };
+                connections.spawn(async move {
+                    conn.run(socket).await;
+                    drop(permit);
+                });
+            }
+        }
+        while connections.try_join_next().is_some() {}
+    }
+    drop(listener);
+    while connections.join_next().await.is_some() {}
+}
+
+struct Connection {
+    hub: Arc<Hub>,
+    outcomes: Outcomes,
+    tls: Option<tokio_rustls::TlsAcceptor>,
+    attach_timeout: Duration,
+    stop: watch::Receiver<bool>,
+    peer: String,
+}
+
+/// A socket wrapper that keeps a copy of what it reads until told to stop, so the client's
+/// Open (and its idle time-out, which fe2o3 does not expose) can be decoded.
+#[derive(Debug)]
+struct Tap<S> {
+    inner: S,
+    seen: Arc<Mutex<Option<Vec<u8>>>>,
+}
+
+impl<S: AsyncRead + Unpin> AsyncRead for Tap<S> {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        let before = buf.filled().len();
+        let this = &mut *self;
+        let result = Pin::new(&mut this.inner).poll_read(cx, buf);
+        if let Poll::Ready(Ok(())) = result
+            && let Some(seen) = this.seen.lock().expect("tap lock").as_mut()
+            && seen.len() < 1 << 16
+        {
+            seen.extend_from_slice(&buf.filled()[before..]);
+        }
+        result
+    }
+}
+
+impl<S: AsyncWrite + Unpin> AsyncWrite for Tap<S> {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.inner).poll_write(cx, buf)
+    }
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.inner).poll_flush(cx)
+    }
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.inner).poll_shutdown(cx)
+    }
+}
+
+/// The idle time-out of the first Open frame in `bytes` (the protocol headers and SASL frames
+/// before it are skipped). `Some(None)`: an Open without an idle time-out.
+pub fn open_idle_timeout(bytes: &[u8]) -> Option<Option<u32>> {
+    let mut pos = 0;
+    while pos < bytes.len() {
+        let rest = &bytes[pos..];
+        if rest.starts_with(b"AMQP") {
+            pos += 8;
+            continue;
+        }
+        if rest.len() < 8 {
+            return None;
+        }
+        let size = u32::from_be_bytes(rest[..4].try_into().expect("4 bytes")) as usize;
+        let doff = rest[4] as usize * 4;
+        let kind = rest[5];
+        if size < 8 || doff < 8 || doff > size || rest.len() < size {
+            return None;
+        }
+        let body = &rest[doff..size];
+        if kind == 0
+            && !body.is_empty()
+            && let Ok(Performative::Open(open)) = serde_amqp::from_slice::<Performative>(body)
+        {
+            return Some(open.idle_time_out);
+        }
+        pos += size;
+    }
+    None
+}
+
+fn error(
+    condition: impl Into<definitions::ErrorCondition>,
+    description: String,
+) -> definitions::Error {
+    definitions::Error::new(condition.into(), Some(description), None)
+}
+
+impl Connection {
+    fn record(&self, group: &str, client: &str, code: Code, reason: String) -> Record {
+        Record {
+            time_ms: crate::message::now_ms(),
+            trace_id: crate::message::new_trace_id(),
+            message_id: String::new(),
+            product_key: String::new(),
+            device_name: String::new(),
+            biz_code: BizCode::ServerSubscribe,
+            operation: group.to_owned(),
+            code,
+            reason,
+            content: serde_json::json!({ "client": client, "peer": self.peer }).to_string(),
+            tenant_id: self
+                .hub
+                .group(group)
+                .and_then(|g| g.config.tenant.clone())
+                .unwrap_or_default(),
+            instance_id: String::new(),
+        }
+    }
+
+    async fn run(self, socket: TcpStream) {
+        let _ = socket.set_nodelay(true);
+        let keepalive = socket2::TcpKeepalive::new()
+            .with_time(Duration::from_secs(30))
+            .with_interval(Duration::from_secs(10));
+        let _ = socket2::SockRef::from(&socket).set_tcp_keepalive(&keepalive);
+        match self.tls.clone() {
+            None => self.serve(socket).await,
+            Some(tls) => {
+                match tokio::time::timeout(self.attach_timeout, tls.accept(socket)).await {
+                    Ok(Ok(stream)) => self.serve(stream).await,
+                    Ok(Err(e)) => tracing::info!(peer = %self.peer, "TLS handshake failed: {e}"),
+                    Err(_) => tracing::info!(peer = %self.peer, "TLS handshake timed out"),
+                }
+            }
+        }
+    }
+
+    async fn serve<S>(self, stream: S)
+    where
+        S: AsyncRead + AsyncWrite + std::fmt::Debug + Send + Unpin + 'static,
+    {
+        let seen = Arc::new(Mutex::new(Some(Vec::new())));
+        let tap = Tap {
+            inner: stream,
+            seen: Arc::clone(&seen),
+        };
+        let result = Arc::new(OnceLock::new());
+        let acceptor = ConnectionAcceptor::builder()
+            .container_id("iotfwd")
+            .sasl_acceptor(SignedPlain {
+                verifier: Arc::clone(&self.hub.verifier),
+                result: Arc::clone(&result),
+            })
+            .build();
+        let accepted = tokio::time::timeout(self.attach_timeout, acceptor.accept(tap)).await;
+        let auth = result.get().cloned();
+        let mut connection = match (accepted, auth) {
+            (_, Some(Err(failure))) => {
+                let group = failure
+                    .group
+                    .as_deref()
+                    .filter(|g| self.hub.group(g).is_some())
+                    .unwrap_or("_unknown");
+                self.hub
+                    .metrics
+                    .auth_failures
+                    .with_label_values(&[group])
+                    .inc();
+                tracing::warn!(
+                    peer = %self.peer,
+                    group = failure.group.as_deref().unwrap_or(""),
+                    client = failure.client_id.as_deref().unwrap_or(""),
+                    "AMQP 1.0 login refused: {}",
+                    failure.reason
+                );
+                return;
+            }
+            (Ok(Ok(c)), Some(Ok(_))) => c,
+            (Ok(Err(e)), _) => {
+                tracing::info!(peer = %self.peer, "AMQP 1.0 connection failed before open: {e}");
+                return;
+            }
+            (Ok(Ok(_)), None) => {
+                tracing::warn!(peer = %self.peer, "AMQP 1.0 connection without SASL refused");
+                return;
+            }
+            (Err(_), _) => {
+                tracing::info!(peer = %self.peer, "AMQP 1.0 handshake timed out");
+                return;
+            }
+        };
+        let Some(Ok(user)) = result.get().cloned() else {
+            unreachable!("matched above")
+        };
+        let captured = seen.lock().expect("tap lock").take().unwrap_or_default();
+        let group = Arc::clone(self.hub.group(&user.group).expect("verified group exists"));
+        let client = user.client_id.clone();
+
+        // Connection rules: idle time-out, then the group's connection limit.
+        let idle = open_idle_timeout(&captured).flatten();
+        if !idle.is_some_and(|ms| IDLE_TIMEOUT_RANGE.contains(&ms)) {
+            let said = idle.map_or("none".to_owned(), |ms| format!("{ms} ms"));
+            let reason = format!(
+                "the client's idle time-out (heartbeat) is {said}; it must be 30000..=300000 ms"
+            );
+            self.refuse(
+                &mut connection,
+                &group,
+                &client,
+                Code::HeartbeatInvalid,
+                reason,
+                AmqpError::NotAllowed.into(),
+            )
+            .await;
+            return;
+        }
+        let membership = match group.join(&client) {
+            Ok(m) => m,
+            Err(reason) => {
+                self.refuse(
+                    &mut connection,
+                    &group,
+                    &client,
+                    Code::GroupConnectionLimit,
+                    reason,
+                    ConnectionError::ConnectionForced.into(),
+                )
+                .await;
+                return;
+            }
+        };
+        tracing::info!(group = %group.config.id, %client, peer = %self.peer, idle_ms = idle.unwrap_or(0), "consumer connected");
+        self.consume(connection, membership, &client).await;
+    }
+
+    async fn refuse(
+        &self,
+        connection: &mut fe2o3_amqp::acceptor::ListenerConnectionHandle,
+        group: &Group,
+        client: &str,
+        code: Code,
+        reason: String,
+        condition: definitions::ErrorCondition,
+    ) {
+        self.hub
+            .metrics
+            .refused
+            .with_label_values(&[group.config.id.as_str(), &code.to_string()])
+            .inc();
+        tracing::warn!(group = %group.config.id, %client, peer = %self.peer, code = code.as_u16(), "consumer refused: {reason}");
+        self.outcomes
+            .record(self.record(&group.config.id, client, code, reason.clone()))
+            .await;
+        let _ = tokio::time::timeout(
+            Duration::from_secs(2),
+            connection.close_with_error(error(condition, format!("{code}: {reason}"))),
+        )
+        .await;
+    }
+
+    /// Attach, then deliver until the client leaves or the daemon stops.
+    async fn consume(
+        &self,
+        mut connection: fe2o3_amqp::acceptor::ListenerConnectionHandle,
+        mut membership: Membership,
+        client: &str,
+    ) {
+        let group = Arc::clone(&membership.group);
+        let attach = async {
+            let mut session = SessionAcceptor::new().accept(&mut connection).await?;
+            let link = LinkAcceptor::new().accept(&mut session).await?;
+            Ok::<_, Box<dyn std::error::Error + Send + Sync>>((session, link))
+        };
+        let (mut session, mut sender) = match tokio::time::timeout(self.attach_timeout, attach)
+            .await
+        {
+            Ok(Ok((session, LinkEndpoint::Sender(sender)))) => (session, sender),
+            Ok(Ok((_, LinkEndpoint::Receiver(receiver)))) => {
+                let reason =
+                    "sending links are refused: consumers attach a receiving link".to_owned();
+                let _ = receiver
+                    .close_with_error(error(AmqpError::NotAllowed, reason.clone()))
+                    .await;
+                group.leave(&mut membership);
+                let _ = tokio::time::timeout(
+                    Duration::from_secs(2),
+                    connection.close_with_error(error(AmqpError::NotAllowed, reason)),
+                )
+                .await;
+                return;
+            }
+            Ok(Err(e)) => {
+                tracing::info!(group = %group.config.id, client, "consumer left before attaching: {e}");
+                group.leave(&mut membership);
+                return;
+            }
+            Err(_) => {
+                let reason = format!(
+                    "no receiving link attached within {} ms",
+                    self.attach_timeout.as_millis()
+                );
+                tracing::warn!(group = %group.config.id, client, "{reason}");
+                group.leave(&mut membership);
+                let _ = tokio::time::timeout(
+                    Duration::from_secs(2),
+                    connection.close_with_error(error(AmqpError::NotAllowed, reason)),
+                )
+                .await;
+                return;
+            }
+        };
+        let ack_timeout = group.config.ack_timeout();
+        let extra_links = LinkAcceptor::new();
+        let mut pending = FuturesUnordered::new();
+        let mut stop = self.stop.clone();
+        let mut closed_by_server = false;
+        loop {
+            tokio::select! {
+                biased;
+                _ = super::stopped(&mut stop) => {
+                    closed_by_server = true;
+                    break;
+                }
+                Some((p, how)) = pending.next(), if !pending.is_empty() => {
+                    group.settle(membership.id, client, p, how).await;
+                }
+                link = extra_links.accept(&mut session) => match link {
+                    Ok(LinkEndpoint::Sender(s)) => {
+                        let _ = s.close_with_error(error(AmqpError::ResourceLimitExceeded, "one receiving link per connection".into())).await;
+                    }
+                    Ok(LinkEndpoint::Receiver(r)) => {
+                        let _ = r.close_with_error(error(AmqpError::NotAllowed, "sending links are refused".into())).await;
+                    }
+                    Err(_) => break,
+                },
+                next = membership.rx.recv() => {
+                    let Some(p) = next else { break };
+                    group.pace().await;
+                    match sender.send_batchable(p.delivery.to_amqp()).await {
+                        Ok(fut) => {
+                            group.delivered();
+                            pending.push(async move {
+                                let how = match tokio::time::timeout(ack_timeout, fut).await {
+                                    Err(_) => Settlement::Timeout,
+                                    Ok(Ok(Outcome::Accepted(_))) => Settlement::Accepted,
+                                    Ok(Ok(Outcome::Released(_) | Outcome::Modified(_))) => Settlement::Released,
+                                    Ok(Ok(Outcome::Rejected(r))) => Settlement::Rejected(
+                                        r.error.and_then(|e| e.description).unwrap_or_default(),
+                                    ),
+                                    #[allow(unreachable_patterns)]
+                                    Ok(Ok(_)) => Settlement::Released,
+                                    Ok(Err(_)) => Settlement::Lost,
+                                };
+                                (p, how)
+                            });
+                        }
+                        Err(e) => {
+                            tracing::info!(group = %group.config.id, client, "send failed ({e}); the consumer is gone");
+                            group.settle(membership.id, client, p, Settlement::Lost).await;
+                            break;
+                        }
+                    }
+                }
+            }
+        }
+        // No more deliveries to this connection; what it had unsent goes back to the group.
+        group.leave(&mut membership);
+        if closed_by_server {
+            let reason = "iotfwd is shutting down".to_owned();
+            self.outcomes
+                .record(self.record(&group.config.id, client, Code::ServerClosed, reason.clone()))
+                .await;
+            // Closing the link fails its unsettled deliveries at once; they are redelivered.
+            let _ = tokio::time::timeout(Duration::from_secs(2), sender.close()).await;
+            let _ = tokio::time::timeout(Duration::from_secs(2), session.end()).await;
+            let _ = tokio::time::timeout(
+                Duration::from_secs(2),
+                connection.close_with_error(error(
+                    ConnectionError::ConnectionForced,
+                    format!("9602: {reason}"),
+                )),
+            )
+            .await;
+        } else {
+            // Let the session finish so outcomes the client sent just before closing count;
+            // only then drop the link, which fails the deliveries still unsettled.
+            let _ = tokio::time::timeout(Duration::from_millis(500), session.on_end()).await;
+            drop(sender);
+        }
+        let drained = tokio::time::timeout(Duration::from_secs(2), async {
+            while let Some((p, how)) = pending.next().await {
+                let how = if closed_by_server
+                    && how != Settlement::Accepted
+                    && !matches!(how, Settlement::Rejected(_))
+                {
+                    Settlement::Lost
+                } else {
+                    how
+                };
+                group.settle(membership.id, client, p, how).await;
+            }
+        })
+        .await;
+        if drained.is_err() {
+            tracing::warn!(group = %group.config.id, client, "unsettled deliveries did not resolve after the link closed");
+        }
+        let _ = tokio::time::timeout(Duration::from_secs(1), connection.on_close()).await;
+        tracing::info!(group = %group.config.id, client, "consumer disconnected");
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_idle_timeout_is_read_from_the_open_frame() {
+        use fe2o3_amqp::types::performatives::Open;
+        let open = Open {
+            container_id: "c".into(),
+            hostname: None,
+            max_frame_size: Default::default(),
+            channel_max: Default::default(),
+            idle_time_out: Some(60_000),
+            outgoing_locales: None,
+            incoming_locales: None,
+            offered_capabilities: None,
+            desired_capabilities: None,
+            properties: None,
+        };
+        let body = serde_amqp::to_vec(&Performative::Open(open)).unwrap();
+        let mut bytes = b"AMQP\x00\x01\x00\x00".to_vec();
+        bytes.extend_from_slice(&((8 + body.len()) as u32).to_be_bytes());
+        bytes.extend_from_slice(&[2, 0, 0, 0]);
+        bytes.extend_from_slice(&body);
+        assert_eq!(open_idle_timeout(&bytes), Some(Some(60_000)));
+        assert_eq!(open_idle_timeout(&bytes[..bytes.len() - 1]), None);
+        assert_eq!(open_idle_timeout(b"AMQP\x03\x01\x00\x00"), None);
+    }
+}
