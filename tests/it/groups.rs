@@ -717,3 +717,113 @@ async fn shutdown_closes_consumers_with_9602() {
     );
     again.stop().await;
 }
+
+/// Broker-backed: a rejected delivery of a rule without an error action goes to the group's
+/// dead-letter exchange, with the failure in its headers.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_rejected_delivery_goes_to_the_dead_letter_exchange() {
+    let dir = tempfile::tempdir().unwrap();
+    let id = unique("grp");
+    let dlx = unique("dlx");
+    std::fs::write(
+        dir.path().join("to_group.toml"),
+        format!("sql = '''SELECT * FROM \"/p8/+/post\"'''\n[[action]]\nto = \"group\"\ngroup = \"{id}\"\n"),
+    )
+    .unwrap();
+    let (_conn, ch) = super::rabbit::channel(super::rabbit::BROKER).await;
+    let dead_queue = super::rabbit::exchange_with_queue(&ch, &dlx).await;
+    let port = free_port();
+    let daemon = Daemon::start(dir.path(), |c| {
+        c.subscription.listen = format!("127.0.0.1:{port}");
+        let mut g = group(dir.path(), &id);
+        g.dead_letter_exchange = Some(dlx.clone());
+        c.group.push(g);
+    })
+    .await;
+    daemon.wait_ready().await;
+    let mut c = connect(&format!("amqp://127.0.0.1:{port}"), &id).await;
+    let mid = send(&daemon, "/p8/dev/post", json!({"n": 8})).await;
+    let d = recv(&mut c, Duration::from_secs(10))
+        .await
+        .expect("delivered");
+    c.receiver.reject(&d, None).await.unwrap();
+    let dead = super::rabbit::drain(&ch, &dead_queue, 1, Duration::from_millis(500)).await;
+    assert_eq!(dead.len(), 1);
+    assert_eq!(
+        serde_json::from_slice::<Json>(&dead[0].data).unwrap(),
+        json!({"n": 8})
+    );
+    assert_eq!(
+        super::rabbit::header(&dead[0], "failedCode").as_deref(),
+        Some("9652")
+    );
+    assert_eq!(
+        super::rabbit::header(&dead[0], "messageId").as_deref(),
+        Some(mid.as_str())
+    );
+    assert!(
+        recv(&mut c, Duration::from_millis(1500)).await.is_none(),
+        "a rejected message came back"
+    );
+    c.close().await;
+    daemon.stop().await;
+    super::rabbit::cleanup(&ch, &[&dlx], &[&dead_queue, &format!("iotfwd.group.{id}")]).await;
+}
+
+/// Broker-backed: two iotfwd processes serve one group; every message reaches exactly one of
+/// the consumers connected to either.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_processes_share_one_broker_backed_group() {
+    let dirs = [tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap()];
+    let id = unique("grp");
+    let mut daemons = Vec::new();
+    let mut consumers = Vec::new();
+    for dir in &dirs {
+        std::fs::write(
+            dir.path().join("to_group.toml"),
+            format!("sql = '''SELECT * FROM \"/p7/+/post\"'''\n[[action]]\nto = \"group\"\ngroup = \"{id}\"\n"),
+        )
+        .unwrap();
+        let port = free_port();
+        let daemon = Daemon::start(dir.path(), |c| {
+            c.subscription.listen = format!("127.0.0.1:{port}");
+            let mut g = group(dir.path(), &id);
+            g.window = 8;
+            c.group.push(g);
+        })
+        .await;
+        daemon.wait_ready().await;
+        consumers.push(connect(&format!("amqp://127.0.0.1:{port}"), &id).await);
+        daemons.push(daemon);
+    }
+    let mut sent = Vec::new();
+    for n in 0..200 {
+        sent.push(send(&daemons[n % 2], "/p7/dev/post", json!({ "n": n })).await);
+    }
+    let mut got = Vec::new();
+    let mut per_consumer = Vec::new();
+    for c in &mut consumers {
+        let mut mine = 0;
+        while let Some(d) = recv(c, Duration::from_secs(2)).await {
+            got.push(message_id(&d));
+            c.receiver.accept(&d).await.unwrap();
+            mine += 1;
+        }
+        per_consumer.push(mine);
+    }
+    got.sort();
+    sent.sort();
+    assert_eq!(got, sent, "each message exactly once across both processes");
+    assert!(
+        per_consumer.iter().all(|&n| n > 0),
+        "both processes delivered: {per_consumer:?}"
+    );
+    for c in consumers {
+        c.close().await;
+    }
+    for d in daemons {
+        d.stop().await;
+    }
+    let (_conn, ch) = super::rabbit::channel(super::rabbit::BROKER).await;
+    super::rabbit::cleanup(&ch, &[], &[&format!("iotfwd.group.{id}")]).await;
+}
