@@ -273,7 +273,8 @@ pub fn header_text(value: &lapin::types::AMQPValue) -> Option<String> {
 
 /// Keeps the connection up while the daemon runs: checks it every 500 ms and reconnects with
 /// backoff when it dropped, so publishing resumes soon after the broker is back even when no
-/// source is consuming. Mirrors the state into `iotfwd_broker_connected`.
+/// source is consuming. Mirrors the state into `iotfwd_broker_connected` (which the daemon
+/// exports when it has a `[broker]`, see `Metrics::export_broker_connected`).
 pub async fn keep_connected(
     broker: Arc<Broker>,
     metrics: Arc<crate::telemetry::Metrics>,

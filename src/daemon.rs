@@ -399,6 +399,7 @@ pub async fn run(
         Some(b) => {
             let broker = crate::broker::Broker::new(b).map_err(|e| anyhow::anyhow!(e))?;
             tracing::info!(broker = %broker.redacted_url(), "broker configured; connecting in the background");
+            metrics.export_broker_connected();
             tokio::spawn(crate::broker::keep_connected(
                 Arc::clone(&broker),
                 Arc::clone(&metrics),
@@ -490,6 +491,7 @@ pub async fn run(
         "shutting down: intake stopped, draining in-flight messages"
     );
     drop(state);
+    let stopping_since = Instant::now();
     let drained = tokio::time::timeout(grace, async {
         let _ = reload_task.await;
         if let Some(source) = source_task {
@@ -502,7 +504,10 @@ pub async fn run(
     // AMQP 1.0 consumers are closed (9602 each) once in-flight work had its chance to reach
     // them; unsettled deliveries stay in a broker-backed backlog.
     if let Some(g) = groups {
-        g.shutdown(std::time::Duration::from_secs(5)).await;
+        // Within what is left of the grace period (at least half a second to say goodbye).
+        let left = grace.saturating_sub(stopping_since.elapsed());
+        g.shutdown(left.max(std::time::Duration::from_millis(500)))
+            .await;
     }
     if let Some(broker) = &broker {
         broker.close().await;

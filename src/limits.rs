@@ -674,7 +674,8 @@ impl fmt::Debug for Limiter {
 impl Limiter {
     /// Builds the limiter for a quota set (use `QuotaSet::from(&config)`). With no tenant
     /// and no instance, quotas are off and [`Limiter::acquire`] allows everything at the cost of
-    /// one atomic load. `metrics` gets `iotfwd_throttled_total`.
+    /// one atomic load. `metrics` gets `iotfwd_throttled_total` (labels `tenant`,
+    /// `iot_instance`, `scope`).
     pub fn new(set: &QuotaSet, metrics: Option<Arc<Metrics>>) -> Limiter {
         let clock = TokioClock {
             base: tokio::time::Instant::now(),

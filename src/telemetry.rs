@@ -39,8 +39,10 @@ pub struct Metrics {
     pub rules_loaded: IntGauge,
     /// Compiled type variants per rule (payload fields arriving with different JSON types).
     pub rule_variants: IntGaugeVec,
-    /// Forwards refused by a quota, by tenant, instance and scope (`device`, `tenant`,
-    /// `instance`): 9324 for device and tenant, 9326 for instance.
+    /// Forwards refused by a quota, by `tenant`, `iot_instance` and `scope` (`device`,
+    /// `tenant`, `instance`): 9324 for device and tenant, 9326 for instance. The IoT instance
+    /// is `iot_instance`, not `instance`: Prometheus owns the target labels `instance` and
+    /// `job`, and no iotfwd metric uses them.
     pub throttled: IntCounterVec,
     /// Constant 1, labelled with the version.
     pub build_info: IntGaugeVec,
@@ -54,7 +56,9 @@ pub struct Metrics {
     pub action_retries: IntCounterVec,
     /// Actions started and not yet terminal.
     pub action_in_flight: IntGaugeVec,
-    /// 1 while the broker is connected, 0 otherwise (absent without `[broker]`).
+    /// 1 while the broker is connected, 0 otherwise. Absent without `[broker]`: not in the
+    /// registry until [`Metrics::export_broker_connected`] (the daemon calls it when a broker
+    /// is configured); setting it before that is harmless and shows nowhere.
     pub broker_connected: IntGauge,
     /// Seconds from a message's receipt to each of its actions' delivery (200), error actions
     /// excluded.
@@ -109,8 +113,8 @@ impl Metrics {
         );
         let throttled = counter(
             "iotfwd_throttled_total",
-            "Forwards refused by a quota (9324 device or tenant, 9326 instance), by tenant, instance and scope.",
-            &["tenant", "instance", "scope"],
+            "Forwards refused by a quota (9324 device or tenant, 9326 instance), by tenant, IoT instance (iot_instance) and scope.",
+            &["tenant", "iot_instance", "scope"],
         );
         let batch_size = Histogram::with_opts(
             HistogramOpts::new("iotfwd_batch_size", "Messages per evaluated micro-batch.").buckets(
@@ -193,14 +197,12 @@ impl Metrics {
         registry
             .register(Box::new(action_in_flight.clone()))
             .expect("unique metric");
+        // Registered by export_broker_connected, only with a [broker].
         let broker_connected = IntGauge::new(
             "iotfwd_broker_connected",
             "1 while the RabbitMQ broker is connected, else 0.",
         )
         .expect("valid metric");
-        registry
-            .register(Box::new(broker_connected.clone()))
-            .expect("unique metric");
         let forward_latency = Histogram::with_opts(
             HistogramOpts::new(
                 "iotfwd_forward_latency_seconds",
@@ -263,6 +265,19 @@ impl Metrics {
         }
     }
 
+    /// Exports `iotfwd_broker_connected` (0 until the broker connects). Only for a daemon with
+    /// a `[broker]`, so that a broker-less process has no such series (and
+    /// `IotfwdBrokerDisconnected` cannot fire for it). Calling it again does nothing.
+    pub fn export_broker_connected(&self) {
+        match self
+            .registry
+            .register(Box::new(self.broker_connected.clone()))
+        {
+            Ok(()) | Err(prometheus::Error::AlreadyReg) => {}
+            Err(e) => panic!("iotfwd_broker_connected: {e}"),
+        }
+    }
+
     /// The Prometheus text exposition of every metric.
     pub fn render(&self) -> String {
         let mut buf = Vec::new();
@@ -293,4 +308,40 @@ pub fn init_tracing(filter: &str, json: bool) {
     } else {
         builder.try_init()
     };
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn broker_gauge_is_absent_until_exported() {
+        let m = Metrics::new();
+        // Set without a broker (nothing should, but it must not show).
+        m.broker_connected.set(0);
+        assert!(!m.render().contains("iotfwd_broker_connected"));
+        m.export_broker_connected();
+        m.export_broker_connected();
+        assert!(m.render().contains("\niotfwd_broker_connected 0\n"));
+        m.broker_connected.set(1);
+        assert!(m.render().contains("\niotfwd_broker_connected 1\n"));
+    }
+
+    #[test]
+    fn throttled_names_the_iot_instance_iot_instance() {
+        let m = Metrics::new();
+        m.throttled
+            .with_label_values(&["acme", "iot-acme-1", "instance"])
+            .inc();
+        let series = m
+            .render()
+            .lines()
+            .find(|l| l.starts_with("iotfwd_throttled_total{"))
+            .expect("a series")
+            .to_owned();
+        assert_eq!(
+            series,
+            r#"iotfwd_throttled_total{iot_instance="iot-acme-1",scope="instance",tenant="acme"} 1"#
+        );
+    }
 }

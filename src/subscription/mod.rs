@@ -1117,3 +1117,123 @@ impl Running {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn hub(
+        configure: impl FnOnce(&mut GroupConfig),
+    ) -> (Hub, mpsc::UnboundedReceiver<RejectedDelivery>) {
+        let dir = std::env::temp_dir();
+        let mut g = GroupConfig::demo(&dir);
+        g.id = "g".into();
+        g.secret_env = Some("PATH".into()); // any variable that is set
+        g.secret_file = None;
+        g.create_secret = false;
+        configure(&mut g);
+        let metrics = Arc::new(crate::telemetry::Metrics::new());
+        let (tx, rx) = mpsc::unbounded_channel();
+        let hub = Hub::new(
+            &[g],
+            None,
+            Outcomes::new(Arc::clone(&metrics)),
+            GroupMetrics::new(&metrics.registry),
+            tx,
+            Arc::new(|_: &str| false),
+        )
+        .unwrap();
+        (hub, rx)
+    }
+
+    fn delivery(n: usize) -> Delivery {
+        Delivery {
+            body: Bytes::from(format!("{{\"n\":{n}}}")),
+            topic: "/p/d/post".into(),
+            product_key: "p".into(),
+            device_name: "d".into(),
+            message_id: n.to_string(),
+            trace_id: format!("t{n}"),
+            rule: "r".into(),
+            generate_time: 0,
+            tenant_id: String::new(),
+            instance_id: String::new(),
+        }
+    }
+
+    fn ids(m: &mut Membership) -> Vec<String> {
+        let mut out = Vec::new();
+        while let Ok(p) = m.rx.try_recv() {
+            out.push(p.delivery.message_id.clone());
+        }
+        out
+    }
+
+    #[tokio::test]
+    async fn deliveries_spread_round_robin_within_each_window() {
+        let (hub, _rx) = hub(|g| g.window = 2);
+        let g = Arc::clone(hub.group("g").unwrap());
+        let mut a = g.join("a").unwrap();
+        let mut b = g.join("b").unwrap();
+        for n in 0..6 {
+            hub.enqueue("g", delivery(n)).await.unwrap();
+        }
+        let (got_a, got_b) = (ids(&mut a), ids(&mut b));
+        assert_eq!((got_a.len(), got_b.len()), (2, 2), "{got_a:?} {got_b:?}");
+        let mut all = [got_a, got_b].concat();
+        all.sort();
+        assert_eq!(all, ["0", "1", "2", "3"]);
+        assert_eq!(
+            g.state.lock().unwrap().ready.len(),
+            2,
+            "the rest waits for room"
+        );
+    }
+
+    #[tokio::test]
+    async fn a_timed_out_delivery_goes_to_the_other_consumer_and_a_full_backlog_refuses() {
+        let (hub, _rx) = hub(|g| g.max_backlog = 2);
+        let g = Arc::clone(hub.group("g").unwrap());
+        let mut a = g.join("a").unwrap();
+        hub.enqueue("g", delivery(1)).await.unwrap();
+        let p = a.rx.try_recv().unwrap();
+        let mut b = g.join("b").unwrap();
+        g.settle(a.id, "a", p, Settlement::Timeout).await;
+        assert_eq!(ids(&mut b), ["1"], "redelivered to the other consumer");
+        assert!(ids(&mut a).is_empty());
+
+        g.leave(&mut a);
+        g.leave(&mut b);
+        hub.enqueue("g", delivery(2)).await.unwrap();
+        hub.enqueue("g", delivery(3)).await.unwrap();
+        let full = hub.enqueue("g", delivery(4)).await.unwrap_err();
+        assert_eq!(full.code, Code::DestinationUnavailable);
+        assert!(full.reason.contains("max_backlog"), "{}", full.reason);
+        let unknown = hub.enqueue("nope", delivery(5)).await.unwrap_err();
+        assert!(
+            unknown.reason.contains("no consumer group \"nope\""),
+            "{}",
+            unknown.reason
+        );
+    }
+
+    #[tokio::test]
+    async fn a_full_group_refuses_a_connection_and_unsent_deliveries_return_on_leave() {
+        let (hub, _rx) = hub(|g| g.max_connections = 1);
+        let g = Arc::clone(hub.group("g").unwrap());
+        let mut a = g.join("a").unwrap();
+        let refused = g.join("b").err().unwrap();
+        assert!(refused.contains("max_connections 1"), "{refused}");
+        for n in 0..3 {
+            hub.enqueue("g", delivery(n)).await.unwrap();
+        }
+        g.leave(&mut a);
+        let st = g.state.lock().unwrap();
+        let back: Vec<_> = st
+            .ready
+            .iter()
+            .map(|p| p.delivery.message_id.clone())
+            .collect();
+        assert_eq!(back, ["0", "1", "2"], "in their order");
+    }
+}

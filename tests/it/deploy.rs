@@ -441,6 +441,20 @@ fn systemd_unit_is_hardened_and_verifies() {
 #[test]
 fn prometheus_config_and_alerts_pass_promtool() {
     let dir = deploy().join("prometheus");
+    // No metric label clashes with the target labels, so the scrape config needs no
+    // relabelling.
+    let prometheus_yml = read(&dir.join("prometheus.yml"));
+    for word in [
+        "metric_relabel_configs",
+        "exported_instance",
+        "honor_labels",
+    ] {
+        assert!(
+            !prometheus_yml.contains(word),
+            "prometheus.yml has {word}: iotfwd's labels need no relabelling"
+        );
+    }
+
     let Some(promtool) = promtool() else { return };
     for args in [
         ["check", "rules", "alerts.yml"],
@@ -637,6 +651,88 @@ products = ["a1b2c3", "meterPK", "gwDoor01"]
     scrape
 }
 
+/// Starts the daemon in-process with no rules, `[broker] url = broker` when given, and returns
+/// `/metrics`: at once, or once `/readyz` answers 200 when `ready`.
+async fn scrape_bare(broker: Option<&str>, ready: bool) -> String {
+    let dir = tempfile::tempdir().unwrap();
+    let rules = dir.path().join("rules");
+    std::fs::create_dir(&rules).unwrap();
+    let broker = broker
+        .map(|url| format!("[broker]\nurl = \"{url}\"\nreconnect_max_delay_ms = 500\n"))
+        .unwrap_or_default();
+    let toml = format!(
+        "[rules]\ndir = '{}'\n[data]\ndir = '{}'\n[subscription]\nlisten = \"127.0.0.1:0\"\n{broker}",
+        rules.display(),
+        dir.path().join("data").display(),
+    );
+    let config = Config::from_toml_str(&toml, None).unwrap_or_else(|e| panic!("{e:?}"));
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let base = format!("http://{}", listener.local_addr().unwrap());
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let task = tokio::spawn(iotfwd::daemon::run(config, listener, async move {
+        let _ = stopped.await;
+    }));
+    let client = reqwest::Client::new();
+    let path = if ready { "readyz" } else { "healthz" };
+    let mut up = false;
+    for _ in 0..100 {
+        if let Ok(r) = client.get(format!("{base}/{path}")).send().await
+            && r.status().is_success()
+        {
+            up = true;
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+    assert!(up, "no 200 from /{path} within 10 s");
+    let scrape = client
+        .get(format!("{base}/metrics"))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    stop.send(()).unwrap();
+    task.await.unwrap().unwrap();
+    scrape
+}
+
+/// The value of the unlabelled series `name` in a scrape; None when it is not there.
+fn unlabelled(scrape: &str, name: &str) -> Option<f64> {
+    scrape
+        .lines()
+        .find_map(|l| l.strip_prefix(name)?.strip_prefix(' '))
+        .map(|v| v.trim().parse().unwrap())
+}
+
+/// `iotfwd_broker_connected` exists only with a `[broker]`: a broker-less process exports no
+/// such series (so IotfwdBrokerDisconnected cannot fire for it); with one it is 0 until the
+/// broker is connected and 1 once it is (the real RabbitMQ at 127.0.0.1:5672).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn broker_gauge_exists_only_with_a_broker() {
+    let gauge = "iotfwd_broker_connected";
+
+    let without = scrape_bare(None, true).await;
+    assert!(
+        !without.contains(gauge),
+        "{gauge} in a broker-less scrape:\n{without}"
+    );
+    assert_eq!(
+        unlabelled(&without, "iotfwd_rules_loaded"),
+        Some(0.0),
+        "a real scrape:\n{without}"
+    );
+
+    // Nothing listens on port 1: configured but never connected, so 0.
+    let down = scrape_bare(Some("amqp://guest:guest@127.0.0.1:1/%2f"), false).await;
+    assert_eq!(unlabelled(&down, gauge), Some(0.0), "{down}");
+    assert!(down.contains(&format!("# TYPE {gauge} gauge")), "{down}");
+
+    let up = scrape_bare(Some("amqp://guest:guest@127.0.0.1:5672/%2f"), true).await;
+    assert_eq!(unlabelled(&up, gauge), Some(1.0), "{up}");
+}
+
 fn has_series(scrape: &str, name: &str, label: &str) -> bool {
     scrape
         .lines()
@@ -655,6 +751,7 @@ async fn promtool_check_metrics_is_clean_on_a_real_scrape() {
         ("iotfwd_action_executions_total", "action=\"amqp:alerts\""),
         ("iotfwd_action_failed_total", "code="),
         ("iotfwd_throttled_total", "scope=\"tenant\""),
+        ("iotfwd_throttled_total", "iot_instance=\"iot-acme-1\""),
         ("iotfwd_outcomes_total", "code=\"1903\""),
         ("iotfwd_group_backlog_messages", "group=\"billing\""),
     ] {
@@ -663,6 +760,27 @@ async fn promtool_check_metrics_is_clean_on_a_real_scrape() {
             "no {name}{{{label}}} in the scrape:\n{scrape}"
         );
     }
+    // No series has a label Prometheus sets on every target (`job`, `instance`): it would
+    // come out as `exported_job` / `exported_instance`.
+    let clashing: Vec<&str> = scrape
+        .lines()
+        .filter(|l| !l.starts_with('#'))
+        .filter(|l| {
+            let Some((_, labels)) = l.split_once('{') else {
+                return false;
+            };
+            let labels = labels.rsplit_once('}').map_or(labels, |(ls, _)| ls);
+            labels
+                .split(',')
+                .any(|kv| matches!(kv.split('=').next(), Some("job" | "instance")))
+        })
+        .collect();
+    assert!(
+        clashing.is_empty(),
+        "series labelled job or instance: {clashing:?}"
+    );
+    // A broker-less process has no broker gauge.
+    assert!(!scrape.contains("iotfwd_broker_connected"), "{scrape}");
     let Some(promtool) = promtool() else { return };
     // The lint is real: a counter without _total and a bad HELP are reported.
     let problems = check_metrics(

@@ -827,3 +827,51 @@ async fn two_processes_share_one_broker_backed_group() {
     let (_conn, ch) = super::rabbit::channel(super::rabbit::BROKER).await;
     super::rabbit::cleanup(&ch, &[], &[&format!("iotfwd.group.{id}")]).await;
 }
+
+/// A connection that attaches no receiving link within `subscription.attach_timeout_ms` is
+/// closed; one that attaches a sending link is refused.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_link_must_be_a_receiver_attached_in_time() {
+    use fe2o3_amqp::sasl_profile::SaslProfile;
+    use fe2o3_amqp::{Connection, Sender, Session};
+    let s = setup(|c, _| c.subscription.attach_timeout_ms = 1_000).await;
+    let open = |o: ConsumerOptions| async move {
+        let (username, password) = o.credentials();
+        Connection::builder()
+            .container_id(o.client_id.clone())
+            .sasl_profile(SaslProfile::Plain { username, password })
+            .idle_time_out(120_000u32)
+            .open(o.url.as_str())
+            .await
+            .unwrap()
+    };
+    let mut idle = open(options(&s.url, "g1")).await;
+    let started = Instant::now();
+    let ended = tokio::time::timeout(Duration::from_secs(10), idle.on_close()).await;
+    assert!(
+        ended.is_ok(),
+        "the connection without a link was not closed"
+    );
+    assert!(
+        started.elapsed() < Duration::from_secs(5),
+        "{:?}",
+        started.elapsed()
+    );
+
+    let mut conn = open(options(&s.url, "g1")).await;
+    let mut session = Session::begin(&mut conn).await.unwrap();
+    let refused = match Sender::attach(&mut session, "to-iotfwd", "g1").await {
+        Err(_) => true,
+        Ok(mut sender) => {
+            let sent = tokio::time::timeout(Duration::from_secs(10), sender.send("hello")).await;
+            matches!(sent, Ok(Err(_)))
+        }
+    };
+    assert!(refused, "a sending link was accepted");
+    let scrape = s.daemon.metrics().await;
+    assert_eq!(
+        metric(&scrape, "iotfwd_group_connections", &[("group", "g1")]),
+        0.0
+    );
+    s.daemon.stop().await;
+}

@@ -6,8 +6,7 @@ use std::collections::BTreeSet;
 
 use serde_json::{Value, json};
 
-use super::rabbit::{Daemon, metric, unique};
-use super::reload::eventually;
+use super::harness::{Daemon, eventually, metric, unique};
 
 /// The label sets (`rule`, `action`) of every `iotfwd_action_executions_total` series.
 fn action_series(scrape: &str) -> BTreeSet<(String, String)> {

@@ -1,72 +1,8 @@
 //! The HTTP ingest and endpoints, against the real daemon bound on port 0.
 
-use std::path::Path;
+use serde_json::json;
 
-use iotfwd::config::Config;
-
-use super::rabbit::metric;
-use serde_json::{Value, json};
-use tokio::sync::oneshot;
-
-struct Daemon {
-    base: String,
-    stop: Option<oneshot::Sender<()>>,
-    task: tokio::task::JoinHandle<anyhow::Result<()>>,
-    client: reqwest::Client,
-}
-
-impl Daemon {
-    async fn start(rules_dir: &Path, tweak: impl FnOnce(&mut Config)) -> Daemon {
-        let mut config = Config::default();
-        config.rules.dir = rules_dir.to_owned();
-        config.data.dir = rules_dir.join("data");
-        config.engine.batch_max_wait_ms = 1;
-        tweak(&mut config);
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let base = format!("http://{}", listener.local_addr().unwrap());
-        let (stop, stopped) = oneshot::channel::<()>();
-        let task = tokio::spawn(iotfwd::daemon::run(config, listener, async move {
-            let _ = stopped.await;
-        }));
-        Daemon {
-            base,
-            stop: Some(stop),
-            task,
-            client: reqwest::Client::new(),
-        }
-    }
-
-    async fn post(&self, path: &str, body: impl Into<reqwest::Body>) -> (u16, Value) {
-        let r = self
-            .client
-            .post(format!("{}{path}", self.base))
-            .body(body)
-            .send()
-            .await
-            .unwrap();
-        let status = r.status().as_u16();
-        let text = r.text().await.unwrap();
-        (
-            status,
-            serde_json::from_str(&text).unwrap_or(Value::String(text)),
-        )
-    }
-
-    async fn get(&self, path: &str) -> (u16, String) {
-        let r = self
-            .client
-            .get(format!("{}{path}", self.base))
-            .send()
-            .await
-            .unwrap();
-        (r.status().as_u16(), r.text().await.unwrap())
-    }
-
-    async fn stop(mut self) {
-        self.stop.take().unwrap().send(()).unwrap();
-        self.task.await.unwrap().unwrap();
-    }
-}
+use super::harness::{Daemon, metric};
 
 fn rules_dir() -> tempfile::TempDir {
     let dir = tempfile::tempdir().unwrap();
@@ -86,10 +22,10 @@ fn rules_dir() -> tempfile::TempDir {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn ingest_one_envelope_and_ndjson() {
     let rules = rules_dir();
-    let d = Daemon::start(rules.path(), |_| {}).await;
+    let d = Daemon::start_without_broker(rules.path(), |_| {}).await;
 
     let (status, body) = d
-        .post(
+        .post_to(
             "/api/v1/messages?verbose=true",
             json!({"topic": "/p1/dev1/post", "payload": {"t": 40}, "messageId": "m-1", "traceId": "tr-1"}).to_string(),
         )
@@ -123,7 +59,7 @@ async fn ingest_one_envelope_and_ndjson() {
     ]
     .map(|v| v.to_string())
     .join("\n");
-    let (status, body) = d.post("/api/v1/messages", ndjson).await;
+    let (status, body) = d.post_to("/api/v1/messages", ndjson).await;
     assert_eq!(status, 200, "{body}");
     assert_eq!(
         (body["accepted"].as_u64(), body["rejected"].as_u64()),
@@ -175,16 +111,16 @@ async fn ingest_one_envelope_and_ndjson() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn bad_bodies_get_a_clear_4xx_and_the_daemon_keeps_running() {
     let rules = rules_dir();
-    let d = Daemon::start(rules.path(), |c| {
+    let d = Daemon::start_without_broker(rules.path(), |c| {
         c.http.max_body_bytes = 1024;
         c.http.max_messages_per_request = 2;
     })
     .await;
-    let (status, body) = d.post("/api/v1/messages", "{not json").await;
+    let (status, body) = d.post_to("/api/v1/messages", "{not json").await;
     assert_eq!(status, 400);
     assert!(body["error"].as_str().unwrap().contains("line 1"), "{body}");
     let (status, body) = d
-        .post(
+        .post_to(
             "/api/v1/messages",
             format!(
                 "{}\n{{\"topic\": 1}}",
@@ -194,16 +130,16 @@ async fn bad_bodies_get_a_clear_4xx_and_the_daemon_keeps_running() {
         .await;
     assert_eq!(status, 400, "a bad line refuses the whole request");
     assert!(body["error"].as_str().unwrap().contains("line 2"), "{body}");
-    let (status, _) = d.post("/api/v1/messages", "x".repeat(4096)).await;
+    let (status, _) = d.post_to("/api/v1/messages", "x".repeat(4096)).await;
     assert_eq!(status, 413, "oversized body");
     let three = (0..3)
         .map(|i| json!({"topic": format!("/p1/d{i}/post"), "payload": {}}).to_string())
         .collect::<Vec<_>>()
         .join("\n");
-    let (status, body) = d.post("/api/v1/messages", three).await;
+    let (status, body) = d.post_to("/api/v1/messages", three).await;
     assert_eq!(status, 413, "{body}");
     let (status, body) = d
-        .post(
+        .post_to(
             "/api/v1/messages",
             json!({"topic":"/p1/d/post"}).to_string(),
         )
@@ -214,7 +150,7 @@ async fn bad_bodies_get_a_clear_4xx_and_the_daemon_keeps_running() {
     assert_eq!(d.get("/healthz").await.0, 200);
     assert_eq!(d.get("/readyz").await.0, 200);
     let (status, body) = d
-        .post(
+        .post_to(
             "/api/v1/messages",
             json!({"topic":"/p1/d/post","payload":{"t":50}}).to_string(),
         )
@@ -237,7 +173,7 @@ async fn a_rule_failing_at_run_time_fails_only_its_messages() {
         "sql = '''SELECT FROM WHERE'''\n",
     )
     .unwrap();
-    let d = Daemon::start(dir.path(), |c| c.engine.batch_max_wait_ms = 50).await;
+    let d = Daemon::start_without_broker(dir.path(), |c| c.engine.batch_max_wait_ms = 50).await;
     let ndjson = [
         json!({"n": 2}),
         json!({"n": 0}),
@@ -248,7 +184,7 @@ async fn a_rule_failing_at_run_time_fails_only_its_messages() {
     .map(|p| json!({"topic": "/p1/d/post", "payload": p}).to_string())
     .collect::<Vec<_>>()
     .join("\n");
-    let (status, body) = d.post("/api/v1/messages?verbose=true", ndjson).await;
+    let (status, body) = d.post_to("/api/v1/messages?verbose=true", ndjson).await;
     assert_eq!(status, 200, "{body}");
     let r = |i: usize| body["messages"][i]["rules"][0].clone();
     assert_eq!(r(0)["output"], json!({"l": "d"}));

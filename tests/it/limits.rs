@@ -155,7 +155,26 @@ async fn device_quota_edge_is_exact() {
         .with_label_values(&["acme", "acme-1", "device"])
         .get();
     assert_eq!(counted, 1 + 1 + 4 + 5);
-    assert!(metrics.render().contains("iotfwd_throttled_total{"));
+    // The IoT instance is `iot_instance`: `instance` is Prometheus' target label.
+    let rendered = metrics.render();
+    let series: Vec<&str> = rendered
+        .lines()
+        .filter(|l| l.starts_with("iotfwd_throttled_total{"))
+        .collect();
+    assert_eq!(series.len(), 1, "{rendered}");
+    for label in [
+        "tenant=\"acme\"",
+        "iot_instance=\"acme-1\"",
+        "scope=\"device\"",
+    ] {
+        assert!(series[0].contains(label), "{label} in {}", series[0]);
+    }
+    assert!(
+        !series[0].contains("{instance=") && !series[0].contains(",instance="),
+        "{}",
+        series[0]
+    );
+    assert!(series[0].ends_with(" 11"), "{}", series[0]);
 }
 
 #[tokio::test(start_paused = true)]

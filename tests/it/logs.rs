@@ -13,6 +13,8 @@ use iotfwd::outcome::{BizCode, Code, Record};
 use serde_json::{Value, json};
 use tokio::sync::oneshot;
 
+use super::harness::Daemon;
+
 // ---------------------------------------------------------------------------------------------
 // Helpers
 
@@ -144,69 +146,27 @@ fn to_json(records: &[Record]) -> Vec<Value> {
         .collect()
 }
 
-struct Daemon {
-    base: String,
-    stop: Option<oneshot::Sender<()>>,
-    task: tokio::task::JoinHandle<anyhow::Result<()>>,
-    client: reqwest::Client,
+/// The daemon without a broker, on `dir/rules` (made here) and `dir/data`.
+async fn start(dir: &Path, tweak: impl FnOnce(&mut Config)) -> Daemon {
+    let rules = dir.join("rules");
+    std::fs::create_dir_all(&rules).unwrap();
+    let data = dir.join("data");
+    Daemon::start_without_broker(&rules, |c| {
+        c.data.dir = data;
+        tweak(c);
+    })
+    .await
 }
 
 impl Daemon {
-    async fn start(dir: &Path, tweak: impl FnOnce(&mut Config)) -> Daemon {
-        let mut config = Config::default();
-        config.rules.dir = dir.join("rules");
-        std::fs::create_dir_all(&config.rules.dir).unwrap();
-        config.data.dir = dir.join("data");
-        config.engine.batch_max_wait_ms = 1;
-        tweak(&mut config);
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let base = format!("http://{}", listener.local_addr().unwrap());
-        let (stop, stopped) = oneshot::channel::<()>();
-        let task = tokio::spawn(iotfwd::daemon::run(config, listener, async move {
-            let _ = stopped.await;
-        }));
-        let d = Daemon {
-            base,
-            stop: Some(stop),
-            task,
-            client: reqwest::Client::new(),
-        };
-        // The listener is bound already; wait until the router answers.
-        for _ in 0..200 {
-            if d.client
-                .get(format!("{}/healthz", d.base))
-                .send()
-                .await
-                .is_ok()
-            {
-                break;
-            }
-            tokio::time::sleep(Duration::from_millis(10)).await;
-        }
-        d
-    }
-
-    async fn post(&self, body: Value) -> Value {
-        let r = self
-            .client
-            .post(format!("{}/api/v1/messages", self.base))
-            .body(body.to_string())
-            .send()
-            .await
-            .unwrap();
-        assert_eq!(r.status().as_u16(), 200);
-        r.json().await.unwrap()
-    }
-
     /// `GET /api/v1/logs` with these parameters: (status, body).
     async fn logs(&self, params: &[(&str, &str)]) -> (u16, Value) {
         // Percent-encoded as a browser or curl --data-urlencode would: `+`, `&`, `=`, `#`, `%`,
         // tabs and newlines all arrive as typed.
         let url =
             url::Url::parse_with_params(&format!("{}/api/v1/logs", self.base), params).unwrap();
-        let r = self.client.get(url).send().await.unwrap();
-        let status = r.status().as_u16();
-        (status, r.json().await.unwrap())
+        let (status, body) = self.get(&url[url::Position::BeforePath..]).await;
+        (status, serde_json::from_str(&body).unwrap())
     }
 
     /// Polls until the query returns `n` records (records are committed within milliseconds).
@@ -222,11 +182,6 @@ impl Daemon {
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
         panic!("{params:?}: expected {n} records, got {last}");
-    }
-
-    async fn stop(mut self) {
-        self.stop.take().unwrap().send(()).unwrap();
-        self.task.await.unwrap().unwrap();
     }
 }
 
@@ -735,7 +690,7 @@ async fn records_survive_a_restart_of_the_store() {
 async fn full_trace_of_a_message_matching_two_rules_one_failing() {
     let dir = tempfile::tempdir().unwrap();
     write_two_rules(dir.path());
-    let d = Daemon::start(dir.path(), |_| {}).await;
+    let d = start(dir.path(), |_| {}).await;
     let db = dir.path().join("data/outcomes.db");
     let body = d
         .post(json!({
@@ -879,7 +834,7 @@ async fn api_cli_and_library_give_the_same_results() {
     write_all(&store, &data).await;
     store.shutdown().await;
     // The daemon opens the same file (store.path) and serves it.
-    let d = Daemon::start(dir.path(), |c| c.store.path = Some(db.clone())).await;
+    let d = start(dir.path(), |c| c.store.path = Some(db.clone())).await;
     let reader = Reader::open(&db).unwrap();
     let cases: Vec<Vec<(&str, &str)>> = vec![
         vec![("device", "d1"), ("status", "failed")],
@@ -945,7 +900,7 @@ type BadQuery<'a> = (&'a [(&'a str, &'a str)], &'a [&'a str], &'a str);
 async fn bad_queries_get_a_clear_error_never_an_empty_result() {
     let dir = tempfile::tempdir().unwrap();
     write_two_rules(dir.path());
-    let d = Daemon::start(dir.path(), |_| {}).await;
+    let d = start(dir.path(), |_| {}).await;
     d.post(json!({"topic": "/p1/dev1/post", "payload": {"t": 1}}))
         .await;
     d.wait_for(&[], 2).await;
@@ -1064,13 +1019,13 @@ async fn records_survive_a_daemon_restart_and_go_out_as_json_lines() {
     let jsonl = dir.path().join("outcomes.jsonl");
     let tweak = |c: &mut Config| c.store.jsonl = JsonlTarget::File(jsonl.clone());
 
-    let d = Daemon::start(dir.path(), tweak).await;
+    let d = start(dir.path(), tweak).await;
     d.post(json!({"topic": "/p1/dev1/post", "payload": {"t": 40}, "messageId": "before"}))
         .await;
     let before = d.wait_for(&[("messageId", "before")], 3).await;
     d.stop().await;
 
-    let d = Daemon::start(dir.path(), tweak).await;
+    let d = start(dir.path(), tweak).await;
     assert_eq!(
         d.wait_for(&[("messageId", "before")], 3).await,
         before,
@@ -1128,7 +1083,7 @@ async fn records_survive_a_daemon_restart_and_go_out_as_json_lines() {
 async fn a_disabled_store_says_so() {
     let dir = tempfile::tempdir().unwrap();
     write_two_rules(dir.path());
-    let d = Daemon::start(dir.path(), |c| c.store.enabled = false).await;
+    let d = start(dir.path(), |c| c.store.enabled = false).await;
     d.post(json!({"topic": "/p1/dev1/post", "payload": {"t": 40}}))
         .await;
     let (status, body) = d.logs(&[]).await;

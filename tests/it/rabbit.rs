@@ -7,23 +7,14 @@ use std::time::Duration;
 
 use futures::StreamExt;
 use iotfwd::config::Config;
-use iotfwd::config::broker::{AmqpSourceConfig, BrokerConfig, TopicFrom};
+use iotfwd::config::broker::{AmqpSourceConfig, TopicFrom};
 use lapin::options::*;
 use lapin::types::{AMQPValue, FieldTable};
 use lapin::{BasicProperties, Channel, Connection, ConnectionProperties, ExchangeKind};
 use serde_json::{Value, json};
-use tokio::sync::oneshot;
 
-pub const BROKER: &str = "amqp://guest:guest@127.0.0.1:5672/%2f";
-
-/// A unique name per test run.
-pub fn unique(prefix: &str) -> String {
-    format!(
-        "iotfwd-test-{prefix}-{}-{}",
-        std::process::id(),
-        uuid::Uuid::new_v4().simple()
-    )
-}
+// groups.rs and resilience.rs take these from here.
+pub use super::harness::{BROKER, Daemon, metric, unique};
 
 pub async fn channel(url: &str) -> (Connection, Channel) {
     let conn = Connection::connect(url, ConnectionProperties::default())
@@ -139,94 +130,8 @@ pub fn header(d: &lapin::message::Delivery, name: &str) -> Option<String> {
         .and_then(iotfwd::broker::header_text)
 }
 
-pub struct Daemon {
-    pub base: String,
-    stop: Option<oneshot::Sender<()>>,
-    task: tokio::task::JoinHandle<anyhow::Result<()>>,
-}
-
-impl Daemon {
-    pub async fn start(rules_dir: &Path, tweak: impl FnOnce(&mut Config)) -> Daemon {
-        let mut config = Config::default();
-        config.rules.dir = rules_dir.to_owned();
-        config.data.dir = rules_dir.join("data");
-        config.engine.batch_max_wait_ms = 2;
-        config.broker = Some(BrokerConfig {
-            url: BROKER.into(),
-            password_env: None,
-            password_file: None,
-            confirm_window: 256,
-            reconnect_max_delay_ms: 500,
-        });
-        tweak(&mut config);
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let base = format!("http://{}", listener.local_addr().unwrap());
-        let (stop, stopped) = oneshot::channel::<()>();
-        let task = tokio::spawn(iotfwd::daemon::run(config, listener, async move {
-            let _ = stopped.await;
-        }));
-        Daemon {
-            base,
-            stop: Some(stop),
-            task,
-        }
-    }
-
-    pub async fn post(&self, body: String) -> Value {
-        let r = reqwest::Client::new()
-            .post(format!("{}/api/v1/messages?verbose=true", self.base))
-            .body(body)
-            .send()
-            .await
-            .unwrap();
-        assert!(r.status().is_success(), "{}", r.status());
-        r.json().await.unwrap()
-    }
-
-    pub async fn metrics(&self) -> String {
-        reqwest::get(format!("{}/metrics", self.base))
-            .await
-            .unwrap()
-            .text()
-            .await
-            .unwrap()
-    }
-
-    pub async fn wait_ready(&self) {
-        for _ in 0..100 {
-            if let Ok(r) = reqwest::get(format!("{}/readyz", self.base)).await
-                && r.status().is_success()
-            {
-                return;
-            }
-            tokio::time::sleep(Duration::from_millis(100)).await;
-        }
-        panic!("daemon not ready within 10 s");
-    }
-
-    pub async fn stop(mut self) {
-        self.stop.take().unwrap().send(()).unwrap();
-        self.task.await.unwrap().unwrap();
-    }
-}
-
 fn write_rule(dir: &Path, name: &str, text: &str) {
     std::fs::write(dir.join(format!("{name}.toml")), text).unwrap();
-}
-
-/// Sums a metric's samples whose label set contains every `labels` pair.
-pub fn metric(scrape: &str, name: &str, labels: &[(&str, &str)]) -> f64 {
-    scrape
-        .lines()
-        .filter(|l| !l.starts_with('#'))
-        .filter(|l| l.starts_with(name) && l[name.len()..].starts_with(['{', ' ']))
-        .filter(|l| {
-            labels
-                .iter()
-                .all(|(k, v)| l.contains(&format!("{k}=\"{v}\"")))
-        })
-        .map(|l| l.rsplit(' ').next().unwrap().parse::<f64>().unwrap())
-        .sum()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

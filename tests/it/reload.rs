@@ -4,94 +4,25 @@
 use std::path::Path;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use iotfwd::config::Config;
 use serde_json::{Value, json};
-use tokio::sync::oneshot;
 
-use super::rabbit::metric;
+use super::harness::{Daemon, eventually, metric};
 
-/// The daemon in-process, with no broker and no AMQP 1.0 endpoint.
-pub struct Daemon {
-    pub base: String,
-    stop: Option<oneshot::Sender<()>>,
-    task: tokio::task::JoinHandle<anyhow::Result<()>>,
-    client: reqwest::Client,
+/// The daemon without a broker and without the AMQP 1.0 endpoint.
+async fn start(rules_dir: &Path, tweak: impl FnOnce(&mut Config)) -> Daemon {
+    Daemon::start_without_broker(rules_dir, |c| {
+        c.subscription.enabled = false;
+        tweak(c);
+    })
+    .await
 }
 
 impl Daemon {
-    pub async fn start(rules_dir: &Path, tweak: impl FnOnce(&mut Config)) -> Daemon {
-        let mut config = Config::default();
-        config.rules.dir = rules_dir.to_owned();
-        config.data.dir = rules_dir.join("data");
-        config.engine.batch_max_wait_ms = 1;
-        config.subscription.enabled = false;
-        tweak(&mut config);
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let base = format!("http://{}", listener.local_addr().unwrap());
-        let (stop, stopped) = oneshot::channel::<()>();
-        let task = tokio::spawn(iotfwd::daemon::run(config, listener, async move {
-            let _ = stopped.await;
-        }));
-        let d = Daemon {
-            base,
-            stop: Some(stop),
-            task,
-            client: reqwest::Client::new(),
-        };
-        eventually("the daemon answers", || async {
-            d.client
-                .get(format!("{}/healthz", d.base))
-                .send()
-                .await
-                .ok()
-                .filter(|r| r.status().is_success())
-        })
-        .await;
-        d
-    }
-
-    pub async fn post(&self, path: &str, body: impl Into<reqwest::Body>) -> (u16, Value) {
-        let r = self
-            .client
-            .post(format!("{}{path}", self.base))
-            .body(body)
-            .send()
-            .await
-            .unwrap();
-        let status = r.status().as_u16();
-        let text = r.text().await.unwrap();
-        (
-            status,
-            serde_json::from_str(&text).unwrap_or(Value::String(text)),
-        )
-    }
-
-    pub async fn get_json(&self, path: &str) -> Value {
-        let r = self
-            .client
-            .get(format!("{}{path}", self.base))
-            .send()
-            .await
-            .unwrap();
-        assert!(r.status().is_success(), "GET {path}: {}", r.status());
-        r.json().await.unwrap()
-    }
-
-    pub async fn metrics(&self) -> String {
-        self.client
-            .get(format!("{}/metrics", self.base))
-            .send()
-            .await
-            .unwrap()
-            .text()
-            .await
-            .unwrap()
-    }
-
     /// The running rules, by name, with their descriptions.
-    pub async fn rules(&self) -> Vec<(String, String)> {
+    async fn rules(&self) -> Vec<(String, String)> {
         self.get_json("/api/v1/rules").await["rules"]
             .as_array()
             .unwrap()
@@ -103,27 +34,6 @@ impl Daemon {
                 )
             })
             .collect()
-    }
-
-    pub async fn stop(mut self) {
-        self.stop.take().unwrap().send(()).unwrap();
-        self.task.await.unwrap().unwrap();
-    }
-}
-
-/// Polls `f` until it gives `Some`, for at most 15 s.
-pub async fn eventually<T, F, Fut>(what: &str, mut f: F) -> T
-where
-    F: FnMut() -> Fut,
-    Fut: std::future::Future<Output = Option<T>>,
-{
-    let deadline = Instant::now() + Duration::from_secs(15);
-    loop {
-        if let Some(v) = f().await {
-            return v;
-        }
-        assert!(Instant::now() < deadline, "timed out waiting for {what}");
-        tokio::time::sleep(Duration::from_millis(20)).await;
     }
 }
 
@@ -218,7 +128,7 @@ async fn reload_under_a_steady_stream_loses_and_repeats_nothing() {
         "sql = '''SELECT n FROM \"/p1/+/post\"'''\n",
     );
     write_rule(dir.path(), "c", "sql = '''SELECT n FROM \"/p1/#\"'''\n");
-    let d = Daemon::start(dir.path(), |_| {}).await;
+    let d = start(dir.path(), |_| {}).await;
     let health = d.get_json("/api/v1/health").await;
     assert_eq!(health["status"], "ok", "{health}");
     assert_eq!(health["rules"]["loaded"], 3, "{health}");
@@ -489,10 +399,12 @@ async fn reload_under_a_steady_stream_loses_and_repeats_nothing() {
 async fn sighup_and_the_reload_api_reload_without_a_watcher() {
     let dir = tempfile::tempdir().unwrap();
     write_rule(dir.path(), "a", &versioned(1));
-    let d = Daemon::start(dir.path(), |c| c.rules.watch = false).await;
+    let d = start(dir.path(), |c| c.rules.watch = false).await;
     let version = |body: &Value| body["messages"][0]["rules"][0]["output"]["version"].clone();
     let msg = json!({"topic": "/p1/d/post", "payload": {"n": 1}}).to_string();
-    let (_, body) = d.post("/api/v1/messages?verbose=true", msg.clone()).await;
+    let (_, body) = d
+        .post_to("/api/v1/messages?verbose=true", msg.clone())
+        .await;
     assert_eq!(version(&body), 1, "{body}");
 
     // SIGHUP (the daemon handles it; nextest runs each test in its own process).
@@ -509,7 +421,9 @@ async fn sighup_and_the_reload_api_reload_without_a_watcher() {
     .await;
     assert_eq!(health["lastReload"]["changed"], json!(["a"]), "{health}");
     assert_eq!(health["lastReload"]["result"], "success", "{health}");
-    let (_, body) = d.post("/api/v1/messages?verbose=true", msg.clone()).await;
+    let (_, body) = d
+        .post_to("/api/v1/messages?verbose=true", msg.clone())
+        .await;
     assert_eq!(version(&body), 2, "{body}");
 
     // The API: a new file that does not load is reported (422) and nothing else changes.
@@ -518,14 +432,16 @@ async fn sighup_and_the_reload_api_reload_without_a_watcher() {
         "b",
         "sql = '''SELECT n FROM \"/p1/+/post\" WHERE'''\n",
     );
-    let (status, body) = d.post("/api/v1/rules/reload", "").await;
+    let (status, body) = d.post_to("/api/v1/rules/reload", "").await;
     assert_eq!(status, 422, "{body}");
     assert_eq!(body["reload"]["cause"], "api", "{body}");
     assert_eq!(body["reload"]["failed"], json!(["b"]), "{body}");
     assert_eq!(body["reload"]["unchanged"], 1, "{body}");
     assert_eq!(body["failed"][0]["code"], 9307, "{body}");
     assert_eq!(body["failed"][0]["previousRunning"], false, "{body}");
-    let (_, msgs) = d.post("/api/v1/messages?verbose=true", msg.clone()).await;
+    let (_, msgs) = d
+        .post_to("/api/v1/messages?verbose=true", msg.clone())
+        .await;
     assert_eq!(msgs["messages"][0]["rules"].as_array().unwrap().len(), 1);
     let scrape = d.metrics().await;
     assert_eq!(
@@ -547,10 +463,10 @@ async fn sighup_and_the_reload_api_reload_without_a_watcher() {
         "b",
         "sql = '''SELECT n FROM \"/p1/+/post\"'''\n",
     );
-    let (status, body) = d.post("/api/v1/rules/reload", "").await;
+    let (status, body) = d.post_to("/api/v1/rules/reload", "").await;
     assert_eq!(status, 200, "{body}");
     assert_eq!(body["reload"]["added"], json!(["b"]), "{body}");
-    let (status, body) = d.post("/api/v1/rules/reload", "").await;
+    let (status, body) = d.post_to("/api/v1/rules/reload", "").await;
     assert_eq!(status, 200, "{body}");
     assert_eq!(
         (
@@ -561,7 +477,7 @@ async fn sighup_and_the_reload_api_reload_without_a_watcher() {
         (&json!([]), &json!([]), &json!(2)),
         "{body}"
     );
-    let (_, msgs) = d.post("/api/v1/messages?verbose=true", msg).await;
+    let (_, msgs) = d.post_to("/api/v1/messages?verbose=true", msg).await;
     assert_eq!(msgs["messages"][0]["rules"].as_array().unwrap().len(), 2);
     let scrape = d.metrics().await;
     assert_eq!(

@@ -1,0 +1,196 @@
+//! The daemon in-process for the integration tests: `iotfwd::daemon::run` bound on
+//! 127.0.0.1:0 with a test's config tweak, the HTTP calls the tests make, and the helpers they
+//! share (`metric`, `unique`, `eventually`).
+
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use iotfwd::config::Config;
+use iotfwd::config::broker::BrokerConfig;
+use serde_json::Value;
+use tokio::sync::oneshot;
+
+/// The machine's shared RabbitMQ.
+pub const BROKER: &str = "amqp://guest:guest@127.0.0.1:5672/%2f";
+
+/// The daemon running in this process; `stop` ends it and fails the test if it failed.
+pub struct Daemon {
+    pub base: String,
+    client: reqwest::Client,
+    stop: Option<oneshot::Sender<()>>,
+    task: tokio::task::JoinHandle<anyhow::Result<()>>,
+}
+
+impl Daemon {
+    /// With [broker] at `BROKER`, rules from `rules_dir`, data under `rules_dir/data` and 2 ms
+    /// batches; `tweak` comes last. Returns once the HTTP server answers: the broker may still
+    /// be connecting (see `wait_ready`).
+    pub async fn start(rules_dir: &Path, tweak: impl FnOnce(&mut Config)) -> Daemon {
+        Daemon::start_without_broker(rules_dir, |c| {
+            c.engine.batch_max_wait_ms = 2;
+            c.broker = Some(BrokerConfig {
+                url: BROKER.into(),
+                password_env: None,
+                password_file: None,
+                confirm_window: 256,
+                reconnect_max_delay_ms: 500,
+            });
+            tweak(c);
+        })
+        .await
+    }
+
+    /// With no broker, rules from `rules_dir`, data under `rules_dir/data` and 1 ms batches;
+    /// `tweak` comes last. Returns once the HTTP server answers.
+    pub async fn start_without_broker(rules_dir: &Path, tweak: impl FnOnce(&mut Config)) -> Daemon {
+        let mut config = Config::default();
+        config.rules.dir = rules_dir.to_owned();
+        config.data.dir = rules_dir.join("data");
+        config.engine.batch_max_wait_ms = 1;
+        tweak(&mut config);
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let base = format!("http://{}", listener.local_addr().unwrap());
+        let (stop, stopped) = oneshot::channel::<()>();
+        let task = tokio::spawn(iotfwd::daemon::run(config, listener, async move {
+            let _ = stopped.await;
+        }));
+        let mut d = Daemon {
+            base,
+            client: reqwest::Client::new(),
+            stop: Some(stop),
+            task,
+        };
+        d.wait_answering().await;
+        d
+    }
+
+    /// Polls `/healthz` until it answers 200, for at most 15 s; a daemon that stopped while
+    /// starting fails the test with its error.
+    async fn wait_answering(&mut self) {
+        let deadline = Instant::now() + Duration::from_secs(15);
+        loop {
+            if let Ok(r) = self.client.get(self.url("/healthz")).send().await
+                && r.status().is_success()
+            {
+                return;
+            }
+            if self.task.is_finished() {
+                let result = (&mut self.task).await;
+                panic!("the daemon stopped while starting: {result:?}");
+            }
+            assert!(
+                Instant::now() < deadline,
+                "the daemon did not answer within 15 s"
+            );
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    }
+
+    /// Polls `/readyz` until it answers 2xx (rules loaded, broker connected), for at most 10 s.
+    pub async fn wait_ready(&self) {
+        for _ in 0..100 {
+            if let Ok(r) = self.client.get(self.url("/readyz")).send().await
+                && r.status().is_success()
+            {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        panic!("daemon not ready within 10 s");
+    }
+
+    fn url(&self, path: &str) -> String {
+        format!("{}{path}", self.base)
+    }
+
+    /// `POST /api/v1/messages?verbose=true` with one envelope or NDJSON, which must answer
+    /// 200: the report.
+    pub async fn post(&self, body: impl ToString) -> Value {
+        let (status, report) = self
+            .post_to("/api/v1/messages?verbose=true", body.to_string())
+            .await;
+        assert_eq!(status, 200, "POST /api/v1/messages: {report}");
+        report
+    }
+
+    /// `POST path` with this body: (status, the reply as JSON, or as a JSON string if it is
+    /// not JSON).
+    pub async fn post_to(&self, path: &str, body: impl Into<reqwest::Body>) -> (u16, Value) {
+        let r = self
+            .client
+            .post(self.url(path))
+            .body(body)
+            .send()
+            .await
+            .unwrap();
+        let status = r.status().as_u16();
+        let text = r.text().await.unwrap();
+        (
+            status,
+            serde_json::from_str(&text).unwrap_or(Value::String(text)),
+        )
+    }
+
+    /// `GET path`: (status, body).
+    pub async fn get(&self, path: &str) -> (u16, String) {
+        let r = self.client.get(self.url(path)).send().await.unwrap();
+        (r.status().as_u16(), r.text().await.unwrap())
+    }
+
+    /// `GET path`, which must answer 2xx: the reply as JSON.
+    pub async fn get_json(&self, path: &str) -> Value {
+        let r = self.client.get(self.url(path)).send().await.unwrap();
+        assert!(r.status().is_success(), "GET {path}: {}", r.status());
+        r.json().await.unwrap()
+    }
+
+    /// A `/metrics` scrape, for `metric`.
+    pub async fn metrics(&self) -> String {
+        self.get("/metrics").await.1
+    }
+
+    pub async fn stop(mut self) {
+        self.stop.take().unwrap().send(()).unwrap();
+        self.task.await.unwrap().unwrap();
+    }
+}
+
+/// Sums a metric's samples whose label set contains every `labels` pair.
+pub fn metric(scrape: &str, name: &str, labels: &[(&str, &str)]) -> f64 {
+    scrape
+        .lines()
+        .filter(|l| !l.starts_with('#'))
+        .filter(|l| l.starts_with(name) && l[name.len()..].starts_with(['{', ' ']))
+        .filter(|l| {
+            labels
+                .iter()
+                .all(|(k, v)| l.contains(&format!("{k}=\"{v}\"")))
+        })
+        .map(|l| l.rsplit(' ').next().unwrap().parse::<f64>().unwrap())
+        .sum()
+}
+
+/// A unique name per test run.
+pub fn unique(prefix: &str) -> String {
+    format!(
+        "iotfwd-test-{prefix}-{}-{}",
+        std::process::id(),
+        uuid::Uuid::new_v4().simple()
+    )
+}
+
+/// Polls `f` until it gives `Some`, for at most 15 s.
+pub async fn eventually<T, F, Fut>(what: &str, mut f: F) -> T
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Option<T>>,
+{
+    let deadline = Instant::now() + Duration::from_secs(15);
+    loop {
+        if let Some(v) = f().await {
+            return v;
+        }
+        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
