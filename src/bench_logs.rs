@@ -38,6 +38,9 @@ fn mix(i: u64) -> u64 {
     z ^ (z >> 31)
 }
 
+/// `--random-trace-ids`: trace ids with no time order, as envelopes may bring them.
+static RANDOM_TRACE_IDS: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
 /// The synthetic message `i` of `n`.
 struct Msg {
     i: u64,
@@ -56,8 +59,19 @@ impl Msg {
     fn message_id(&self) -> String {
         format!("{:019}", 1_882_975_926_703_095_808u64 + self.i)
     }
+    /// Shaped like the daemon's generated ids ([`crate::message::new_trace_id`]): the
+    /// message time, then random bits.
     fn trace_id(&self) -> String {
-        format!("{:016x}{:016x}", mix(self.i ^ 0xA5A5), mix(self.i ^ 0x5A5A))
+        if RANDOM_TRACE_IDS.load(std::sync::atomic::Ordering::Relaxed) {
+            return format!("{:016x}{:016x}", mix(self.i ^ 0xA5A5), mix(self.i ^ 0x5A5A));
+        }
+        let random = ((mix(self.i ^ 0xA5A5) as u128) << 16
+            | (mix(self.i ^ 0x5A5A) as u128 & 0xFFFF))
+            & ((1u128 << 80) - 1);
+        format!(
+            "{:012x}{random:020x}",
+            self.time_ms as u64 & 0xFFFF_FFFF_FFFF
+        )
     }
     fn device_name(&self) -> String {
         format!("dev{:04}", self.device)
@@ -198,7 +212,8 @@ fn verdict(ok: bool) -> &'static str {
 }
 
 /// `iotfwd bench logs`.
-pub fn run(records: usize, db: Option<PathBuf>, keep: bool) -> ExitCode {
+pub fn run(records: usize, db: Option<PathBuf>, keep: bool, random_trace_ids: bool) -> ExitCode {
+    RANDOM_TRACE_IDS.store(random_trace_ids, std::sync::atomic::Ordering::Relaxed);
     let records = records.max(1) as u64;
     let temp = db.is_none();
     let path = db.unwrap_or_else(|| {

@@ -173,6 +173,10 @@ pub enum BenchCommand {
         /// Keep the store file afterwards.
         #[arg(long)]
         keep: bool,
+        /// Random trace ids (as envelopes may bring them) instead of the daemon's
+        /// time-ordered generated ones.
+        #[arg(long)]
+        random_trace_ids: bool,
     },
     /// Engine throughput on generated property-post messages (no I/O), against a parse-only
     /// baseline (serde_json parse of the same payloads) measured in the same run.
@@ -269,8 +273,14 @@ pub fn main() -> ExitCode {
         Command::Codes { code } => codes_cmd(code),
         Command::Logs(cmd) => logs::run(*cmd),
         Command::Bench {
-            command: BenchCommand::Logs { records, db, keep },
-        } => crate::bench_logs::run(records, db, keep),
+            command:
+                BenchCommand::Logs {
+                    records,
+                    db,
+                    keep,
+                    random_trace_ids,
+                },
+        } => crate::bench_logs::run(records, db, keep, random_trace_ids),
         Command::Send {
             topic,
             payload,
