@@ -875,3 +875,36 @@ async fn a_link_must_be_a_receiver_attached_in_time() {
     );
     s.daemon.stop().await;
 }
+
+/// `subscription.max_connections` bounds sockets over all groups: one more is closed at once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_endpoint_bounds_its_connections() {
+    use tokio::io::AsyncReadExt;
+    let s = setup(|c, _| c.subscription.max_connections = 1).await;
+    let first = connect(&s.url, "g1").await;
+    let addr = s.url.trim_start_matches("amqp://").to_owned();
+    let mut second = tokio::net::TcpStream::connect(&addr).await.unwrap();
+    let mut buf = [0u8; 8];
+    let read = tokio::time::timeout(Duration::from_secs(5), second.read(&mut buf)).await;
+    assert!(
+        matches!(read, Ok(Ok(0)) | Ok(Err(_))),
+        "the second socket was served: {read:?}"
+    );
+    first.close().await;
+    // The slot is free again.
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        match Consumer::connect(&options(&s.url, "g1")).await {
+            Ok(c) => {
+                c.close().await;
+                break;
+            }
+            Err(e) => assert!(
+                Instant::now() < deadline,
+                "no slot after the first left: {e}"
+            ),
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    s.daemon.stop().await;
+}
