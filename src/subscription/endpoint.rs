@@ -431,7 +431,13 @@ impl Connection {
                     break;
                 }
                 Some((p, how)) = pending.next(), if !pending.is_empty() => {
-                    group.settle(membership.id, client, p, how).await;
+                    if matches!(how, Settlement::Rejected(_)) {
+                        // The error action may retry for seconds: not on this link's path.
+                        let (group, id, client) = (Arc::clone(&group), membership.id, client.to_owned());
+                        tokio::spawn(async move { group.settle(id, &client, p, how).await });
+                    } else {
+                        group.settle(membership.id, client, p, how).await;
+                    }
                 }
                 link = extra_links.accept(&mut session) => match link {
                     Ok(LinkEndpoint::Sender(s)) => {
