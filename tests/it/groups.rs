@@ -11,18 +11,10 @@ use iotfwd::config::subscription::GroupConfig;
 use iotfwd::subscription::client::{Consumer, ConsumerOptions, body_json, describe};
 use serde_json::{Value as Json, json};
 
-use super::rabbit::{Daemon, metric, unique};
+use super::harness::eventually;
+use super::rabbit::{Daemon, free_port, metric, unique};
 
 const SECRET: &str = "group-secret-for-tests";
-
-/// A port free right now, for the endpoint (the daemon binds it a moment later).
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
 
 fn group(dir: &Path, id: &str) -> GroupConfig {
     let file = dir.join(format!("{id}.secret"));
@@ -256,23 +248,15 @@ async fn logins_are_checked_good_wrong_expired_unknown() {
     unknown.group = "nope".into();
     assert!(refused(&unknown).await, "unknown group accepted");
 
-    let scrape = s.daemon.metrics().await;
-    assert_eq!(
-        metric(
-            &scrape,
-            "iotfwd_group_auth_failures_total",
-            &[("group", "g1")]
-        ),
-        2.0
-    );
-    assert_eq!(
-        metric(
-            &scrape,
-            "iotfwd_group_auth_failures_total",
-            &[("group", "_unknown")]
-        ),
-        1.0
-    );
+    // The client sees the SASL outcome before the endpoint counts the failure.
+    let counts = eventually("three auth failures counted", || async {
+        let scrape = s.daemon.metrics().await;
+        let n = |g| metric(&scrape, "iotfwd_group_auth_failures_total", &[("group", g)]);
+        let counts = (n("g1"), n("_unknown"));
+        (counts.0 + counts.1 >= 3.0).then_some(counts)
+    })
+    .await;
+    assert_eq!(counts, (2.0, 1.0));
     s.daemon.stop().await;
 }
 
@@ -868,11 +852,13 @@ async fn a_link_must_be_a_receiver_attached_in_time() {
         }
     };
     assert!(refused, "a sending link was accepted");
-    let scrape = s.daemon.metrics().await;
-    assert_eq!(
-        metric(&scrape, "iotfwd_group_connections", &[("group", "g1")]),
-        0.0
-    );
+    // The refused connection is closed by the endpoint a moment after the client sees the
+    // refusal; the gauge follows that close.
+    eventually("the connections gauge to drop to 0", || async {
+        let scrape = s.daemon.metrics().await;
+        (metric(&scrape, "iotfwd_group_connections", &[("group", "g1")]) == 0.0).then_some(())
+    })
+    .await;
     s.daemon.stop().await;
 }
 

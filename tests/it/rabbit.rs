@@ -14,7 +14,7 @@ use lapin::{BasicProperties, Channel, Connection, ConnectionProperties, Exchange
 use serde_json::{Value, json};
 
 // groups.rs and resilience.rs take these from here.
-pub use super::harness::{BROKER, Daemon, metric, unique};
+pub use super::harness::{BROKER, Daemon, free_port, metric, unique};
 
 pub async fn channel(url: &str) -> (Connection, Channel) {
     let conn = Connection::connect(url, ConnectionProperties::default())

@@ -24,15 +24,6 @@ const N: usize = 20_000;
 /// rather than the other test.
 static SERIAL: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
 
-/// A port nothing listens on right now.
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
 /// Runs a command to completion, killing it after `limit`. Returns (success, stdout + stderr).
 fn run_bounded(cmd: &mut Command, limit: Duration) -> (bool, String) {
     let out = tempfile::NamedTempFile::new().unwrap();
