@@ -32,6 +32,14 @@ pub struct StoreConfig {
     /// the commit over a large batch (fewer index pages rewritten per record). Range
     /// 1..=100000. Default `16384`.
     pub batch_max_records: usize,
+    /// Fewest milliseconds between two commits of a partial batch. A record that arrives when
+    /// the last commit is older than this is committed at once (a quiet daemon's records are
+    /// visible immediately); under load the writer gathers records for up to this long, so it
+    /// commits a few large transactions per second instead of many small ones that each
+    /// rewrite the same index pages. A full batch (`batch_max_records`) commits at once. `0`
+    /// commits whatever is queued as soon as the writer is free. Range 0..=5000. Default
+    /// `100`.
+    pub commit_interval_ms: u64,
     /// Records that may wait for the writer. When the queue is full, the steps that record
     /// outcomes wait (backpressure that slows intake) instead of records being dropped.
     /// At least `batch_max_records`, at most 10000000. Default `65536`.
@@ -49,6 +57,7 @@ impl Default for StoreConfig {
             path: None,
             retention_days: 7,
             batch_max_records: 16_384,
+            commit_interval_ms: 100,
             queue_capacity: 65_536,
             jsonl: JsonlTarget::None,
         }
@@ -92,6 +101,15 @@ impl StoreConfig {
                 format!(
                     "{} is out of range (expected 1..=100000)",
                     self.batch_max_records
+                ),
+            ));
+        }
+        if self.commit_interval_ms > 5000 {
+            problems.push((
+                &["commit_interval_ms"],
+                format!(
+                    "{} is out of range (expected 0..=5000 ms)",
+                    self.commit_interval_ms
                 ),
             ));
         }
@@ -227,6 +245,7 @@ mod tests {
             path: Some(PathBuf::new()),
             retention_days: 0,
             batch_max_records: 0,
+            commit_interval_ms: 5001,
             queue_capacity: 0,
             jsonl: JsonlTarget::File(PathBuf::new()),
         };
@@ -237,6 +256,7 @@ mod tests {
                 "path",
                 "retention_days",
                 "batch_max_records",
+                "commit_interval_ms",
                 "queue_capacity",
                 "jsonl"
             ]

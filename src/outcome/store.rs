@@ -128,6 +128,8 @@ pub enum StoreError {
 pub struct StoreOptions {
     /// Most records per transaction.
     pub batch_max_records: usize,
+    /// Fewest time between two commits of a partial batch (see `store.commit_interval_ms`).
+    pub commit_interval: Duration,
     /// Records that may wait for the writer (the backpressure bound).
     pub queue_capacity: usize,
     /// Records older than this are deleted.
@@ -140,6 +142,7 @@ impl StoreOptions {
     pub fn from_config(config: &StoreConfig) -> StoreOptions {
         StoreOptions {
             batch_max_records: config.batch_max_records.max(1),
+            commit_interval: Duration::from_millis(config.commit_interval_ms),
             queue_capacity: config.queue_capacity.max(1),
             retention: Duration::from_secs(u64::from(config.retention_days) * 86_400),
             retention_interval: Duration::from_secs(600),
@@ -336,13 +339,34 @@ async fn drain_task(
     options: StoreOptions,
     metrics: StoreMetrics,
 ) {
+    use tokio::time::Instant;
     let batch_max = options.batch_max_records;
+    let interval = options.commit_interval;
     let retention_ms = i64::try_from(options.retention.as_millis()).unwrap_or(i64::MAX);
     let mut retention = tokio::time::interval(options.retention_interval);
     retention.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut control_open = true;
-    let mut buf = Vec::with_capacity(batch_max);
+    let mut records_open = true;
+    let mut buf: Vec<Record> = Vec::with_capacity(batch_max);
+    // When the last batch went to the writer: a partial batch waits until `interval` after it.
+    let mut last_sent = Instant::now()
+        .checked_sub(interval)
+        .unwrap_or_else(Instant::now);
     loop {
+        let due = last_sent + interval;
+        if !buf.is_empty() && (buf.len() >= batch_max || !records_open || Instant::now() >= due) {
+            metrics.queued.set((records.len() + buf.len()) as i64);
+            let batch = std::mem::replace(&mut buf, Vec::with_capacity(batch_max));
+            if jobs.send(Job::Write(batch)).await.is_err() {
+                return;
+            }
+            last_sent = Instant::now();
+            continue;
+        }
+        if !records_open {
+            break;
+        }
+        let room = batch_max - buf.len();
         tokio::select! {
             // Control first: it is rare, and records must not starve it under load.
             biased;
@@ -353,19 +377,20 @@ async fn drain_task(
                 }
                 Some(Control::Flush(ack)) => {
                     loop {
-                        let mut batch = Vec::new();
-                        while batch.len() < batch_max {
+                        while buf.len() < batch_max {
                             match records.try_recv() {
-                                Ok(r) => batch.push(r),
+                                Ok(r) => buf.push(r),
                                 Err(_) => break,
                             }
                         }
-                        if batch.is_empty() {
+                        if buf.is_empty() {
                             break;
                         }
+                        let batch = std::mem::replace(&mut buf, Vec::with_capacity(batch_max));
                         if jobs.send(Job::Write(batch)).await.is_err() {
                             return;
                         }
+                        last_sent = Instant::now();
                     }
                     let _ = jobs.send(Job::Flush(ack)).await;
                 }
@@ -377,15 +402,13 @@ async fn drain_task(
                 let cutoff = crate::message::now_ms().saturating_sub(retention_ms);
                 let _ = jobs.send(Job::Purge(cutoff, None)).await;
             }
-            n = records.recv_many(&mut buf, batch_max) => {
+            // A partial batch's commit is due.
+            _ = tokio::time::sleep_until(due), if !buf.is_empty() => {}
+            n = records.recv_many(&mut buf, room) => {
                 if n == 0 {
-                    break;
+                    records_open = false;
                 }
-                metrics.queued.set(records.len() as i64);
-                let batch = std::mem::replace(&mut buf, Vec::with_capacity(batch_max));
-                if jobs.send(Job::Write(batch)).await.is_err() {
-                    return;
-                }
+                metrics.queued.set((records.len() + buf.len()) as i64);
             }
         }
     }
@@ -1217,6 +1240,42 @@ mod tests {
         store.flush().await.unwrap();
         let reader = store.reader().unwrap();
         (store, reader)
+    }
+
+    /// A quiet store commits a record at once; a burst waits for the commit interval and goes
+    /// in one transaction; a flush does not wait.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_burst_is_gathered_into_one_commit_per_interval() {
+        let dir = tempfile::tempdir().unwrap();
+        let options = StoreOptions {
+            commit_interval: Duration::from_secs(3),
+            ..StoreOptions::default()
+        };
+        let store = Store::open(&dir.path().join("o.db"), options, None).unwrap();
+        let reader = store.reader().unwrap();
+        let tx = store.sender();
+        tx.send(record(0, base(), Code::Ok)).await.unwrap();
+        let started = std::time::Instant::now();
+        while reader.count().unwrap() < 1 {
+            assert!(
+                started.elapsed() < Duration::from_secs(2),
+                "a quiet store's first record waited for the commit interval"
+            );
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        for i in 1..=1000 {
+            tx.send(record(i, base() + i as i64, Code::Ok))
+                .await
+                .unwrap();
+        }
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        if started.elapsed() < Duration::from_secs(3) {
+            assert_eq!(reader.count().unwrap(), 1, "the burst did not wait");
+        }
+        store.flush().await.unwrap();
+        assert_eq!(reader.count().unwrap(), 1001);
+        let stats = store.shutdown().await;
+        assert_eq!((stats.written, stats.transactions), (1001, 2));
     }
 
     #[tokio::test]
