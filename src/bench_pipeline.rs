@@ -26,6 +26,8 @@ pub struct PipelineBench {
     pub prefetch: u16,
     pub confirm_window: usize,
     pub rules: usize,
+    /// The daemon's config before the benchmark sets its broker, source and directories.
+    pub base: Config,
 }
 
 fn now_ns() -> u128 {
@@ -245,7 +247,7 @@ async fn start_daemon(
     tokio::sync::oneshot::Sender<()>,
     tokio::task::JoinHandle<anyhow::Result<()>>,
 )> {
-    let mut config = Config::default();
+    let mut config = b.base.clone();
     config.rules.dir = dir.to_owned();
     config.data.dir = dir.join("data");
     config.broker = Some(BrokerConfig {

@@ -214,6 +214,11 @@ pub enum BenchCommand {
         /// Rules in iotfwd (each message matches one).
         #[arg(long, default_value_t = 10)]
         rules: usize,
+        /// Run iotfwd with this config file (for its [store], [quota], [log] and other
+        /// tuning); the benchmark replaces its [broker], [source], rules and data directories.
+        /// Default: the built-in defaults.
+        #[arg(long, value_name = "FILE")]
+        config: Option<PathBuf>,
     },
 }
 
@@ -308,14 +313,23 @@ pub fn main() -> ExitCode {
                     prefetch,
                     confirm_window,
                     rules,
+                    config,
                 },
         } => {
+            let base = match config {
+                Some(p) => match load_config(Some(&p)) {
+                    Ok(c) => c,
+                    Err(code) => return code,
+                },
+                None => Config::default(),
+            };
             let bench = crate::bench_pipeline::PipelineBench {
                 url,
                 messages,
                 prefetch,
                 confirm_window,
                 rules,
+                base,
             };
             let runtime = tokio::runtime::Builder::new_multi_thread()
                 .enable_all()
