@@ -40,6 +40,11 @@ pub struct StoreConfig {
     /// commits whatever is queued as soon as the writer is free. Range 0..=5000. Default
     /// `100`.
     pub commit_interval_ms: u64,
+    /// The write-ahead log is copied into the store file once it holds this many MiB. Each
+    /// copy ends with an fsync, and a broker on the same disk waits behind it (its publisher
+    /// confirms slow down): smaller spreads the writes, larger copies each index page fewer
+    /// times (faster bulk inserts). Range 1..=1024. Default `16`.
+    pub checkpoint_mib: u32,
     /// Records that may wait for the writer. When the queue is full, the steps that record
     /// outcomes wait (backpressure that slows intake) instead of records being dropped.
     /// At least `batch_max_records`, at most 10000000. Default `65536`.
@@ -58,6 +63,7 @@ impl Default for StoreConfig {
             retention_days: 7,
             batch_max_records: 16_384,
             commit_interval_ms: 100,
+            checkpoint_mib: 16,
             queue_capacity: 65_536,
             jsonl: JsonlTarget::None,
         }
@@ -110,6 +116,15 @@ impl StoreConfig {
                 format!(
                     "{} is out of range (expected 0..=5000 ms)",
                     self.commit_interval_ms
+                ),
+            ));
+        }
+        if !(1..=1024).contains(&self.checkpoint_mib) {
+            problems.push((
+                &["checkpoint_mib"],
+                format!(
+                    "{} is out of range (expected 1..=1024 MiB)",
+                    self.checkpoint_mib
                 ),
             ));
         }
@@ -246,6 +261,7 @@ mod tests {
             retention_days: 0,
             batch_max_records: 0,
             commit_interval_ms: 5001,
+            checkpoint_mib: 0,
             queue_capacity: 0,
             jsonl: JsonlTarget::File(PathBuf::new()),
         };
@@ -257,6 +273,7 @@ mod tests {
                 "retention_days",
                 "batch_max_records",
                 "commit_interval_ms",
+                "checkpoint_mib",
                 "queue_capacity",
                 "jsonl"
             ]

@@ -24,9 +24,14 @@
 //! Retention deletes records older than `store.retention_days`, at start and every
 //! `retention_interval`, in chunks of [`PURGE_CHUNK`] interleaved with the writes, so a large
 //! purge never stalls intake. Durability: `synchronous = NORMAL` in WAL mode, so a process crash
-//! loses nothing that was committed; a power loss may lose the last few commits. The WAL is
-//! checkpointed every 16384 pages (64 MiB), so index pages changed by many batches are copied
-//! into the file once per checkpoint rather than once per 4 MiB.
+//! loses nothing that was committed; a power loss may lose the last few commits.
+//!
+//! Disk writes are shaped for a store that shares its disk with a broker. A partial batch
+//! commits at most once per `store.commit_interval_ms`, so each index page is rewritten once per
+//! commit, not once per handful of records. The WAL is checkpointed every `store.checkpoint_mib`
+//! (16 MiB): each checkpoint ends with an fsync of what it copied, and RabbitMQ's own fsyncs
+//! (publisher confirms) wait behind it, so larger checkpoints mean fewer page copies but
+//! longer stalls for the broker next door.
 
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
@@ -130,6 +135,8 @@ pub struct StoreOptions {
     pub batch_max_records: usize,
     /// Fewest time between two commits of a partial batch (see `store.commit_interval_ms`).
     pub commit_interval: Duration,
+    /// WAL pages (4 KiB) after which the WAL is checkpointed (see `store.checkpoint_mib`).
+    pub checkpoint_pages: u32,
     /// Records that may wait for the writer (the backpressure bound).
     pub queue_capacity: usize,
     /// Records older than this are deleted.
@@ -143,6 +150,7 @@ impl StoreOptions {
         StoreOptions {
             batch_max_records: config.batch_max_records.max(1),
             commit_interval: Duration::from_millis(config.commit_interval_ms),
+            checkpoint_pages: config.checkpoint_mib.max(1) * 256,
             queue_capacity: config.queue_capacity.max(1),
             retention: Duration::from_secs(u64::from(config.retention_days) * 86_400),
             retention_interval: Duration::from_secs(600),
@@ -253,7 +261,7 @@ impl Store {
                 source,
             })?;
         }
-        let conn = open_writer(path)?;
+        let conn = open_writer(path, options.checkpoint_pages)?;
         let metrics = StoreMetrics::new(registry);
         let (sender, records) = mpsc::channel(options.queue_capacity);
         let (control, control_rx) = mpsc::unbounded_channel();
@@ -564,7 +572,7 @@ fn sqlite_err(path: &Path) -> impl Fn(rusqlite::Error) -> StoreError + '_ {
     }
 }
 
-fn open_writer(path: &Path) -> Result<Connection, StoreError> {
+fn open_writer(path: &Path, checkpoint_pages: u32) -> Result<Connection, StoreError> {
     let err = sqlite_err(path);
     let conn = Connection::open(path).map_err(&err)?;
     let mode: String = conn
@@ -578,10 +586,11 @@ fn open_writer(path: &Path) -> Result<Connection, StoreError> {
          PRAGMA busy_timeout = 10000;
          PRAGMA temp_store = MEMORY;
          PRAGMA cache_size = -131072;
-         PRAGMA mmap_size = 2147418112;
-         PRAGMA wal_autocheckpoint = 16384;",
+         PRAGMA mmap_size = 2147418112;",
     )
     .map_err(&err)?;
+    conn.execute_batch(&format!("PRAGMA wal_autocheckpoint = {checkpoint_pages};"))
+        .map_err(&err)?;
     let version: i64 = conn
         .query_row("PRAGMA user_version", [], |r| r.get(0))
         .map_err(&err)?;
