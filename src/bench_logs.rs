@@ -212,7 +212,13 @@ fn verdict(ok: bool) -> &'static str {
 }
 
 /// `iotfwd bench logs`.
-pub fn run(records: usize, db: Option<PathBuf>, keep: bool, random_trace_ids: bool) -> ExitCode {
+pub fn run(
+    records: usize,
+    db: Option<PathBuf>,
+    keep: bool,
+    random_trace_ids: bool,
+    options: StoreOptions,
+) -> ExitCode {
     RANDOM_TRACE_IDS.store(random_trace_ids, std::sync::atomic::Ordering::Relaxed);
     let records = records.max(1) as u64;
     let temp = db.is_none();
@@ -226,7 +232,13 @@ pub fn run(records: usize, db: Option<PathBuf>, keep: bool, random_trace_ids: bo
         .build()
         .expect("runtime");
 
-    println!("bench logs: {records} records into {}", path.display());
+    println!(
+        "bench logs: {records} records into {} (transactions of up to {} records, WAL \
+         checkpoint every {} MiB)",
+        path.display(),
+        options.batch_max_records,
+        options.checkpoint_pages / 256
+    );
     let engine = engine_rate();
     let target_rate = 3.0 * engine;
     println!(
@@ -246,7 +258,7 @@ pub fn run(records: usize, db: Option<PathBuf>, keep: bool, random_trace_ids: bo
             );
             return Ok((sent, None, Default::default()));
         }
-        let store = Store::open(&path, StoreOptions::default(), None)?;
+        let store = Store::open(&path, options, None)?;
         let tx = store.sender();
         let started = Instant::now();
         let mut sent = 0u64;

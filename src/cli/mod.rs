@@ -10,6 +10,7 @@ use clap::{Parser, Subcommand};
 use crate::config::{Config, LogFormat};
 use crate::engine::{Engine, RuleOutcome};
 use crate::message::{Identity, Message};
+use crate::outcome::store::StoreOptions;
 use crate::outcome::{Code, codes};
 use crate::rules::{Compiler, RuleSet};
 
@@ -177,6 +178,10 @@ pub enum BenchCommand {
         /// time-ordered generated ones.
         #[arg(long)]
         random_trace_ids: bool,
+        /// Tune the writer with this config file's [store] section (batch, commit interval,
+        /// checkpoint size; its path is ignored). Default: the built-in defaults.
+        #[arg(long, value_name = "FILE")]
+        config: Option<PathBuf>,
     },
     /// Engine throughput on generated property-post messages (no I/O), against a parse-only
     /// baseline (serde_json parse of the same payloads) measured in the same run.
@@ -284,8 +289,24 @@ pub fn main() -> ExitCode {
                     db,
                     keep,
                     random_trace_ids,
+                    config,
                 },
-        } => crate::bench_logs::run(records, db, keep, random_trace_ids),
+        } => {
+            let store = match config {
+                Some(p) => match load_config(Some(&p)) {
+                    Ok(c) => c.store,
+                    Err(code) => return code,
+                },
+                None => Default::default(),
+            };
+            crate::bench_logs::run(
+                records,
+                db,
+                keep,
+                random_trace_ids,
+                StoreOptions::from_config(&store),
+            )
+        }
         Command::Send {
             topic,
             payload,
