@@ -363,6 +363,17 @@ pub async fn run(
     listener: TcpListener,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> anyhow::Result<()> {
+    run_from_file(config, None, listener, shutdown).await
+}
+
+/// [`run`] for a config loaded from `file`: SIGHUP and `POST /api/v1/rules/reload` re-read it
+/// and apply its quotas (see [`crate::reload`]).
+pub async fn run_from_file(
+    config: Config,
+    file: Option<&Path>,
+    listener: TcpListener,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> anyhow::Result<()> {
     std::fs::create_dir_all(&config.data.dir).with_context(|| {
         format!(
             "cannot create the data directory {} (data.dir)",
@@ -412,13 +423,17 @@ pub async fn run(
         &crate::config::quota::QuotaSet::from(&config),
         Some(Arc::clone(&metrics)),
     );
+    // Always: a config reload may turn quotas on.
+    limiter.spawn_pruner(std::time::Duration::from_secs(60));
     if limiter.is_enabled() {
-        limiter.spawn_pruner(std::time::Duration::from_secs(60));
         tracing::info!(
             tenants = config.tenant.len(),
             instances = config.instance.len(),
             "quotas on"
         );
+    }
+    if let Some(file) = file {
+        reloader.follow_config(file, config.clone(), limiter.clone());
     }
     let mut dispatcher =
         Dispatcher::new(outcomes.clone(), broker.clone(), limiter).with_health(Arc::clone(&health));

@@ -148,7 +148,8 @@ pub struct LastReload {
     pub time_ms: i64,
     /// `startup`, `watch` (a change in the directory), `SIGHUP` or `api`.
     pub cause: &'static str,
-    /// `success` when every rule file loaded, else `failure`.
+    /// `success` when every rule file (and the config file, when re-read) loaded, else
+    /// `failure`.
     pub result: &'static str,
     pub added: Vec<String>,
     pub changed: Vec<String>,
@@ -159,6 +160,27 @@ pub struct LastReload {
     pub unchanged: usize,
     /// Rules running after this reload.
     pub loaded: usize,
+    /// What the reload did with the config file, when the daemon runs with `--config` (not at
+    /// start-up).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub config: Option<ConfigReload>,
+}
+
+/// A reload's pass over the config file: the quotas apply at once; other changed sections are
+/// listed and wait for a restart.
+#[derive(Clone, Debug, PartialEq, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct ConfigReload {
+    pub file: String,
+    /// `success`, or `failure` when the file does not load (the running config stays).
+    pub result: &'static str,
+    /// Every problem of the file, with its line and column.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub errors: Vec<String>,
+    /// Whether `[[tenant]]`, `[[instance]]` or `[quota]` changed (and were applied).
+    pub quotas_changed: bool,
+    /// Top-level sections that differ from what runs; they apply at the next restart.
+    pub restart_needed: Vec<String>,
 }
 
 /// What consumer groups report: a JSON array, one object per group, each with a `state` key
@@ -430,6 +452,7 @@ mod tests {
             failed: vec!["a".into()],
             unchanged: 1,
             loaded: 2,
+            config: None,
         };
         h.set_rules(2, vec![failure], last);
         let r = h.report_at(None, 0);

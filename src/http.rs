@@ -215,8 +215,9 @@ async fn list_rules(State(state): State<Arc<AppState>>) -> Response {
     Json(json!({ "rules": rules })).into_response()
 }
 
-/// `POST /api/v1/rules/reload`: what SIGHUP does, answered with what the reload did (the
-/// `lastReload` of `GET /api/v1/health`). 200 when every rule file loaded, else 422.
+/// `POST /api/v1/rules/reload`: what SIGHUP does (the rules, and with `--config` the config
+/// file's quotas), answered with what the reload did (the `lastReload` of `GET
+/// /api/v1/health`). 200 when every rule file and the config file loaded, else 422.
 async fn reload_rules(State(state): State<Arc<AppState>>) -> Response {
     let last = state.rules.reload(crate::reload::Cause::Api).await;
     let status = if last.result == "success" {

@@ -22,9 +22,17 @@
 //! SIGHUP, and `POST /api/v1/rules/reload`. All of them call [`Reloader::reload`]; reloads run
 //! one at a time.
 //!
+//! The config file. When the daemon runs with `--config`, SIGHUP and the reload API (not
+//! directory changes) also re-read that file ([`ConfigFile`]). A file that does not load changes
+//! nothing: each problem is logged at ERROR with its line and column and the reload's result is
+//! `failure`. A file that loads applies its quotas (`[[tenant]]`, `[[instance]]`, `[quota]`) at
+//! once through [`Limiter::update`] (unchanged tenants, instances and device classes keep their
+//! buckets); every other top-level section that differs from what runs is named in a WARN line
+//! and in the reload's `config.restartNeeded`, and applies at the next restart.
+//!
 //! Metrics: `iotfwd_rules_reload_total{result}` counts reloads after start (`failure` when some
-//! rule file does not load after it), `iotfwd_rules_last_reload_success` and
-//! `iotfwd_rules_last_reload_timestamp_seconds` describe the last load, start included.
+//! rule file, or the config file, does not load after it), `iotfwd_rules_last_reload_success`
+//! and `iotfwd_rules_last_reload_timestamp_seconds` describe the last load, start included.
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -33,7 +41,10 @@ use std::time::Duration;
 
 use tokio::sync::{Mutex, mpsc, watch};
 
-use crate::health::{Health, LastReload, RuleFileFailure};
+use crate::config::Config;
+use crate::config::quota::QuotaSet;
+use crate::health::{ConfigReload, Health, LastReload, RuleFileFailure};
+use crate::limits::Limiter;
 use crate::outcome::{BizCode, Code, Outcomes, Record};
 use crate::rules::{Compiler, Rule, RuleError, RuleSet};
 
@@ -134,6 +145,96 @@ pub struct Reloader {
     publish: watch::Sender<Arc<RuleSet>>,
     /// Held for the whole of a reload, so reloads run one at a time.
     files: Mutex<Files>,
+    /// The config file, re-read on SIGHUP and the API (set by [`Reloader::follow_config`]).
+    config: std::sync::OnceLock<ConfigFile>,
+}
+
+/// The config file the daemon started with, and what of it runs now.
+pub struct ConfigFile {
+    path: PathBuf,
+    limiter: Limiter,
+    /// The start-up config with the quotas of the last good reload.
+    running: std::sync::Mutex<Config>,
+}
+
+impl ConfigFile {
+    /// Re-reads the file; applies its quotas when it loads. See the module docs.
+    async fn reload(&self) -> ConfigReload {
+        let file = self.path.display().to_string();
+        let path = self.path.clone();
+        let loaded = tokio::task::spawn_blocking(move || Config::load(&path))
+            .await
+            .map_err(|e| {
+                vec![format!(
+                    "{file}: internal error while reading the config: {e}"
+                )]
+            })
+            .and_then(|r| r.map_err(|errors| errors.iter().map(ToString::to_string).collect()));
+        let new = match loaded {
+            Ok(new) => new,
+            Err(errors) => {
+                for e in &errors {
+                    tracing::error!(config = %file, "config not reloaded, the running config stays: {e}");
+                }
+                return ConfigReload {
+                    file,
+                    result: "failure",
+                    errors,
+                    quotas_changed: false,
+                    restart_needed: Vec::new(),
+                };
+            }
+        };
+        let mut running = self
+            .running
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let quotas = QuotaSet::from(&new);
+        let quotas_changed = quotas != QuotaSet::from(&*running);
+        if quotas_changed {
+            self.limiter.update(&quotas);
+            running.tenant = new.tenant.clone();
+            running.instance = new.instance.clone();
+            running.quota = new.quota.clone();
+            tracing::info!(
+                config = %file,
+                tenants = new.tenant.len(),
+                instances = new.instance.len(),
+                "quotas reloaded"
+            );
+        }
+        let restart_needed = differing_sections(&running, &new);
+        if !restart_needed.is_empty() {
+            tracing::warn!(
+                config = %file,
+                sections = %restart_needed.join(","),
+                "config changes that apply at the next restart (only [[tenant]], [[instance]] and [quota] reload)"
+            );
+        }
+        ConfigReload {
+            file,
+            result: "success",
+            errors: Vec::new(),
+            quotas_changed,
+            restart_needed,
+        }
+    }
+}
+
+/// The top-level sections of `b` that differ from `a`, in name order.
+fn differing_sections(a: &Config, b: &Config) -> Vec<String> {
+    let (Ok(serde_json::Value::Object(a)), Ok(serde_json::Value::Object(b))) =
+        (serde_json::to_value(a), serde_json::to_value(b))
+    else {
+        return Vec::new();
+    };
+    let mut keys: Vec<&String> = a.keys().chain(b.keys()).collect();
+    keys.sort();
+    keys.dedup();
+    keys.into_iter()
+        .filter(|k| a.get(*k) != b.get(*k))
+        .cloned()
+        .collect()
 }
 
 impl Reloader {
@@ -153,9 +254,20 @@ impl Reloader {
             health,
             publish,
             files: Mutex::new(Files::default()),
+            config: std::sync::OnceLock::new(),
         });
         reloader.reload(Cause::Startup).await;
         reloader
+    }
+
+    /// From now on, SIGHUP and the reload API also re-read the config file at `path`, which
+    /// `running` was loaded from, and apply its quotas to `limiter`. Once per reloader.
+    pub fn follow_config(&self, path: &Path, running: Config, limiter: Limiter) {
+        let _ = self.config.set(ConfigFile {
+            path: path.to_owned(),
+            limiter,
+            running: std::sync::Mutex::new(running),
+        });
     }
 
     /// The rule set running now.
@@ -177,6 +289,12 @@ impl Reloader {
     /// already running.
     pub async fn reload(&self, cause: Cause) -> LastReload {
         let mut files = self.files.lock().await;
+        // The config file first: a reload of the rules the operator asked for by signal or API
+        // is also a reload of the quotas. Directory changes concern the rules only.
+        let config = match (cause, self.config.get()) {
+            (Cause::Signal | Cause::Api, Some(file)) => Some(file.reload().await),
+            _ => None,
+        };
         let previous = files.clone();
         let dir = self.dir.clone();
         let compiler = Arc::clone(&self.compiler);
@@ -226,7 +344,8 @@ impl Reloader {
         }
         let failures = files.failures();
         let now = crate::message::now_ms();
-        let result = if failures.is_empty() {
+        let config_failed = config.as_ref().is_some_and(|c| c.result == "failure");
+        let result = if failures.is_empty() && !config_failed {
             "success"
         } else {
             "failure"
@@ -250,6 +369,7 @@ impl Reloader {
                 .collect(),
             unchanged: scan.unchanged,
             loaded,
+            config,
         };
         metrics.rules_loaded.set(loaded as i64);
         if cause != Cause::Startup {
@@ -257,7 +377,7 @@ impl Reloader {
         }
         metrics
             .rules_last_reload_success
-            .set(i64::from(failures.is_empty()));
+            .set(i64::from(result == "success"));
         metrics.rules_last_reload_timestamp.set(now as f64 / 1000.0);
         self.health.set_rules(loaded, failures, last.clone());
         // Published last, so whoever sees the new rules also sees the records, health and

@@ -426,7 +426,13 @@ fn run(config_path: Option<&Path>) -> ExitCode {
         let listener = tokio::net::TcpListener::bind(addr)
             .await
             .map_err(|e| anyhow::anyhow!("cannot listen on {addr} (http.listen): {e}"))?;
-        crate::daemon::run(config, listener, crate::daemon::shutdown_signal()).await
+        crate::daemon::run_from_file(
+            config,
+            config_path,
+            listener,
+            crate::daemon::shutdown_signal(),
+        )
+        .await
     });
     match result {
         Ok(()) => ExitCode::SUCCESS,

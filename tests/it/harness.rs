@@ -64,6 +64,39 @@ impl Daemon {
         d
     }
 
+    /// With the config loaded from `file`, as `iotfwd run --config file` does (so SIGHUP and
+    /// the reload API re-read it). Returns once the HTTP server answers.
+    pub async fn start_from_file(file: &Path) -> Daemon {
+        let config = Config::load(file).unwrap_or_else(|errors| {
+            panic!(
+                "{}",
+                errors
+                    .iter()
+                    .map(ToString::to_string)
+                    .collect::<Vec<_>>()
+                    .join("\n")
+            )
+        });
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let base = format!("http://{}", listener.local_addr().unwrap());
+        let (stop, stopped) = oneshot::channel::<()>();
+        let file = file.to_owned();
+        let task = tokio::spawn(async move {
+            iotfwd::daemon::run_from_file(config, Some(&file), listener, async move {
+                let _ = stopped.await;
+            })
+            .await
+        });
+        let mut d = Daemon {
+            base,
+            client: reqwest::Client::new(),
+            stop: Some(stop),
+            task,
+        };
+        d.wait_answering().await;
+        d
+    }
+
     /// Polls `/healthz` until it answers 200, for at most 15 s; a daemon that stopped while
     /// starting fails the test with its error.
     async fn wait_answering(&mut self) {

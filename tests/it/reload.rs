@@ -495,3 +495,99 @@ async fn sighup_and_the_reload_api_reload_without_a_watcher() {
     assert_eq!(d.get_json("/api/v1/health").await["status"], "ok");
     d.stop().await;
 }
+
+/// With `--config`, the reload API (and SIGHUP) re-read the config file: new quotas apply at
+/// once, other changed sections are named as waiting for a restart, and a file that does not
+/// load changes nothing and says where it is wrong.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_config_file_reloads_its_quotas_and_names_what_needs_a_restart() {
+    let dir = tempfile::tempdir().unwrap();
+    let rules = dir.path().join("rules");
+    std::fs::create_dir(&rules).unwrap();
+    // No broker: a forward the quota lets through ends in 9325, a throttled one in 9324.
+    write_rule(
+        &rules,
+        "r",
+        "sql = '''SELECT * FROM \"/p1/+/post\"'''\n[[action]]\nto = \"amqp\"\nexchange = \"x\"\n",
+    );
+    let config = |burst: &str, batch_wait: u32| {
+        format!(
+            "[rules]\ndir = {rules:?}\nwatch = false\n[data]\ndir = {data:?}\n\
+             [engine]\nbatch_max_wait_ms = {batch_wait}\n[subscription]\nenabled = false\n\
+             [[tenant]]\nid = \"t1\"\nforward_tps = 1\nburst = {burst}\n\
+             [[instance]]\nid = \"i1\"\ntenant = \"t1\"\nproducts = [\"p1\"]\nforward_tps = 1000\n",
+            rules = rules.display().to_string(),
+            data = dir.path().join("data").display().to_string(),
+        )
+    };
+    let file = dir.path().join("iotfwd.toml");
+    std::fs::write(&file, config("2", 1)).unwrap();
+    let d = Daemon::start_from_file(&file).await;
+    let codes = |body: Value| -> Vec<u64> {
+        body["messages"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|m| m["rules"][0]["actions"][0]["code"].as_u64().unwrap())
+            .collect()
+    };
+    let five = || {
+        (0..5)
+            .map(|i| json!({"topic": "/p1/d1/post", "payload": {"i": i}}).to_string())
+            .collect::<Vec<_>>()
+            .join("\n")
+    };
+    let mut got = codes(d.post(five()).await);
+    got.sort();
+    assert_eq!(got, [9324, 9324, 9324, 9325, 9325], "burst 2");
+
+    // A larger burst, and an engine setting that only a restart applies.
+    std::fs::write(&file, config("100", 2)).unwrap();
+    let (status, reply) = d.post_to("/api/v1/rules/reload", "").await;
+    assert_eq!(status, 200, "{reply}");
+    let c = &reply["reload"]["config"];
+    assert_eq!(c["result"], "success", "{reply}");
+    assert_eq!(c["quotasChanged"], true, "{reply}");
+    assert_eq!(c["restartNeeded"], json!(["engine"]), "{reply}");
+    assert_eq!(codes(d.post(five()).await), [9325; 5], "burst 100");
+
+    // A file that does not load: nothing changes, and the reply says where.
+    std::fs::write(&file, config("\"lots\"", 1)).unwrap();
+    let (status, reply) = d.post_to("/api/v1/rules/reload", "").await;
+    assert_eq!(status, 422, "{reply}");
+    let c = &reply["reload"]["config"];
+    assert_eq!(c["result"], "failure", "{reply}");
+    let error = c["errors"][0].as_str().unwrap();
+    assert!(
+        error.contains("iotfwd.toml:13:9") && error.contains("\"lots\""),
+        "{error}"
+    );
+    assert_eq!(reply["reload"]["result"], "failure", "{reply}");
+    assert_eq!(
+        codes(d.post(five()).await),
+        [9325; 5],
+        "the running quotas stay"
+    );
+    let scrape = d.metrics().await;
+    assert_eq!(
+        metric(&scrape, "iotfwd_rules_last_reload_success", &[]),
+        0.0
+    );
+
+    // Back to a good file with the same quotas: success, nothing to apply, engine still pending.
+    std::fs::write(&file, config("100", 2)).unwrap();
+    let (status, reply) = d.post_to("/api/v1/rules/reload", "").await;
+    assert_eq!(status, 200, "{reply}");
+    assert_eq!(reply["reload"]["config"]["quotasChanged"], false, "{reply}");
+    assert_eq!(
+        reply["reload"]["config"]["restartNeeded"],
+        json!(["engine"]),
+        "{reply}"
+    );
+    let health = d.get_json("/api/v1/health").await;
+    assert_eq!(
+        health["lastReload"]["config"]["result"], "success",
+        "{health}"
+    );
+    d.stop().await;
+}
