@@ -432,11 +432,8 @@ pub async fn run_from_file(
             "quotas on"
         );
     }
-    if let Some(file) = file {
-        reloader.follow_config(file, config.clone(), limiter.clone());
-    }
-    let mut dispatcher =
-        Dispatcher::new(outcomes.clone(), broker.clone(), limiter).with_health(Arc::clone(&health));
+    let mut dispatcher = Dispatcher::new(outcomes.clone(), broker.clone(), limiter.clone())
+        .with_health(Arc::clone(&health));
     // Consumer groups and their AMQP 1.0 endpoint ([subscription], [[group]]).
     let rule_lookup: crate::subscription::RuleLookup = {
         // The running version of the rule: hot reload swaps rules.
@@ -456,6 +453,14 @@ pub async fn run_from_file(
         g.spawn_reject_handler(dispatcher.clone(), rule_lookup);
         let hub = Arc::clone(&g.hub);
         health.set_groups(Box::new(move || serde_json::Value::Array(hub.status())));
+    }
+    if let Some(file) = file {
+        reloader.follow_config(
+            file,
+            config.clone(),
+            limiter,
+            groups.as_ref().map(|g| Arc::clone(&g.hub)),
+        );
     }
     let (pipeline, engine_task) = start_engine(&config, engine, dispatcher, outcomes);
     let grace = config.shutdown_grace();

@@ -181,6 +181,8 @@ pub struct ConfigReload {
     pub quotas_changed: bool,
     /// Top-level sections that differ from what runs; they apply at the next restart.
     pub restart_needed: Vec<String>,
+    /// Consumer groups whose secret (re-read from its `secret_env` or `secret_file`) changed.
+    pub secrets_rotated: Vec<String>,
 }
 
 /// What consumer groups report: a JSON array, one object per group, each with a `state` key

@@ -28,7 +28,10 @@
 //! `failure`. A file that loads applies its quotas (`[[tenant]]`, `[[instance]]`, `[quota]`) at
 //! once through [`Limiter::update`] (unchanged tenants, instances and device classes keep their
 //! buckets); every other top-level section that differs from what runs is named in a WARN line
-//! and in the reload's `config.restartNeeded`, and applies at the next restart.
+//! and in the reload's `config.restartNeeded`, and applies at the next restart. Each consumer
+//! group's secret is read again from its `secret_env` or `secret_file`; a changed one is
+//! swapped in for new logins (`config.secretsRotated`), an unreadable one keeps the running
+//! secret and fails the reload.
 //!
 //! Metrics: `iotfwd_rules_reload_total{result}` counts reloads after start (`failure` when some
 //! rule file, or the config file, does not load after it), `iotfwd_rules_last_reload_success`
@@ -153,6 +156,8 @@ pub struct Reloader {
 pub struct ConfigFile {
     path: PathBuf,
     limiter: Limiter,
+    /// The consumer groups, whose secrets are re-read.
+    groups: Option<Arc<crate::subscription::Hub>>,
     /// The start-up config with the quotas of the last good reload.
     running: std::sync::Mutex<Config>,
 }
@@ -182,6 +187,7 @@ impl ConfigFile {
                     errors,
                     quotas_changed: false,
                     restart_needed: Vec::new(),
+                    secrets_rotated: Vec::new(),
                 };
             }
         };
@@ -203,6 +209,21 @@ impl ConfigFile {
                 "quotas reloaded"
             );
         }
+        drop(running);
+        let (secrets_rotated, secret_errors) = match &self.groups {
+            Some(hub) => hub.reload_secrets(),
+            None => Default::default(),
+        };
+        for group in &secrets_rotated {
+            tracing::info!(config = %file, group = %group, "consumer group secret rotated: new logins need the new secret");
+        }
+        for e in &secret_errors {
+            tracing::error!(config = %file, "consumer group secret not reloaded: {e}");
+        }
+        let running = self
+            .running
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
         let restart_needed = differing_sections(&running, &new);
         if !restart_needed.is_empty() {
             tracing::warn!(
@@ -213,10 +234,15 @@ impl ConfigFile {
         }
         ConfigReload {
             file,
-            result: "success",
-            errors: Vec::new(),
+            result: if secret_errors.is_empty() {
+                "success"
+            } else {
+                "failure"
+            },
+            errors: secret_errors,
             quotas_changed,
             restart_needed,
+            secrets_rotated,
         }
     }
 }
@@ -261,11 +287,19 @@ impl Reloader {
     }
 
     /// From now on, SIGHUP and the reload API also re-read the config file at `path`, which
-    /// `running` was loaded from, and apply its quotas to `limiter`. Once per reloader.
-    pub fn follow_config(&self, path: &Path, running: Config, limiter: Limiter) {
+    /// `running` was loaded from, apply its quotas to `limiter` and re-read the secrets of
+    /// `groups`. Once per reloader.
+    pub fn follow_config(
+        &self,
+        path: &Path,
+        running: Config,
+        limiter: Limiter,
+        groups: Option<Arc<crate::subscription::Hub>>,
+    ) {
         let _ = self.config.set(ConfigFile {
             path: path.to_owned(),
             limiter,
+            groups,
             running: std::sync::Mutex::new(running),
         });
     }

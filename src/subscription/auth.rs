@@ -166,12 +166,30 @@ pub struct AuthFailure {
 
 /// Checks signed logins against the configured groups.
 pub struct Verifier {
-    groups: HashMap<String, GroupCredentials>,
+    groups: std::sync::RwLock<HashMap<String, GroupCredentials>>,
 }
 
 impl Verifier {
     pub fn new(groups: HashMap<String, GroupCredentials>) -> Verifier {
-        Verifier { groups }
+        Verifier {
+            groups: std::sync::RwLock::new(groups),
+        }
+    }
+
+    /// Replaces a group's secret (rotation): logins from now on need the new one; connections
+    /// already open stay. Returns whether it changed (false too for an unknown group).
+    pub fn rotate_secret(&self, group: &str, secret: String) -> bool {
+        let mut groups = self
+            .groups
+            .write()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        match groups.get_mut(group) {
+            Some(creds) if creds.secret != secret => {
+                creds.secret = secret;
+                true
+            }
+            _ => false,
+        }
     }
 
     /// Verifies one login at `now_ms`.
@@ -191,7 +209,11 @@ impl Verifier {
             client_id: Some(user.client_id.clone()),
             reason,
         };
-        let Some(creds) = self.groups.get(&user.group) else {
+        let groups = self
+            .groups
+            .read()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let Some(creds) = groups.get(&user.group) else {
             return Err(fail(format!("no consumer group {:?}", user.group)));
         };
         if user.access_key_id != creds.access_key_id {

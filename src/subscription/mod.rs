@@ -936,6 +936,28 @@ impl Hub {
         self.groups.get(id)
     }
 
+    /// Reads every group's secret again from its `secret_env` or `secret_file` (never creating
+    /// the file) and swaps in those that changed: the names of the rotated groups, or, per
+    /// group whose secret cannot be read, why (that group keeps its running secret).
+    pub fn reload_secrets(&self) -> (Vec<String>, Vec<String>) {
+        let (mut rotated, mut errors) = (Vec::new(), Vec::new());
+        let mut ids: Vec<&String> = self.groups.keys().collect();
+        ids.sort();
+        for id in ids {
+            let mut config = self.groups[id].config.clone();
+            config.create_secret = false;
+            match config.secret() {
+                Ok(secret) => {
+                    if self.verifier.rotate_secret(id, secret) {
+                        rotated.push(id.clone());
+                    }
+                }
+                Err(e) => errors.push(format!("{e} (group {id:?} keeps its running secret)")),
+            }
+        }
+        (rotated, errors)
+    }
+
     pub fn groups(&self) -> impl Iterator<Item = &Arc<Group>> {
         self.groups.values()
     }

@@ -894,3 +894,81 @@ async fn the_endpoint_bounds_its_connections() {
     }
     s.daemon.stop().await;
 }
+
+/// With `--config`, a reload re-reads each group's secret file: new logins need the new
+/// secret, an open connection stays, and an unreadable file keeps the running secret.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reload_rotates_a_group_secret_read_from_its_file() {
+    let dir = tempfile::tempdir().unwrap();
+    let secret_file = dir.path().join("g1.secret");
+    std::fs::write(&secret_file, format!("{SECRET}\n")).unwrap();
+    let rules = dir.path().join("rules");
+    std::fs::create_dir(&rules).unwrap();
+    std::fs::write(
+        rules.join("to_g1.toml"),
+        "sql = '''SELECT * FROM \"/p1/+/post\"'''\n[[action]]\nto = \"group\"\ngroup = \"g1\"\n",
+    )
+    .unwrap();
+    let port = free_port();
+    let file = dir.path().join("iotfwd.toml");
+    std::fs::write(
+        &file,
+        format!(
+            "[rules]\ndir = {rules:?}\nwatch = false\n[data]\ndir = {data:?}\n\
+             [subscription]\nlisten = \"127.0.0.1:{port}\"\n\
+             [[group]]\nid = \"g1\"\naccess_key_id = \"ak-g1\"\nsecret_file = {secret:?}\n",
+            rules = rules.display().to_string(),
+            data = dir.path().join("data").display().to_string(),
+            secret = secret_file.display().to_string(),
+        ),
+    )
+    .unwrap();
+    let daemon = Daemon::start_from_file(&file).await;
+    let url = format!("amqp://127.0.0.1:{port}");
+    let mut open = connect(&url, "g1").await;
+
+    std::fs::write(&secret_file, "the-new-secret\n").unwrap();
+    let (status, reply) = daemon.post_to("/api/v1/rules/reload", "").await;
+    assert_eq!(status, 200, "{reply}");
+    assert_eq!(
+        reply["reload"]["config"]["secretsRotated"],
+        json!(["g1"]),
+        "{reply}"
+    );
+    assert!(
+        !reply.to_string().contains("the-new-secret"),
+        "the secret leaked: {reply}"
+    );
+    assert!(
+        refused(&options(&url, "g1")).await,
+        "the old secret still logs in"
+    );
+    let mut rotated = options(&url, "g1");
+    rotated.secret = "the-new-secret".into();
+    Consumer::connect(&rotated)
+        .await
+        .expect("the new secret logs in")
+        .close()
+        .await;
+    // The connection made with the old secret still receives.
+    let id = send(&daemon, "/p1/dev1/post", json!({"n": 1})).await;
+    let d = recv(&mut open, Duration::from_secs(10))
+        .await
+        .expect("the open connection receives");
+    assert_eq!(message_id(&d), id);
+    open.receiver.accept(&d).await.unwrap();
+
+    // A missing file: the reload fails and says so; the running secret stays.
+    std::fs::remove_file(&secret_file).unwrap();
+    let (status, reply) = daemon.post_to("/api/v1/rules/reload", "").await;
+    assert_eq!(status, 422, "{reply}");
+    let error = reply["reload"]["config"]["errors"][0].as_str().unwrap();
+    assert!(error.contains("g1.secret"), "{error}");
+    Consumer::connect(&rotated)
+        .await
+        .expect("the running secret stays")
+        .close()
+        .await;
+    open.close().await;
+    daemon.stop().await;
+}
