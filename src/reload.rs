@@ -191,6 +191,16 @@ impl ConfigFile {
                 };
             }
         };
+        let (secrets_rotated, secret_errors) = match &self.groups {
+            Some(hub) => hub.reload_secrets(),
+            None => Default::default(),
+        };
+        for group in &secrets_rotated {
+            tracing::info!(config = %file, group = %group, "consumer group secret rotated: new logins need the new secret");
+        }
+        for e in &secret_errors {
+            tracing::error!(config = %file, "consumer group secret not reloaded: {e}");
+        }
         let mut running = self
             .running
             .lock()
@@ -209,27 +219,12 @@ impl ConfigFile {
                 "quotas reloaded"
             );
         }
-        drop(running);
-        let (secrets_rotated, secret_errors) = match &self.groups {
-            Some(hub) => hub.reload_secrets(),
-            None => Default::default(),
-        };
-        for group in &secrets_rotated {
-            tracing::info!(config = %file, group = %group, "consumer group secret rotated: new logins need the new secret");
-        }
-        for e in &secret_errors {
-            tracing::error!(config = %file, "consumer group secret not reloaded: {e}");
-        }
-        let running = self
-            .running
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner);
         let restart_needed = differing_sections(&running, &new);
         if !restart_needed.is_empty() {
             tracing::warn!(
                 config = %file,
                 sections = %restart_needed.join(","),
-                "config changes that apply at the next restart (only [[tenant]], [[instance]] and [quota] reload)"
+                "config changes that apply at the next restart (only [[tenant]], [[instance]], [quota] and group secrets reload)"
             );
         }
         ConfigReload {
