@@ -195,6 +195,8 @@ struct RulesHealth {
     loaded: usize,
     failed: Vec<RuleFileFailure>,
     last_reload: Option<LastReload>,
+    /// The last pass over the config file (reloads by a directory change make none).
+    config: Option<ConfigReload>,
 }
 
 /// The registry behind `GET /api/v1/health`. One per daemon; cheap to update from the data path.
@@ -251,7 +253,19 @@ impl Health {
         let mut rules = self.rules.lock().expect("health lock poisoned");
         rules.loaded = loaded;
         rules.failed = failed;
+        if let Some(config) = &last.config {
+            rules.config = Some(config.clone());
+        }
         rules.last_reload = Some(last);
+    }
+
+    /// The last pass of a reload over the config file, if there was one.
+    pub fn config_reload(&self) -> Option<ConfigReload> {
+        self.rules
+            .lock()
+            .expect("health lock poisoned")
+            .config
+            .clone()
     }
 
     /// The rule files that do not load.
@@ -298,12 +312,14 @@ impl Health {
                 v
             })
             .collect();
-        let (rules, last_reload) = {
+        let (rules, last_reload, config) = {
             let rules = self.rules.lock().expect("health lock poisoned");
             degraded |= !rules.failed.is_empty();
+            degraded |= rules.config.as_ref().is_some_and(|c| c.result != "success");
             (
                 json!({ "loaded": rules.loaded, "failed": rules.failed }),
                 serde_json::to_value(&rules.last_reload).unwrap_or(Value::Null),
+                serde_json::to_value(&rules.config).unwrap_or(Value::Null),
             )
         };
         let groups = match &*self.groups.read().expect("health lock poisoned") {
@@ -326,6 +342,7 @@ impl Health {
             "destinations": destinations,
             "rules": rules,
             "lastReload": last_reload,
+            "config": config,
             "groups": groups,
         })
     }

@@ -373,7 +373,15 @@ impl Reloader {
         }
         let failures = files.failures();
         let now = crate::message::now_ms();
-        let config_failed = config.as_ref().is_some_and(|c| c.result == "failure");
+        // A config file that did not load at the last pass still fails a rules-only reload:
+        // what runs is not what is on disk until it is fixed.
+        let config_failed = match &config {
+            Some(c) => c.result != "success",
+            None => self
+                .health
+                .config_reload()
+                .is_some_and(|c| c.result != "success"),
+        };
         let result = if failures.is_empty() && !config_failed {
             "success"
         } else {

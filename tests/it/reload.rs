@@ -573,6 +573,9 @@ async fn the_config_file_reloads_its_quotas_and_names_what_needs_a_restart() {
         metric(&scrape, "iotfwd_rules_last_reload_success", &[]),
         0.0
     );
+    let health = d.get_json("/api/v1/health").await;
+    assert_eq!(health["config"]["result"], "failure", "{health}");
+    assert_eq!(health["status"], "degraded", "{health}");
 
     // Back to a good file with the same quotas: success, nothing to apply, engine still pending.
     std::fs::write(&file, config("100", 2)).unwrap();
@@ -588,6 +591,12 @@ async fn the_config_file_reloads_its_quotas_and_names_what_needs_a_restart() {
     assert_eq!(
         health["lastReload"]["config"]["result"], "success",
         "{health}"
+    );
+    assert_eq!(health["config"]["result"], "success", "{health}");
+    let scrape = d.metrics().await;
+    assert_eq!(
+        metric(&scrape, "iotfwd_rules_last_reload_success", &[]),
+        1.0
     );
     d.stop().await;
 }
