@@ -25,7 +25,8 @@
 //! The config file. When the daemon runs with `--config`, SIGHUP and the reload API (not
 //! directory changes) also re-read that file ([`ConfigFile`]). A file that does not load changes
 //! nothing: each problem is logged at ERROR with its line and column and the reload's result is
-//! `failure`. A file that loads applies its quotas (`[[tenant]]`, `[[instance]]`, `[quota]`) at
+//! `failure`, as is every reload after it (rules-only ones included) until the file loads again;
+//! meanwhile `/api/v1/health` is `degraded` and shows the failure under `config`. A file that loads applies its quotas (`[[tenant]]`, `[[instance]]`, `[quota]`) at
 //! once through [`Limiter::update`] (unchanged tenants, instances and device classes keep their
 //! buckets); every other top-level section that differs from what runs is named in a WARN line
 //! and in the reload's `config.restartNeeded`, and applies at the next restart. Each consumer
