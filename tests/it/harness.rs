@@ -48,20 +48,7 @@ impl Daemon {
         config.data.dir = rules_dir.join("data");
         config.engine.batch_max_wait_ms = 1;
         tweak(&mut config);
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let base = format!("http://{}", listener.local_addr().unwrap());
-        let (stop, stopped) = oneshot::channel::<()>();
-        let task = tokio::spawn(iotfwd::daemon::run(config, listener, async move {
-            let _ = stopped.await;
-        }));
-        let mut d = Daemon {
-            base,
-            client: reqwest::Client::new(),
-            stop: Some(stop),
-            task,
-        };
-        d.wait_answering().await;
-        d
+        Daemon::launch(config, None).await
     }
 
     /// With the config loaded from `file`, as `iotfwd run --config file` does (so SIGHUP and
@@ -77,12 +64,17 @@ impl Daemon {
                     .join("\n")
             )
         });
+        Daemon::launch(config, Some(file.to_owned())).await
+    }
+
+    /// Runs the daemon on 127.0.0.1:0 (from `file` when given) until `stop`; returns once the
+    /// HTTP server answers.
+    async fn launch(config: Config, file: Option<std::path::PathBuf>) -> Daemon {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let base = format!("http://{}", listener.local_addr().unwrap());
         let (stop, stopped) = oneshot::channel::<()>();
-        let file = file.to_owned();
         let task = tokio::spawn(async move {
-            iotfwd::daemon::run_from_file(config, Some(&file), listener, async move {
+            iotfwd::daemon::run_from_file(config, file.as_deref(), listener, async move {
                 let _ = stopped.await;
             })
             .await
