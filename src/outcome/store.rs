@@ -1251,6 +1251,24 @@ mod tests {
         (store, reader)
     }
 
+    /// `store.checkpoint_mib` reaches the writer's connection as pages of 4 KiB.
+    #[test]
+    fn the_checkpoint_size_is_applied_to_the_writer() {
+        let dir = tempfile::tempdir().unwrap();
+        let options = StoreOptions::from_config(&StoreConfig {
+            checkpoint_mib: 3,
+            ..StoreConfig::default()
+        });
+        let conn = open_writer(&dir.path().join("o.db"), options.checkpoint_pages).unwrap();
+        let pages: i64 = conn
+            .query_row("PRAGMA wal_autocheckpoint", [], |r| r.get(0))
+            .unwrap();
+        let page_size: i64 = conn
+            .query_row("PRAGMA page_size", [], |r| r.get(0))
+            .unwrap();
+        assert_eq!((pages, page_size), (768, 4096));
+    }
+
     /// A quiet store commits a record at once; a burst waits for the commit interval and goes
     /// in one transaction; a flush does not wait.
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
