@@ -24,7 +24,7 @@ use serde_json::{Map, Number, Value};
 use tokio::sync::watch;
 
 use crate::message::Message;
-use crate::outcome::Code;
+use crate::outcome::Failure;
 use crate::rules::compile::{Kind, VariantOutput};
 use crate::rules::sql::{Item, ParsedSql};
 use crate::rules::{Compiler, Rule, RuleSet};
@@ -40,7 +40,7 @@ pub enum RuleOutcome {
     /// WHERE was false or NULL.
     NoResult,
     /// The rule could not run on this message: 9320 (payload) or 9307 (SQL at run time).
-    Failed { code: Code, reason: String },
+    Failed(Failure),
 }
 
 /// One candidate rule's outcome for one message.
@@ -125,10 +125,7 @@ impl Engine {
                     Ok(_) => ok.push(m),
                     Err(reason) => results[m].push(RuleResult {
                         rule: Arc::clone(rule),
-                        outcome: RuleOutcome::Failed {
-                            code: Code::PayloadInvalid,
-                            reason: reason.clone(),
-                        },
+                        outcome: RuleOutcome::Failed(Failure::payload_invalid(reason.clone())),
                     }),
                 }
             }
@@ -217,10 +214,7 @@ impl Engine {
             Ok(v) => v,
             Err(reason) => {
                 for &row in rows {
-                    outcomes[row] = RuleOutcome::Failed {
-                        code: Code::SqlError,
-                        reason: reason.clone(),
-                    };
+                    outcomes[row] = RuleOutcome::Failed(Failure::sql(reason.clone()));
                 }
                 return;
             }
@@ -261,10 +255,7 @@ impl Engine {
                 }
             }
             Err(reason) => {
-                outcomes[rows[0]] = RuleOutcome::Failed {
-                    code: Code::SqlError,
-                    reason,
-                };
+                outcomes[rows[0]] = RuleOutcome::Failed(Failure::sql(reason));
             }
         }
     }

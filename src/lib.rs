@@ -1,27 +1,39 @@
 //! iotfwd: a rules-engine forwarding daemon for IoT messages.
 //!
-//! The data path is one straight line, and the modules follow it:
-//! `source` (HTTP ingest, later AMQP) -> [`message::Message`] -> [`engine`] (batching, topic index,
-//! compiled SQL rules) -> [`action`] -> [`outcome`] (one record per step, counted in [`telemetry`]).
-//! Data flows forward only; a module never reaches back into the one before it.
+//! The data path is one straight line, and the modules follow it; each arrow points down,
+//! and no module reaches back into one before it:
+//!
+//! ```text
+//! source      http ingest, RabbitMQ queue              -> message::Message
+//!   pipeline  bounded queue, batcher, per-message report
+//!   engine    topic index -> compiled SQL rules (rules/) on Arrow batches
+//!   limits    device / instance / tenant quotas        (9324, 9326)
+//!   action    dispatcher: quota, retry, error action; destinations amqp/, group/
+//!             (broker: RabbitMQ; subscription: AMQP 1.0 consumer groups)
+//!   outcome   one record per step, the code catalog, the record store, queries
+//! ```
+//!
+//! Beside the path: [`config`] (the schema, no I/O), [`telemetry`] (every metric),
+//! [`control`] (health, reload), [`api`] (the HTTP router), [`daemon`] (wiring only),
+//! [`client`] (the AMQP 1.0 consumer client), [`bench`], [`cli`], [`text`].
+//! docs/architecture.md draws the same map.
 
 pub mod action;
+pub mod api;
 pub mod bench;
-pub mod bench_groups;
-pub mod bench_logs;
-pub mod bench_pipeline;
 pub mod broker;
 pub mod cli;
+pub mod client;
 pub mod config;
+pub mod control;
 pub mod daemon;
 pub mod engine;
-pub mod health;
-pub mod http;
 pub mod limits;
 pub mod message;
 pub mod outcome;
-pub mod reload;
+pub mod pipeline;
 pub mod rules;
 pub mod source;
 pub mod subscription;
 pub mod telemetry;
+pub mod text;

@@ -10,9 +10,6 @@ use base64::Engine as _;
 use bytes::Bytes;
 use serde::Deserialize;
 
-use crate::outcome::Code;
-use crate::rules::topic::parse_platform_topic;
-
 /// One device message on its way through the daemon.
 #[derive(Clone, Debug)]
 pub struct Message {
@@ -36,11 +33,56 @@ pub struct Message {
     pub payload: Bytes,
 }
 
-/// Why a message could not be accepted from a source.
+/// The names of the identity a forwarded message carries with it (AMQP headers, AMQP 1.0
+/// application properties), in order, with their values: `topic`, `productKey`,
+/// `deviceName`, `messageId`, `traceId`, and `rule`, the rule that forwarded it.
+pub fn identity_properties<'a>(
+    topic: &'a str,
+    product_key: &'a str,
+    device_name: &'a str,
+    message_id: &'a str,
+    trace_id: &'a str,
+    rule: &'a str,
+) -> [(&'static str, &'a str); 6] {
+    [
+        ("topic", topic),
+        ("productKey", product_key),
+        ("deviceName", device_name),
+        ("messageId", message_id),
+        ("traceId", trace_id),
+        ("rule", rule),
+    ]
+}
+
+impl Message {
+    /// [`identity_properties`] of this message as forwarded by `rule`.
+    pub fn identity_properties<'a>(&'a self, rule: &'a str) -> [(&'static str, &'a str); 6] {
+        identity_properties(
+            &self.topic,
+            &self.product_key,
+            &self.device_name,
+            &self.message_id,
+            &self.trace_id,
+            rule,
+        )
+    }
+}
+
+/// Why a message could not be accepted from a source. The status code each kind is logged
+/// with is decided in `outcome` (`Failure::rejected`), where every code is decided.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Rejection {
-    pub code: Code,
+    pub kind: RejectionKind,
     pub reason: String,
+}
+
+/// What was wrong with a message a source could not accept.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum RejectionKind {
+    /// The topic is not of the platform's form `/productKey/deviceName/...` (1903).
+    Topic,
+    /// The envelope around the payload is unusable (9321).
+    Envelope,
 }
 
 /// Optional identity fields a source may supply beside the topic.
@@ -61,7 +103,7 @@ impl Message {
     /// 1903, and an empty id in `identity` is treated as absent.
     pub fn new(topic: String, payload: Bytes, identity: Identity) -> Result<Message, Rejection> {
         let (pk, dn) = parse_platform_topic(&topic).map_err(|reason| Rejection {
-            code: Code::TopicInvalid,
+            kind: RejectionKind::Topic,
             reason,
         })?;
         let non_empty = |v: Option<String>| v.filter(|s| !s.is_empty());
@@ -147,8 +189,65 @@ impl Envelope {
 
 fn bad_envelope(reason: &str) -> Rejection {
     Rejection {
-        code: Code::ParamInvalid,
+        kind: RejectionKind::Envelope,
         reason: reason.to_owned(),
+    }
+}
+
+/// Longest platform topic accepted, in bytes.
+pub const MAX_TOPIC_BYTES: usize = 1024;
+
+/// Splits a platform topic `/{productKey}/{deviceName}/{rest...}` into
+/// `(product_key, device_name)`.
+///
+/// Rejects (the caller reports code 1903) a topic longer than 1024 bytes, one that does
+/// not start with '/', has fewer than 3 levels after the leading slash, has an empty
+/// level (productKey and deviceName included), or contains '+', '#' or NUL. The error
+/// text says exactly what is wrong.
+pub fn parse_platform_topic(topic: &str) -> Result<(&str, &str), String> {
+    if topic.len() > MAX_TOPIC_BYTES {
+        // The topic itself is left out: it is too long to be useful in a log line.
+        return Err(format!(
+            "topic is {} bytes long, at most {MAX_TOPIC_BYTES} are allowed",
+            topic.len()
+        ));
+    }
+    if topic.is_empty() {
+        return Err("topic is empty".to_string());
+    }
+    let Some(rest) = topic.strip_prefix('/') else {
+        return Err(format!("topic {topic:?} does not start with '/'"));
+    };
+    let mut count = 0;
+    for (i, level) in rest.split('/').enumerate() {
+        let n = i + 1;
+        count = n;
+        let name = match n {
+            1 => "productKey (level 1)".to_string(),
+            2 => "deviceName (level 2)".to_string(),
+            _ => format!("level {n}"),
+        };
+        if level.is_empty() {
+            return Err(format!("{name} of topic {topic:?} is empty"));
+        }
+        for (c, what) in [('\0', "a NUL character"), ('+', "'+'"), ('#', "'#'")] {
+            if level.contains(c) {
+                return Err(format!(
+                    "{name} of topic {topic:?} contains {what}, which a platform topic may not contain"
+                ));
+            }
+        }
+    }
+    if count < 3 {
+        return Err(format!(
+            "topic {topic:?} has {count} level(s), a platform topic needs at least 3: \
+             /{{productKey}}/{{deviceName}}/..."
+        ));
+    }
+    let mut parts = rest.split('/');
+    match (parts.next(), parts.next()) {
+        (Some(product_key), Some(device_name)) => Ok((product_key, device_name)),
+        _ => unreachable!("at least 3 levels were counted above"),
     }
 }
 
@@ -233,13 +332,13 @@ mod tests {
         let m = envelope(r#"{"topic":"/p/d/x","payload_base64":"AAEC"}"#).unwrap();
         assert_eq!(&m.payload[..], &[0, 1, 2]);
         let e = envelope(r#"{"topic":"/p/d/x","payload_base64":"!!"}"#).unwrap_err();
-        assert_eq!(e.code, Code::ParamInvalid);
+        assert_eq!(e.kind, RejectionKind::Envelope);
     }
 
     #[test]
     fn bad_topic_is_1903() {
         let e = envelope(r#"{"topic":"no-slash","payload":{}}"#).unwrap_err();
-        assert_eq!(e.code, Code::TopicInvalid);
+        assert_eq!(e.kind, RejectionKind::Topic);
         assert!(e.reason.contains("no-slash"), "{}", e.reason);
     }
 
@@ -248,5 +347,65 @@ mod tests {
         let a = new_message_id();
         let b = new_message_id();
         assert!(a < b, "{a} {b}");
+    }
+
+    #[test]
+    fn platform_topics_accepted() {
+        assert_eq!(
+            parse_platform_topic("/a1b2c3/dev01/thing/event/property/post"),
+            Ok(("a1b2c3", "dev01"))
+        );
+        assert_eq!(parse_platform_topic("/pk/dn/user/update"), Ok(("pk", "dn")));
+        assert_eq!(parse_platform_topic("/pk/dn/x"), Ok(("pk", "dn")));
+        let longest = format!("/pk/dn/{}", "x".repeat(MAX_TOPIC_BYTES - 7));
+        assert_eq!(longest.len(), MAX_TOPIC_BYTES);
+        assert_eq!(parse_platform_topic(&longest), Ok(("pk", "dn")));
+    }
+
+    #[test]
+    fn platform_topics_rejected_with_reason() {
+        let cases = [
+            ("", "topic is empty"),
+            ("pk/dn/user", "topic \"pk/dn/user\" does not start with '/'"),
+            (
+                "/pk/dn",
+                "topic \"/pk/dn\" has 2 level(s), a platform topic needs at least 3: \
+                 /{productKey}/{deviceName}/...",
+            ),
+            (
+                "//dn/user",
+                "productKey (level 1) of topic \"//dn/user\" is empty",
+            ),
+            (
+                "/pk//user",
+                "deviceName (level 2) of topic \"/pk//user\" is empty",
+            ),
+            ("/pk/dn/", "level 3 of topic \"/pk/dn/\" is empty"),
+            ("/pk/dn/a//b", "level 4 of topic \"/pk/dn/a//b\" is empty"),
+            (
+                "/pk/+/user",
+                "deviceName (level 2) of topic \"/pk/+/user\" contains '+', \
+                 which a platform topic may not contain",
+            ),
+            (
+                "/pk/dn/#",
+                "level 3 of topic \"/pk/dn/#\" contains '#', \
+                 which a platform topic may not contain",
+            ),
+            (
+                "/p\0k/dn/x",
+                "productKey (level 1) of topic \"/p\\0k/dn/x\" contains a NUL character, \
+                 which a platform topic may not contain",
+            ),
+        ];
+        for (input, want) in cases {
+            assert_eq!(parse_platform_topic(input).unwrap_err(), want, "{input:?}");
+        }
+
+        let too_long = format!("/pk/dn/{}", "x".repeat(MAX_TOPIC_BYTES - 6));
+        assert_eq!(
+            parse_platform_topic(&too_long).unwrap_err(),
+            "topic is 1025 bytes long, at most 1024 are allowed"
+        );
     }
 }

@@ -12,8 +12,8 @@
 //! which keeps `rate()` and the balances right for messages that were still in flight.
 
 use prometheus::{
-    Encoder, Gauge, Histogram, HistogramOpts, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry,
-    TextEncoder,
+    Encoder, Gauge, Histogram, HistogramOpts, IntCounter, IntCounterVec, IntGauge, IntGaugeVec,
+    Opts, Registry, TextEncoder,
 };
 
 /// The daemon's metrics. One instance per daemon (not a global), so tests can run several.
@@ -69,152 +69,27 @@ pub struct Metrics {
     pub rules_last_reload_success: IntGauge,
     /// When the last load of the rules directory ran, in seconds since the Unix epoch.
     pub rules_last_reload_timestamp: Gauge,
+    /// The consumer groups' metrics (label `group`).
+    pub groups: GroupMetrics,
+    /// The record store's metrics.
+    pub store: StoreMetrics,
 }
 
 impl Metrics {
     pub fn new() -> Metrics {
         let registry = Registry::new();
-        let counter = |name: &str, help: &str, labels: &[&str]| {
-            let c = IntCounterVec::new(Opts::new(name, help), labels).expect("valid metric");
-            registry
-                .register(Box::new(c.clone()))
-                .expect("unique metric");
-            c
-        };
-        let messages_received = counter(
-            "iotfwd_messages_received_total",
-            "Messages taken in, by source.",
-            &["source"],
-        );
-        let outcomes = counter(
-            "iotfwd_outcomes_total",
-            "Outcome records written, by service type (bizCode) and status code.",
-            &["biz_code", "code"],
-        );
-        let rule_matched = counter(
-            "iotfwd_rule_matched_total",
-            "Messages whose topic matched the rule's FROM filter.",
-            &["rule"],
-        );
-        let rule_passed = counter(
-            "iotfwd_rule_passed_total",
-            "Matched messages for which WHERE held and an output was produced.",
-            &["rule"],
-        );
-        let rule_no_result = counter(
-            "iotfwd_rule_no_result_total",
-            "Matched messages for which WHERE was false or NULL.",
-            &["rule"],
-        );
-        let rule_failed = counter(
-            "iotfwd_rule_failed_total",
-            "Matched messages the rule failed on, by code.",
-            &["rule", "code"],
-        );
-        let throttled = counter(
-            "iotfwd_throttled_total",
-            "Forwards refused by a quota (9324 device or tenant, 9326 instance), by tenant, IoT instance (iot_instance) and scope.",
-            &["tenant", "iot_instance", "scope"],
-        );
-        let batch_size = Histogram::with_opts(
-            HistogramOpts::new("iotfwd_batch_size", "Messages per evaluated micro-batch.").buckets(
-                vec![1.0, 4.0, 16.0, 64.0, 128.0, 256.0, 512.0, 1024.0, 4096.0],
-            ),
-        )
-        .expect("valid metric");
-        registry
-            .register(Box::new(batch_size.clone()))
-            .expect("unique metric");
-        let batch_eval_seconds = Histogram::with_opts(
-            HistogramOpts::new(
-                "iotfwd_batch_eval_seconds",
-                "Time to evaluate one micro-batch through every candidate rule.",
-            )
-            .buckets(prometheus::exponential_buckets(0.00005, 2.0, 16).expect("valid buckets")),
-        )
-        .expect("valid metric");
-        registry
-            .register(Box::new(batch_eval_seconds.clone()))
-            .expect("unique metric");
-        let rules_loaded =
-            IntGauge::new("iotfwd_rules_loaded", "Rules currently loaded.").expect("valid metric");
-        registry
-            .register(Box::new(rules_loaded.clone()))
-            .expect("unique metric");
-        let rule_variants = IntGaugeVec::new(
-            Opts::new(
-                "iotfwd_rule_compiled_variants",
-                "Compiled type variants of a rule (payload fields seen with different JSON types).",
-            ),
-            &["rule"],
-        )
-        .expect("valid metric");
-        registry
-            .register(Box::new(rule_variants.clone()))
-            .expect("unique metric");
-        let build_info = IntGaugeVec::new(
-            Opts::new(
-                "iotfwd_build_info",
-                "Constant 1, labelled with the iotfwd version.",
-            ),
+        let r = &registry;
+        let build_info = gauge_vec(
+            r,
+            "iotfwd_build_info",
+            "Constant 1, labelled with the iotfwd version.",
             &["version"],
-        )
-        .expect("valid metric");
-        registry
-            .register(Box::new(build_info.clone()))
-            .expect("unique metric");
+        );
         build_info
             .with_label_values(&[env!("CARGO_PKG_VERSION")])
             .set(1);
-        let action_executions = counter(
-            "iotfwd_action_executions_total",
-            "Action executions started, by rule and action.",
-            &["rule", "action"],
-        );
-        let action_success = counter(
-            "iotfwd_action_success_total",
-            "Actions delivered (200).",
-            &["rule", "action"],
-        );
-        let action_failed = counter(
-            "iotfwd_action_failed_total",
-            "Actions that failed for good, by code.",
-            &["rule", "action", "code"],
-        );
-        let action_retries = counter(
-            "iotfwd_action_retries_total",
-            "Retried attempts of actions (attempts after the first).",
-            &["rule", "action"],
-        );
-        let action_in_flight = IntGaugeVec::new(
-            Opts::new(
-                "iotfwd_action_in_flight",
-                "Actions started and not yet terminal.",
-            ),
-            &["rule", "action"],
-        )
-        .expect("valid metric");
-        registry
-            .register(Box::new(action_in_flight.clone()))
-            .expect("unique metric");
-        // Registered by export_broker_connected, only with a [broker].
-        let broker_connected = IntGauge::new(
-            "iotfwd_broker_connected",
-            "1 while the RabbitMQ broker is connected, else 0.",
-        )
-        .expect("valid metric");
-        let forward_latency = Histogram::with_opts(
-            HistogramOpts::new(
-                "iotfwd_forward_latency_seconds",
-                "Time from a message's receipt to the delivery (200) of one of its actions.",
-            )
-            .buckets(prometheus::exponential_buckets(0.0005, 2.0, 17).expect("valid buckets")),
-        )
-        .expect("valid metric");
-        registry
-            .register(Box::new(forward_latency.clone()))
-            .expect("unique metric");
-        let rules_reload = counter(
+        let rules_reload = counter_vec(
+            r,
             "iotfwd_rules_reload_total",
             "Reloads of the rules directory after start, by result (failure: some rule file did not load).",
             &["result"],
@@ -222,46 +97,128 @@ impl Metrics {
         for result in ["success", "failure"] {
             rules_reload.with_label_values(&[result]);
         }
-        let rules_last_reload_success = IntGauge::new(
-            "iotfwd_rules_last_reload_success",
-            "1 when the last load of the rules directory loaded every rule file, else 0.",
-        )
-        .expect("valid metric");
-        registry
-            .register(Box::new(rules_last_reload_success.clone()))
-            .expect("unique metric");
-        let rules_last_reload_timestamp = Gauge::new(
-            "iotfwd_rules_last_reload_timestamp_seconds",
-            "When the rules directory was last loaded, in seconds since the Unix epoch.",
-        )
-        .expect("valid metric");
-        registry
-            .register(Box::new(rules_last_reload_timestamp.clone()))
-            .expect("unique metric");
         Metrics {
-            registry,
-            messages_received,
-            outcomes,
-            rule_matched,
-            rule_passed,
-            rule_no_result,
-            rule_failed,
-            throttled,
-            batch_size,
-            batch_eval_seconds,
-            rules_loaded,
-            rule_variants,
+            messages_received: counter_vec(
+                r,
+                "iotfwd_messages_received_total",
+                "Messages taken in, by source.",
+                &["source"],
+            ),
+            outcomes: counter_vec(
+                r,
+                "iotfwd_outcomes_total",
+                "Outcome records written, by service type (bizCode) and status code.",
+                &["biz_code", "code"],
+            ),
+            rule_matched: counter_vec(
+                r,
+                "iotfwd_rule_matched_total",
+                "Messages whose topic matched the rule's FROM filter.",
+                &["rule"],
+            ),
+            rule_passed: counter_vec(
+                r,
+                "iotfwd_rule_passed_total",
+                "Matched messages for which WHERE held and an output was produced.",
+                &["rule"],
+            ),
+            rule_no_result: counter_vec(
+                r,
+                "iotfwd_rule_no_result_total",
+                "Matched messages for which WHERE was false or NULL.",
+                &["rule"],
+            ),
+            rule_failed: counter_vec(
+                r,
+                "iotfwd_rule_failed_total",
+                "Matched messages the rule failed on, by code.",
+                &["rule", "code"],
+            ),
+            throttled: counter_vec(
+                r,
+                "iotfwd_throttled_total",
+                "Forwards refused by a quota (9324 device or tenant, 9326 instance), by tenant, IoT instance (iot_instance) and scope.",
+                &["tenant", "iot_instance", "scope"],
+            ),
+            batch_size: histogram(
+                r,
+                "iotfwd_batch_size",
+                "Messages per evaluated micro-batch.",
+                vec![1.0, 4.0, 16.0, 64.0, 128.0, 256.0, 512.0, 1024.0, 4096.0],
+            ),
+            batch_eval_seconds: histogram(
+                r,
+                "iotfwd_batch_eval_seconds",
+                "Time to evaluate one micro-batch through every candidate rule.",
+                prometheus::exponential_buckets(0.00005, 2.0, 16).expect("valid buckets"),
+            ),
+            rules_loaded: int_gauge(r, "iotfwd_rules_loaded", "Rules currently loaded."),
+            rule_variants: gauge_vec(
+                r,
+                "iotfwd_rule_compiled_variants",
+                "Compiled type variants of a rule (payload fields seen with different JSON types).",
+                &["rule"],
+            ),
             build_info,
-            action_executions,
-            action_success,
-            action_failed,
-            action_retries,
-            action_in_flight,
-            broker_connected,
-            forward_latency,
+            action_executions: counter_vec(
+                r,
+                "iotfwd_action_executions_total",
+                "Action executions started, by rule and action.",
+                &["rule", "action"],
+            ),
+            action_success: counter_vec(
+                r,
+                "iotfwd_action_success_total",
+                "Actions delivered (200).",
+                &["rule", "action"],
+            ),
+            action_failed: counter_vec(
+                r,
+                "iotfwd_action_failed_total",
+                "Actions that failed for good, by code.",
+                &["rule", "action", "code"],
+            ),
+            action_retries: counter_vec(
+                r,
+                "iotfwd_action_retries_total",
+                "Retried attempts of actions (attempts after the first).",
+                &["rule", "action"],
+            ),
+            action_in_flight: gauge_vec(
+                r,
+                "iotfwd_action_in_flight",
+                "Actions started and not yet terminal.",
+                &["rule", "action"],
+            ),
+            // Registered by export_broker_connected, only with a [broker].
+            broker_connected: IntGauge::new(
+                "iotfwd_broker_connected",
+                "1 while the RabbitMQ broker is connected, else 0.",
+            )
+            .expect("valid metric"),
+            forward_latency: histogram(
+                r,
+                "iotfwd_forward_latency_seconds",
+                "Time from a message's receipt to the delivery (200) of one of its actions.",
+                prometheus::exponential_buckets(0.0005, 2.0, 17).expect("valid buckets"),
+            ),
             rules_reload,
-            rules_last_reload_success,
-            rules_last_reload_timestamp,
+            rules_last_reload_success: int_gauge(
+                r,
+                "iotfwd_rules_last_reload_success",
+                "1 when the last load of the rules directory loaded every rule file, else 0.",
+            ),
+            rules_last_reload_timestamp: register(
+                r,
+                Gauge::new(
+                    "iotfwd_rules_last_reload_timestamp_seconds",
+                    "When the rules directory was last loaded, in seconds since the Unix epoch.",
+                )
+                .expect("valid metric"),
+            ),
+            groups: GroupMetrics::new(r),
+            store: StoreMetrics::new(Some(r)),
+            registry,
         }
     }
 
@@ -308,6 +265,151 @@ pub fn init_tracing(filter: &str, json: bool) {
     } else {
         builder.try_init()
     };
+}
+
+/// Registers `metric` in `registry` and returns it. Every metric name is registered once per
+/// registry; a second registration is a programming error.
+fn register<M: prometheus::core::Collector + Clone + 'static>(registry: &Registry, metric: M) -> M {
+    registry
+        .register(Box::new(metric.clone()))
+        .expect("each metric is registered once");
+    metric
+}
+
+fn counter_vec(registry: &Registry, name: &str, help: &str, labels: &[&str]) -> IntCounterVec {
+    register(
+        registry,
+        IntCounterVec::new(Opts::new(name, help), labels).expect("valid metric"),
+    )
+}
+
+fn gauge_vec(registry: &Registry, name: &str, help: &str, labels: &[&str]) -> IntGaugeVec {
+    register(
+        registry,
+        IntGaugeVec::new(Opts::new(name, help), labels).expect("valid metric"),
+    )
+}
+
+fn int_gauge(registry: &Registry, name: &str, help: &str) -> IntGauge {
+    register(registry, IntGauge::new(name, help).expect("valid metric"))
+}
+
+fn histogram(registry: &Registry, name: &str, help: &str, buckets: Vec<f64>) -> Histogram {
+    register(
+        registry,
+        Histogram::with_opts(HistogramOpts::new(name, help).buckets(buckets))
+            .expect("valid metric"),
+    )
+}
+
+/// Per-group metrics (label `group`).
+#[derive(Clone)]
+pub struct GroupMetrics {
+    pub connections: IntGaugeVec,
+    pub backlog: IntGaugeVec,
+    pub unsettled: IntGaugeVec,
+    pub delivered: IntCounterVec,
+    pub outcomes: IntCounterVec,
+    pub auth_failures: IntCounterVec,
+    pub refused: IntCounterVec,
+}
+
+impl GroupMetrics {
+    fn new(r: &Registry) -> GroupMetrics {
+        GroupMetrics {
+            connections: gauge_vec(
+                r,
+                "iotfwd_group_connections",
+                "Consumer connections of the group open on this process.",
+                &["group"],
+            ),
+            backlog: gauge_vec(
+                r,
+                "iotfwd_group_backlog_messages",
+                "Messages waiting for a consumer of the group (the broker queue's depth plus what this process holds).",
+                &["group"],
+            ),
+            unsettled: gauge_vec(
+                r,
+                "iotfwd_group_unsettled_messages",
+                "Deliveries out with consumers and not yet settled.",
+                &["group"],
+            ),
+            delivered: counter_vec(
+                r,
+                "iotfwd_group_delivered_total",
+                "Deliveries sent to consumers (redeliveries included).",
+                &["group"],
+            ),
+            outcomes: counter_vec(
+                r,
+                "iotfwd_group_outcomes_total",
+                "Settled deliveries by outcome: accepted, released, rejected, timeout.",
+                &["group", "outcome"],
+            ),
+            auth_failures: counter_vec(
+                r,
+                "iotfwd_group_auth_failures_total",
+                "Refused logins, by the group the client named (\"_unknown\" when it named none that exists).",
+                &["group"],
+            ),
+            refused: counter_vec(
+                r,
+                "iotfwd_group_refused_total",
+                "Connections refused after login, by code (9600 connection limit, 9601 idle time-out).",
+                &["group", "code"],
+            ),
+        }
+    }
+}
+
+/// The record store's metrics.
+#[derive(Clone)]
+pub struct StoreMetrics {
+    /// Records committed.
+    pub written: IntCounter,
+    /// Records the store could not write after retries.
+    pub failed: IntCounter,
+    /// Records deleted by retention.
+    pub purged: IntCounter,
+    /// Records waiting for the writer.
+    pub queued: IntGauge,
+}
+
+impl StoreMetrics {
+    /// The store's metrics, registered in `registry` when there is one (the daemon's); a
+    /// store opened by a command (`iotfwd logs`, `bench logs`) has none.
+    pub fn new(registry: Option<&Registry>) -> StoreMetrics {
+        let reg = |m: IntCounter| match registry {
+            Some(r) => register(r, m),
+            None => m,
+        };
+        let counter =
+            |name: &str, help: &str| reg(IntCounter::new(name, help).expect("valid metric"));
+        let queued = IntGauge::new(
+            "iotfwd_store_queue_records",
+            "Outcome records waiting for the record store writer (bounded by store.queue_capacity).",
+        )
+        .expect("valid metric");
+        StoreMetrics {
+            written: counter(
+                "iotfwd_store_records_written_total",
+                "Outcome records committed to the record store.",
+            ),
+            failed: counter(
+                "iotfwd_store_records_failed_total",
+                "Outcome records the record store could not write after retries (logged at ERROR).",
+            ),
+            purged: counter(
+                "iotfwd_store_records_purged_total",
+                "Outcome records deleted by retention (store.retention_days).",
+            ),
+            queued: match registry {
+                Some(r) => register(r, queued),
+                None => queued,
+            },
+        }
+    }
 }
 
 #[cfg(test)]

@@ -1,28 +1,39 @@
 //! Actions: what happens to a rule's output.
 //!
-//! Each action of a matched rule reaches exactly one terminal outcome, recorded once as a
-//! `ruleengine` record carrying its code and attempt count: 200 when delivered, otherwise the
-//! failure's code. A failure that may pass (broker down: 9325; nack or channel error: 9331) is
-//! retried with exponential backoff and jitter under the action's `retry` policy; one that
-//! cannot (9321 invalid parameter, 9332 exchange missing, 9333 access refused, 9399) is final at
-//! once. A failed action hands the original payload to the rule's `[error_action]`; if that
-//! fails too, the source message is not acked ([`DispatchReport::requeue`]).
+//! The [`Dispatcher`] runs every action of a matched rule for one output, and each action
+//! reaches exactly one terminal outcome, recorded once as a `ruleengine` record carrying its
+//! code and attempt count: 200 when delivered, otherwise the failure's code. Per action:
+//!
+//! 1. **quota**: the forward counts once against its device, instance and tenant
+//!    ([`Limiter::acquire`]); a refusal is 9324 / 9326 (or 9321 for an unmapped product);
+//! 2. **send**, through the destination of its kind (one folder each: [`amqp`], [`group`]);
+//!    a failure that may pass (broker down: 9325; nack or channel error: 9331) is retried with
+//!    exponential backoff and jitter under the action's `retry` policy; one that cannot (9321
+//!    invalid parameter, 9332 exchange missing, 9333 access refused, 9399) is final at once;
+//! 3. **error action**: a failed action hands the original payload to the rule's
+//!    `[error_action]`; if that fails too, the source message is not acked
+//!    ([`DispatchReport::requeue`]);
+//! 4. **one record** and the destination's state in [`destinations`] (for `/api/v1/health`).
+//!
+//! Adding a kind of destination: its spec in `rules/action.rs` (the rule file's schema), a
+//! folder here with a type implementing [`Destination`], and one line in
+//! [`Dispatcher::send`].
+
+pub mod amqp;
+pub mod destinations;
+pub mod group;
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU32, Ordering};
 
-use backon::Retryable;
-use lapin::BasicProperties;
-use lapin::types::FieldTable;
 use serde::Serialize;
 
-use crate::broker::{Broker, BrokerError, header};
 use crate::engine::Output;
 use crate::limits::Limiter;
 use crate::message::Message;
-use crate::outcome::{BizCode, Code, Outcomes, Record};
-use crate::rules::{ActionSpec, AmqpAction, Rule};
-use crate::subscription::{Delivery, Hub, RejectedDelivery};
+use crate::outcome::{Code, Failure, Outcomes, Record};
+use crate::rules::{ActionSpec, Rule};
+use destinations::Destinations;
 
 /// The terminal outcome of one action for one message, as the HTTP API reports it.
 #[derive(Clone, Debug, PartialEq, Serialize)]
@@ -46,73 +57,91 @@ pub struct DispatchReport {
 }
 
 /// What an action sends: the rule's output, or (for the error action) the original payload
-/// with the failure described in headers.
-enum Body<'a> {
+/// with the failure described in `failed*` headers.
+#[derive(Clone, Copy)]
+pub enum Body<'a> {
     Output,
     Failure(&'a ActionReport),
+}
+
+/// One send of one action: everything a destination needs to know.
+pub struct Job<'a> {
+    pub message: &'a Message,
+    pub rule: &'a Rule,
+    pub output: &'a Output,
+    pub body: Body<'a>,
+    /// Attempts so far; a destination counts each try.
+    pub attempts: &'a AtomicU32,
+    /// Counts retries (attempts after the first) of this action.
+    pub retries: prometheus::IntCounter,
+}
+
+impl Job<'_> {
+    /// Counts one more attempt.
+    pub fn attempt(&self) {
+        self.attempts.fetch_add(1, Ordering::Relaxed);
+    }
+}
+
+/// A kind of destination. Its `Spec` is the action's table in the rule file.
+pub trait Destination {
+    type Spec;
+
+    /// Sends the job's body and waits until the destination took it (or failed for good,
+    /// after the retries the spec allows).
+    fn send(
+        &self,
+        spec: &Self::Spec,
+        job: &Job<'_>,
+    ) -> impl std::future::Future<Output = Result<(), Failure>> + Send;
 }
 
 /// Executes actions and records their outcomes.
 #[derive(Clone)]
 pub struct Dispatcher {
     outcomes: Outcomes,
-    broker: Option<Arc<Broker>>,
     limiter: Limiter,
     /// Each destination's state for `GET /api/v1/health`, fed with every terminal outcome.
-    health: Arc<crate::health::Health>,
-    /// The consumer groups `to = "group"` actions forward to; `None` with the endpoint off.
-    groups: Option<Arc<Hub>>,
+    destinations: Arc<Destinations>,
+    amqp: amqp::Amqp,
+    group: group::Groups,
 }
 
 impl Dispatcher {
-    pub fn new(outcomes: Outcomes, broker: Option<Arc<Broker>>, limiter: Limiter) -> Dispatcher {
+    pub fn new(outcomes: Outcomes, limiter: Limiter) -> Dispatcher {
         Dispatcher {
             outcomes,
-            broker,
             limiter,
-            health: Arc::default(),
-            groups: None,
+            destinations: Arc::default(),
+            amqp: amqp::Amqp::default(),
+            group: group::Groups::default(),
         }
     }
 
-    /// Reports each destination's outcomes to `health`.
-    pub fn with_health(mut self, health: Arc<crate::health::Health>) -> Dispatcher {
-        self.health = health;
+    /// Reports each destination's outcomes to `destinations`.
+    pub fn with_destinations(mut self, destinations: Arc<Destinations>) -> Dispatcher {
+        self.destinations = destinations;
+        self
+    }
+
+    /// Publishes `to = "amqp"` actions through this broker.
+    pub fn with_broker(mut self, broker: Arc<crate::broker::Broker>) -> Dispatcher {
+        self.amqp = amqp::Amqp::new(broker);
         self
     }
 
     /// Forwards `to = "group"` actions to these consumer groups.
-    pub fn with_groups(mut self, groups: Arc<Hub>) -> Dispatcher {
-        self.groups = Some(groups);
+    pub fn with_groups(mut self, groups: Arc<crate::subscription::Hub>) -> Dispatcher {
+        self.group = group::Groups::new(groups);
         self
     }
 
-    /// A group delivery its consumer rejected (9652) goes to the rule's `[error_action]`,
-    /// with the delivered body as payload and the rejection in the `failed*` headers.
-    /// Returns whether the error action delivered it.
-    pub async fn reject_to_error_action(&self, rule: &Rule, rejected: &RejectedDelivery) -> bool {
-        let Some(error_action) = &rule.error_action else {
-            return false;
-        };
-        let message = rejected.delivery.to_message();
-        let output: Output = serde_json::from_slice(&rejected.delivery.body).unwrap_or_default();
-        let failed = ActionReport {
-            destination: format!("group:{}", rejected.group),
-            code: Code::Rejected,
-            reason: rejected.reason.clone(),
-            attempts: 1,
-            error_action: None,
-        };
-        self.execute(
-            &message,
-            rule,
-            error_action,
-            &output,
-            Body::Failure(&failed),
-        )
-        .await
-        .code
-        .is_success()
+    /// The registry: which destination runs which kind of action.
+    async fn send(&self, spec: &ActionSpec, job: &Job<'_>) -> Result<(), Failure> {
+        match spec {
+            ActionSpec::Amqp(s) => self.amqp.send(s, job).await,
+            ActionSpec::Group(s) => self.group.send(s, job).await,
+        }
     }
 
     /// Runs every action of `rule` for one output, concurrently; one record per action (and
@@ -126,14 +155,7 @@ impl Dispatcher {
         if rule.actions.is_empty() {
             let content = serde_json::to_string(output).unwrap_or_default();
             self.outcomes
-                .record(Record::for_message(
-                    message,
-                    BizCode::RuleEngine,
-                    rule.name.clone(),
-                    Code::Ok,
-                    "",
-                    content,
-                ))
+                .record(Record::rule_output(message, &rule.name, content))
                 .await;
             return DispatchReport::default();
         }
@@ -159,6 +181,23 @@ impl Dispatcher {
             actions: results.into_iter().map(|(a, _)| a).collect(),
             requeue,
         }
+    }
+
+    /// Runs the rule's `[error_action]` for a message whose forward failed elsewhere (a group
+    /// delivery its consumer rejected): `failed` describes that failure. `None` when the rule
+    /// has no error action; else whether it delivered.
+    pub async fn run_error_action(
+        &self,
+        message: &Message,
+        rule: &Rule,
+        output: &Output,
+        failed: &ActionReport,
+    ) -> Option<bool> {
+        let error_action = rule.error_action.as_ref()?;
+        let report = self
+            .execute(message, rule, error_action, output, Body::Failure(failed))
+            .await;
+        Some(report.code.is_success())
     }
 
     async fn execute(
@@ -194,36 +233,24 @@ impl Dispatcher {
             Ok(r) => (r.tenant.clone(), r.instance.clone()),
             Err(t) => (t.tenant.clone(), t.instance.clone()),
         };
-        let result = match (quota, action) {
-            (Err(throttle), _) => Err(BrokerError {
-                code: throttle.code,
-                reason: throttle.reason,
-                retryable: false,
-            }),
-            (Ok(_), ActionSpec::Amqp(a)) => {
-                self.publish(message, rule, a, output, &body, &attempts, &labels)
-                    .await
+        let result = match quota {
+            Err(throttle) => Err(throttle.failure),
+            Ok(_) => {
+                let job = Job {
+                    message,
+                    rule,
+                    output,
+                    body,
+                    attempts: &attempts,
+                    retries: metrics.action_retries.with_label_values(&labels),
+                };
+                self.send(action, &job).await
             }
-            (Ok(_), ActionSpec::Group(g)) => match &self.groups {
-                Some(hub) => {
-                    attempts.fetch_add(1, Ordering::Relaxed);
-                    hub.enqueue(&g.group, Delivery::new(message, &rule.name, output))
-                        .await
-                }
-                None => Err(BrokerError {
-                    code: Code::DestinationUnavailable,
-                    reason: format!(
-                        "consumer group {:?} is not hosted: the AMQP 1.0 endpoint is off (subscription.enabled = false)",
-                        g.group
-                    ),
-                    retryable: false,
-                }),
-            },
         };
         let attempts = attempts.load(Ordering::Relaxed);
-        self.health.observe(&destination, &result);
+        self.destinations.observe(&destination, &result);
         metrics.action_in_flight.with_label_values(&labels).dec();
-        let (code, mut reason) = match result {
+        match &result {
             Ok(()) => {
                 metrics.action_success.with_label_values(&labels).inc();
                 if matches!(body, Body::Output) {
@@ -231,145 +258,40 @@ impl Dispatcher {
                         .forward_latency
                         .observe(message.received_at.elapsed().as_secs_f64());
                 }
-                (Code::Ok, String::new())
             }
             Err(e) => {
                 metrics
                     .action_failed
-                    .with_label_values(&[labels[0], labels[1], &e.code.to_string()])
+                    .with_label_values(&[labels[0], labels[1], &e.code().to_string()])
                     .inc();
-                (e.code, e.reason)
             }
-        };
-        if let Body::Failure(failed) = body {
-            reason = format!(
-                "error action for {} (which failed with {}){}{reason}",
-                failed.destination,
-                failed.code,
-                if reason.is_empty() { "" } else { ": " }
-            );
         }
         let content = serde_json::json!({ "attempts": attempts, "output": output }).to_string();
-        let mut record = Record::for_message(
-            message,
-            BizCode::RuleEngine,
-            format!("{}/{}", rule.name, destination),
-            code,
-            reason.clone(),
-            content,
-        );
+        let mut record = Record::action(message, &rule.name, &destination, &result, content);
+        if let Body::Failure(failed) = body {
+            let reason = format!(
+                "error action for {} (which failed with {}){}{}",
+                failed.destination,
+                failed.code,
+                if record.reason.is_empty() { "" } else { ": " },
+                record.reason
+            );
+            record = record.with_reason(reason);
+        }
         if let Some(t) = tenant {
             record.tenant_id = t.to_string();
         }
         if let Some(i) = instance {
             record.instance_id = i.to_string();
         }
-        self.outcomes.record(record).await;
-        ActionReport {
+        let report = ActionReport {
             destination,
-            code,
-            reason,
+            code: record.code,
+            reason: record.reason.clone(),
             attempts,
             error_action: None,
-        }
-    }
-
-    #[allow(clippy::too_many_arguments)]
-    async fn publish(
-        &self,
-        message: &Message,
-        rule: &Rule,
-        action: &AmqpAction,
-        output: &Output,
-        body: &Body<'_>,
-        attempts: &AtomicU32,
-        labels: &[&str; 2],
-    ) -> Result<(), BrokerError> {
-        let invalid = |reason: String| BrokerError {
-            code: Code::ParamInvalid,
-            reason,
-            retryable: false,
         };
-        let routing_key = action
-            .routing_key
-            .render(output)
-            .map_err(|e| invalid(format!("routing_key: {e}")))?;
-        if routing_key.len() > 255 {
-            return Err(invalid(format!(
-                "routing_key is {} bytes; AMQP allows 255",
-                routing_key.len()
-            )));
-        }
-        let mut headers = FieldTable::default();
-        for (name, template) in &action.headers {
-            let value = template
-                .render(output)
-                .map_err(|e| invalid(format!("headers.{name}: {e}")))?;
-            headers.insert(name.as_str().into(), header(&value));
-        }
-        for (name, value) in [
-            ("traceId", message.trace_id.as_str()),
-            ("messageId", &message.message_id),
-            ("rule", &rule.name),
-            ("topic", &message.topic),
-            ("productKey", &message.product_key),
-            ("deviceName", &message.device_name),
-        ] {
-            headers.insert(name.into(), header(value));
-        }
-        let payload: Vec<u8> = match body {
-            Body::Output => serde_json::to_vec(output).expect("a JSON map serializes"),
-            Body::Failure(failed) => {
-                headers.insert("failedAction".into(), header(&failed.destination));
-                headers.insert("failedCode".into(), header(&failed.code.to_string()));
-                headers.insert("failedReason".into(), header(&failed.reason));
-                headers.insert(
-                    "failedAttempts".into(),
-                    header(&failed.attempts.to_string()),
-                );
-                message.payload.to_vec()
-            }
-        };
-        let Some(broker) = &self.broker else {
-            return Err(BrokerError {
-                code: Code::DestinationUnavailable,
-                reason: "no [broker] is configured, so amqp actions cannot be delivered".into(),
-                retryable: false,
-            });
-        };
-        let mut properties = BasicProperties::default()
-            .with_message_id(message.message_id.as_str().into())
-            .with_timestamp((message.timestamp_ms.max(0) / 1000) as u64)
-            .with_headers(headers);
-        if matches!(body, Body::Output) {
-            properties = properties.with_content_type("application/json".into());
-        }
-        if action.persistent {
-            properties = properties.with_delivery_mode(2);
-        }
-        let retries = self
-            .outcomes
-            .metrics()
-            .action_retries
-            .with_label_values(labels);
-        let publish = || {
-            attempts.fetch_add(1, Ordering::Relaxed);
-            broker.publish(&action.exchange, &routing_key, &payload, properties.clone())
-        };
-        publish
-            .retry(action.retry.backoff())
-            .when(|e: &BrokerError| e.retryable)
-            .notify(|e: &BrokerError, after| {
-                retries.inc();
-                tracing::debug!(exchange = %action.exchange, "publish failed, retrying in {after:?}: {e}");
-            })
-            .await
-            .map_err(|mut e| {
-                let n = attempts.load(Ordering::Relaxed);
-                if n > 1 {
-                    e.reason = format!("{} (after {n} attempts)", e.reason);
-                }
-                e
-            })
+        self.outcomes.record(record).await;
+        report
     }
 }

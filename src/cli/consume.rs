@@ -3,9 +3,9 @@
 use std::path::PathBuf;
 use std::process::ExitCode;
 
+use crate::client::{Consumer, ConsumerOptions, describe};
 use crate::config::Config;
 use crate::subscription::auth::SignMethod;
-use crate::subscription::client::{Consumer, ConsumerOptions, describe};
 
 /// How each message is settled.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]

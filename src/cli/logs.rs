@@ -14,9 +14,10 @@ use clap::{Args, Subcommand};
 
 use crate::config::Config;
 use crate::outcome::Record;
+use crate::outcome::jsonl;
 use crate::outcome::query::{LogParams, LogQuery, format_time_ms};
 use crate::outcome::store::{Reader, StoreError};
-use crate::outcome::{BizCode, jsonl};
+use crate::text::{cut, escape_controls};
 
 /// `iotfwd logs`: query the outcome records.
 #[derive(Debug, Args)]
@@ -273,32 +274,6 @@ fn trace(id: &str, source: &StoreSource, json: bool) -> ExitCode {
     ExitCode::SUCCESS
 }
 
-/// Control characters as escapes (`\n`, `\t`, `\r`, `\u{1b}`), so one record stays one line.
-pub fn escape_controls(s: &str) -> String {
-    let mut out = String::with_capacity(s.len());
-    for c in s.chars() {
-        match c {
-            '\n' => out.push_str("\\n"),
-            '\t' => out.push_str("\\t"),
-            '\r' => out.push_str("\\r"),
-            c if c.is_control() => out.push_str(&c.escape_unicode().to_string()),
-            c => out.push(c),
-        }
-    }
-    out
-}
-
-/// At most `max` characters, with `…` when cut.
-fn cut(s: &str, max: usize) -> String {
-    if s.chars().count() <= max {
-        s.to_owned()
-    } else {
-        let mut out: String = s.chars().take(max.saturating_sub(1)).collect();
-        out.push('…');
-        out
-    }
-}
-
 /// The table of `iotfwd logs`: one line per record, newest first as given. DETAIL is the code's
 /// meaning and the reason for a failure, the content for a success.
 pub fn render_table(records: &[Record]) -> String {
@@ -376,7 +351,7 @@ pub fn render_trace(records: &[Record]) -> String {
     let mut trace_ids: Vec<&str> = records.iter().map(|r| r.trace_id.as_str()).collect();
     trace_ids.sort_unstable();
     trace_ids.dedup();
-    let failures: Vec<&Record> = records.iter().filter(|r| !r.code.is_success()).collect();
+    let failed = records.iter().filter(|r| !r.code.is_success()).count();
     let mut out = format!(
         "message {}  trace {}  device {}/{}\n",
         message_ids.join(","),
@@ -384,11 +359,7 @@ pub fn render_trace(records: &[Record]) -> String {
         first.product_key,
         first.device_name
     );
-    out.push_str(&format!(
-        "{} step(s), {} failed\n\n",
-        records.len(),
-        failures.len()
-    ));
+    out.push_str(&format!("{} step(s), {} failed\n\n", records.len(), failed));
     for r in records {
         out.push_str(&format!(
             "{}  {:<15}  {:<5}  {}\n",
@@ -420,80 +391,20 @@ pub fn render_trace(records: &[Record]) -> String {
         }
     }
     out.push('\n');
-    let forwarded = records
-        .iter()
-        .any(|r| r.biz_code != BizCode::Uplink && r.code.is_success());
-    let only_uplink = records.iter().all(|r| r.biz_code == BizCode::Uplink);
-    if !failures.is_empty() {
-        let list: Vec<String> = failures
-            .iter()
-            .map(|r| format!("{} {} ({})", r.operation, r.code, r.code.info().name))
-            .collect();
-        out.push_str(&format!(
-            "verdict: {} step(s) failed: {}{}\n",
-            failures.len(),
-            list.join(", "),
-            if forwarded {
-                "; the other steps succeeded"
-            } else {
-                ""
-            }
-        ));
-    } else if only_uplink {
-        wrap_into(
-            &mut out,
-            &format!(
-                "verdict: received, but no rule forwarded it: no rule's FROM matched the topic, or \
-                 every matching rule's WHERE was false or NULL (that writes no record). Check \
-                 with `iotfwd rules test RULE_FILE --topic {} --payload '...'`.",
-                escape_controls(&first.operation)
-            ),
-        );
+    let verdict = crate::outcome::trace::verdict(records);
+    let line = format!("verdict: {}", verdict.summary);
+    if verdict.status == "not_forwarded" {
+        wrap_into(&mut out, &line);
     } else {
-        out.push_str("verdict: every step succeeded.\n");
+        out.push_str(&line);
+        out.push('\n');
     }
     out
 }
 
 /// Appends `text` wrapped at 100 columns, indented by 4.
 fn wrap_into(out: &mut String, text: &str) {
-    const INDENT: &str = "    ";
-    const WIDTH: usize = 100;
-    let mut len = 0;
-    // A `code span` stays on one line.
-    let mut words: Vec<String> = Vec::new();
-    let mut in_code = false;
-    for word in text.split(' ').filter(|w| !w.is_empty()) {
-        match words.last_mut() {
-            Some(open) if in_code => {
-                open.push(' ');
-                open.push_str(word);
-            }
-            _ => words.push(word.to_owned()),
-        }
-        if word.matches('`').count() % 2 == 1 {
-            in_code = !in_code;
-        }
-    }
-    for word in &words {
-        let n = word.chars().count();
-        if len > 0 && len + 1 + n > WIDTH {
-            out.push('\n');
-            len = 0;
-        }
-        if len == 0 {
-            out.push_str(INDENT);
-            len = INDENT.len();
-        } else {
-            out.push(' ');
-            len += 1;
-        }
-        out.push_str(word);
-        len += n;
-    }
-    if len > 0 {
-        out.push('\n');
-    }
+    crate::text::wrap_into(out, text, "    ", 100);
 }
 
 #[cfg(test)]
@@ -501,35 +412,44 @@ mod tests {
     use super::*;
     use crate::outcome::Code;
 
-    fn rec(biz: BizCode, op: &str, code: Code, reason: &str, content: &str) -> Record {
-        Record {
-            time_ms: 1_764_208_800_000,
-            trace_id: "tr-1".into(),
-            message_id: "m-1".into(),
-            product_key: "p1".into(),
-            device_name: "dev1".into(),
-            biz_code: biz,
-            operation: op.into(),
-            code,
-            reason: reason.into(),
-            content: content.into(),
-            tenant_id: String::new(),
-            instance_id: String::new(),
-        }
+    use crate::message::{Identity, Message};
+    use crate::outcome::Failure;
+
+    fn message(payload: &str) -> Message {
+        Message::new(
+            "/p1/dev1/post".into(),
+            payload.as_bytes().to_vec().into(),
+            Identity {
+                message_id: Some("m-1".into()),
+                trace_id: Some("tr-1".into()),
+                ..Identity::default()
+            },
+        )
+        .unwrap()
+    }
+
+    fn uplink(payload: &str) -> Record {
+        Record::uplink(&message(payload))
+    }
+
+    fn rule_ok(rule: &str) -> Record {
+        Record::rule_output(&message("{}"), rule, "{\"t\":1}".into())
+    }
+
+    /// `bad/amqp:alerts` failed with 9325, reason "no broker".
+    fn action_failed() -> Record {
+        Record::action(
+            &message("{}"),
+            "bad",
+            "amqp:alerts",
+            &Err(Failure::unreachable("no broker")),
+            "{}".into(),
+        )
     }
 
     #[test]
     fn table_shows_meaning_of_failures_and_escapes_controls() {
-        let t = render_table(&[
-            rec(
-                BizCode::RuleEngine,
-                "bad/amqp:alerts",
-                Code::DestinationUnavailable,
-                "no broker",
-                "{}",
-            ),
-            rec(BizCode::Uplink, "/p1/dev1/post", Code::Ok, "", "a\tb\nc"),
-        ]);
+        let t = render_table(&[action_failed(), uplink("a\tb\nc")]);
         let lines: Vec<&str> = t.lines().collect();
         assert_eq!(lines.len(), 3, "{t}");
         assert!(lines[0].starts_with("TIME  "), "{t}");
@@ -547,17 +467,7 @@ mod tests {
 
     #[test]
     fn trace_has_troubleshooting_and_a_verdict() {
-        let t = render_trace(&[
-            rec(BizCode::Uplink, "/p1/dev1/post", Code::Ok, "", "{\"t\":1}"),
-            rec(BizCode::RuleEngine, "fine", Code::Ok, "", "{\"t\":1}"),
-            rec(
-                BizCode::RuleEngine,
-                "bad/amqp:alerts",
-                Code::DestinationUnavailable,
-                "no broker",
-                "{}",
-            ),
-        ]);
+        let t = render_trace(&[uplink("{\"t\":1}"), rule_ok("fine"), action_failed()]);
         let flat = t.split_whitespace().collect::<Vec<_>>().join(" ");
         let info = Code::DestinationUnavailable.info();
         for text in [info.meaning, info.troubleshooting] {
@@ -569,7 +479,7 @@ mod tests {
             t.contains("verdict: 1 step(s) failed: bad/amqp:alerts 9325"),
             "{t}"
         );
-        let only = render_trace(&[rec(BizCode::Uplink, "/p1/dev1/post", Code::Ok, "", "")]);
+        let only = render_trace(&[uplink("")]);
         assert!(only.contains("no rule forwarded it"), "{only}");
         assert!(only.contains("iotfwd rules test"), "{only}");
     }

@@ -299,7 +299,7 @@ pub fn main() -> ExitCode {
                 },
                 None => Default::default(),
             };
-            crate::bench_logs::run(
+            crate::bench::logs::run(
                 records,
                 db,
                 keep,
@@ -319,7 +319,7 @@ pub fn main() -> ExitCode {
                     messages,
                     connections,
                 },
-        } => match crate::bench_groups::run(messages, &connections) {
+        } => match crate::bench::groups::run(messages, &connections) {
             Ok(()) => ExitCode::SUCCESS,
             Err(e) => {
                 eprintln!("error: {e:#}");
@@ -344,7 +344,7 @@ pub fn main() -> ExitCode {
                 },
                 None => Config::default(),
             };
-            let bench = crate::bench_pipeline::PipelineBench {
+            let bench = crate::bench::pipeline::PipelineBench {
                 url,
                 messages,
                 prefetch,
@@ -356,7 +356,7 @@ pub fn main() -> ExitCode {
                 .enable_all()
                 .build()
                 .expect("runtime");
-            match runtime.block_on(crate::bench_pipeline::run(bench)) {
+            match runtime.block_on(crate::bench::pipeline::run(bench)) {
                 Ok(()) => ExitCode::SUCCESS,
                 Err(e) => {
                     eprintln!("error: {e:#}");
@@ -374,9 +374,9 @@ pub fn main() -> ExitCode {
                 },
         } => {
             if quotas {
-                crate::bench::engine_quotas(rules, messages, batch);
+                crate::bench::engine::engine_quotas(rules, messages, batch);
             } else {
-                crate::bench::engine(rules, messages, batch);
+                crate::bench::engine::engine(rules, messages, batch);
             }
             ExitCode::SUCCESS
         }
@@ -422,14 +422,11 @@ fn run(config_path: Option<&Path>) -> ExitCode {
         }
     };
     let result = runtime.block_on(async {
-        let addr = config.listen_addr();
-        let listener = tokio::net::TcpListener::bind(addr)
-            .await
-            .map_err(|e| anyhow::anyhow!("cannot listen on {addr} (http.listen): {e}"))?;
+        let listeners = crate::daemon::Listeners::bind(&config).await?;
         crate::daemon::run_from_file(
             config,
             config_path,
-            listener,
+            listeners,
             crate::daemon::shutdown_signal(),
         )
         .await
@@ -543,7 +540,7 @@ fn rules_test(rule_file: &Path, topic: String, payload: &str, timestamp: Option<
     ) {
         Ok(m) => m,
         Err(rejection) => {
-            eprintln!("error: [{}] {}", rejection.code, rejection.reason);
+            eprintln!("error: {}", crate::outcome::Failure::rejected(&rejection));
             return ExitCode::FAILURE;
         }
     };
@@ -569,8 +566,9 @@ fn rules_test(rule_file: &Path, topic: String, payload: &str, timestamp: Option<
             eprintln!("no match: WHERE is false or NULL for this message (rule {rule_name})");
             ExitCode::SUCCESS
         }
-        RuleOutcome::Failed { code, reason } => {
-            eprintln!("error: [{code}] {reason}");
+        RuleOutcome::Failed(failure) => {
+            let code = failure.code();
+            eprintln!("error: {failure}");
             eprintln!("{}: {}", code, code.info().meaning);
             ExitCode::FAILURE
         }

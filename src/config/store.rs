@@ -1,6 +1,6 @@
 //! `[store]`: the embedded record store of outcome records and their JSON-lines copy.
 //!
-//! Every step of every message writes one outcome record (see [`crate::outcome`]). The store
+//! Every step of every message writes one outcome record (see docs/logs.md). The store
 //! keeps them in an SQLite file (WAL mode) so `iotfwd logs` and `GET /api/v1/logs` can answer
 //! "what happened to this message, and why?"; `jsonl` additionally writes each record as one
 //! JSON line for shipping to Loki, Elasticsearch or ClickHouse.

@@ -159,6 +159,11 @@ impl Code {
         matches!(self, Code::Ok)
     }
 
+    /// What a failure with this code is about (see [`Scope`]).
+    pub fn scope(self) -> Scope {
+        self.info().scope
+    }
+
     /// This code's catalog entry.
     pub fn info(self) -> &'static CodeInfo {
         // `Code::ALL` and `CATALOG` have the same order (checked at compile time below).
@@ -193,6 +198,20 @@ impl<'de> Deserialize<'de> for Code {
     }
 }
 
+/// What a code says something about.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub enum Scope {
+    /// 200: nothing went wrong.
+    Success,
+    /// This one message (its topic, payload, parameters or quota); the destination may be fine.
+    Message,
+    /// The destination or consumer group the message went to: its state in `/api/v1/health`.
+    Destination,
+    /// One consumer's connection to the endpoint.
+    Connection,
+}
+
 /// What one code means, when iotfwd logs it, and what an operator should do about it.
 ///
 /// All texts are single-line prose; [`render_one`] wraps them.
@@ -205,6 +224,9 @@ pub struct CodeInfo {
     pub name: &'static str,
     /// The service type this code is logged under (for 200, see [`CodeInfo::biz_codes`]).
     pub biz_code: BizCode,
+    /// What a failure with this code says something about: the one message, or the
+    /// destination (health tracks only the latter).
+    pub scope: Scope,
     /// When iotfwd logs it, in one line.
     pub situation: &'static str,
     /// The platform's meaning of the code.
@@ -311,62 +333,19 @@ pub fn render_one(info: &CodeInfo) -> String {
         out.push('\n');
         out.push_str(heading);
         out.push('\n');
-        wrap_into(&mut out, text, INDENT, WRAP_WIDTH);
+        crate::text::wrap_into(&mut out, text, INDENT, WRAP_WIDTH);
     }
     out
 }
 
-/// Appends `text` word-wrapped to `width` columns, each line starting with `indent`.
-/// A `code span` is never broken across lines, and a word (or span) longer than a line gets a
-/// line of its own rather than being split.
-fn wrap_into(out: &mut String, text: &str, indent: &str, width: usize) {
-    let indent_len = indent.chars().count();
-    let mut line_len = 0;
-    for token in unbreakable_tokens(text) {
-        let token_len = token.chars().count();
-        if line_len > 0 && line_len + 1 + token_len > width {
-            out.push('\n');
-            line_len = 0;
-        }
-        if line_len == 0 {
-            out.push_str(indent);
-            line_len = indent_len;
-        } else {
-            out.push(' ');
-            line_len += 1;
-        }
-        out.push_str(&token);
-        line_len += token_len;
-    }
-    if line_len > 0 {
-        out.push('\n');
-    }
-}
-
-/// Splits `text` at whitespace, except inside backtick code spans, which stay whole.
-fn unbreakable_tokens(text: &str) -> Vec<String> {
-    let mut tokens: Vec<String> = Vec::new();
-    let mut in_code_span = false;
-    for word in text.split_whitespace() {
-        match tokens.last_mut() {
-            Some(open) if in_code_span => {
-                open.push(' ');
-                open.push_str(word);
-            }
-            _ => tokens.push(word.to_owned()),
-        }
-        if word.matches('`').count() % 2 == 1 {
-            in_code_span = !in_code_span;
-        }
-    }
-    tokens
-}
-
-/// Builds one entry; `code` and `name` come from the variant so they cannot disagree.
+/// Builds one entry; `code` and `name` come from the variant so they cannot disagree. One
+/// argument per column of the catalog.
+#[allow(clippy::too_many_arguments)]
 const fn entry(
     code: Code,
     name: &'static str,
     biz_code: BizCode,
+    scope: Scope,
     situation: &'static str,
     meaning: &'static str,
     cause: &'static str,
@@ -376,6 +355,7 @@ const fn entry(
         code: code.as_u16(),
         name,
         biz_code,
+        scope,
         situation,
         meaning,
         cause,
@@ -403,6 +383,7 @@ static CATALOG: &[CodeInfo] = &[
         Code::Ok,
         "Ok",
         Uplink,
+        Scope::Success,
         "A step succeeded: a message was accepted from a source (uplink), a rule action's \
          publish was confirmed by the destination (ruleengine), or a consumer accepted a \
          delivery (ServerSubscribe).",
@@ -417,6 +398,7 @@ static CATALOG: &[CodeInfo] = &[
         Code::TopicInvalid,
         "TopicInvalid",
         Uplink,
+        Scope::Message,
         "A source delivered a message whose topic is not of the form \
          /productKey/deviceName/...; no rule evaluates it.",
         "Incorrect topic format.",
@@ -433,6 +415,7 @@ static CATALOG: &[CodeInfo] = &[
         Code::ConsumerOffline,
         "ConsumerOffline",
         ServerSubscribe,
+        Scope::Destination,
         "A rule forwarded a message to a consumer group that has no consumer online; the \
          message waits in the group's backlog.",
         "The service subscription endpoint is offline.",
@@ -450,6 +433,7 @@ static CATALOG: &[CodeInfo] = &[
         Code::SqlError,
         "SqlError",
         RuleEngine,
+        Scope::Message,
         "A rule's SQL does not parse or plan (the rule is not loaded; every other rule keeps \
          running), or a function got runtime arguments it cannot use, e.g. topic(0) (that \
          message fails for that rule).",
@@ -469,6 +453,7 @@ static CATALOG: &[CodeInfo] = &[
         Code::PayloadInvalid,
         "PayloadInvalid",
         RuleEngine,
+        Scope::Message,
         "A rule that reads payload fields matched the message's topic, but the payload is not \
          valid JSON or not a JSON object.",
         "Invalid payload.",
@@ -484,6 +469,7 @@ static CATALOG: &[CodeInfo] = &[
         Code::ParamInvalid,
         "ParamInvalid",
         RuleEngine,
+        Scope::Message,
         "An action's parameters resolved to something invalid, e.g. its routing key template \
          ${key} names a key the rule's SELECT does not produce, or resolves to an empty routing \
          key.",
@@ -505,6 +491,7 @@ static CATALOG: &[CodeInfo] = &[
         Code::Throttled,
         "Throttled",
         RuleEngine,
+        Scope::Message,
         "A tenant or a device is over its forwarding quota; the forward is refused for that \
          message.",
         "Throttling.",
@@ -525,6 +512,7 @@ static CATALOG: &[CodeInfo] = &[
         Code::DestinationUnavailable,
         "DestinationUnavailable",
         RuleEngine,
+        Scope::Destination,
         "The destination RabbitMQ broker or exchange stayed unreachable through every publish \
          retry.",
         "The data forwarding service is unavailable.",
@@ -543,6 +531,7 @@ static CATALOG: &[CodeInfo] = &[
         Code::InstanceSpecExceeded,
         "InstanceSpecExceeded",
         RuleEngine,
+        Scope::Message,
         "The instance is over its forwarding-TPS specification ([[instance]] forward_tps); the \
          forward is refused for that message.",
         "The resource specifications of the instance are exceeded.",
@@ -559,6 +548,7 @@ static CATALOG: &[CodeInfo] = &[
         Code::DestinationError,
         "DestinationError",
         RuleEngine,
+        Scope::Destination,
         "The destination refused the message: RabbitMQ nacked the publish (publisher confirm) \
          or closed the channel with an error.",
         "Internal error in the destination for message forwarding.",
@@ -576,6 +566,7 @@ static CATALOG: &[CodeInfo] = &[
         Code::DestinationMisconfigured,
         "DestinationMisconfigured",
         RuleEngine,
+        Scope::Destination,
         "The destination is misconfigured: the action's exchange does not exist (404 \
          NOT_FOUND).",
         "Abnormal destination configuration.",
@@ -591,6 +582,7 @@ static CATALOG: &[CodeInfo] = &[
         Code::DestinationAuth,
         "DestinationAuth",
         RuleEngine,
+        Scope::Destination,
         "The destination refused iotfwd's credentials or permissions: RabbitMQ answered 403 \
          ACCESS_REFUSED.",
         "Destination authorization error.",
@@ -608,6 +600,7 @@ static CATALOG: &[CodeInfo] = &[
         Code::Internal,
         "Internal",
         RuleEngine,
+        Scope::Destination,
         "An unexpected internal error in iotfwd, caused neither by the message nor by the \
          destination.",
         "Unknown internal server error.",
@@ -624,6 +617,7 @@ static CATALOG: &[CodeInfo] = &[
         Code::GroupConnectionLimit,
         "GroupConnectionLimit",
         ServerSubscribe,
+        Scope::Connection,
         "A client tried to connect to a consumer group that already has max_connections \
          connections; the endpoint closed the new connection.",
         "The number of connections for a single consumer group exceeds the limit.",
@@ -639,6 +633,7 @@ static CATALOG: &[CodeInfo] = &[
         Code::HeartbeatInvalid,
         "HeartbeatInvalid",
         ServerSubscribe,
+        Scope::Connection,
         "A client opened a connection with a heartbeat (AMQP idle-time-out) outside 30000 to \
          300000 ms; the endpoint closed it.",
         "The heartbeat value does not meet the requirements.",
@@ -653,6 +648,7 @@ static CATALOG: &[CodeInfo] = &[
         Code::ServerClosed,
         "ServerClosed",
         ServerSubscribe,
+        Scope::Connection,
         "iotfwd's AMQP 1.0 endpoint closed a client's connection itself (shutdown, restart or \
          rebalancing).",
         "The server disconnected the connection.",
@@ -669,6 +665,7 @@ static CATALOG: &[CodeInfo] = &[
         Code::AckTimeout,
         "AckTimeout",
         ServerSubscribe,
+        Scope::Destination,
         "A consumer did not settle a delivery (accept, release or reject) within the ACK \
          time-out (ack_timeout, 30 s by default).",
         "Message ACK timed out. A response was not received from the accepter.",
@@ -685,6 +682,7 @@ static CATALOG: &[CodeInfo] = &[
         Code::Released,
         "Released",
         ServerSubscribe,
+        Scope::Destination,
         "The consumer settled a delivery as released: it gave the message back without \
          processing it.",
         "The accepter replied with an ACK release message.",
@@ -700,6 +698,7 @@ static CATALOG: &[CodeInfo] = &[
         Code::Rejected,
         "Rejected",
         ServerSubscribe,
+        Scope::Destination,
         "The consumer settled a delivery as rejected (NACK).",
         "The accepter replied with a NACK.",
         "The consumer replied with the AMQP 1.0 outcome rejected: it refused the message, \
@@ -846,6 +845,19 @@ mod tests {
     }
 
     #[test]
+    fn only_message_scoped_codes_leave_destination_health_alone() {
+        let message: Vec<u16> = Code::ALL
+            .iter()
+            .filter(|c| c.scope() == Scope::Message)
+            .map(|c| c.as_u16())
+            .collect();
+        assert_eq!(message, [1903, 9307, 9320, 9321, 9324, 9326]);
+        assert_eq!(Code::Ok.scope(), Scope::Success);
+        assert_eq!(Code::ServerClosed.scope(), Scope::Connection);
+        assert_eq!(Code::DestinationUnavailable.scope(), Scope::Destination);
+    }
+
+    #[test]
     fn display_is_the_number() {
         assert_eq!(Code::SqlError.to_string(), "9307");
         assert_eq!(Code::Ok.to_string(), "200");
@@ -869,7 +881,7 @@ mod tests {
                 assert!(out.lines().any(|l| l == heading), "{} {heading}", info.code);
             }
             for line in out.lines() {
-                let longest_word = unbreakable_tokens(line)
+                let longest_word = crate::text::unbreakable_words(line.trim_start())
                     .iter()
                     .map(|t| t.chars().count())
                     .max()
@@ -884,22 +896,6 @@ mod tests {
         let sql = render_one(Code::SqlError.info());
         assert!(sql.starts_with("9307  SqlError  (ruleengine)\n"), "{sql}");
         assert!(render_one(Code::Ok.info()).starts_with("200  Ok  (any service type)\n"));
-    }
-
-    #[test]
-    fn wrap_keeps_words_and_width() {
-        let mut out = String::new();
-        wrap_into(&mut out, "aaa bbb ccc ddd", "  ", 9);
-        assert_eq!(out, "  aaa bbb\n  ccc ddd\n");
-        let mut out = String::new();
-        wrap_into(&mut out, "x averyveryverylongword y", "  ", 9);
-        assert_eq!(out, "  x\n  averyveryverylongword\n  y\n");
-        let mut out = String::new();
-        wrap_into(&mut out, "run `a b c d` now", "", 8);
-        assert_eq!(out, "run\n`a b c d`\nnow\n");
-        let mut out = String::new();
-        wrap_into(&mut out, "x `unclosed span", "", 3);
-        assert_eq!(out, "x\n`unclosed span\n");
     }
 
     #[test]

@@ -6,13 +6,19 @@
 //! never be logged without being counted.
 
 pub mod codes;
+mod failure;
 pub mod jsonl;
 pub mod query;
 mod record;
 pub mod store;
+pub mod trace;
 
-pub use codes::{BizCode, Code};
-pub use record::Record;
+pub use codes::{BizCode, Code, Scope};
+pub use failure::Failure;
+pub use record::{
+    ConnectionEvent, GroupOutcome, Record, Subject, format_time_ms, payload_excerpt,
+    ser_opt_time_ms, ser_time_ms,
+};
 
 use std::sync::Arc;
 

@@ -2,8 +2,8 @@
 
 use serde::Serialize;
 
-use super::{BizCode, Code};
-use crate::message::Message;
+use super::{BizCode, Code, Failure};
+use crate::message::{Message, new_message_id, new_trace_id, now_ms};
 
 /// One step's outcome. Serializes with the platform's field names (`time`, `traceId`,
 /// `messageId`, `productKey`, `deviceName`, `bizCode`, `operation`, `code`, `reason`, `content`,
@@ -11,7 +11,7 @@ use crate::message::Message;
 #[derive(Clone, Debug, PartialEq, Serialize)]
 #[serde(rename_all = "camelCase")]
 pub struct Record {
-    #[serde(rename = "time", serialize_with = "ser_time")]
+    #[serde(rename = "time", serialize_with = "ser_time_ms")]
     pub time_ms: i64,
     pub trace_id: String,
     pub message_id: String,
@@ -30,30 +30,335 @@ pub struct Record {
     pub instance_id: String,
 }
 
+/// Who a record is about: a device message, or something standing for one (a consumer-group
+/// delivery). Empty strings for what is unknown.
+pub trait Subject {
+    fn trace_id(&self) -> &str;
+    fn message_id(&self) -> &str;
+    fn product_key(&self) -> &str;
+    fn device_name(&self) -> &str;
+    fn tenant_id(&self) -> &str;
+    fn instance_id(&self) -> &str;
+}
+
+impl Subject for Message {
+    fn trace_id(&self) -> &str {
+        &self.trace_id
+    }
+    fn message_id(&self) -> &str {
+        &self.message_id
+    }
+    fn product_key(&self) -> &str {
+        &self.product_key
+    }
+    fn device_name(&self) -> &str {
+        &self.device_name
+    }
+    fn tenant_id(&self) -> &str {
+        self.tenant_id.as_deref().unwrap_or_default()
+    }
+    fn instance_id(&self) -> &str {
+        self.instance_id.as_deref().unwrap_or_default()
+    }
+}
+
+/// How a consumer-group delivery ended, or why it waits (see [`Record::group`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum GroupOutcome<'a> {
+    /// 200: the consumer accepted it.
+    Accepted,
+    /// 9651: the consumer released (or modified) it; it is redelivered.
+    Released { attempt: u32 },
+    /// 9650: no outcome within the group's ACK time-out; it is redelivered.
+    AckTimeout { ack_timeout_ms: u64, attempt: u32 },
+    /// 9652: the consumer rejected it, with the consumer's error description (may be empty).
+    Rejected { error: &'a str },
+    /// 9203: no consumer of the group is online; it waits in the backlog.
+    Offline,
+    /// 9203: it waited in the backlog longer than the group's retention and was dropped.
+    Expired { retention_s: u64 },
+}
+
+/// Why the endpoint refused or closed a consumer's connection (see [`Record::group_connection`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ConnectionEvent {
+    /// 9600: the group already has `max_connections` connections.
+    LimitReached,
+    /// 9601: the client's idle time-out (heartbeat) is outside 30–300 s.
+    HeartbeatInvalid,
+    /// 9602: the endpoint closed the connection (shutdown).
+    ServerClosed,
+}
+
+impl ConnectionEvent {
+    pub fn code(self) -> Code {
+        match self {
+            ConnectionEvent::LimitReached => Code::GroupConnectionLimit,
+            ConnectionEvent::HeartbeatInvalid => Code::HeartbeatInvalid,
+            ConnectionEvent::ServerClosed => Code::ServerClosed,
+        }
+    }
+}
+
+/// Most bytes of a payload a record's `content` carries.
+pub const EXCERPT_BYTES: usize = 256;
+
+/// Up to [`EXCERPT_BYTES`] of a payload, as text, for a record's content; `…` marks a cut.
+pub fn payload_excerpt(payload: &[u8]) -> String {
+    let cut = &payload[..payload.len().min(EXCERPT_BYTES)];
+    let text = String::from_utf8_lossy(cut);
+    if payload.len() > cut.len() {
+        format!("{text}…")
+    } else {
+        text.into_owned()
+    }
+}
+
+/// The records of each step. Every record of the data path is built by one of these, so each
+/// status code is decided in one place: here, or in [`Failure`]'s constructors.
 impl Record {
-    /// A record about `message`, timestamped now.
-    pub fn for_message(
-        message: &Message,
+    fn about(
+        subject: &impl Subject,
         biz_code: BizCode,
-        operation: impl Into<String>,
+        operation: String,
         code: Code,
-        reason: impl Into<String>,
-        content: impl Into<String>,
+        reason: String,
+        content: String,
     ) -> Record {
         Record {
-            time_ms: crate::message::now_ms(),
-            trace_id: message.trace_id.clone(),
-            message_id: message.message_id.clone(),
-            product_key: message.product_key.clone(),
-            device_name: message.device_name.clone(),
+            time_ms: now_ms(),
+            trace_id: subject.trace_id().to_owned(),
+            message_id: subject.message_id().to_owned(),
+            product_key: subject.product_key().to_owned(),
+            device_name: subject.device_name().to_owned(),
             biz_code,
-            operation: operation.into(),
+            operation,
             code,
-            reason: reason.into(),
-            content: content.into(),
-            tenant_id: message.tenant_id.clone().unwrap_or_default(),
-            instance_id: message.instance_id.clone().unwrap_or_default(),
+            reason,
+            content,
+            tenant_id: subject.tenant_id().to_owned(),
+            instance_id: subject.instance_id().to_owned(),
         }
+    }
+
+    /// A record about no message (a refused connection, a rule file): a fresh trace id, so
+    /// it can still be looked up on its own.
+    fn unattached(
+        biz_code: BizCode,
+        operation: String,
+        code: Code,
+        reason: String,
+        content: String,
+    ) -> Record {
+        Record {
+            time_ms: now_ms(),
+            trace_id: new_trace_id(),
+            message_id: String::new(),
+            product_key: String::new(),
+            device_name: String::new(),
+            biz_code,
+            operation,
+            code,
+            reason,
+            content,
+            tenant_id: String::new(),
+            instance_id: String::new(),
+        }
+    }
+
+    /// `uplink` 200: a source accepted the message. Operation: its topic; content: the start
+    /// of its payload.
+    pub fn uplink(message: &Message) -> Record {
+        Record::about(
+            message,
+            BizCode::Uplink,
+            message.topic.clone(),
+            Code::Ok,
+            String::new(),
+            payload_excerpt(&message.payload),
+        )
+    }
+
+    /// `uplink` with the failure's code (1903, 9321): a source could not accept a message. It
+    /// gets fresh ids, since it never became a message.
+    pub fn rejected(topic: &str, payload: &[u8], failure: &Failure) -> Record {
+        let mut record = Record::unattached(
+            BizCode::Uplink,
+            topic.to_owned(),
+            failure.code(),
+            failure.reason().to_owned(),
+            payload_excerpt(payload),
+        );
+        record.message_id = new_message_id();
+        record
+    }
+
+    /// `ruleengine` with the failure's code (9307, 9320, 9399): evaluating `rule` failed for
+    /// this message.
+    pub fn rule_failed(message: &Message, rule: &str, failure: &Failure) -> Record {
+        Record::about(
+            message,
+            BizCode::RuleEngine,
+            rule.to_owned(),
+            failure.code(),
+            failure.reason().to_owned(),
+            payload_excerpt(&message.payload),
+        )
+    }
+
+    /// `ruleengine` 200 for a rule with no action: its output is the result.
+    pub fn rule_output(message: &Message, rule: &str, output_json: String) -> Record {
+        Record::about(
+            message,
+            BizCode::RuleEngine,
+            rule.to_owned(),
+            Code::Ok,
+            String::new(),
+            output_json,
+        )
+    }
+
+    /// `ruleengine`: the terminal outcome of one action (operation `rule/destination`), 200 or
+    /// the failure's code. `content` says what was sent and how many attempts it took.
+    pub fn action(
+        subject: &impl Subject,
+        rule: &str,
+        destination: &str,
+        result: &Result<(), Failure>,
+        content: String,
+    ) -> Record {
+        let (code, reason) = match result {
+            Ok(()) => (Code::Ok, String::new()),
+            Err(f) => (f.code(), f.reason().to_owned()),
+        };
+        Record::about(
+            subject,
+            BizCode::RuleEngine,
+            format!("{rule}/{destination}"),
+            code,
+            reason,
+            content,
+        )
+    }
+
+    /// `ruleengine` with the failure's code (9307): a rule file that does not load. Operation:
+    /// the rule's name, else the file; content: the file.
+    pub fn rule_file_failed(
+        rule: &str,
+        file: &str,
+        failure: &Failure,
+        previous_running: bool,
+        time_ms: i64,
+    ) -> Record {
+        let mut reason = failure.reason().to_owned();
+        if previous_running {
+            reason.push_str(" (the previous version of the rule keeps running)");
+        }
+        let mut record = Record::unattached(
+            BizCode::RuleEngine,
+            if rule.is_empty() { file } else { rule }.to_owned(),
+            failure.code(),
+            reason,
+            file.to_owned(),
+        );
+        record.message_id = new_message_id();
+        record.time_ms = time_ms;
+        record
+    }
+
+    /// `ServerSubscribe`: a delivery to consumer group `group` (operation) ended, or waits.
+    /// `client` is the consumer's client id when one had it (the content then names it and the
+    /// rule), else the content is the start of the delivered body. `tenant` stands in when the
+    /// message names none.
+    pub fn group(
+        subject: &impl Subject,
+        group: &str,
+        tenant: &str,
+        outcome: GroupOutcome<'_>,
+        client: &str,
+        rule: &str,
+        body: &[u8],
+    ) -> Record {
+        let (code, reason) = match outcome {
+            GroupOutcome::Accepted => (Code::Ok, String::new()),
+            GroupOutcome::Released { attempt } => (
+                Code::Released,
+                format!("the consumer released it (attempt {attempt}); redelivering"),
+            ),
+            GroupOutcome::AckTimeout {
+                ack_timeout_ms,
+                attempt,
+            } => (
+                Code::AckTimeout,
+                format!(
+                    "no outcome within the ack time-out ({ack_timeout_ms} ms, attempt {attempt}); redelivering"
+                ),
+            ),
+            GroupOutcome::Rejected { error } => (
+                Code::Rejected,
+                if error.is_empty() {
+                    "the consumer rejected it".to_owned()
+                } else {
+                    format!("the consumer rejected it ({error})")
+                },
+            ),
+            GroupOutcome::Offline => (
+                Code::ConsumerOffline,
+                format!(
+                    "no consumer of group {group:?} is online; the message waits in the backlog"
+                ),
+            ),
+            GroupOutcome::Expired { retention_s } => (
+                Code::ConsumerOffline,
+                format!(
+                    "expired after the group's retention ({retention_s} s) with no consumer taking it"
+                ),
+            ),
+        };
+        let content = if client.is_empty() {
+            payload_excerpt(body)
+        } else {
+            serde_json::json!({ "client": client, "rule": rule }).to_string()
+        };
+        let mut record = Record::about(
+            subject,
+            BizCode::ServerSubscribe,
+            group.to_owned(),
+            code,
+            reason,
+            content,
+        );
+        if record.tenant_id.is_empty() {
+            tenant.clone_into(&mut record.tenant_id);
+        }
+        record
+    }
+
+    /// `ServerSubscribe` 9600 / 9601 / 9602: the endpoint refused or closed a consumer's
+    /// connection to `group`.
+    pub fn group_connection(
+        group: &str,
+        tenant: &str,
+        client: &str,
+        peer: &str,
+        event: ConnectionEvent,
+        reason: String,
+    ) -> Record {
+        let mut record = Record::unattached(
+            BizCode::ServerSubscribe,
+            group.to_owned(),
+            event.code(),
+            reason,
+            serde_json::json!({ "client": client, "peer": peer }).to_string(),
+        );
+        tenant.clone_into(&mut record.tenant_id);
+        record
+    }
+
+    /// The same record with another reason; the code stays as its constructor decided.
+    pub fn with_reason(mut self, reason: String) -> Record {
+        self.reason = reason;
+        self
     }
 
     /// `time` as RFC 3339 with milliseconds, UTC.
@@ -69,8 +374,17 @@ pub fn format_time_ms(ms: i64) -> String {
         .to_rfc3339_opts(chrono::SecondsFormat::Millis, true)
 }
 
-fn ser_time<S: serde::Serializer>(ms: &i64, s: S) -> Result<S::Ok, S::Error> {
+/// Serializes milliseconds since the epoch as [`format_time_ms`] text.
+pub fn ser_time_ms<S: serde::Serializer>(ms: &i64, s: S) -> Result<S::Ok, S::Error> {
     s.serialize_str(&format_time_ms(*ms))
+}
+
+/// [`ser_time_ms`] for an optional time (`null` when absent).
+pub fn ser_opt_time_ms<S: serde::Serializer>(ms: &Option<i64>, s: S) -> Result<S::Ok, S::Error> {
+    match ms {
+        Some(ms) => s.serialize_str(&format_time_ms(*ms)),
+        None => s.serialize_none(),
+    }
 }
 
 #[cfg(test)]

@@ -37,13 +37,13 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use prometheus::{IntCounter, IntGauge, Registry};
 use rusqlite::{Connection, OpenFlags, OptionalExtension, params};
 use tokio::sync::{mpsc, oneshot};
 
 use super::query::{COLUMNS, Cursor, LogQuery, Order};
 use super::{BizCode, Code, Record};
 use crate::config::store::StoreConfig;
+use crate::telemetry::StoreMetrics;
 
 /// The schema version this build writes (`PRAGMA user_version`).
 const SCHEMA_VERSION: i64 = 1;
@@ -173,54 +173,6 @@ pub struct WriterStats {
     pub transactions: u64,
 }
 
-/// The store's metrics, registered in the daemon's registry.
-#[derive(Clone)]
-struct StoreMetrics {
-    written: IntCounter,
-    failed: IntCounter,
-    purged: IntCounter,
-    queued: IntGauge,
-}
-
-impl StoreMetrics {
-    fn new(registry: Option<&Registry>) -> StoreMetrics {
-        let counter = |name: &str, help: &str| {
-            let c = IntCounter::new(name, help).expect("valid metric");
-            if let Some(r) = registry {
-                // A second store in one registry (tests) keeps the first one's series.
-                let _ = r.register(Box::new(c.clone()));
-            }
-            c
-        };
-        let written = counter(
-            "iotfwd_store_records_written_total",
-            "Outcome records committed to the record store.",
-        );
-        let failed = counter(
-            "iotfwd_store_records_failed_total",
-            "Outcome records the record store could not write after retries (logged at ERROR).",
-        );
-        let purged = counter(
-            "iotfwd_store_records_purged_total",
-            "Outcome records deleted by retention (store.retention_days).",
-        );
-        let queued = IntGauge::new(
-            "iotfwd_store_queue_records",
-            "Outcome records waiting for the record store writer (bounded by store.queue_capacity).",
-        )
-        .expect("valid metric");
-        if let Some(r) = registry {
-            let _ = r.register(Box::new(queued.clone()));
-        }
-        StoreMetrics {
-            written,
-            failed,
-            purged,
-            queued,
-        }
-    }
-}
-
 /// Requests to the drain task.
 enum Control {
     /// Commit everything queued so far, then answer.
@@ -249,11 +201,12 @@ pub struct Store {
 
 impl Store {
     /// Opens (creating if needed) the store at `path` and starts its writer. Must be called
-    /// inside a tokio runtime. `registry` receives the store's metrics.
+    /// inside a tokio runtime. The daemon passes its registered [`StoreMetrics`]; a command
+    /// passes `None`.
     pub fn open(
         path: &Path,
         options: StoreOptions,
-        registry: Option<&Registry>,
+        metrics: Option<StoreMetrics>,
     ) -> Result<Store, StoreError> {
         if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
             std::fs::create_dir_all(dir).map_err(|source| StoreError::Dir {
@@ -262,7 +215,7 @@ impl Store {
             })?;
         }
         let conn = open_writer(path, options.checkpoint_pages)?;
-        let metrics = StoreMetrics::new(registry);
+        let metrics = metrics.unwrap_or_else(|| StoreMetrics::new(None));
         let (sender, records) = mpsc::channel(options.queue_capacity);
         let (control, control_rx) = mpsc::unbounded_channel();
         let (jobs, jobs_rx) = mpsc::channel(2);
@@ -617,7 +570,7 @@ impl RecordSinks {
     /// Opens what `[store]` asks for; errors name the file and the config key.
     pub async fn open(
         config: &crate::config::Config,
-        registry: &Registry,
+        metrics: &crate::telemetry::Metrics,
     ) -> anyhow::Result<RecordSinks> {
         let store_config = &config.store;
         let (store, reader) = if store_config.enabled {
@@ -625,7 +578,7 @@ impl RecordSinks {
             let store = Store::open(
                 &path,
                 StoreOptions::from_config(store_config),
-                Some(registry),
+                Some(metrics.store.clone()),
             )?;
             let reader = store.reader()?;
             tracing::info!(

@@ -1,5 +1,6 @@
 //! Rules: rule files, the SQL dialect, its functions, compilation and the topic index.
 
+pub mod action;
 pub mod compile;
 pub mod file;
 pub mod functions;
@@ -15,8 +16,9 @@ use datafusion::execution::context::{SessionContext, SessionState};
 
 use crate::config::line_col;
 use crate::outcome::Code;
+pub use action::{ActionSpec, AmqpAction, GroupAction, RetryPolicy};
 pub use compile::{Kind, Program};
-pub use file::{ActionSpec, AmqpAction, GroupAction, RuleFile};
+pub use file::RuleFile;
 use sql::Item;
 use topic::TopicIndex;
 

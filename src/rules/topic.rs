@@ -12,9 +12,6 @@ use std::fmt;
 /// Most levels a topic filter may have, not counting the empty one before the leading '/'.
 const MAX_FILTER_LEVELS: usize = 32;
 
-/// Longest platform topic accepted, in bytes.
-const MAX_TOPIC_BYTES: usize = 1024;
-
 /// One level of a parsed filter.
 #[derive(Clone, Debug, PartialEq, Eq)]
 enum Level {
@@ -305,60 +302,6 @@ impl<T: Copy + Ord> Default for TopicIndex<T> {
     }
 }
 
-/// Splits a platform topic `/{productKey}/{deviceName}/{rest...}` into
-/// `(product_key, device_name)`.
-///
-/// Rejects (the caller reports code 1903) a topic longer than 1024 bytes, one that does
-/// not start with '/', has fewer than 3 levels after the leading slash, has an empty
-/// level (productKey and deviceName included), or contains '+', '#' or NUL. The error
-/// text says exactly what is wrong.
-pub fn parse_platform_topic(topic: &str) -> Result<(&str, &str), String> {
-    if topic.len() > MAX_TOPIC_BYTES {
-        // The topic itself is left out: it is too long to be useful in a log line.
-        return Err(format!(
-            "topic is {} bytes long, at most {MAX_TOPIC_BYTES} are allowed",
-            topic.len()
-        ));
-    }
-    if topic.is_empty() {
-        return Err("topic is empty".to_string());
-    }
-    let Some(rest) = topic.strip_prefix('/') else {
-        return Err(format!("topic {topic:?} does not start with '/'"));
-    };
-    let mut count = 0;
-    for (i, level) in rest.split('/').enumerate() {
-        let n = i + 1;
-        count = n;
-        let name = match n {
-            1 => "productKey (level 1)".to_string(),
-            2 => "deviceName (level 2)".to_string(),
-            _ => format!("level {n}"),
-        };
-        if level.is_empty() {
-            return Err(format!("{name} of topic {topic:?} is empty"));
-        }
-        for (c, what) in [('\0', "a NUL character"), ('+', "'+'"), ('#', "'#'")] {
-            if level.contains(c) {
-                return Err(format!(
-                    "{name} of topic {topic:?} contains {what}, which a platform topic may not contain"
-                ));
-            }
-        }
-    }
-    if count < 3 {
-        return Err(format!(
-            "topic {topic:?} has {count} level(s), a platform topic needs at least 3: \
-             /{{productKey}}/{{deviceName}}/..."
-        ));
-    }
-    let mut parts = rest.split('/');
-    match (parts.next(), parts.next()) {
-        (Some(product_key), Some(device_name)) => Ok((product_key, device_name)),
-        _ => unreachable!("at least 3 levels were counted above"),
-    }
-}
-
 /// `topic(n)`: the n-th level of `topic`, 1-based, not counting the empty level before
 /// the leading '/'. `None` when `n` is past the end.
 ///
@@ -624,66 +567,6 @@ mod tests {
         assert_eq!(out, [4]);
         index.matches_into("no-slash", &mut out);
         assert!(out.is_empty());
-    }
-
-    #[test]
-    fn platform_topics_accepted() {
-        assert_eq!(
-            parse_platform_topic("/a1b2c3/dev01/thing/event/property/post"),
-            Ok(("a1b2c3", "dev01"))
-        );
-        assert_eq!(parse_platform_topic("/pk/dn/user/update"), Ok(("pk", "dn")));
-        assert_eq!(parse_platform_topic("/pk/dn/x"), Ok(("pk", "dn")));
-        let longest = format!("/pk/dn/{}", "x".repeat(MAX_TOPIC_BYTES - 7));
-        assert_eq!(longest.len(), MAX_TOPIC_BYTES);
-        assert_eq!(parse_platform_topic(&longest), Ok(("pk", "dn")));
-    }
-
-    #[test]
-    fn platform_topics_rejected_with_reason() {
-        let cases = [
-            ("", "topic is empty"),
-            ("pk/dn/user", "topic \"pk/dn/user\" does not start with '/'"),
-            (
-                "/pk/dn",
-                "topic \"/pk/dn\" has 2 level(s), a platform topic needs at least 3: \
-                 /{productKey}/{deviceName}/...",
-            ),
-            (
-                "//dn/user",
-                "productKey (level 1) of topic \"//dn/user\" is empty",
-            ),
-            (
-                "/pk//user",
-                "deviceName (level 2) of topic \"/pk//user\" is empty",
-            ),
-            ("/pk/dn/", "level 3 of topic \"/pk/dn/\" is empty"),
-            ("/pk/dn/a//b", "level 4 of topic \"/pk/dn/a//b\" is empty"),
-            (
-                "/pk/+/user",
-                "deviceName (level 2) of topic \"/pk/+/user\" contains '+', \
-                 which a platform topic may not contain",
-            ),
-            (
-                "/pk/dn/#",
-                "level 3 of topic \"/pk/dn/#\" contains '#', \
-                 which a platform topic may not contain",
-            ),
-            (
-                "/p\0k/dn/x",
-                "productKey (level 1) of topic \"/p\\0k/dn/x\" contains a NUL character, \
-                 which a platform topic may not contain",
-            ),
-        ];
-        for (input, want) in cases {
-            assert_eq!(parse_platform_topic(input).unwrap_err(), want, "{input:?}");
-        }
-
-        let too_long = format!("/pk/dn/{}", "x".repeat(MAX_TOPIC_BYTES - 6));
-        assert_eq!(
-            parse_platform_topic(&too_long).unwrap_err(),
-            "topic is 1025 bytes long, at most 1024 are allowed"
-        );
     }
 
     #[test]

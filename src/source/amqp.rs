@@ -24,9 +24,9 @@ use tokio::task::JoinSet;
 
 use crate::broker::{Broker, header_text};
 use crate::config::broker::{AmqpSourceConfig, TopicFrom};
-use crate::daemon::Pipeline;
-use crate::message::{Identity, Message, Rejection};
-use crate::outcome::Code;
+use crate::message::{Identity, Message, Rejection, RejectionKind};
+use crate::outcome::Failure;
+use crate::pipeline::Pipeline;
 
 /// How long a message whose error action failed waits before it is nacked back to the queue,
 /// so a destination that is down for good does not become a hot redelivery loop.
@@ -131,7 +131,7 @@ async fn handle(delivery: Delivery, topic_from: TopicFrom, pipeline: &Pipeline) 
         Err((topic, rejection)) => {
             // Not processable, ever: record why and take it off the queue.
             pipeline
-                .reject(&topic, &delivery.data, rejection.code, &rejection.reason)
+                .reject(&topic, &delivery.data, &Failure::rejected(&rejection))
                 .await;
             true
         }
@@ -191,7 +191,7 @@ fn to_message(delivery: &Delivery, topic_from: TopicFrom) -> Result<Message, (St
             return Err((
                 String::new(),
                 Rejection {
-                    code: Code::TopicInvalid,
+                    kind: RejectionKind::Topic,
                     reason: "the message has no topic header (source.amqp.topic_from = \"header\")"
                         .into(),
                 },

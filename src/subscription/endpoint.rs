@@ -28,7 +28,7 @@ use tokio::sync::{Semaphore, watch};
 use super::auth::SignedPlain;
 use super::{Group, Hub, Membership, Settlement};
 use crate::config::subscription::SubscriptionConfig;
-use crate::outcome::{BizCode, Code, Outcomes, Record};
+use crate::outcome::{ConnectionEvent, Outcomes, Record};
 
 /// The accepted idle time-out range a client must announce, in ms.
 pub const IDLE_TIMEOUT_RANGE: std::ops::RangeInclusive<u32> = 30_000..=300_000;
@@ -205,25 +205,16 @@ fn error(
 }
 
 impl Connection {
-    fn record(&self, group: &str, client: &str, code: Code, reason: String) -> Record {
-        Record {
-            time_ms: crate::message::now_ms(),
-            trace_id: crate::message::new_trace_id(),
-            message_id: String::new(),
-            product_key: String::new(),
-            device_name: String::new(),
-            biz_code: BizCode::ServerSubscribe,
-            operation: group.to_owned(),
-            code,
+    fn record(&self, group: &str, client: &str, event: ConnectionEvent, reason: String) -> Record {
+        let tenant = self.hub.group(group).and_then(|g| g.config.tenant.clone());
+        Record::group_connection(
+            group,
+            tenant.as_deref().unwrap_or_default(),
+            client,
+            &self.peer,
+            event,
             reason,
-            content: serde_json::json!({ "client": client, "peer": self.peer }).to_string(),
-            tenant_id: self
-                .hub
-                .group(group)
-                .and_then(|g| g.config.tenant.clone())
-                .unwrap_or_default(),
-            instance_id: String::new(),
-        }
+        )
     }
 
     async fn run(self, socket: TcpStream) {
@@ -316,7 +307,7 @@ impl Connection {
                 &mut connection,
                 &group,
                 &client,
-                Code::HeartbeatInvalid,
+                ConnectionEvent::HeartbeatInvalid,
                 reason,
                 AmqpError::NotAllowed.into(),
             )
@@ -330,7 +321,7 @@ impl Connection {
                     &mut connection,
                     &group,
                     &client,
-                    Code::GroupConnectionLimit,
+                    ConnectionEvent::LimitReached,
                     reason,
                     ConnectionError::ConnectionForced.into(),
                 )
@@ -347,10 +338,11 @@ impl Connection {
         connection: &mut fe2o3_amqp::acceptor::ListenerConnectionHandle,
         group: &Group,
         client: &str,
-        code: Code,
+        event: ConnectionEvent,
         reason: String,
         condition: definitions::ErrorCondition,
     ) {
+        let code = event.code();
         self.hub
             .metrics
             .refused
@@ -358,7 +350,7 @@ impl Connection {
             .inc();
         tracing::warn!(group = %group.config.id, %client, peer = %self.peer, code = code.as_u16(), "consumer refused: {reason}");
         self.outcomes
-            .record(self.record(&group.config.id, client, code, reason.clone()))
+            .record(self.record(&group.config.id, client, event, reason.clone()))
             .await;
         let _ = tokio::time::timeout(
             Duration::from_secs(2),
@@ -483,7 +475,12 @@ impl Connection {
         if closed_by_server {
             let reason = "iotfwd is shutting down".to_owned();
             self.outcomes
-                .record(self.record(&group.config.id, client, Code::ServerClosed, reason.clone()))
+                .record(self.record(
+                    &group.config.id,
+                    client,
+                    ConnectionEvent::ServerClosed,
+                    reason.clone(),
+                ))
                 .await;
             // Closing the link fails its unsettled deliveries at once; they are redelivered.
             let _ = tokio::time::timeout(Duration::from_secs(2), sender.close()).await;

@@ -601,10 +601,10 @@ products = ["a1b2c3", "meterPK", "gwDoor01"]
             .join("\n"),
     );
     let config = Config::from_toml_str(&toml, None).unwrap_or_else(|e| panic!("{e:?}"));
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let base = format!("http://{}", listener.local_addr().unwrap());
+    let listeners = iotfwd::daemon::Listeners::loopback(&config).await.unwrap();
+    let base = format!("http://{}", listeners.http.local_addr().unwrap());
     let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-    let task = tokio::spawn(iotfwd::daemon::run(config, listener, async move {
+    let task = tokio::spawn(iotfwd::daemon::run(config, listeners, async move {
         let _ = stopped.await;
     }));
     let client = reqwest::Client::new();
@@ -666,10 +666,10 @@ async fn scrape_bare(broker: Option<&str>, ready: bool) -> String {
         dir.path().join("data").display(),
     );
     let config = Config::from_toml_str(&toml, None).unwrap_or_else(|e| panic!("{e:?}"));
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let base = format!("http://{}", listener.local_addr().unwrap());
+    let listeners = iotfwd::daemon::Listeners::loopback(&config).await.unwrap();
+    let base = format!("http://{}", listeners.http.local_addr().unwrap());
     let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-    let task = tokio::spawn(iotfwd::daemon::run(config, listener, async move {
+    let task = tokio::spawn(iotfwd::daemon::run(config, listeners, async move {
         let _ = stopped.await;
     }));
     let client = reqwest::Client::new();

@@ -126,7 +126,12 @@ impl CaseMessage {
             Bytes::from(self.payload.clone()),
             identity,
         )
-        .map_err(|r| format!("message rejected: [{}] {}", r.code, r.reason))
+        .map_err(|r| {
+            format!(
+                "message rejected: {}",
+                iotfwd::outcome::Failure::rejected(&r)
+            )
+        })
     }
 }
 
@@ -138,11 +143,11 @@ fn check(expect: &Expect, got: &Observed) -> Result<(), String> {
         (Expect::Output(want), Some(RuleOutcome::Passed(out))) => {
             want == out && want.keys().eq(out.keys())
         }
-        (Expect::Error { code, contains }, Some(RuleOutcome::Failed { code: c, reason })) => {
-            c.as_u16() == *code
+        (Expect::Error { code, contains }, Some(RuleOutcome::Failed(failure))) => {
+            failure.code().as_u16() == *code
                 && contains
                     .as_ref()
-                    .is_none_or(|s| reason.contains(s.as_str()))
+                    .is_none_or(|s| failure.reason().contains(s.as_str()))
         }
         _ => false,
     };
@@ -178,7 +183,9 @@ fn show(got: &Observed) -> String {
         None => "no_match".to_owned(),
         Some(RuleOutcome::NoResult) => "no_result".to_owned(),
         Some(RuleOutcome::Passed(map)) => format!("output {}", Value::Object(map.clone())),
-        Some(RuleOutcome::Failed { code, reason }) => format!("error {code}: {reason}"),
+        Some(RuleOutcome::Failed(failure)) => {
+            format!("error {}: {}", failure.code(), failure.reason())
+        }
     }
 }
 

@@ -6,9 +6,9 @@ use std::time::{Duration, Instant};
 
 use fe2o3_amqp::types::messaging::Body;
 use fe2o3_amqp::types::primitives::Value;
+use iotfwd::client::{Consumer, ConsumerOptions, body_json, describe};
 use iotfwd::config::Config;
 use iotfwd::config::subscription::GroupConfig;
-use iotfwd::subscription::client::{Consumer, ConsumerOptions, body_json, describe};
 use serde_json::{Value as Json, json};
 
 use super::harness::eventually;
@@ -50,11 +50,10 @@ async fn setup(tweak: impl FnOnce(&mut Config, &Path)) -> Setup {
         "sql = '''SELECT * FROM \"/p2/+/post\"'''\n[[action]]\nto = \"group\"\ngroup = \"g2\"\n",
     )
     .unwrap();
-    let port = free_port();
     let d = dir.path().to_owned();
     let daemon = Daemon::start(dir.path(), |c| {
         c.broker = None;
-        c.subscription.listen = format!("127.0.0.1:{port}");
+        c.subscription.listen = "127.0.0.1:0".into();
         for id in ["g1", "g2", "dead"] {
             let mut g = group(&d, id);
             g.ack_timeout_ms = 1_000;
@@ -65,8 +64,8 @@ async fn setup(tweak: impl FnOnce(&mut Config, &Path)) -> Setup {
     .await;
     daemon.wait_ready().await;
     Setup {
+        url: format!("amqp://{}", daemon.amqp.expect("the endpoint listens")),
         daemon,
-        url: format!("amqp://127.0.0.1:{port}"),
         _dir: dir,
     }
 }

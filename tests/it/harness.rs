@@ -16,6 +16,8 @@ pub const BROKER: &str = "amqp://guest:guest@127.0.0.1:5672/%2f";
 /// The daemon running in this process; `stop` ends it and fails the test if it failed.
 pub struct Daemon {
     pub base: String,
+    /// Where the AMQP 1.0 consumer-group endpoint listens, when it runs.
+    pub amqp: Option<std::net::SocketAddr>,
     client: reqwest::Client,
     stop: Option<oneshot::Sender<()>>,
     task: tokio::task::JoinHandle<anyhow::Result<()>>,
@@ -70,17 +72,28 @@ impl Daemon {
     /// Runs the daemon on 127.0.0.1:0 (from `file` when given) until `stop`; returns once the
     /// HTTP server answers.
     async fn launch(config: Config, file: Option<std::path::PathBuf>) -> Daemon {
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let base = format!("http://{}", listener.local_addr().unwrap());
+        let http = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let amqp = if iotfwd::subscription::wants_listener(&config) {
+            let listener = tokio::net::TcpListener::bind(&config.subscription.listen)
+                .await
+                .unwrap();
+            Some(listener)
+        } else {
+            None
+        };
+        let base = format!("http://{}", http.local_addr().unwrap());
+        let amqp_addr = amqp.as_ref().map(|l| l.local_addr().unwrap());
+        let listeners = iotfwd::daemon::Listeners { http, amqp };
         let (stop, stopped) = oneshot::channel::<()>();
         let task = tokio::spawn(async move {
-            iotfwd::daemon::run_from_file(config, file.as_deref(), listener, async move {
+            iotfwd::daemon::run_from_file(config, file.as_deref(), listeners, async move {
                 let _ = stopped.await;
             })
             .await
         });
         let mut d = Daemon {
             base,
+            amqp: amqp_addr,
             client: reqwest::Client::new(),
             stop: Some(stop),
             task,

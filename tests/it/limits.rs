@@ -123,13 +123,13 @@ async fn device_quota_edge_is_exact() {
     let (ok, refused) = burst(&l, "pk1", "dev1", 11).await;
     assert_eq!(ok, 10);
     let t = refused.unwrap();
-    assert_eq!(t.code, Code::Throttled);
-    assert_eq!(t.code.as_u16(), 9324);
+    assert_eq!(t.code(), Code::Throttled);
+    assert_eq!(t.code().as_u16(), 9324);
     assert_eq!(t.scope, Scope::Device);
     assert_eq!(t.key, "pk1/dev1");
     assert_eq!((t.limit_tps, t.burst), (10, 10));
     assert_eq!(
-        t.reason,
+        t.reason(),
         "device quota exceeded: pk1/dev1 at 10 msg/s, burst 10"
     );
     assert_eq!(t.tenant.as_deref(), Some("acme"));
@@ -244,10 +244,10 @@ products = ["pk3"]
         assert_eq!(r.tenant.as_deref(), Some("acme"));
     }
     let t = l.acquire("pk2", "fresh", None, None).await.unwrap_err();
-    assert_eq!((t.code, t.scope), (Code::Throttled, Scope::Tenant));
+    assert_eq!((t.code(), t.scope), (Code::Throttled, Scope::Tenant));
     assert_eq!(t.key, "acme");
     assert_eq!(
-        t.reason,
+        t.reason(),
         "tenant quota exceeded: tenant acme at 100 msg/s, burst 100"
     );
     assert_eq!(t.instance.as_deref(), Some("acme-2"));
@@ -300,11 +300,11 @@ burst = 5
     }
     assert_eq!(allowed, 50);
     let t = last.unwrap();
-    assert_eq!(t.code, Code::InstanceSpecExceeded);
-    assert_eq!(t.code.as_u16(), 9326);
+    assert_eq!(t.code(), Code::InstanceSpecExceeded);
+    assert_eq!(t.code().as_u16(), 9326);
     assert_eq!((t.scope, t.key.as_str()), (Scope::Instance, "acme-1"));
     assert_eq!(
-        t.reason,
+        t.reason(),
         "instance specification exceeded: instance acme-1 at 50 msg/s, burst 50"
     );
     // The other instance of the same tenant has its own specification (burst 5).
@@ -350,7 +350,7 @@ burst = 3
     let (ok, t) = burst(&l, "camera", "cam1", 10).await;
     assert_eq!(ok, 3);
     assert_eq!(
-        t.unwrap().reason,
+        t.unwrap().reason(),
         "device quota exceeded: camera/cam1 at 2 msg/s, burst 3"
     );
     assert_eq!(burst(&l, "meter", "m1", 20).await.0, 10);
@@ -506,16 +506,16 @@ async fn wait_mode_fails_past_max_wait_with_the_code() {
     assert_eq!(ok, 20);
     assert!(start.elapsed() <= Duration::from_millis(1000));
     for t in results.iter().filter_map(|r| r.as_ref().err()) {
-        assert_eq!((t.code, t.scope), (Code::Throttled, Scope::Device));
+        assert_eq!((t.code(), t.scope), (Code::Throttled, Scope::Device));
         assert!(t.waited <= Duration::from_millis(1000), "{t:?}");
         assert!(
-            t.reason.starts_with(
+            t.reason().starts_with(
                 "device quota exceeded: pk/d at 10 msg/s, burst 10 (on_limit = \"wait\": waited "
             ),
             "{}",
-            t.reason
+            t.reason()
         );
-        assert!(t.reason.ends_with("max_wait_ms 1000)"), "{}", t.reason);
+        assert!(t.reason().ends_with("max_wait_ms 1000)"), "{}", t.reason());
     }
     assert_eq!(
         metrics
@@ -546,9 +546,9 @@ max_wait_ms = 500
     let before = tokio::time::Instant::now();
     let t = l.acquire("pk", "d", None, None).await.unwrap_err();
     assert_eq!(before.elapsed(), Duration::ZERO);
-    assert_eq!(t.code, Code::InstanceSpecExceeded);
+    assert_eq!(t.code(), Code::InstanceSpecExceeded);
     assert_eq!(
-        t.reason,
+        t.reason(),
         "instance specification exceeded: instance i at 1 msg/s, burst 1 (on_limit = \"wait\": \
          waited 0 ms, next token in 1000 ms, max_wait_ms 500)"
     );
@@ -661,7 +661,7 @@ forward_tps = 50
     // beyond max_wait 100, so it fails at once.
     let t = l.acquire("pa", "d3", None, None).await.unwrap_err();
     assert_eq!(t.scope, Scope::Tenant);
-    assert!(t.reason.contains("on_limit = \"wait\""), "{}", t.reason);
+    assert!(t.reason().contains("on_limit = \"wait\""), "{}", t.reason());
     // d1 of pa kept its device state (class 3 msg/s unchanged).
     advance_ms(200).await; // tenant a: +1 token; d1: +0.6
     assert_eq!(
@@ -708,12 +708,12 @@ async fn unmapped_products_are_refused_by_default_with_9321() {
     let metrics = Arc::new(Metrics::new());
     let l = Limiter::new(&quotas(UNMAPPED_BASE), Some(Arc::clone(&metrics)));
     let t = l.acquire("pk9", "d", None, None).await.unwrap_err();
-    assert_eq!((t.code, t.scope), (Code::ParamInvalid, Scope::Unmapped));
-    assert_eq!(t.code.as_u16(), 9321);
+    assert_eq!((t.code(), t.scope), (Code::ParamInvalid, Scope::Unmapped));
+    assert_eq!(t.code().as_u16(), 9321);
     assert_eq!(t.key, "pk9");
     assert_eq!((t.tenant.clone(), t.instance.clone()), (None, None));
     assert_eq!(
-        t.reason,
+        t.reason(),
         "product \"pk9\" is in no [[instance]] and [quota] unmapped = \"refuse\": add it to the \
          products of an [[instance]], or set [quota] unmapped = \"default_instance\" with a \
          default_instance"
@@ -749,7 +749,7 @@ async fn unmapped_products_can_go_to_a_default_instance() {
     assert!(t.is_ok());
     let t = l.acquire("pk7", "f", None, None).await.unwrap_err();
     assert_eq!(
-        (t.code, t.key.as_str()),
+        (t.code(), t.key.as_str()),
         (Code::InstanceSpecExceeded, "spare-1")
     );
     // Mapped products are unaffected.
@@ -781,13 +781,13 @@ async fn envelope_hints_only_fill_gaps() {
         l.acquire("pk9", "d", None, Some("spare-1"))
             .await
             .unwrap_err()
-            .code,
+            .code(),
         Code::InstanceSpecExceeded
     );
     // An unknown instance, or one of another tenant, is not taken.
     let t = l.acquire("pk9", "d", None, Some("nope")).await.unwrap_err();
-    assert_eq!(t.code, Code::ParamInvalid);
-    assert!(t.reason.contains("instanceId \"nope\""), "{}", t.reason);
+    assert_eq!(t.code(), Code::ParamInvalid);
+    assert!(t.reason().contains("instanceId \"nope\""), "{}", t.reason());
     let t = l
         .acquire("pk9", "d", Some("acme"), Some("spare-1"))
         .await

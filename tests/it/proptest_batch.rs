@@ -220,7 +220,7 @@ fn same_outcome(a: &RuleOutcome, b: &RuleOutcome) -> bool {
     match (a, b) {
         (RuleOutcome::Passed(x), RuleOutcome::Passed(y)) => x == y && x.keys().eq(y.keys()),
         (RuleOutcome::NoResult, RuleOutcome::NoResult) => true,
-        (RuleOutcome::Failed { code: x, .. }, RuleOutcome::Failed { code: y, .. }) => x == y,
+        (RuleOutcome::Failed(x), RuleOutcome::Failed(y)) => x.code() == y.code(),
         _ => false,
     }
 }

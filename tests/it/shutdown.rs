@@ -4,7 +4,7 @@ use std::time::{Duration, Instant};
 
 use fe2o3_amqp::types::messaging::Body;
 use fe2o3_amqp::types::primitives::Value;
-use iotfwd::subscription::client::{Consumer, ConsumerOptions};
+use iotfwd::client::{Consumer, ConsumerOptions};
 
 use super::harness::free_port;
 

@@ -45,9 +45,9 @@ use std::time::Duration;
 
 use tokio::sync::{Mutex, mpsc, watch};
 
+use super::health::{ConfigReload, Health, LastReload, RuleFileFailure};
 use crate::config::Config;
 use crate::config::quota::QuotaSet;
-use crate::health::{ConfigReload, Health, LastReload, RuleFileFailure};
 use crate::limits::Limiter;
 use crate::outcome::{BizCode, Code, Outcomes, Record};
 use crate::rules::{Compiler, Rule, RuleError, RuleSet};

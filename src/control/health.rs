@@ -1,129 +1,23 @@
 //! Health: what `GET /api/v1/health` reports.
 //!
-//! - **Destinations**, keyed by the action's destination name ([`crate::rules::ActionSpec::destination`],
-//!   e.g. `amqp:alerts`, `group:demo`): the dispatcher reports every terminal action outcome
-//!   ([`Health::observe`]). Each keeps its last success time, its last error (code, reason, time)
-//!   and a state:
-//!   - `healthy`: the last outcome was a delivery;
-//!   - `unhealthy`: the last outcome failed with a code that may pass (9325 unreachable, 9331
-//!     refused), for less than [`DEAD_AFTER_MS`] without a success in between;
-//!   - `dead`: the last outcome failed with a code that will not pass by retrying (9332
-//!     misconfigured, 9333 credentials, 9325 "not hosted"), or it has been failing for more than
-//!     [`DEAD_AFTER_MS`].
-//!
-//!   Codes about one message rather than the destination (9321 a parameter, 9324 / 9326 a quota)
-//!   do not change a destination's state.
+//! - **Destinations**, keyed by the action's destination name (`amqp:alerts`, `group:demo`):
+//!   their states come from [`crate::action::destinations`], which the dispatcher feeds with
+//!   every terminal action outcome.
 //! - **Rules**: how many are loaded, every rule file that does not load (with its 9307 and the
-//!   time), and the last reload ([`crate::reload`] keeps these up to date).
+//!   time), and the last reload ([`super::reload`] keeps these up to date).
 //! - **Consumer groups**: reported by whoever hosts them, through [`Health::set_groups`].
 //!
 //! The overall `status` is `ok` when everything is healthy and `degraded` otherwise: a
 //! destination not `healthy`, a rule file not loaded, the broker (when configured) not
 //! connected, or a consumer group whose `state` is not `healthy`.
 
-use std::collections::HashMap;
-use std::sync::{Mutex, RwLock};
+use std::sync::{Arc, Mutex, RwLock};
 
 use serde::Serialize;
 use serde_json::{Value, json};
 
-use crate::broker::BrokerError;
-use crate::outcome::Code;
-use crate::outcome::query::format_time_ms;
-
-/// A destination failing this long without a success in between is `dead`.
-pub const DEAD_AFTER_MS: i64 = 60_000;
-
-/// The state of a destination or consumer group.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
-#[serde(rename_all = "lowercase")]
-pub enum State {
-    Healthy,
-    Unhealthy,
-    Dead,
-}
-
-impl State {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            State::Healthy => "healthy",
-            State::Unhealthy => "unhealthy",
-            State::Dead => "dead",
-        }
-    }
-}
-
-/// An error with its time, as reported.
-#[derive(Clone, Debug, PartialEq, Serialize)]
-pub struct LastError {
-    pub code: Code,
-    pub reason: String,
-    #[serde(rename = "time", serialize_with = "ser_time")]
-    pub time_ms: i64,
-}
-
-/// The recent outcomes of one destination (or anything else with the same states, such as a
-/// consumer group), and the state they add up to. Public so that other hosts of destinations
-/// report the same way.
-#[derive(Clone, Debug, Default)]
-pub struct Tracker {
-    last_success_ms: Option<i64>,
-    last_error: Option<LastError>,
-    /// The first failure since the last success; `None` while the last outcome is a success.
-    failing_since_ms: Option<i64>,
-    /// The last outcome failed with a code retrying will not fix.
-    last_final: bool,
-}
-
-/// A tracker's state as `GET /api/v1/health` shows it.
-#[derive(Clone, Debug, PartialEq, Serialize)]
-#[serde(rename_all = "camelCase")]
-pub struct TrackerReport {
-    pub state: State,
-    #[serde(serialize_with = "ser_opt_time")]
-    pub last_success: Option<i64>,
-    pub last_error: Option<LastError>,
-    #[serde(serialize_with = "ser_opt_time")]
-    pub failing_since: Option<i64>,
-}
-
-impl Tracker {
-    pub fn success(&mut self, now_ms: i64) {
-        self.last_success_ms = Some(now_ms);
-        self.failing_since_ms = None;
-        self.last_final = false;
-    }
-
-    /// A failure; `retryable` when the same delivery may pass later (the destination is
-    /// unreachable or refused it for now), not when it never will (misconfigured, credentials).
-    pub fn failure(&mut self, code: Code, reason: &str, retryable: bool, now_ms: i64) {
-        self.last_error = Some(LastError {
-            code,
-            reason: reason.to_owned(),
-            time_ms: now_ms,
-        });
-        self.failing_since_ms.get_or_insert(now_ms);
-        self.last_final = !retryable;
-    }
-
-    pub fn state(&self, now_ms: i64) -> State {
-        match self.failing_since_ms {
-            None => State::Healthy,
-            Some(_) if self.last_final => State::Dead,
-            Some(since) if now_ms - since > DEAD_AFTER_MS => State::Dead,
-            Some(_) => State::Unhealthy,
-        }
-    }
-
-    pub fn report(&self, now_ms: i64) -> TrackerReport {
-        TrackerReport {
-            state: self.state(now_ms),
-            last_success: self.last_success_ms,
-            last_error: self.last_error.clone(),
-            failing_since: self.failing_since_ms,
-        }
-    }
-}
+use crate::action::destinations::{Destinations, State};
+use crate::outcome::{Code, ser_time_ms};
 
 /// A rule file that did not load (its previous version, if any, keeps running).
 #[derive(Clone, Debug, PartialEq, Serialize)]
@@ -134,7 +28,7 @@ pub struct RuleFileFailure {
     pub rule: String,
     pub code: Code,
     pub reason: String,
-    #[serde(rename = "time", serialize_with = "ser_time")]
+    #[serde(rename = "time", serialize_with = "ser_time_ms")]
     pub time_ms: i64,
     /// Whether an earlier version of this rule keeps running in its place.
     pub previous_running: bool,
@@ -144,7 +38,7 @@ pub struct RuleFileFailure {
 #[derive(Clone, Debug, PartialEq, Serialize)]
 #[serde(rename_all = "camelCase")]
 pub struct LastReload {
-    #[serde(rename = "time", serialize_with = "ser_time")]
+    #[serde(rename = "time", serialize_with = "ser_time_ms")]
     pub time_ms: i64,
     /// `startup`, `watch` (a change in the directory), `SIGHUP` or `api`.
     pub cause: &'static str,
@@ -202,7 +96,7 @@ struct RulesHealth {
 /// The registry behind `GET /api/v1/health`. One per daemon; cheap to update from the data path.
 #[derive(Default)]
 pub struct Health {
-    destinations: Mutex<HashMap<String, Tracker>>,
+    destinations: Arc<Destinations>,
     rules: Mutex<RulesHealth>,
     groups: RwLock<Option<GroupsProbe>>,
 }
@@ -212,45 +106,14 @@ impl Health {
         Health::default()
     }
 
-    /// Reports a terminal action outcome for `destination`.
-    pub fn observe(&self, destination: &str, result: &Result<(), BrokerError>) {
-        self.observe_at(destination, result, crate::message::now_ms());
-    }
-
-    pub fn observe_at(&self, destination: &str, result: &Result<(), BrokerError>, now_ms: i64) {
-        if let Err(e) = result
-            && matches!(
-                e.code,
-                Code::ParamInvalid | Code::Throttled | Code::InstanceSpecExceeded
-            )
-        {
-            // About this message (its parameters, its quota), not about the destination.
-            return;
-        }
-        let mut destinations = self.destinations.lock().expect("health lock poisoned");
-        let tracker = match destinations.get_mut(destination) {
-            Some(t) => t,
-            None => destinations.entry(destination.to_owned()).or_default(),
-        };
-        match result {
-            Ok(()) => tracker.success(now_ms),
-            Err(e) => tracker.failure(e.code, &e.reason, e.retryable, now_ms),
-        }
-    }
-
-    /// The state of one destination, if it has had an outcome.
-    pub fn destination(&self, destination: &str) -> Option<TrackerReport> {
-        let now = crate::message::now_ms();
-        self.destinations
-            .lock()
-            .expect("health lock poisoned")
-            .get(destination)
-            .map(|t| t.report(now))
+    /// The destinations' states, fed by the dispatcher (see [`crate::action::destinations`]).
+    pub fn destinations(&self) -> &Arc<Destinations> {
+        &self.destinations
     }
 
     /// Replaces the rules part: rules running, files that do not load, the last reload.
     pub fn set_rules(&self, loaded: usize, failed: Vec<RuleFileFailure>, last: LastReload) {
-        let mut rules = self.rules.lock().expect("health lock poisoned");
+        let mut rules = self.rules.lock().unwrap_or_else(|p| p.into_inner());
         rules.loaded = loaded;
         rules.failed = failed;
         if let Some(config) = &last.config {
@@ -263,7 +126,7 @@ impl Health {
     pub fn config_reload(&self) -> Option<ConfigReload> {
         self.rules
             .lock()
-            .expect("health lock poisoned")
+            .unwrap_or_else(|p| p.into_inner())
             .config
             .clone()
     }
@@ -272,7 +135,7 @@ impl Health {
     pub fn failed_rules(&self) -> Vec<RuleFileFailure> {
         self.rules
             .lock()
-            .expect("health lock poisoned")
+            .unwrap_or_else(|p| p.into_inner())
             .failed
             .clone()
     }
@@ -281,7 +144,7 @@ impl Health {
     /// JSON array becomes the report's `groups`. A group whose `state` is not `healthy` makes the
     /// status `degraded`. Without a probe, `groups` is `[]`.
     pub fn set_groups(&self, probe: GroupsProbe) {
-        *self.groups.write().expect("health lock poisoned") = Some(probe);
+        *self.groups.write().unwrap_or_else(|p| p.into_inner()) = Some(probe);
     }
 
     /// The whole report. `broker` is `None` without `[broker]`, else whether it is connected.
@@ -291,14 +154,7 @@ impl Health {
 
     pub fn report_at(&self, broker: Option<bool>, now_ms: i64) -> Value {
         let mut degraded = broker == Some(false);
-        let mut destinations: Vec<(String, TrackerReport)> = self
-            .destinations
-            .lock()
-            .expect("health lock poisoned")
-            .iter()
-            .map(|(name, t)| (name.clone(), t.report(now_ms)))
-            .collect();
-        destinations.sort_by(|a, b| a.0.cmp(&b.0));
+        let destinations = self.destinations.reports(now_ms);
         degraded |= destinations.iter().any(|(_, r)| r.state != State::Healthy);
         let destinations: Vec<Value> = destinations
             .into_iter()
@@ -313,7 +169,7 @@ impl Health {
             })
             .collect();
         let (rules, last_reload, config) = {
-            let rules = self.rules.lock().expect("health lock poisoned");
+            let rules = self.rules.lock().unwrap_or_else(|p| p.into_inner());
             degraded |= !rules.failed.is_empty();
             degraded |= rules.config.as_ref().is_some_and(|c| c.result != "success");
             (
@@ -322,7 +178,7 @@ impl Health {
                 serde_json::to_value(&rules.config).unwrap_or(Value::Null),
             )
         };
-        let groups = match &*self.groups.read().expect("health lock poisoned") {
+        let groups = match &*self.groups.read().unwrap_or_else(|p| p.into_inner()) {
             Some(probe) => probe(),
             None => Value::Array(Vec::new()),
         };
@@ -348,26 +204,22 @@ impl Health {
     }
 }
 
-fn ser_time<S: serde::Serializer>(ms: &i64, s: S) -> Result<S::Ok, S::Error> {
-    s.serialize_str(&format_time_ms(*ms))
-}
-
-fn ser_opt_time<S: serde::Serializer>(ms: &Option<i64>, s: S) -> Result<S::Ok, S::Error> {
-    match ms {
-        Some(ms) => s.serialize_str(&format_time_ms(*ms)),
-        None => s.serialize_none(),
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
 
-    fn err(code: Code, retryable: bool) -> Result<(), BrokerError> {
-        Err(BrokerError {
-            code,
-            reason: format!("failed with {code}"),
-            retryable,
+    use crate::action::destinations::DEAD_AFTER_MS;
+    use crate::outcome::{Failure, format_time_ms};
+
+    fn err(code: Code, retryable: bool) -> Result<(), Failure> {
+        let reason = format!("failed with {code}");
+        Err(match (code, retryable) {
+            (Code::DestinationUnavailable, true) => Failure::unreachable(reason),
+            (Code::DestinationMisconfigured, false) => Failure::misconfigured(reason),
+            (Code::ParamInvalid, false) => Failure::invalid_parameter(reason),
+            (Code::Throttled, false) => Failure::throttled(reason),
+            (Code::InstanceSpecExceeded, false) => Failure::instance_spec_exceeded(reason),
+            other => panic!("no failure constructor for {other:?} in this test"),
         })
     }
 
@@ -375,7 +227,7 @@ mod tests {
     fn states_follow_the_outcomes() {
         let h = Health::new();
         let t0 = 1_000_000;
-        h.observe_at("amqp:a", &Ok(()), t0);
+        h.destinations().observe_at("amqp:a", &Ok(()), t0);
         let state = |now| {
             h.report_at(None, now)["destinations"][0]["state"]
                 .as_str()
@@ -384,8 +236,9 @@ mod tests {
         };
         assert_eq!(state(t0), "healthy");
         // Transient failures: unhealthy, until they have lasted more than a minute.
-        h.observe_at("amqp:a", &err(Code::DestinationUnavailable, true), t0 + 10);
-        h.observe_at(
+        h.destinations()
+            .observe_at("amqp:a", &err(Code::DestinationUnavailable, true), t0 + 10);
+        h.destinations().observe_at(
             "amqp:a",
             &err(Code::DestinationUnavailable, true),
             t0 + 30_000,
@@ -402,14 +255,14 @@ mod tests {
         assert_eq!(d["failingSince"], format_time_ms(t0 + 10));
         assert_eq!(r["status"], "degraded");
         // A success heals it; the last error stays visible.
-        h.observe_at("amqp:a", &Ok(()), t0 + 40_000);
+        h.destinations().observe_at("amqp:a", &Ok(()), t0 + 40_000);
         assert_eq!(state(t0 + 200_000), "healthy");
         let r = h.report_at(None, t0 + 40_000);
         assert_eq!(r["destinations"][0]["lastError"]["code"], 9325);
         assert_eq!(r["destinations"][0]["failingSince"], Value::Null);
         assert_eq!(r["status"], "ok");
         // A failure retrying cannot fix is dead at once.
-        h.observe_at(
+        h.destinations().observe_at(
             "amqp:a",
             &err(Code::DestinationMisconfigured, false),
             t0 + 50_000,
@@ -420,14 +273,14 @@ mod tests {
     #[test]
     fn per_message_codes_do_not_touch_the_destination() {
         let h = Health::new();
-        h.observe_at("amqp:a", &Ok(()), 1);
+        h.destinations().observe_at("amqp:a", &Ok(()), 1);
         for code in [
             Code::ParamInvalid,
             Code::Throttled,
             Code::InstanceSpecExceeded,
         ] {
-            h.observe_at("amqp:a", &err(code, false), 2);
-            h.observe_at("amqp:b", &err(code, false), 2);
+            h.destinations().observe_at("amqp:a", &err(code, false), 2);
+            h.destinations().observe_at("amqp:b", &err(code, false), 2);
         }
         let r = h.report_at(None, 3);
         assert_eq!(r["destinations"].as_array().unwrap().len(), 1, "{r}");

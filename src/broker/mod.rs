@@ -12,54 +12,15 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use lapin::options::{BasicPublishOptions, ConfirmSelectOptions};
-use lapin::protocol::{AMQPErrorKind, AMQPHardError, AMQPSoftError};
-use lapin::{BasicProperties, Channel, Connection, ConnectionProperties, ErrorKind};
+use lapin::types::FieldTable;
+use lapin::{BasicProperties, Channel, Connection, ConnectionProperties};
 use tokio::sync::{Mutex, Semaphore};
 
 use crate::config::broker::{BrokerConfig, redact};
-use crate::outcome::Code;
+use crate::outcome::{Code, Failure};
 
-/// A classified broker failure.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct BrokerError {
-    pub code: Code,
-    pub reason: String,
-    /// Whether trying again can help (a dropped connection can; a missing exchange cannot).
-    pub retryable: bool,
-}
-
-impl std::fmt::Display for BrokerError {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "[{}] {}", self.code, self.reason)
-    }
-}
-
-/// Maps a lapin error to the platform's codes (see README "Retries").
-pub fn classify(e: &lapin::Error) -> BrokerError {
-    let (code, retryable) = match e.kind() {
-        ErrorKind::ProtocolError(amqp) => match amqp.kind() {
-            AMQPErrorKind::Soft(AMQPSoftError::NOTFOUND) => (Code::DestinationMisconfigured, false),
-            AMQPErrorKind::Soft(AMQPSoftError::ACCESSREFUSED) => (Code::DestinationAuth, false),
-            AMQPErrorKind::Hard(AMQPHardError::CONNECTIONFORCED) => {
-                (Code::DestinationUnavailable, true)
-            }
-            _ => (Code::DestinationError, true),
-        },
-        ErrorKind::IOError(_)
-        | ErrorKind::InvalidConnectionState(_)
-        | ErrorKind::MissingHeartbeatError
-        | ErrorKind::RuntimeShutdownError(_) => (Code::DestinationUnavailable, true),
-        ErrorKind::InvalidChannelState(..)
-        | ErrorKind::InvalidChannel(_)
-        | ErrorKind::ChannelsLimitReached => (Code::DestinationError, true),
-        _ => (Code::Internal, false),
-    };
-    BrokerError {
-        code,
-        reason: e.to_string(),
-        retryable,
-    }
-}
+mod classify;
+pub use classify::classify;
 
 struct PublishChannel {
     channel: Channel,
@@ -102,7 +63,7 @@ impl Broker {
     }
 
     /// A live connection: the current one, or one new attempt to connect (no waiting loop).
-    pub async fn connection(&self) -> Result<Arc<Connection>, BrokerError> {
+    pub async fn connection(&self) -> Result<Arc<Connection>, Failure> {
         let mut slot = self.connection.lock().await;
         if let Some(c) = slot.as_ref() {
             if c.status().connected() {
@@ -117,21 +78,12 @@ impl Broker {
         .await;
         let conn = match attempt {
             Ok(Ok(c)) => Arc::new(c),
-            Ok(Err(e)) => {
-                let mut err = classify(&e);
-                err.reason = format!("cannot connect to {}: {}", self.redacted, err.reason);
-                if err.code != Code::DestinationAuth {
-                    err.code = Code::DestinationUnavailable;
-                    err.retryable = true;
-                }
-                return Err(err);
-            }
+            Ok(Err(e)) => return Err(classify::connect_failure(&e, &self.redacted)),
             Err(_) => {
-                return Err(BrokerError {
-                    code: Code::DestinationUnavailable,
-                    reason: format!("connecting to {} timed out after 10 s", self.redacted),
-                    retryable: true,
-                });
+                return Err(Failure::unreachable(format!(
+                    "connecting to {} timed out after 10 s",
+                    self.redacted
+                )));
             }
         };
         tracing::info!(broker = %self.redacted, "connected to the broker");
@@ -156,7 +108,7 @@ impl Broker {
                 Ok(c) => return Some(c),
                 Err(e) => {
                     if !logged {
-                        tracing::warn!(broker = %self.redacted, "broker unavailable, waiting for it: {}", e.reason);
+                        tracing::warn!(broker = %self.redacted, "broker unavailable, waiting for it: {}", e.reason());
                         logged = true;
                     }
                 }
@@ -170,7 +122,7 @@ impl Broker {
         }
     }
 
-    async fn channel_for(&self, exchange: &str) -> Result<Arc<PublishChannel>, BrokerError> {
+    async fn channel_for(&self, exchange: &str) -> Result<Arc<PublishChannel>, Failure> {
         {
             let channels = self.channels.lock().await;
             if let Some(c) = channels.get(exchange)
@@ -203,7 +155,7 @@ impl Broker {
         routing_key: &str,
         payload: &[u8],
         properties: BasicProperties,
-    ) -> Result<(), BrokerError> {
+    ) -> Result<(), Failure> {
         let pc = self.channel_for(exchange).await?;
         let _slot = pc
             .window
@@ -225,17 +177,13 @@ impl Broker {
         }
         .await;
         match result {
-            Ok(c) if c.is_nack() => Err(BrokerError {
-                code: Code::DestinationError,
-                reason: format!(
-                    "the broker refused the message (publisher nack) on exchange {exchange:?}"
-                ),
-                retryable: true,
-            }),
+            Ok(c) if c.is_nack() => Err(Failure::refused(format!(
+                "the broker refused the message (publisher nack) on exchange {exchange:?}"
+            ))),
             Ok(_) => Ok(()),
             Err(e) => {
                 let err = classify(&e);
-                if err.code == Code::DestinationUnavailable {
+                if err.code() == Code::DestinationUnavailable {
                     self.connected.store(false, Ordering::Relaxed);
                 }
                 Err(err)
@@ -250,6 +198,34 @@ impl Broker {
         }
         self.connected.store(false, Ordering::Relaxed);
     }
+}
+
+/// The `failed*` headers that tell the consumer of an error action or a dead-letter queue
+/// what failed: `failedAction` (the destination), `failedCode`, `failedReason` and, when
+/// known, `failedAttempts`. Added to `headers`.
+pub fn failure_headers(
+    mut headers: FieldTable,
+    action: &str,
+    code: Code,
+    reason: &str,
+    attempts: Option<u32>,
+) -> FieldTable {
+    headers.insert("failedAction".into(), header(action));
+    headers.insert("failedCode".into(), header(&code.to_string()));
+    headers.insert("failedReason".into(), header(reason));
+    if let Some(n) = attempts {
+        headers.insert("failedAttempts".into(), header(&n.to_string()));
+    }
+    headers
+}
+
+/// The identity of a message as headers: `topic`, `productKey`, `deviceName`, `messageId`,
+/// `traceId` and `rule` (the rule that forwarded it), added to `headers`.
+pub fn identity_headers(mut headers: FieldTable, identity: [(&str, &str); 6]) -> FieldTable {
+    for (name, value) in identity {
+        headers.insert(name.into(), header(value));
+    }
+    headers
 }
 
 /// Long-string header value.

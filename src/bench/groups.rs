@@ -13,18 +13,18 @@ use std::time::{Duration, Instant};
 use fe2o3_amqp::types::messaging::Body;
 use fe2o3_amqp::types::primitives::Value;
 
+use crate::client::{Consumer, ConsumerOptions};
 use crate::config::Config;
 use crate::config::subscription::GroupConfig;
 use crate::outcome::Outcomes;
-use crate::subscription::client::{Consumer, ConsumerOptions};
 use crate::subscription::{Delivery, RuleLookup};
 use crate::telemetry::Metrics;
 
 /// Runs the benchmark and prints its figures.
 pub fn run(messages: usize, connections: &[usize]) -> anyhow::Result<()> {
     let messages = messages.max(1);
-    let engine = crate::bench::bench_engine(10);
-    let msgs = crate::bench::property_posts(messages);
+    let engine = super::bench_engine(10);
+    let msgs = super::property_posts(messages);
     for chunk in msgs.chunks(512).take(4) {
         std::hint::black_box(engine.evaluate(chunk));
     }
@@ -33,7 +33,7 @@ pub fn run(messages: usize, connections: &[usize]) -> anyhow::Result<()> {
     for chunk in msgs.chunks(512) {
         outputs += engine.evaluate(chunk).iter().map(Vec::len).sum::<usize>();
     }
-    let ingest = crate::bench::rate(messages, started.elapsed());
+    let ingest = super::rate(messages, started.elapsed());
     println!("bench groups: {messages} messages per run");
     println!(
         "engine ingest (10 rules, batch 512, baseline): {ingest:>10.0} msg/s ({:.2} rule results/msg)",
@@ -70,9 +70,17 @@ async fn push(messages: usize, connections: usize) -> anyhow::Result<f64> {
     let metrics = Arc::new(Metrics::new());
     let outcomes = Outcomes::new(Arc::clone(&metrics));
     let no_rules: RuleLookup = Arc::new(|_| None);
-    let running = crate::subscription::start(&config, None, outcomes, &metrics.registry, no_rules)
-        .await?
-        .expect("the endpoint is enabled");
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+    let running = crate::subscription::start(
+        &config,
+        Some(listener),
+        None,
+        outcomes,
+        metrics.groups.clone(),
+        no_rules,
+    )
+    .await?
+    .expect("the endpoint is enabled");
     let url = format!("amqp://{}", running.addr.expect("a group is configured"));
     let stop = Arc::new(AtomicBool::new(false));
     let mut consumers = Vec::new();
@@ -107,7 +115,7 @@ async fn push(messages: usize, connections: usize) -> anyhow::Result<f64> {
         .metrics
         .outcomes
         .with_label_values(&["bench", "accepted"]);
-    let template = crate::bench::property_posts(1).remove(0);
+    let template = super::property_posts(1).remove(0);
     let mut output = serde_json::Map::new();
     output.insert("device".into(), "dev0001".into());
     output.insert("temperature".into(), serde_json::json!(38.5));
@@ -118,7 +126,7 @@ async fn push(messages: usize, connections: usize) -> anyhow::Result<f64> {
         d.message_id = i.to_string();
         hub.enqueue("bench", d)
             .await
-            .map_err(|e| anyhow::anyhow!(e.reason))?;
+            .map_err(|e| anyhow::anyhow!(e.reason().to_owned()))?;
     }
     let deadline = Instant::now() + Duration::from_secs(300);
     while (accepted.get() as usize) < messages {
@@ -137,5 +145,5 @@ async fn push(messages: usize, connections: usize) -> anyhow::Result<f64> {
     }
     running.shutdown(Duration::from_secs(5)).await;
     let _ = std::fs::remove_dir_all(&dir);
-    Ok(crate::bench::rate(messages, elapsed))
+    Ok(super::rate(messages, elapsed))
 }

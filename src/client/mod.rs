@@ -10,7 +10,7 @@ use fe2o3_amqp::types::primitives::{SimpleValue, Value};
 use fe2o3_amqp::{Connection, Receiver, Session};
 use serde_json::json;
 
-use super::auth::{SignMethod, SignedUser};
+use crate::subscription::auth::{SignMethod, SignedUser};
 
 /// What a consumer needs to log in to a group.
 #[derive(Clone, Debug)]

@@ -105,7 +105,7 @@ use governor::{NotUntil, Quota, RateLimiter};
 use serde::Serialize;
 
 use crate::config::quota::{Limit, OnLimit, QuotaSet, Rate, Unmapped};
-use crate::outcome::Code;
+use crate::outcome::{Code, Failure};
 use crate::telemetry::Metrics;
 
 /// Which quota refused a forward.
@@ -173,9 +173,10 @@ impl Resolved {
 /// The reason says which quota and its value, e.g. `device quota exceeded: pk1/dev1 at 10
 /// msg/s, burst 10`.
 #[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
-#[error("{code}: {reason}")]
+#[error("{}: {}", failure.code(), failure.reason())]
 pub struct Throttle {
-    pub code: Code,
+    /// The failure the forward ends in (9324, 9326 or 9321), with the reason.
+    pub failure: Failure,
     pub scope: Scope,
     /// `productKey/deviceName`, the tenant id, the instance id, or (unmapped) the productKey.
     pub key: String,
@@ -189,7 +190,16 @@ pub struct Throttle {
     pub burst: u32,
     /// How long the forward waited (`on_limit = "wait"`) before it was refused.
     pub waited: Duration,
-    pub reason: String,
+}
+
+impl Throttle {
+    pub fn code(&self) -> Code {
+        self.failure.code()
+    }
+
+    pub fn reason(&self) -> &str {
+        self.failure.reason()
+    }
 }
 
 /// governor's clock, on tokio's time (so it pauses and advances with `tokio::time::pause`).
@@ -955,19 +965,19 @@ impl Limiter {
         waited: Duration,
     ) -> Throttle {
         let limit = refusal.limit;
-        let (code, key, what) = match refusal.scope {
+        let (failure, key, what): (fn(String) -> Failure, _, _) = match refusal.scope {
             Scope::Device => (
-                Code::Throttled,
+                Failure::throttled,
                 format!("{product_key}/{device_name}"),
                 "device quota exceeded: ",
             ),
             Scope::Tenant => (
-                Code::Throttled,
+                Failure::throttled,
                 instance.tenant.id.to_string(),
                 "tenant quota exceeded: tenant ",
             ),
             Scope::Instance | Scope::Unmapped => (
-                Code::InstanceSpecExceeded,
+                Failure::instance_spec_exceeded,
                 instance.id.to_string(),
                 "instance specification exceeded: instance ",
             ),
@@ -988,7 +998,7 @@ impl Limiter {
                 .inc();
         }
         Throttle {
-            code,
+            failure: failure(reason),
             scope: refusal.scope,
             key,
             tenant: Some(Arc::clone(&instance.tenant.id)),
@@ -996,7 +1006,6 @@ impl Limiter {
             limit_tps: limit.rate.tps,
             burst: limit.rate.burst,
             waited,
-            reason,
         }
     }
 
@@ -1046,7 +1055,11 @@ fn unmapped(product_key: &str, instance_hint: Option<&str>) -> Throttle {
         None => String::new(),
     };
     Throttle {
-        code: Code::ParamInvalid,
+        failure: Failure::invalid_parameter(format!(
+            "product {product_key:?} is in no [[instance]]{hint} and [quota] unmapped = \
+             \"refuse\": add it to the products of an [[instance]], or set [quota] unmapped = \
+             \"default_instance\" with a default_instance"
+        )),
         scope: Scope::Unmapped,
         key: product_key.to_owned(),
         tenant: None,
@@ -1054,11 +1067,6 @@ fn unmapped(product_key: &str, instance_hint: Option<&str>) -> Throttle {
         limit_tps: 0,
         burst: 0,
         waited: Duration::ZERO,
-        reason: format!(
-            "product {product_key:?} is in no [[instance]]{hint} and [quota] unmapped = \
-             \"refuse\": add it to the products of an [[instance]], or set [quota] unmapped = \
-             \"default_instance\" with a default_instance"
-        ),
     }
 }
 

@@ -6,88 +6,14 @@
 //! (topic index, one parse, column building, the compiled rules, output objects) and no I/O.
 
 use std::hint::black_box;
-use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
-use crate::engine::{Engine, RuleOutcome};
-use crate::message::{Identity, Message};
-use crate::rules::{Compiler, RuleSet};
+use std::time::Duration;
 
-const PRODUCTS: usize = 10;
-const DEVICES: usize = 1000;
-
-/// Generates `n` property-post messages from 1000 devices, deterministic.
-pub fn property_posts(n: usize) -> Vec<Message> {
-    property_posts_from(n, DEVICES)
-}
-
-/// Generates `n` property-post messages from `devices` devices, deterministic.
-pub fn property_posts_from(n: usize, devices: usize) -> Vec<Message> {
-    let mut seed: u64 = 0x2545_F491_4F6C_DD1D;
-    let mut next = move || {
-        seed ^= seed << 13;
-        seed ^= seed >> 7;
-        seed ^= seed << 17;
-        seed
-    };
-    (0..n)
-        .map(|i| {
-            let device = (next() as usize) % devices.max(1);
-            let product = device % PRODUCTS;
-            let topic = format!("/pk{product:02}a7Hx/dev{device:04}/thing/event/property/post");
-            let r = next();
-            let payload = format!(
-                r#"{{"id":"{i}","version":"1.0","items":{{"temperature":{{"value":{:.1},"time":1764201600000}},"humidity":{{"value":{},"time":1764201600000}},"voltage":{{"value":{:.2},"time":1764201600000}}}},"method":"thing.event.property.post"}}"#,
-                15.0 + (r % 300) as f64 / 10.0,
-                30 + (r >> 12) % 60,
-                3.0 + ((r >> 24) % 60) as f64 / 100.0,
-            );
-            Message::new(topic, payload.into_bytes().into(), Identity::default())
-                .expect("generated topics are valid")
-        })
-        .collect()
-}
-
-/// Rule files for the benchmark. Rules 0..30 match the generated products (three per product
-/// when there are enough rules); the rest watch products that send nothing here, as other
-/// tenants' rules do, so each message matches at most 3 rules by topic.
-pub fn rule_texts(n: usize) -> Vec<(String, String)> {
-    (0..n)
-        .map(|i| {
-            let product = if i < 3 * PRODUCTS {
-                format!("pk{:02}a7Hx", i % PRODUCTS)
-            } else {
-                format!("other{i:05}")
-            };
-            let threshold = 20 + (i % 3) * 5;
-            let sql = format!(
-                "SELECT deviceName() AS device, items.temperature.value AS temperature, \
-                 items.humidity.value AS humidity, timestamp() AS ts \
-                 FROM \"/{product}/+/thing/event/property/post\" \
-                 WHERE items.temperature.value > {threshold}"
-            );
-            (format!("bench{i:04}"), format!("sql = '''{sql}'''\n"))
-        })
-        .collect()
-}
-
-pub(crate) fn rate(n: usize, d: Duration) -> f64 {
-    n as f64 / d.as_secs_f64()
-}
-
-/// The engine over `rule_texts(rules)`.
-pub(crate) fn bench_engine(rules: usize) -> Engine {
-    let compiler = Arc::new(Compiler::new(32));
-    let loaded: Vec<_> = rule_texts(rules)
-        .into_iter()
-        .map(|(name, text)| {
-            compiler
-                .compile_text(&name, std::path::Path::new(&name), &text)
-                .expect("benchmark rules compile")
-        })
-        .collect();
-    Engine::new(compiler, Arc::new(RuleSet::new(loaded)))
-}
+use super::{DEVICES, PRODUCTS, bench_engine, property_posts, property_posts_from, rate};
+use crate::engine::Engine;
+use crate::engine::RuleOutcome;
+use crate::message::Message;
 
 /// Runs the engine benchmark and prints its figures.
 pub fn engine(rules: usize, messages: usize, batch: usize) {

@@ -263,9 +263,9 @@ async fn start_daemon(
         declare: false,
         topic_from: TopicFrom::Header,
     });
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+    let listeners = crate::daemon::Listeners::loopback(&config).await?;
     let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-    let task = tokio::spawn(crate::daemon::run(config, listener, async move {
+    let task = tokio::spawn(crate::daemon::run(config, listeners, async move {
         let _ = stopped.await;
     }));
     Ok((stop, task))

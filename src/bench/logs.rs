@@ -160,7 +160,7 @@ fn messages_for(records: u64) -> u64 {
 /// The engine's msg/s on the `bench engine` workload (10 rules), a short run.
 fn engine_rate() -> f64 {
     let compiler = Arc::new(Compiler::new(32));
-    let rules: Vec<_> = crate::bench::rule_texts(10)
+    let rules: Vec<_> = super::rule_texts(10)
         .into_iter()
         .map(|(name, text)| {
             compiler
@@ -169,7 +169,7 @@ fn engine_rate() -> f64 {
         })
         .collect();
     let engine = Engine::new(Arc::clone(&compiler), Arc::new(RuleSet::new(rules)));
-    let messages = crate::bench::property_posts(100_000);
+    let messages = super::property_posts(100_000);
     for chunk in messages.chunks(512).take(4) {
         std::hint::black_box(engine.evaluate(chunk));
     }

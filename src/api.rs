@@ -1,0 +1,175 @@
+//! The HTTP API: the ingest route of [`crate::source::http`], and `GET /api/v1/rules`,
+//! `POST /api/v1/rules/reload`, `GET /api/v1/health`, `GET /api/v1/logs`, `/metrics`,
+//! `/healthz` and `/readyz` (see docs/api.md).
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+
+use axum::Json;
+use axum::Router;
+use axum::extract::{DefaultBodyLimit, Query, State};
+use axum::http::{StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use serde_json::json;
+
+use crate::config::Config;
+use crate::control::health::Health;
+use crate::control::reload::{Cause, Reloader};
+use crate::pipeline::Pipeline;
+use crate::source::http::{Ingest, json_error as error};
+use crate::telemetry::Metrics;
+
+/// Shared state the HTTP server reads.
+pub struct AppState {
+    pub pipeline: Pipeline,
+    pub metrics: Arc<Metrics>,
+    /// The rules: `rules.current()` is the set running now (hot reload swaps it).
+    pub rules: Arc<Reloader>,
+    /// Destinations, rule files and the last reload, for `GET /api/v1/health`.
+    pub health: Arc<Health>,
+    pub config: Config,
+    pub broker: Option<Arc<crate::broker::Broker>>,
+    /// The consumer groups, when the AMQP 1.0 endpoint runs.
+    pub groups: Option<Arc<crate::subscription::Hub>>,
+    /// The record store's reader for `GET /api/v1/logs`; `None` when `store.enabled = false`.
+    pub logs: Option<crate::outcome::store::Reader>,
+    pub ready: AtomicBool,
+}
+
+impl AppState {
+    /// Ready: rules loaded, listener up, and the broker connected when one is configured.
+    pub fn is_ready(&self) -> bool {
+        self.ready.load(Ordering::Relaxed) && self.broker.as_ref().is_none_or(|b| b.is_connected())
+    }
+}
+
+/// The daemon's router: every route, with `http.max_body_bytes` as the body limit.
+pub fn router(state: Arc<AppState>) -> Router {
+    let limit = state.config.http.max_body_bytes;
+    let ingest = Arc::new(Ingest {
+        pipeline: state.pipeline.clone(),
+        max_messages_per_request: state.config.http.max_messages_per_request,
+    });
+    Router::new()
+        .route("/api/v1/rules", get(list_rules))
+        .route("/api/v1/rules/reload", post(reload_rules))
+        .route("/api/v1/health", get(health))
+        .route("/api/v1/logs", get(query_logs))
+        .route("/metrics", get(metrics))
+        .route("/healthz", get(|| async { "ok\n" }))
+        .route("/readyz", get(readyz))
+        .with_state(state)
+        .merge(crate::source::http::routes(ingest))
+        .layer(DefaultBodyLimit::max(limit))
+}
+
+/// `GET /api/v1/logs`: the filters of `iotfwd logs` as query parameters (names in
+/// [`crate::outcome::query::HTTP_PARAMS`]), the same validation and the same results:
+/// `{"records": [...], "count": n, "nextCursor": "..." | null}`, newest first, each record with
+/// the platform's field names. A bad query is a 400 naming every problem.
+async fn query_logs(
+    State(state): State<Arc<AppState>>,
+    params: Result<Query<Vec<(String, String)>>, axum::extract::rejection::QueryRejection>,
+) -> Response {
+    use crate::outcome::query::LogParams;
+    let Some(reader) = state.logs.clone() else {
+        return error(
+            StatusCode::NOT_FOUND,
+            "the record store is disabled (store.enabled = false); enable it to query logs here",
+        );
+    };
+    let Query(pairs) = match params {
+        Ok(p) => p,
+        Err(e) => return error(StatusCode::BAD_REQUEST, format!("bad query string: {e}")),
+    };
+    let query =
+        match LogParams::from_pairs(pairs).and_then(|p| p.validate(crate::message::now_ms())) {
+            Ok(q) => q,
+            Err(e) => return error(StatusCode::BAD_REQUEST, e.to_string()),
+        };
+    match tokio::task::spawn_blocking(move || reader.query(&query)).await {
+        Ok(Ok(page)) => Json(json!({
+            "records": page.records,
+            "count": page.records.len(),
+            "nextCursor": page.next_cursor.map(|c| c.to_string()),
+        }))
+        .into_response(),
+        Ok(Err(e)) => error(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()),
+        Err(e) => error(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            format!("log query failed: {e}"),
+        ),
+    }
+}
+
+async fn list_rules(State(state): State<Arc<AppState>>) -> Response {
+    let rules: Vec<_> = state
+        .rules
+        .current()
+        .rules()
+        .iter()
+        .map(|r| {
+            json!({
+                "name": r.name,
+                "file": r.file.display().to_string(),
+                "description": r.description,
+                "from": r.program.parsed.filter.as_str(),
+                "actions": r.actions,
+                "error_action": r.error_action,
+            })
+        })
+        .collect();
+    Json(json!({ "rules": rules })).into_response()
+}
+
+/// `POST /api/v1/rules/reload`: what SIGHUP does (the rules, and with `--config` the config
+/// file's quotas), answered with what the reload did (the `lastReload` of `GET
+/// /api/v1/health`). 200 when every rule file and the config file loaded, else 422.
+async fn reload_rules(State(state): State<Arc<AppState>>) -> Response {
+    let last = state.rules.reload(Cause::Api).await;
+    let status = if last.result == "success" {
+        StatusCode::OK
+    } else {
+        StatusCode::UNPROCESSABLE_ENTITY
+    };
+    (
+        status,
+        Json(json!({
+            "reload": last,
+            "failed": state.rules.failed(),
+        })),
+    )
+        .into_response()
+}
+
+/// `GET /api/v1/health`: destinations, rule files, the last reload, the broker and the consumer
+/// groups (see [`crate::control::health`]). Always 200; `status` says `ok` or `degraded`.
+async fn health(State(state): State<Arc<AppState>>) -> Response {
+    let broker = state.broker.as_ref().map(|b| b.is_connected());
+    Json(state.health.report(broker)).into_response()
+}
+
+async fn metrics(State(state): State<Arc<AppState>>) -> Response {
+    // Compiled variants change as payloads arrive; read them at scrape time.
+    for rule in state.rules.current().rules() {
+        state
+            .metrics
+            .rule_variants
+            .with_label_values(&[&rule.name])
+            .set(rule.program.variant_count() as i64);
+    }
+    (
+        [(header::CONTENT_TYPE, "text/plain; version=0.0.4")],
+        state.metrics.render(),
+    )
+        .into_response()
+}
+
+async fn readyz(State(state): State<Arc<AppState>>) -> Response {
+    if state.is_ready() {
+        (StatusCode::OK, "ready\n").into_response()
+    } else {
+        (StatusCode::SERVICE_UNAVAILABLE, "not ready\n").into_response()
+    }
+}

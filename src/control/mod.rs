@@ -1,0 +1,5 @@
+//! Control: the daemon's view of itself. [`health`] answers `GET /api/v1/health`; [`reload`]
+//! re-reads rules, the config file's quotas and group secrets while the daemon runs.
+
+pub mod health;
+pub mod reload;

@@ -1,0 +1,128 @@
+//! The pipeline: where sources hand messages in, and where they learn what became of them.
+//!
+//! ```text
+//! source --submit--> [bounded queue: engine.queue_capacity messages]
+//!        --> batcher (engine.batch_max_messages, or engine.batch_max_wait_ms after the first)
+//!        --> engine.evaluate(batch) --> per message: records, actions --> MessageReport
+//! ```
+//!
+//! [`Pipeline::submit`] records each message's `uplink`, queues it, and resolves when every
+//! rule and action of every message has reached its outcome. The queue is bounded: capacity
+//! is held until a submission's messages are all terminal, so a slow engine or a slow
+//! destination slows the sources rather than growing memory.
+
+mod batcher;
+mod report;
+
+pub use report::{MessageReport, RuleReport};
+
+use std::sync::Arc;
+
+use tokio::sync::{Semaphore, mpsc, oneshot};
+
+use crate::action::Dispatcher;
+use crate::config::Config;
+use crate::engine::Engine;
+use crate::message::Message;
+use crate::outcome::{Failure, Outcomes, Record};
+
+/// Messages of one submission on their way to the engine.
+struct Submission {
+    messages: Vec<Message>,
+    reply: oneshot::Sender<Vec<MessageReport>>,
+    /// Capacity this submission holds until every action of its messages is terminal, so the
+    /// queue bounds what is in flight, not just what waits for the engine.
+    permit: tokio::sync::OwnedSemaphorePermit,
+}
+
+/// The entry point for sources. Cheap to clone.
+#[derive(Clone)]
+pub struct Pipeline {
+    tx: mpsc::UnboundedSender<Submission>,
+    capacity: Arc<Semaphore>,
+    max_messages: usize,
+    outcomes: Outcomes,
+}
+
+/// Why a submission was not taken.
+#[derive(Debug, thiserror::Error)]
+pub enum SubmitError {
+    #[error("the daemon is shutting down")]
+    ShuttingDown,
+    #[error("{0} messages exceed the engine queue ({1}); send fewer per request")]
+    TooMany(usize, usize),
+}
+
+impl Pipeline {
+    /// Records the uplink of each message, then evaluates them; resolves when every rule and
+    /// action of every message has reached its outcome. Waits while the engine queue is full.
+    pub async fn submit(
+        &self,
+        messages: Vec<Message>,
+        source: &str,
+    ) -> Result<Vec<MessageReport>, SubmitError> {
+        if messages.is_empty() {
+            return Ok(Vec::new());
+        }
+        if messages.len() > self.max_messages {
+            return Err(SubmitError::TooMany(messages.len(), self.max_messages));
+        }
+        let permit = Arc::clone(&self.capacity)
+            .acquire_many_owned(messages.len() as u32)
+            .await
+            .map_err(|_| SubmitError::ShuttingDown)?;
+        self.outcomes
+            .metrics()
+            .messages_received
+            .with_label_values(&[source])
+            .inc_by(messages.len() as u64);
+        for m in &messages {
+            self.outcomes.record(Record::uplink(m)).await;
+        }
+        let (reply, rx) = oneshot::channel();
+        self.tx
+            .send(Submission {
+                messages,
+                reply,
+                permit,
+            })
+            .map_err(|_| SubmitError::ShuttingDown)?;
+        rx.await.map_err(|_| SubmitError::ShuttingDown)
+    }
+
+    /// Records a message a source could not accept (1903 for a bad topic, 9321 for a bad
+    /// envelope) and returns what to answer for it.
+    pub async fn reject(&self, topic: &str, payload: &[u8], failure: &Failure) -> MessageReport {
+        self.outcomes
+            .record(Record::rejected(topic, payload, failure))
+            .await;
+        MessageReport::rejected(failure)
+    }
+}
+
+/// Starts the engine task. Returns the pipeline and the task's handle; the task ends when every
+/// `Pipeline` clone is dropped and the queue is drained.
+pub fn start(
+    config: &Config,
+    engine: Engine,
+    dispatcher: Dispatcher,
+    outcomes: Outcomes,
+) -> (Pipeline, tokio::task::JoinHandle<()>) {
+    let (tx, rx) = mpsc::unbounded_channel();
+    let capacity = config.engine.queue_capacity;
+    let pipeline = Pipeline {
+        tx,
+        capacity: Arc::new(Semaphore::new(capacity)),
+        max_messages: capacity,
+        outcomes: outcomes.clone(),
+    };
+    let batcher = batcher::Batcher {
+        engine,
+        dispatcher,
+        outcomes,
+        batch_max: config.engine.batch_max_messages,
+        wait: config.batch_max_wait(),
+    };
+    let task = tokio::spawn(batcher.run(rx));
+    (pipeline, task)
+}

@@ -1,0 +1,117 @@
+//! What happened to each message: its rules' outcomes counted and recorded, the actions of
+//! the rules it passed run, and the [`MessageReport`] the source answers with.
+
+use serde::Serialize;
+use serde_json::Value;
+
+use crate::action::{ActionReport, Dispatcher};
+use crate::engine::{RuleOutcome, RuleResult};
+use crate::message::Message;
+use crate::outcome::{Code, Failure, Outcomes, Record};
+
+/// What happened to one message, as the ingest API reports it.
+#[derive(Clone, Debug, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct MessageReport {
+    pub message_id: String,
+    pub trace_id: String,
+    pub code: Code,
+    #[serde(skip_serializing_if = "String::is_empty")]
+    pub reason: String,
+    /// Every rule whose topic filter matched, with what it did.
+    pub rules: Vec<RuleReport>,
+    /// An action and its error action both failed: the source must not ack the message.
+    #[serde(skip)]
+    pub requeue: bool,
+}
+
+impl MessageReport {
+    /// The report of a message a source could not accept (1903, 9321): no ids, no rules.
+    pub fn rejected(failure: &Failure) -> MessageReport {
+        MessageReport {
+            message_id: String::new(),
+            trace_id: String::new(),
+            code: failure.code(),
+            reason: failure.reason().to_owned(),
+            rules: Vec::new(),
+            requeue: false,
+        }
+    }
+}
+
+/// One candidate rule's result for one message.
+#[derive(Clone, Debug, Serialize)]
+pub struct RuleReport {
+    pub rule: String,
+    /// `passed` (WHERE held), `no_result` (WHERE false or NULL) or `failed`.
+    pub result: &'static str,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub code: Option<Code>,
+    #[serde(skip_serializing_if = "String::is_empty")]
+    pub reason: String,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub output: Option<serde_json::Map<String, Value>>,
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub actions: Vec<ActionReport>,
+}
+
+/// Counts and records one message's rule outcomes and runs the actions of the rules it passed.
+pub(super) async fn finish_message(
+    dispatcher: &Dispatcher,
+    outcomes: &Outcomes,
+    message: &Message,
+    results: Vec<RuleResult>,
+) -> MessageReport {
+    let metrics = outcomes.metrics();
+    let mut rules = Vec::with_capacity(results.len());
+    let mut requeue = false;
+    for result in results {
+        let rule = &result.rule;
+        metrics.rule_matched.with_label_values(&[&rule.name]).inc();
+        let mut report = RuleReport {
+            rule: rule.name.clone(),
+            result: "passed",
+            code: None,
+            reason: String::new(),
+            output: None,
+            actions: Vec::new(),
+        };
+        match result.outcome {
+            RuleOutcome::Passed(output) => {
+                metrics.rule_passed.with_label_values(&[&rule.name]).inc();
+                let dispatched = dispatcher.dispatch(message, rule, &output).await;
+                requeue |= dispatched.requeue;
+                report.actions = dispatched.actions;
+                report.output = Some(output);
+            }
+            RuleOutcome::NoResult => {
+                metrics
+                    .rule_no_result
+                    .with_label_values(&[&rule.name])
+                    .inc();
+                report.result = "no_result";
+            }
+            RuleOutcome::Failed(failure) => {
+                metrics
+                    .rule_failed
+                    .with_label_values(&[&rule.name, &failure.code().to_string()])
+                    .inc();
+                outcomes
+                    .record(Record::rule_failed(message, &rule.name, &failure))
+                    .await;
+                report.result = "failed";
+                report.code = Some(failure.code());
+                report.reason = failure.reason().to_owned();
+            }
+        }
+        rules.push(report);
+    }
+    MessageReport {
+        message_id: message.message_id.clone(),
+        trace_id: message.trace_id.clone(),
+        code: Code::Ok,
+        reason: String::new(),
+        rules,
+        requeue,
+    }
+}

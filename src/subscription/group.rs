@@ -1,0 +1,554 @@
+//! One consumer group: its consumers, its ready queue, and how each delivery is scheduled and
+//! settled (the table in the module docs of [`super`]).
+
+use std::collections::VecDeque;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use lapin::options::BasicAckOptions;
+use tokio::sync::{mpsc, watch};
+
+use super::backlog::Backend;
+use super::delivery::{Delivery, RejectedDelivery};
+use crate::config::subscription::GroupConfig;
+use crate::outcome::{Failure, GroupOutcome, Outcomes, Record};
+use crate::telemetry::GroupMetrics;
+
+/// A delivery waiting for, or out with, a consumer.
+pub struct Pending {
+    pub delivery: Arc<Delivery>,
+    /// Times it was handed to a consumer.
+    pub attempts: u32,
+    /// The consumer that last had it, so a redelivery prefers another.
+    pub(super) last_consumer: Option<u64>,
+    /// Its RabbitMQ delivery, acked when it is settled for good (broker-backed backlog).
+    pub(super) ack: Option<lapin::Acker>,
+    pub(super) since: Instant,
+}
+
+impl Pending {
+    /// A delivery that has not been handed to a consumer yet.
+    pub(super) fn new(delivery: Arc<Delivery>, ack: Option<lapin::Acker>) -> Pending {
+        Pending {
+            delivery,
+            attempts: 0,
+            last_consumer: None,
+            ack,
+            since: Instant::now(),
+        }
+    }
+}
+
+struct Slot {
+    id: u64,
+    client_id: String,
+    tx: mpsc::UnboundedSender<Pending>,
+    outstanding: usize,
+}
+
+#[derive(Default)]
+pub(super) struct State {
+    pub(super) ready: VecDeque<Pending>,
+    consumers: Vec<Slot>,
+    next: usize,
+    /// Stops the broker consumer feeding `ready` (broker-backed groups, while consumers are
+    /// online).
+    pub(super) feed: Option<watch::Sender<bool>>,
+}
+
+/// One consumer group.
+pub struct Group {
+    pub config: GroupConfig,
+    pub(super) state: Mutex<State>,
+    pub(super) backend: Backend,
+    outcomes: Outcomes,
+    metrics: GroupMetrics,
+    rejects: mpsc::UnboundedSender<RejectedDelivery>,
+    rate: Option<governor::DefaultDirectRateLimiter>,
+    has_error_action: Arc<dyn Fn(&str) -> bool + Send + Sync>,
+}
+
+/// How a delivery was settled, as the endpoint saw it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Settlement {
+    Accepted,
+    /// Released or Modified.
+    Released,
+    Rejected(String),
+    Timeout,
+    /// The link or connection went away before an outcome: redelivered, no record.
+    Lost,
+}
+
+static NEXT_CONSUMER: AtomicU64 = AtomicU64::new(1);
+
+/// A consumer connection's place in its group.
+pub struct Membership {
+    pub id: u64,
+    pub group: Arc<Group>,
+    pub rx: mpsc::UnboundedReceiver<Pending>,
+}
+
+impl Group {
+    pub(super) fn new(
+        config: GroupConfig,
+        backend: Backend,
+        outcomes: Outcomes,
+        metrics: GroupMetrics,
+        rejects: mpsc::UnboundedSender<RejectedDelivery>,
+        has_error_action: Arc<dyn Fn(&str) -> bool + Send + Sync>,
+    ) -> Group {
+        let rate = std::num::NonZeroU32::new(config.push_rate)
+            .map(|r| governor::RateLimiter::direct(governor::Quota::per_second(r)));
+        for gauge in [&metrics.connections, &metrics.backlog, &metrics.unsettled] {
+            gauge.with_label_values(&[&config.id]).set(0);
+        }
+        Group {
+            config,
+            state: Mutex::new(State::default()),
+            backend,
+            outcomes,
+            metrics,
+            rejects,
+            rate,
+            has_error_action,
+        }
+    }
+
+    /// For `GET /api/v1/health`: `state` (`unhealthy` while messages wait and no consumer is
+    /// connected here, else `healthy`), connections and their client ids, the backlog
+    /// (`memory` or `broker`), messages waiting and deliveries unsettled.
+    pub fn status(&self) -> serde_json::Value {
+        let st = self.state.lock().expect("group lock");
+        let unsettled: usize = st.consumers.iter().map(|s| s.outstanding).sum();
+        let waiting = st.ready.len() as u64 + self.backend.depth();
+        // Messages waiting with nobody to take them is the 9203 situation.
+        let state = if st.consumers.is_empty() && waiting > 0 {
+            "unhealthy"
+        } else {
+            "healthy"
+        };
+        serde_json::json!({
+            "group": self.config.id,
+            "state": state,
+            "backlog": self.backend.kind(),
+            "connections": st.consumers.len(),
+            "clients": st.consumers.iter().map(|s| s.client_id.clone()).collect::<Vec<_>>(),
+            "waiting": waiting,
+            "unsettled": unsettled,
+        })
+    }
+
+    fn labels(&self) -> [&str; 1] {
+        [self.config.id.as_str()]
+    }
+
+    /// Takes a consumer connection in, or refuses it (9600) when the group is full.
+    pub fn join(self: &Arc<Self>, client_id: &str) -> Result<Membership, String> {
+        let (tx, rx) = mpsc::unbounded_channel();
+        let id = NEXT_CONSUMER.fetch_add(1, Ordering::Relaxed);
+        let start_feed = {
+            let mut st = self.state.lock().expect("group lock");
+            if st.consumers.len() >= self.config.max_connections {
+                return Err(format!(
+                    "consumer group {:?} already has {} connections (max_connections {})",
+                    self.config.id,
+                    st.consumers.len(),
+                    self.config.max_connections
+                ));
+            }
+            st.consumers.push(Slot {
+                id,
+                client_id: client_id.to_owned(),
+                tx,
+                outstanding: 0,
+            });
+            self.metrics
+                .connections
+                .with_label_values(&self.labels())
+                .set(st.consumers.len() as i64);
+            self.backend.is_broker() && st.feed.is_none()
+        };
+        if start_feed {
+            let (stop_tx, stop_rx) = watch::channel(false);
+            self.state.lock().expect("group lock").feed = Some(stop_tx);
+            tokio::spawn(Arc::clone(self).feed_from_broker(stop_rx));
+        }
+        self.pump();
+        Ok(Membership {
+            id,
+            group: Arc::clone(self),
+            rx,
+        })
+    }
+
+    /// A consumer connection is gone: whatever it held unsent goes back to the front.
+    pub fn leave(&self, membership: &mut Membership) {
+        let mut returned = Vec::new();
+        while let Ok(p) = membership.rx.try_recv() {
+            returned.push(p);
+        }
+        let mut st = self.state.lock().expect("group lock");
+        st.consumers.retain(|s| s.id != membership.id);
+        self.metrics
+            .connections
+            .with_label_values(&self.labels())
+            .set(st.consumers.len() as i64);
+        for p in returned.into_iter().rev() {
+            st.ready.push_front(p);
+        }
+        if st.consumers.is_empty() {
+            // Nobody here to deliver to: hand broker-held messages back to the queue (the
+            // channel closes, so RabbitMQ requeues them) for another process or later.
+            if let Some(stop) = st.feed.take() {
+                let _ = stop.send(true);
+                st.ready.retain(|p| p.ack.is_none());
+            }
+        }
+        self.update_gauges(&st);
+        drop(st);
+        self.pump();
+    }
+
+    pub(super) fn update_gauges(&self, st: &State) {
+        let unsettled: usize = st.consumers.iter().map(|s| s.outstanding).sum();
+        self.metrics
+            .unsettled
+            .with_label_values(&self.labels())
+            .set(unsettled as i64);
+        let depth = self.backend.depth();
+        self.metrics
+            .backlog
+            .with_label_values(&self.labels())
+            .set((st.ready.len() as u64 + depth) as i64);
+    }
+
+    /// Hands ready deliveries to consumers with room, round robin; a redelivery goes to
+    /// another consumer than the last one when one has room.
+    pub(super) fn pump(&self) {
+        let mut st = self.state.lock().expect("group lock");
+        self.expire(&mut st);
+        let window = self.config.window;
+        while !st.ready.is_empty() && !st.consumers.is_empty() {
+            let n = st.consumers.len();
+            let last = st.ready.front().and_then(|p| p.last_consumer);
+            let start = st.next % n;
+            let order = (0..n).map(|k| (start + k) % n);
+            let mut pick = None;
+            for i in order {
+                let s = &st.consumers[i];
+                if s.outstanding < window {
+                    if Some(s.id) != last || n == 1 {
+                        pick = Some(i);
+                        break;
+                    }
+                    pick.get_or_insert(i);
+                }
+            }
+            let Some(i) = pick else { break };
+            let mut p = st.ready.pop_front().expect("not empty");
+            p.attempts += 1;
+            p.last_consumer = Some(st.consumers[i].id);
+            match st.consumers[i].tx.send(p) {
+                Ok(()) => {
+                    st.consumers[i].outstanding += 1;
+                    st.next = i + 1;
+                }
+                Err(mpsc::error::SendError(mut p)) => {
+                    // The connection is on its way out; leave() removes it.
+                    p.attempts -= 1;
+                    st.ready.push_front(p);
+                    let id = st.consumers[i].id;
+                    st.consumers.retain(|s| s.id != id);
+                }
+            }
+        }
+        self.update_gauges(&st);
+    }
+
+    /// Drops in-memory deliveries older than the retention (9203: nobody took them).
+    fn expire(&self, st: &mut State) {
+        let retention = Duration::from_secs(self.config.retention_s);
+        while let Some(p) = st.ready.front() {
+            if p.ack.is_some() || p.since.elapsed() < retention {
+                break;
+            }
+            let p = st.ready.pop_front().expect("front exists");
+            let record = self.record(
+                &p.delivery,
+                GroupOutcome::Expired {
+                    retention_s: self.config.retention_s,
+                },
+                "",
+            );
+            let outcomes = self.outcomes.clone();
+            tokio::spawn(async move { outcomes.record(record).await });
+        }
+    }
+
+    /// The `ServerSubscribe` record of one delivery; `client` is empty when no consumer had it.
+    fn record(&self, d: &Delivery, outcome: GroupOutcome<'_>, client: &str) -> Record {
+        Record::group(
+            d,
+            &self.config.id,
+            self.config.tenant.as_deref().unwrap_or_default(),
+            outcome,
+            client,
+            &d.rule,
+            &d.body,
+        )
+    }
+
+    /// Waits for the group's push rate, if it has one.
+    pub async fn pace(&self) {
+        if let Some(rate) = &self.rate {
+            rate.until_ready().await;
+        }
+    }
+
+    /// Counts one delivery sent.
+    pub fn delivered(&self) {
+        self.metrics
+            .delivered
+            .with_label_values(&self.labels())
+            .inc();
+    }
+
+    /// A consumer's outcome for one of its deliveries.
+    pub async fn settle(&self, consumer: u64, client_id: &str, mut p: Pending, how: Settlement) {
+        {
+            let mut st = self.state.lock().expect("group lock");
+            if let Some(s) = st.consumers.iter_mut().find(|s| s.id == consumer) {
+                s.outstanding = s.outstanding.saturating_sub(1);
+            }
+        }
+        let (outcome, redeliver) = match &how {
+            Settlement::Accepted => (Some(("accepted", GroupOutcome::Accepted)), false),
+            Settlement::Released => (
+                Some((
+                    "released",
+                    GroupOutcome::Released {
+                        attempt: p.attempts,
+                    },
+                )),
+                true,
+            ),
+            Settlement::Timeout => (
+                Some((
+                    "timeout",
+                    GroupOutcome::AckTimeout {
+                        ack_timeout_ms: self.config.ack_timeout_ms,
+                        attempt: p.attempts,
+                    },
+                )),
+                true,
+            ),
+            Settlement::Rejected(error) => {
+                (Some(("rejected", GroupOutcome::Rejected { error })), false)
+            }
+            Settlement::Lost => (None, true),
+        };
+        if let Some((name, outcome)) = outcome {
+            self.metrics
+                .outcomes
+                .with_label_values(&[self.config.id.as_str(), name])
+                .inc();
+            let record = self.record(&p.delivery, outcome, client_id);
+            let reason = record.reason.clone();
+            self.outcomes.record(record).await;
+            if let Settlement::Rejected(_) = how {
+                self.dead_letter(&p.delivery, reason).await;
+            }
+        }
+        if redeliver {
+            let mut st = self.state.lock().expect("group lock");
+            // A broker-held copy whose consumer channel is gone comes back from RabbitMQ
+            // itself; keeping it too would deliver it twice.
+            if p.ack.is_none() || st.feed.is_some() {
+                st.ready.push_front(p);
+            }
+        } else if let Some(ack) = p.ack.take()
+            && let Err(e) = ack.ack(BasicAckOptions::default()).await
+        {
+            tracing::warn!(group = %self.config.id, "could not ack the backlog copy ({e}); it will be delivered again");
+        }
+        self.pump();
+    }
+
+    /// A rejected delivery goes to its rule's error action, else to the group's dead-letter
+    /// exchange; each attempt is recorded.
+    async fn dead_letter(&self, d: &Arc<Delivery>, reason: String) {
+        if (self.has_error_action)(&d.rule) {
+            let (done, taken) = tokio::sync::oneshot::channel();
+            let sent = self.rejects.send(RejectedDelivery {
+                group: self.config.id.clone(),
+                delivery: Arc::clone(d),
+                reason,
+                done,
+            });
+            if sent.is_ok() {
+                let _ = taken.await;
+            }
+            return;
+        }
+        if let Some(exchange) = &self.config.dead_letter_exchange
+            && let Some(record) = self.backend.dead_letter(self, d, exchange, &reason).await
+        {
+            self.outcomes.record(record).await;
+        }
+    }
+
+    /// Takes one forward into the backlog. 9203 is recorded when no consumer is online.
+    pub async fn enqueue(&self, d: Delivery) -> Result<(), Failure> {
+        let online = !self.state.lock().expect("group lock").consumers.is_empty();
+        let d = Arc::new(d);
+        if self.backend.is_broker() {
+            self.backend.publish(self, &d).await?;
+        } else {
+            let mut st = self.state.lock().expect("group lock");
+            if st.ready.len() >= self.config.max_backlog {
+                return Err(Failure::not_available(format!(
+                    "the backlog of consumer group {:?} is full ({} messages, max_backlog)",
+                    self.config.id, self.config.max_backlog
+                )));
+            }
+            st.ready.push_back(Pending::new(Arc::clone(&d), None));
+        }
+        if !online {
+            self.offline(&d).await;
+        }
+        if !self.backend.is_broker() {
+            self.pump();
+        }
+        Ok(())
+    }
+
+    async fn offline(&self, d: &Delivery) {
+        let r = self.record(d, GroupOutcome::Offline, "");
+        self.outcomes.record(r).await;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::outcome::Code;
+    use crate::subscription::Hub;
+    use bytes::Bytes;
+
+    fn hub(
+        configure: impl FnOnce(&mut GroupConfig),
+    ) -> (Hub, mpsc::UnboundedReceiver<RejectedDelivery>) {
+        let dir = std::env::temp_dir();
+        let mut g = GroupConfig::demo(&dir);
+        g.id = "g".into();
+        g.secret_env = Some("PATH".into()); // any variable that is set
+        g.secret_file = None;
+        g.create_secret = false;
+        configure(&mut g);
+        let metrics = Arc::new(crate::telemetry::Metrics::new());
+        let (tx, rx) = mpsc::unbounded_channel();
+        let hub = Hub::new(
+            &[g],
+            None,
+            Outcomes::new(Arc::clone(&metrics)),
+            metrics.groups.clone(),
+            tx,
+            Arc::new(|_: &str| false),
+        )
+        .unwrap();
+        (hub, rx)
+    }
+
+    fn delivery(n: usize) -> Delivery {
+        Delivery {
+            body: Bytes::from(format!("{{\"n\":{n}}}")),
+            topic: "/p/d/post".into(),
+            product_key: "p".into(),
+            device_name: "d".into(),
+            message_id: n.to_string(),
+            trace_id: format!("t{n}"),
+            rule: "r".into(),
+            generate_time: 0,
+            tenant_id: String::new(),
+            instance_id: String::new(),
+        }
+    }
+
+    fn ids(m: &mut Membership) -> Vec<String> {
+        let mut out = Vec::new();
+        while let Ok(p) = m.rx.try_recv() {
+            out.push(p.delivery.message_id.clone());
+        }
+        out
+    }
+
+    #[tokio::test]
+    async fn deliveries_spread_round_robin_within_each_window() {
+        let (hub, _rx) = hub(|g| g.window = 2);
+        let g = Arc::clone(hub.group("g").unwrap());
+        let mut a = g.join("a").unwrap();
+        let mut b = g.join("b").unwrap();
+        for n in 0..6 {
+            hub.enqueue("g", delivery(n)).await.unwrap();
+        }
+        let (got_a, got_b) = (ids(&mut a), ids(&mut b));
+        assert_eq!((got_a.len(), got_b.len()), (2, 2), "{got_a:?} {got_b:?}");
+        let mut all = [got_a, got_b].concat();
+        all.sort();
+        assert_eq!(all, ["0", "1", "2", "3"]);
+        assert_eq!(
+            g.state.lock().unwrap().ready.len(),
+            2,
+            "the rest waits for room"
+        );
+    }
+
+    #[tokio::test]
+    async fn a_timed_out_delivery_goes_to_the_other_consumer_and_a_full_backlog_refuses() {
+        let (hub, _rx) = hub(|g| g.max_backlog = 2);
+        let g = Arc::clone(hub.group("g").unwrap());
+        let mut a = g.join("a").unwrap();
+        hub.enqueue("g", delivery(1)).await.unwrap();
+        let p = a.rx.try_recv().unwrap();
+        let mut b = g.join("b").unwrap();
+        g.settle(a.id, "a", p, Settlement::Timeout).await;
+        assert_eq!(ids(&mut b), ["1"], "redelivered to the other consumer");
+        assert!(ids(&mut a).is_empty());
+
+        g.leave(&mut a);
+        g.leave(&mut b);
+        hub.enqueue("g", delivery(2)).await.unwrap();
+        hub.enqueue("g", delivery(3)).await.unwrap();
+        let full = hub.enqueue("g", delivery(4)).await.unwrap_err();
+        assert_eq!(full.code(), Code::DestinationUnavailable);
+        assert!(full.reason().contains("max_backlog"), "{}", full.reason());
+        let unknown = hub.enqueue("nope", delivery(5)).await.unwrap_err();
+        assert!(
+            unknown.reason().contains("no consumer group \"nope\""),
+            "{}",
+            unknown.reason()
+        );
+    }
+
+    #[tokio::test]
+    async fn a_full_group_refuses_a_connection_and_unsent_deliveries_return_on_leave() {
+        let (hub, _rx) = hub(|g| g.max_connections = 1);
+        let g = Arc::clone(hub.group("g").unwrap());
+        let mut a = g.join("a").unwrap();
+        let refused = g.join("b").err().unwrap();
+        assert!(refused.contains("max_connections 1"), "{refused}");
+        for n in 0..3 {
+            hub.enqueue("g", delivery(n)).await.unwrap();
+        }
+        g.leave(&mut a);
+        let st = g.state.lock().unwrap();
+        let back: Vec<_> = st
+            .ready
+            .iter()
+            .map(|p| p.delivery.message_id.clone())
+            .collect();
+        assert_eq!(back, ["0", "1", "2"], "in their order");
+    }
+}
