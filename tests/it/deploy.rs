@@ -514,9 +514,9 @@ fn every_alert_is_documented_with_a_runbook() {
     let Some(docs) = yaml_docs(&deploy().join("prometheus/alerts.yml")) else {
         return;
     };
-    let readme = read(&Path::new(env!("CARGO_MANIFEST_DIR")).join("README.md"));
-    // GitHub's anchors of the README's headings.
-    let anchors: BTreeSet<String> = readme
+    let runbooks = read(&Path::new(env!("CARGO_MANIFEST_DIR")).join("docs/operations.md"));
+    // GitHub's anchors of docs/operations.md's headings.
+    let anchors: BTreeSet<String> = runbooks
         .lines()
         .filter(|l| l.starts_with('#'))
         .map(|l| {
@@ -550,7 +550,7 @@ fn every_alert_is_documented_with_a_runbook() {
             );
             let runbook = ann["runbook"].as_str().unwrap();
             let anchor = runbook
-                .strip_prefix("README.md#")
+                .strip_prefix("docs/operations.md#")
                 .unwrap_or_else(|| panic!("{name}: runbook {runbook}"));
             assert_eq!(
                 anchor,
@@ -559,7 +559,7 @@ fn every_alert_is_documented_with_a_runbook() {
             );
             assert!(
                 anchors.contains(anchor),
-                "{name}: README has no heading for #{anchor}"
+                "{name}: docs/operations.md has no heading for #{anchor}"
             );
         }
     }
