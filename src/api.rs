@@ -16,6 +16,7 @@ use serde_json::json;
 use crate::config::Config;
 use crate::control::health::Health;
 use crate::control::reload::{Cause, Reloader};
+use crate::control::stages::Stages;
 use crate::pipeline::Pipeline;
 use crate::source::http::{Ingest, json_error as error};
 use crate::telemetry::Metrics;
@@ -34,6 +35,8 @@ pub struct AppState {
     pub groups: Option<Arc<crate::subscription::Hub>>,
     /// The record store's reader for `GET /api/v1/logs`; `None` when `store.enabled = false`.
     pub logs: Option<crate::outcome::store::Reader>,
+    /// The supervised stages: one that stopped makes `/readyz` fail, naming it.
+    pub stages: Arc<Stages>,
     pub ready: AtomicBool,
 }
 
@@ -167,7 +170,13 @@ async fn metrics(State(state): State<Arc<AppState>>) -> Response {
 }
 
 async fn readyz(State(state): State<Arc<AppState>>) -> Response {
-    if state.is_ready() {
+    if let Some(failure) = state.stages.failed() {
+        (
+            StatusCode::SERVICE_UNAVAILABLE,
+            format!("not ready: {failure}\n"),
+        )
+            .into_response()
+    } else if state.is_ready() {
         (StatusCode::OK, "ready\n").into_response()
     } else {
         (StatusCode::SERVICE_UNAVAILABLE, "not ready\n").into_response()

@@ -16,6 +16,7 @@ use crate::api::AppState;
 use crate::config::Config;
 use crate::control::health::Health;
 use crate::control::reload::{self, Reloader};
+use crate::control::stages::Stages;
 use crate::engine::Engine;
 use crate::outcome::Outcomes;
 use crate::rules::Compiler;
@@ -88,6 +89,7 @@ pub async fn run_from_file(
         )
     })?;
     let metrics = Arc::new(Metrics::new());
+    let stages = Arc::new(Stages::new());
     // outcome: the record store and the JSON lines ([store]), attached before the engine
     // starts, closed (everything queued written) after it drained.
     let record_sinks = crate::outcome::store::RecordSinks::open(&config, &metrics).await?;
@@ -204,27 +206,39 @@ pub async fn run_from_file(
         broker: broker.clone(),
         groups: groups.as_ref().map(|g| Arc::clone(&g.hub)),
         logs: record_sinks.reader(),
+        stages: Arc::clone(&stages),
         ready: AtomicBool::new(false),
     });
     // Rule reloads: on changes in the rules directory (rules.watch) and on SIGHUP.
-    let reload_task = reload::spawn(
-        Arc::clone(&reloader),
-        state.config.rules.watch,
-        sources_stopped.clone(),
+    let reload_task = stages.supervise(
+        "reload",
+        reload::spawn(
+            Arc::clone(&reloader),
+            state.config.rules.watch,
+            sources_stopped.clone(),
+        ),
     );
     let app = crate::api::router(Arc::clone(&state));
     let addr = listeners.http.local_addr().context("listener address")?;
     tracing::info!(%addr, "listening: POST http://{addr}/api/v1/messages, GET /metrics, /healthz, /readyz");
     state.ready.store(true, Ordering::Relaxed);
     let (stop_tx, stop_rx) = oneshot::channel::<()>();
+    let server_stages = Arc::clone(&stages);
     let server = axum::serve(listeners.http, app).with_graceful_shutdown(async move {
         shutdown.await;
+        // Before the server can end: its end is not a failure now.
+        server_stages.stopping();
         let _ = stop_tx.send(());
     });
-    let server_task = tokio::spawn(async move { server.await });
+    let server_task = stages.supervise("http", tokio::spawn(async move { server.await }));
 
-    // Wait for the signal, then give in-flight requests and batches `grace` to finish.
-    let _ = stop_rx.await;
+    // Wait for the signal (or a stage that stopped), then give in-flight requests and
+    // batches `grace` to finish.
+    let failed = tokio::select! {
+        _ = stop_rx => None,
+        f = stages.failure() => Some(f),
+    };
+    stages.stopping();
     state.ready.store(false, Ordering::Relaxed);
     // Sources stop taking messages first; what they have in flight finishes or is requeued.
     let _ = stop_sources.send(true);
@@ -262,7 +276,10 @@ pub async fn run_from_file(
         ),
     }
     record_sinks.shutdown().await;
-    Ok(())
+    match failed {
+        None => Ok(()),
+        Some(f) => Err(anyhow::anyhow!("{f}")),
+    }
 }
 
 /// Resolves on SIGTERM or Ctrl-C.

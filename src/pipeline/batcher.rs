@@ -1,15 +1,17 @@
 //! The batcher: collects submissions into micro-batches, evaluates each, and runs the
 //! actions of its messages while the next batch is evaluated.
 
+use std::panic::AssertUnwindSafe;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use futures::FutureExt;
 use tokio::sync::mpsc;
 
 use super::Submission;
-use super::report::finish_message;
+use super::report::{Evaluated, MessageReport, finish_message};
 use crate::action::Dispatcher;
-use crate::engine::{Engine, RuleResult};
+use crate::engine::Engine;
 use crate::message::Message;
 use crate::outcome::Outcomes;
 
@@ -56,7 +58,9 @@ impl Batcher {
             for chunk in messages.chunks(self.batch_max) {
                 let started = Instant::now();
                 // Evaluation is CPU work; let the runtime move other tasks off this worker.
-                results.extend(tokio::task::block_in_place(|| self.engine.evaluate(chunk)));
+                results.extend(tokio::task::block_in_place(|| {
+                    evaluate(&self.engine, chunk)
+                }));
                 metrics
                     .batch_eval_seconds
                     .observe(started.elapsed().as_secs_f64());
@@ -68,16 +72,27 @@ impl Batcher {
             let mut results = results.into_iter();
             for (reply, permit, n) in owners {
                 let msgs: Vec<Message> = messages.by_ref().take(n).collect();
-                let res: Vec<Vec<RuleResult>> = results.by_ref().take(n).collect();
+                let res: Vec<Evaluated> = results.by_ref().take(n).collect();
                 let dispatcher = self.dispatcher.clone();
                 let outcomes = self.outcomes.clone();
                 in_flight.spawn(async move {
-                    let reports = futures::future::join_all(
+                    let finish = futures::future::join_all(
                         msgs.iter()
                             .zip(res)
                             .map(|(m, r)| finish_message(&dispatcher, &outcomes, m, r)),
-                    )
-                    .await;
+                    );
+                    // A panic while running actions must not lose the submission's answer:
+                    // its messages are reported as 9399 and redelivered by their source.
+                    let reports = match AssertUnwindSafe(finish).catch_unwind().await {
+                        Ok(reports) => reports,
+                        Err(panic) => {
+                            let reason = panic_reason(panic.as_ref());
+                            tracing::error!("panic while finishing messages: {reason}");
+                            msgs.iter()
+                                .map(|m| MessageReport::panicked(m, &reason))
+                                .collect()
+                        }
+                    };
                     let _ = reply.send(reports);
                     drop(permit);
                 });
@@ -86,4 +101,35 @@ impl Batcher {
         }
         while in_flight.join_next().await.is_some() {}
     }
+}
+
+/// Evaluates `chunk`; a panic inside the engine does not end the batcher. The batch is then
+/// evaluated again one message at a time, so only the messages that make it panic are
+/// reported as [`Evaluated::Panicked`] (9399) and the others go on.
+fn evaluate(engine: &Engine, chunk: &[Message]) -> Vec<Evaluated> {
+    match std::panic::catch_unwind(AssertUnwindSafe(|| engine.evaluate(chunk))) {
+        Ok(results) => results.into_iter().map(Evaluated::Rules).collect(),
+        Err(panic) if chunk.len() == 1 => vec![Evaluated::Panicked(panic_reason(panic.as_ref()))],
+        Err(panic) => {
+            tracing::error!(
+                messages = chunk.len(),
+                "the engine panicked evaluating a batch ({}); evaluating its messages one by one",
+                panic_reason(panic.as_ref())
+            );
+            chunk
+                .iter()
+                .flat_map(|m| evaluate(engine, std::slice::from_ref(m)))
+                .collect()
+        }
+    }
+}
+
+/// The text of a panic's payload.
+fn panic_reason(panic: &(dyn std::any::Any + Send)) -> String {
+    let text = panic
+        .downcast_ref::<&str>()
+        .map(|s| (*s).to_owned())
+        .or_else(|| panic.downcast_ref::<String>().cloned())
+        .unwrap_or_else(|| "a panic without a message".to_owned());
+    format!("panic: {text}")
 }

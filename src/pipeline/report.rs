@@ -25,7 +25,27 @@ pub struct MessageReport {
     pub requeue: bool,
 }
 
+/// What evaluation gave for one message.
+pub(super) enum Evaluated {
+    /// Each candidate rule's result.
+    Rules(Vec<RuleResult>),
+    /// The engine panicked on this message (the reason says how).
+    Panicked(String),
+}
+
 impl MessageReport {
+    /// The report of a message whose processing panicked: 9399, and its source redelivers it.
+    pub(super) fn panicked(message: &Message, reason: &str) -> MessageReport {
+        MessageReport {
+            message_id: message.message_id.clone(),
+            trace_id: message.trace_id.clone(),
+            code: Code::Internal,
+            reason: reason.to_owned(),
+            rules: Vec::new(),
+            requeue: true,
+        }
+    }
+
     /// The report of a message a source could not accept (1903, 9321): no ids, no rules.
     pub fn rejected(failure: &Failure) -> MessageReport {
         MessageReport {
@@ -55,13 +75,30 @@ pub struct RuleReport {
     pub actions: Vec<ActionReport>,
 }
 
+/// The operation of the record of a message the engine could not evaluate.
+pub const ENGINE_OPERATION: &str = "engine";
+
 /// Counts and records one message's rule outcomes and runs the actions of the rules it passed.
 pub(super) async fn finish_message(
     dispatcher: &Dispatcher,
     outcomes: &Outcomes,
     message: &Message,
-    results: Vec<RuleResult>,
+    evaluated: Evaluated,
 ) -> MessageReport {
+    let results = match evaluated {
+        Evaluated::Rules(results) => results,
+        Evaluated::Panicked(reason) => {
+            // The engine could not evaluate it at all: one 9399 record. It is not redelivered
+            // (it would panic again); it is acknowledged with its record.
+            let failure = Failure::internal(reason);
+            outcomes
+                .record(Record::rule_failed(message, ENGINE_OPERATION, &failure))
+                .await;
+            let mut report = MessageReport::panicked(message, failure.reason());
+            report.requeue = false;
+            return report;
+        }
+    };
     let metrics = outcomes.metrics();
     let mut rules = Vec::with_capacity(results.len());
     let mut requeue = false;

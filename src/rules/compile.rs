@@ -7,7 +7,7 @@
 //! Grouping a batch by variant keeps batch evaluation exactly equal to evaluating each message on
 //! its own (an integer stays an integer; `5 / 2` is 2 whatever else is in the batch).
 
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, PoisonError};
 
 use datafusion::arrow::array::{
     Array, ArrayRef, BooleanArray, BooleanBuilder, Float64Builder, Int64Builder, NullArray,
@@ -116,13 +116,13 @@ impl Program {
     /// for this call only and not kept, so memory stays bounded for pathological streams.
     pub fn variant(&self, kinds: &[Kind], state: &SessionState) -> Result<Arc<Variant>, String> {
         {
-            let variants = self.variants.lock().expect("variant cache poisoned");
+            let variants = self.variants.lock().unwrap_or_else(PoisonError::into_inner);
             if let Some((_, v)) = variants.iter().find(|(k, _)| k.as_slice() == kinds) {
                 return Ok(Arc::clone(v));
             }
         }
         let compiled = Arc::new(Variant::compile(&self.parsed, kinds, state)?);
-        let mut variants = self.variants.lock().expect("variant cache poisoned");
+        let mut variants = self.variants.lock().unwrap_or_else(PoisonError::into_inner);
         if variants.len() < self.max_variants {
             variants.push((kinds.to_vec(), Arc::clone(&compiled)));
         }
@@ -131,7 +131,10 @@ impl Program {
 
     /// Compiled variants kept.
     pub fn variant_count(&self) -> usize {
-        self.variants.lock().expect("variant cache poisoned").len()
+        self.variants
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .len()
     }
 }
 

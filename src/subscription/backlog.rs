@@ -255,19 +255,19 @@ impl Group {
                     _ = poll.tick() => {
                         if let Ok(q) = channel.queue_declare(queue.as_str().into(), QueueDeclareOptions { passive: true, ..QueueDeclareOptions::default() }, FieldTable::default()).await {
                             depth.store(q.message_count() as u64, Ordering::Relaxed);
-                            self.update_gauges(&self.state.lock().expect("group lock"));
+                            self.update_gauges(&self.lock());
                         }
                     }
                     next = consumer.next() => match next {
                         Some(Ok(delivery)) => {
                             let d = Delivery::from_rabbit(&delivery.data, delivery.properties.headers().as_ref());
-                            self.state.lock().expect("group lock").ready.push_back(Pending::new(Arc::new(d), Some(delivery.acker)));
+                            self.lock().ready.push_back(Pending::new(Arc::new(d), Some(delivery.acker)));
                             self.pump();
                         }
                         Some(Err(_)) | None => {
                             tracing::warn!(group = %self.config.id, "the backlog consumer stopped; reconnecting");
                             // Their acks died with the channel; RabbitMQ redelivers them.
-                            self.state.lock().expect("group lock").ready.retain(|p| p.ack.is_none());
+                            self.lock().ready.retain(|p| p.ack.is_none());
                             continue 'reconnect;
                         }
                     },

@@ -141,7 +141,11 @@ impl<S: AsyncRead + Unpin> AsyncRead for Tap<S> {
         let this = &mut *self;
         let result = Pin::new(&mut this.inner).poll_read(cx, buf);
         if let Poll::Ready(Ok(())) = result
-            && let Some(seen) = this.seen.lock().expect("tap lock").as_mut()
+            && let Some(seen) = this
+                .seen
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner)
+                .as_mut()
             && seen.len() < 1 << 16
         {
             seen.extend_from_slice(&buf.filled()[before..]);
@@ -292,7 +296,11 @@ impl Connection {
         let Some(Ok(user)) = result.get().cloned() else {
             unreachable!("matched above")
         };
-        let captured = seen.lock().expect("tap lock").take().unwrap_or_default();
+        let captured = seen
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .take()
+            .unwrap_or_default();
         let group = Arc::clone(self.hub.group(&user.group).expect("verified group exists"));
         let client = user.client_id.clone();
 

@@ -120,7 +120,7 @@ impl Group {
     /// connected here, else `healthy`), connections and their client ids, the backlog
     /// (`memory` or `broker`), messages waiting and deliveries unsettled.
     pub fn status(&self) -> serde_json::Value {
-        let st = self.state.lock().expect("group lock");
+        let st = self.lock();
         let unsettled: usize = st.consumers.iter().map(|s| s.outstanding).sum();
         let waiting = st.ready.len() as u64 + self.backend.depth();
         // Messages waiting with nobody to take them is the 9203 situation.
@@ -140,6 +140,14 @@ impl Group {
         })
     }
 
+    /// The group's state. A panic while it was held (a bug) leaves it usable: one panic must
+    /// not turn into a panic for every later delivery.
+    pub(super) fn lock(&self) -> std::sync::MutexGuard<'_, State> {
+        self.state
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
     fn labels(&self) -> [&str; 1] {
         [self.config.id.as_str()]
     }
@@ -149,7 +157,7 @@ impl Group {
         let (tx, rx) = mpsc::unbounded_channel();
         let id = NEXT_CONSUMER.fetch_add(1, Ordering::Relaxed);
         let start_feed = {
-            let mut st = self.state.lock().expect("group lock");
+            let mut st = self.lock();
             if st.consumers.len() >= self.config.max_connections {
                 return Err(format!(
                     "consumer group {:?} already has {} connections (max_connections {})",
@@ -172,7 +180,7 @@ impl Group {
         };
         if start_feed {
             let (stop_tx, stop_rx) = watch::channel(false);
-            self.state.lock().expect("group lock").feed = Some(stop_tx);
+            self.lock().feed = Some(stop_tx);
             tokio::spawn(Arc::clone(self).feed_from_broker(stop_rx));
         }
         self.pump();
@@ -189,7 +197,7 @@ impl Group {
         while let Ok(p) = membership.rx.try_recv() {
             returned.push(p);
         }
-        let mut st = self.state.lock().expect("group lock");
+        let mut st = self.lock();
         st.consumers.retain(|s| s.id != membership.id);
         self.metrics
             .connections
@@ -227,7 +235,7 @@ impl Group {
     /// Hands ready deliveries to consumers with room, round robin; a redelivery goes to
     /// another consumer than the last one when one has room.
     pub(super) fn pump(&self) {
-        let mut st = self.state.lock().expect("group lock");
+        let mut st = self.lock();
         self.expire(&mut st);
         let window = self.config.window;
         while !st.ready.is_empty() && !st.consumers.is_empty() {
@@ -318,7 +326,7 @@ impl Group {
     /// A consumer's outcome for one of its deliveries.
     pub async fn settle(&self, consumer: u64, client_id: &str, mut p: Pending, how: Settlement) {
         {
-            let mut st = self.state.lock().expect("group lock");
+            let mut st = self.lock();
             if let Some(s) = st.consumers.iter_mut().find(|s| s.id == consumer) {
                 s.outstanding = s.outstanding.saturating_sub(1);
             }
@@ -362,7 +370,7 @@ impl Group {
             }
         }
         if redeliver {
-            let mut st = self.state.lock().expect("group lock");
+            let mut st = self.lock();
             // A broker-held copy whose consumer channel is gone comes back from RabbitMQ
             // itself; keeping it too would deliver it twice.
             if p.ack.is_none() || st.feed.is_some() {
@@ -401,12 +409,12 @@ impl Group {
 
     /// Takes one forward into the backlog. 9203 is recorded when no consumer is online.
     pub async fn enqueue(&self, d: Delivery) -> Result<(), Failure> {
-        let online = !self.state.lock().expect("group lock").consumers.is_empty();
+        let online = !self.lock().consumers.is_empty();
         let d = Arc::new(d);
         if self.backend.is_broker() {
             self.backend.publish(self, &d).await?;
         } else {
-            let mut st = self.state.lock().expect("group lock");
+            let mut st = self.lock();
             if st.ready.len() >= self.config.max_backlog {
                 return Err(Failure::not_available(format!(
                     "the backlog of consumer group {:?} is full ({} messages, max_backlog)",

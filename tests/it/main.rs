@@ -14,3 +14,4 @@ mod rabbit;
 mod reload;
 mod resilience;
 mod shutdown;
+mod supervision;
