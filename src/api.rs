@@ -14,7 +14,7 @@ use axum::routing::{get, post};
 use serde_json::json;
 
 use crate::config::Config;
-use crate::control::health::Health;
+use crate::control::health::{BrokerState, Health};
 use crate::control::reload::{Cause, Reloader};
 use crate::control::stages::Stages;
 use crate::pipeline::Pipeline;
@@ -149,7 +149,10 @@ async fn reload_rules(State(state): State<Arc<AppState>>) -> Response {
 /// `GET /api/v1/health`: destinations, rule files, the last reload, the broker and the consumer
 /// groups (see [`crate::control::health`]). Always 200; `status` says `ok` or `degraded`.
 async fn health(State(state): State<Arc<AppState>>) -> Response {
-    let broker = state.broker.as_ref().map(|b| b.is_connected());
+    let broker = state.broker.as_ref().map(|b| BrokerState {
+        connected: b.is_connected(),
+        blocked: b.blocked(),
+    });
     Json(state.health.report(broker)).into_response()
 }
 

@@ -122,7 +122,7 @@ pub async fn run_from_file(
         Some(b) => {
             let broker = crate::broker::Broker::new(b).map_err(|e| anyhow::anyhow!(e))?;
             tracing::info!(broker = %broker.redacted_url(), "broker configured; connecting in the background");
-            metrics.export_broker_connected();
+            metrics.export_broker_gauges();
             tokio::spawn(crate::broker::keep_connected(
                 Arc::clone(&broker),
                 Arc::clone(&metrics),

@@ -57,9 +57,12 @@ pub struct Metrics {
     /// Actions started and not yet terminal.
     pub action_in_flight: IntGaugeVec,
     /// 1 while the broker is connected, 0 otherwise. Absent without `[broker]`: not in the
-    /// registry until [`Metrics::export_broker_connected`] (the daemon calls it when a broker
+    /// registry until [`Metrics::export_broker_gauges`] (the daemon calls it when a broker
     /// is configured); setting it before that is harmless and shows nowhere.
     pub broker_connected: IntGauge,
+    /// 1 while the broker blocks publishers (connection.blocked: a memory or disk alarm).
+    /// Exported with `broker_connected`.
+    pub broker_blocked: IntGauge,
     /// Seconds from a message's receipt to each of its actions' delivery (200), error actions
     /// excluded.
     pub forward_latency: Histogram,
@@ -190,10 +193,15 @@ impl Metrics {
                 "Actions started and not yet terminal.",
                 &["rule", "action"],
             ),
-            // Registered by export_broker_connected, only with a [broker].
+            // Registered by export_broker_gauges, only with a [broker].
             broker_connected: IntGauge::new(
                 "iotfwd_broker_connected",
                 "1 while the RabbitMQ broker is connected, else 0.",
+            )
+            .expect("valid metric"),
+            broker_blocked: IntGauge::new(
+                "iotfwd_broker_blocked",
+                "1 while the RabbitMQ broker blocks publishers (connection.blocked: a memory or disk alarm), else 0.",
             )
             .expect("valid metric"),
             forward_latency: histogram(
@@ -222,16 +230,16 @@ impl Metrics {
         }
     }
 
-    /// Exports `iotfwd_broker_connected` (0 until the broker connects). Only for a daemon with
-    /// a `[broker]`, so that a broker-less process has no such series (and
-    /// `IotfwdBrokerDisconnected` cannot fire for it). Calling it again does nothing.
-    pub fn export_broker_connected(&self) {
-        match self
-            .registry
-            .register(Box::new(self.broker_connected.clone()))
-        {
-            Ok(()) | Err(prometheus::Error::AlreadyReg) => {}
-            Err(e) => panic!("iotfwd_broker_connected: {e}"),
+    /// Exports `iotfwd_broker_connected` (0 until the broker connects) and
+    /// `iotfwd_broker_blocked`. Only for a daemon with a `[broker]`, so that a broker-less
+    /// process has no such series (and `IotfwdBrokerDisconnected` cannot fire for it).
+    /// Calling it again does nothing.
+    pub fn export_broker_gauges(&self) {
+        for gauge in [&self.broker_connected, &self.broker_blocked] {
+            match self.registry.register(Box::new(gauge.clone())) {
+                Ok(()) | Err(prometheus::Error::AlreadyReg) => {}
+                Err(e) => panic!("broker gauge: {e}"),
+            }
         }
     }
 
@@ -422,8 +430,8 @@ mod tests {
         // Set without a broker (nothing should, but it must not show).
         m.broker_connected.set(0);
         assert!(!m.render().contains("iotfwd_broker_connected"));
-        m.export_broker_connected();
-        m.export_broker_connected();
+        m.export_broker_gauges();
+        m.export_broker_gauges();
         assert!(m.render().contains("\niotfwd_broker_connected 0\n"));
         m.broker_connected.set(1);
         assert!(m.render().contains("\niotfwd_broker_connected 1\n"));

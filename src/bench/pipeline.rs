@@ -251,11 +251,8 @@ async fn start_daemon(
     config.rules.dir = dir.to_owned();
     config.data.dir = dir.join("data");
     config.broker = Some(BrokerConfig {
-        url: b.url.clone(),
-        password_env: None,
-        password_file: None,
         confirm_window: b.confirm_window,
-        reconnect_max_delay_ms: 1000,
+        ..BrokerConfig::new(b.url.clone())
     });
     config.source.amqp = Some(AmqpSourceConfig {
         queue: n.source.clone(),

@@ -5,16 +5,23 @@
 //! per destination exchange, in confirm mode, so a misconfigured exchange (whose 404 closes its
 //! channel) never disturbs the others. Publishes are pipelined: each takes a slot of the
 //! exchange's confirm window, sends, and awaits its own confirm while others are in flight.
+//!
+//! Nothing a publisher does waits on a connection attempt or longer than
+//! `broker.confirm_timeout_ms`: without a connection a publish fails at once (9325, retried
+//! by the action), every publish is `mandatory` (a returned message is 9332, never a 200), a
+//! confirm that does not come in time is 9325 (and a connection that stopped answering is
+//! dropped and made again), and while the broker blocks publishers (connection.blocked)
+//! publishes wait for it within the same time-out.
 
 use std::collections::HashMap;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
+use lapin::Confirmation;
 use lapin::options::{BasicPublishOptions, ConfirmSelectOptions};
 use lapin::types::FieldTable;
 use lapin::{BasicProperties, Channel, Connection, ConnectionProperties};
-use tokio::sync::{Mutex, Semaphore};
+use tokio::sync::{Mutex, Semaphore, watch};
 
 use crate::config::broker::{BrokerConfig, redact};
 use crate::outcome::{Code, Failure};
@@ -32,10 +39,19 @@ pub struct Broker {
     url: String,
     redacted: String,
     confirm_window: usize,
+    confirm_timeout: Duration,
     reconnect_max_delay: Duration,
-    connection: Mutex<Option<Arc<Connection>>>,
+    /// The live connection, or `None` while there is none. Publishers read it and never wait
+    /// for a connection attempt: without one they fail at once (9325, retried).
+    current: watch::Sender<Option<Arc<Connection>>>,
+    /// Held by whoever is connecting, so there is one attempt at a time; only tasks that need
+    /// a connection to go on at all (the source, a group's backlog consumer, the keeper) wait
+    /// on it.
+    connecting: tokio::sync::Mutex<()>,
     channels: Mutex<HashMap<String, Arc<PublishChannel>>>,
-    connected: AtomicBool,
+    /// `Some(reason)` while the broker blocks publishers (connection.blocked: a memory or disk
+    /// alarm).
+    blocked: watch::Sender<Option<String>>,
 }
 
 impl Broker {
@@ -45,10 +61,12 @@ impl Broker {
             redacted: redact(&url),
             url,
             confirm_window: config.confirm_window,
+            confirm_timeout: Duration::from_millis(config.confirm_timeout_ms),
             reconnect_max_delay: Duration::from_millis(config.reconnect_max_delay_ms),
-            connection: Mutex::new(None),
+            current: watch::channel(None).0,
+            connecting: tokio::sync::Mutex::new(()),
             channels: Mutex::new(HashMap::new()),
-            connected: AtomicBool::new(false),
+            blocked: watch::channel(None).0,
         }))
     }
 
@@ -57,19 +75,45 @@ impl Broker {
         &self.redacted
     }
 
-    /// Whether the last connection attempt or use found the broker connected.
+    /// Whether a live connection is up now.
     pub fn is_connected(&self) -> bool {
-        self.connected.load(Ordering::Relaxed)
+        self.live().is_some()
+    }
+
+    /// Why the broker blocks publishers, while it does (connection.blocked).
+    pub fn blocked(&self) -> Option<String> {
+        self.blocked.borrow().clone()
+    }
+
+    /// The live connection, if there is one; never waits.
+    fn live(&self) -> Option<Arc<Connection>> {
+        self.current
+            .borrow()
+            .as_ref()
+            .filter(|c| c.status().connected())
+            .cloned()
+    }
+
+    /// The live connection, or 9325 (retryable) at once when there is none.
+    pub fn connection(&self) -> Result<Arc<Connection>, Failure> {
+        self.live().ok_or_else(|| {
+            Failure::unreachable(format!(
+                "not connected to the broker {} (reconnecting)",
+                self.redacted
+            ))
+        })
     }
 
     /// A live connection: the current one, or one new attempt to connect (no waiting loop).
-    pub async fn connection(&self) -> Result<Arc<Connection>, Failure> {
-        let mut slot = self.connection.lock().await;
-        if let Some(c) = slot.as_ref() {
-            if c.status().connected() {
-                return Ok(Arc::clone(c));
-            }
-            self.connected.store(false, Ordering::Relaxed);
+    /// Attempts are made one at a time; publishers never wait on them.
+    pub async fn connect(self: &Arc<Self>) -> Result<Arc<Connection>, Failure> {
+        let _attempt = self.connecting.lock().await;
+        if let Some(c) = self.live() {
+            return Ok(c);
+        }
+        if self.current.borrow().is_some() {
+            self.current.send_replace(None);
+            self.blocked.send_replace(None);
         }
         let attempt = tokio::time::timeout(
             Duration::from_secs(10),
@@ -87,16 +131,41 @@ impl Broker {
             }
         };
         tracing::info!(broker = %self.redacted, "connected to the broker");
-        *slot = Some(Arc::clone(&conn));
-        self.connected.store(true, Ordering::Relaxed);
+        self.follow_events(&conn);
+        self.current.send_replace(Some(Arc::clone(&conn)));
         Ok(conn)
+    }
+
+    /// Mirrors the connection's blocked / unblocked notices into [`Broker::blocked`].
+    fn follow_events(self: &Arc<Self>, conn: &Connection) {
+        use futures::StreamExt;
+        let mut events = Box::pin(conn.events_listener());
+        let broker = Arc::downgrade(self);
+        tokio::spawn(async move {
+            while let Some(event) = events.next().await {
+                let Some(broker) = broker.upgrade() else {
+                    return;
+                };
+                match event {
+                    lapin::Event::ConnectionBlocked(reason) => {
+                        tracing::warn!(broker = %broker.redacted, %reason, "the broker blocks publishers (connection.blocked); publishes wait up to broker.confirm_timeout_ms");
+                        broker.blocked.send_replace(Some(reason));
+                    }
+                    lapin::Event::ConnectionUnblocked => {
+                        tracing::info!(broker = %broker.redacted, "the broker unblocked publishers");
+                        broker.blocked.send_replace(None);
+                    }
+                    _ => {}
+                }
+            }
+        });
     }
 
     /// Waits until connected, retrying every 100 ms doubling to `reconnect_max_delay`, and
     /// says so while it waits. Returns None if `stop` fires first.
     pub async fn connect_with_backoff(
-        &self,
-        stop: &tokio::sync::watch::Receiver<bool>,
+        self: &Arc<Self>,
+        stop: &watch::Receiver<bool>,
     ) -> Option<Arc<Connection>> {
         let mut delay = Duration::from_millis(100);
         let mut logged = false;
@@ -104,7 +173,7 @@ impl Broker {
             if *stop.borrow() {
                 return None;
             }
-            match self.connection().await {
+            match self.connect().await {
                 Ok(c) => return Some(c),
                 Err(e) => {
                     if !logged {
@@ -122,33 +191,69 @@ impl Broker {
         }
     }
 
-    async fn channel_for(&self, exchange: &str) -> Result<Arc<PublishChannel>, Failure> {
-        {
-            let channels = self.channels.lock().await;
-            if let Some(c) = channels.get(exchange)
-                && c.channel.status().connected()
-            {
-                return Ok(Arc::clone(c));
-            }
+    /// Drops the connection after it stopped answering (a confirm that never came while the
+    /// broker did not block us): the keeper connects again.
+    fn abandon(&self, conn: &Arc<Connection>) {
+        let is_current = self
+            .current
+            .borrow()
+            .as_ref()
+            .is_some_and(|c| Arc::ptr_eq(c, conn));
+        if is_current {
+            tracing::warn!(broker = %self.redacted, "the broker stopped answering; reconnecting");
+            self.current.send_replace(None);
+            let conn = Arc::clone(conn);
+            tokio::spawn(async move {
+                let _ = tokio::time::timeout(
+                    Duration::from_secs(1),
+                    conn.close(320, "iotfwd: no confirm from the broker".into()),
+                )
+                .await;
+            });
         }
-        let conn = self.connection().await?;
-        let channel = conn.create_channel().await.map_err(|e| classify(&e))?;
-        channel
-            .confirm_select(ConfirmSelectOptions::default())
-            .await
-            .map_err(|e| classify(&e))?;
+    }
+
+    async fn channel_for(&self, exchange: &str) -> Result<Arc<PublishChannel>, Failure> {
+        let conn = self.connection()?;
+        let mut channels = self.channels.lock().await;
+        if let Some(c) = channels.get(exchange)
+            && c.channel.status().connected()
+        {
+            return Ok(Arc::clone(c));
+        }
+        let open = async {
+            let channel = conn.create_channel().await?;
+            channel
+                .confirm_select(ConfirmSelectOptions::default())
+                .await?;
+            Ok::<_, lapin::Error>(channel)
+        };
+        let channel = match tokio::time::timeout(self.confirm_timeout, open).await {
+            Ok(Ok(c)) => c,
+            Ok(Err(e)) => return Err(classify(&e)),
+            Err(_) => {
+                self.abandon(&conn);
+                return Err(Failure::unreachable(format!(
+                    "opening a channel on {} timed out after {} ms",
+                    self.redacted,
+                    self.confirm_timeout.as_millis()
+                )));
+            }
+        };
         let pc = Arc::new(PublishChannel {
             channel,
             window: Arc::new(Semaphore::new(self.confirm_window)),
         });
-        self.channels
-            .lock()
-            .await
-            .insert(exchange.to_owned(), Arc::clone(&pc));
+        channels.insert(exchange.to_owned(), Arc::clone(&pc));
         Ok(pc)
     }
 
-    /// Publishes one message and waits for its confirm (other publishes stay in flight).
+    /// Publishes one message as mandatory and waits for its confirm (other publishes stay in
+    /// flight). A message the broker returns as unroutable (no queue bound for the routing
+    /// key) is a 9332 failure, never a success: RabbitMQ confirms returned messages with an
+    /// ack. While the broker blocks publishers, and for the confirm itself, it waits at most
+    /// `broker.confirm_timeout_ms`; then it fails with 9325 (retryable), naming the alarm
+    /// when there is one.
     pub async fn publish(
         &self,
         exchange: &str,
@@ -156,47 +261,87 @@ impl Broker {
         payload: &[u8],
         properties: BasicProperties,
     ) -> Result<(), Failure> {
+        let deadline = tokio::time::Instant::now() + self.confirm_timeout;
+        self.wait_unblocked(deadline).await?;
         let pc = self.channel_for(exchange).await?;
-        let _slot = pc
-            .window
-            .acquire()
+        let _slot = tokio::time::timeout_at(deadline, pc.window.acquire())
             .await
+            .map_err(|_| self.timed_out("a slot of the confirm window", exchange))?
             .expect("the window is never closed");
-        let result = async {
+        let publish = async {
             let confirm = pc
                 .channel
                 .basic_publish(
                     exchange.into(),
                     routing_key.into(),
-                    BasicPublishOptions::default(),
+                    BasicPublishOptions {
+                        mandatory: true,
+                        ..BasicPublishOptions::default()
+                    },
                     payload,
                     properties,
                 )
                 .await?;
             confirm.await
-        }
-        .await;
+        };
+        let result = match tokio::time::timeout_at(deadline, publish).await {
+            Ok(r) => r,
+            Err(_) => {
+                let failure = self.timed_out("its publisher confirm", exchange);
+                if self.blocked().is_none()
+                    && let Some(conn) = self.live()
+                {
+                    self.abandon(&conn);
+                }
+                return Err(failure);
+            }
+        };
         match result {
+            Ok(Confirmation::Ack(Some(returned))) | Ok(Confirmation::Nack(Some(returned))) => Err(
+                Failure::unroutable(exchange, routing_key, returned.reply_text.as_str()),
+            ),
             Ok(c) if c.is_nack() => Err(Failure::refused(format!(
                 "the broker refused the message (publisher nack) on exchange {exchange:?}"
             ))),
             Ok(_) => Ok(()),
-            Err(e) => {
-                let err = classify(&e);
-                if err.code() == Code::DestinationUnavailable {
-                    self.connected.store(false, Ordering::Relaxed);
-                }
-                Err(err)
-            }
+            Err(e) => Err(classify(&e)),
         }
+    }
+
+    /// Waits while the broker blocks publishers, until `deadline`.
+    async fn wait_unblocked(&self, deadline: tokio::time::Instant) -> Result<(), Failure> {
+        let mut blocked = self.blocked.subscribe();
+        match tokio::time::timeout_at(deadline, blocked.wait_for(Option::is_none)).await {
+            Ok(_) => Ok(()),
+            Err(_) => Err(self.timed_out("the broker to unblock publishers", "")),
+        }
+    }
+
+    /// 9325 for a publish that waited `confirm_timeout` for `what`.
+    fn timed_out(&self, what: &str, exchange: &str) -> Failure {
+        let on = if exchange.is_empty() {
+            String::new()
+        } else {
+            format!(" on exchange {exchange:?}")
+        };
+        let alarm = match self.blocked() {
+            Some(reason) => format!(
+                "; the broker blocks publishers (connection.blocked: {reason}), see `rabbitmq-diagnostics alarms`"
+            ),
+            None => String::new(),
+        };
+        Failure::unreachable(format!(
+            "waited {} ms (broker.confirm_timeout_ms) for {what}{on}{alarm}",
+            self.confirm_timeout.as_millis()
+        ))
     }
 
     /// Closes the connection (on shutdown), after in-flight publishes were awaited.
     pub async fn close(&self) {
-        if let Some(c) = self.connection.lock().await.take() {
+        let current = self.current.send_replace(None);
+        if let Some(c) = current {
             let _ = c.close(200, "iotfwd shutting down".into()).await;
         }
-        self.connected.store(false, Ordering::Relaxed);
     }
 }
 
@@ -249,18 +394,22 @@ pub fn header_text(value: &lapin::types::AMQPValue) -> Option<String> {
 
 /// Keeps the connection up while the daemon runs: checks it every 500 ms and reconnects with
 /// backoff when it dropped, so publishing resumes soon after the broker is back even when no
-/// source is consuming. Mirrors the state into `iotfwd_broker_connected` (which the daemon
-/// exports when it has a `[broker]`, see `Metrics::export_broker_connected`).
+/// source is consuming. Mirrors the state into `iotfwd_broker_connected` and
+/// `iotfwd_broker_blocked` (which the daemon exports when it has a `[broker]`, see
+/// `Metrics::export_broker_gauges`).
 pub async fn keep_connected(
     broker: Arc<Broker>,
     metrics: Arc<crate::telemetry::Metrics>,
-    stop: tokio::sync::watch::Receiver<bool>,
+    stop: watch::Receiver<bool>,
 ) {
     loop {
         let up = broker.connect_with_backoff(&stop).await.is_some();
         metrics
             .broker_connected
             .set(i64::from(up && broker.is_connected()));
+        metrics
+            .broker_blocked
+            .set(i64::from(broker.blocked().is_some()));
         if !up {
             return;
         }

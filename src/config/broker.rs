@@ -28,10 +28,19 @@ pub struct BrokerConfig {
     /// publishing resume within about a second of the broker coming back.
     #[serde(default = "default_reconnect_max_delay_ms")]
     pub reconnect_max_delay_ms: u64,
+    /// How long a publish waits for its publisher confirm, in ms, including the time it waits
+    /// while the broker blocks publishers (a memory or disk alarm). A confirm that does not
+    /// come in time is a 9325 failure, retried under the action's `retry`. Default 10000.
+    #[serde(default = "default_confirm_timeout_ms")]
+    pub confirm_timeout_ms: u64,
 }
 
 fn default_confirm_window() -> usize {
     256
+}
+
+fn default_confirm_timeout_ms() -> u64 {
+    10_000
 }
 
 fn default_reconnect_max_delay_ms() -> u64 {
@@ -87,6 +96,18 @@ fn default_true() -> bool {
 }
 
 impl BrokerConfig {
+    /// A broker at `url` with every other setting at its default.
+    pub fn new(url: impl Into<String>) -> BrokerConfig {
+        BrokerConfig {
+            url: url.into(),
+            password_env: None,
+            password_file: None,
+            confirm_window: default_confirm_window(),
+            reconnect_max_delay_ms: default_reconnect_max_delay_ms(),
+            confirm_timeout_ms: default_confirm_timeout_ms(),
+        }
+    }
+
     /// Problems, each as (key path, message).
     pub fn problems(&self) -> Vec<(&'static [&'static str], String)> {
         let mut out: Vec<(&'static [&'static str], String)> = Vec::new();
@@ -115,6 +136,12 @@ impl BrokerConfig {
             out.push((
                 &["broker", "reconnect_max_delay_ms"],
                 "must be 10..=60000".into(),
+            ));
+        }
+        if !(100..=600_000).contains(&self.confirm_timeout_ms) {
+            out.push((
+                &["broker", "confirm_timeout_ms"],
+                "must be 100..=600000".into(),
             ));
         }
         out
@@ -174,13 +201,7 @@ mod tests {
     use super::*;
 
     fn broker(url: &str) -> BrokerConfig {
-        BrokerConfig {
-            url: url.into(),
-            password_env: None,
-            password_file: None,
-            confirm_window: 256,
-            reconnect_max_delay_ms: 1000,
-        }
+        BrokerConfig::new(url)
     }
 
     #[test]

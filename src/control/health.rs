@@ -79,6 +79,23 @@ pub struct ConfigReload {
     pub secrets_rotated: Vec<String>,
 }
 
+/// The broker connection as health reports it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct BrokerState {
+    pub connected: bool,
+    /// Why the broker blocks publishers (connection.blocked), while it does.
+    pub blocked: Option<String>,
+}
+
+impl From<bool> for BrokerState {
+    fn from(connected: bool) -> BrokerState {
+        BrokerState {
+            connected,
+            blocked: None,
+        }
+    }
+}
+
 /// What consumer groups report: a JSON array, one object per group, each with a `state` key
 /// (`healthy`, `unhealthy`, `dead`) and whatever else the host wants to show (the
 /// [`TrackerReport`] fields, connections, backlog, ...). See [`Health::set_groups`].
@@ -148,12 +165,14 @@ impl Health {
     }
 
     /// The whole report. `broker` is `None` without `[broker]`, else whether it is connected.
-    pub fn report(&self, broker: Option<bool>) -> Value {
+    pub fn report(&self, broker: Option<BrokerState>) -> Value {
         self.report_at(broker, crate::message::now_ms())
     }
 
-    pub fn report_at(&self, broker: Option<bool>, now_ms: i64) -> Value {
-        let mut degraded = broker == Some(false);
+    pub fn report_at(&self, broker: Option<BrokerState>, now_ms: i64) -> Value {
+        let mut degraded = broker
+            .as_ref()
+            .is_some_and(|b| !b.connected || b.blocked.is_some());
         let destinations = self.destinations.reports(now_ms);
         degraded |= destinations.iter().any(|(_, r)| r.state != State::Healthy);
         let destinations: Vec<Value> = destinations
@@ -193,7 +212,12 @@ impl Health {
             "status": if degraded { "degraded" } else { "ok" },
             "broker": match broker {
                 None => json!({ "configured": false }),
-                Some(connected) => json!({ "configured": true, "connected": connected }),
+                Some(BrokerState { connected, blocked: None }) => {
+                    json!({ "configured": true, "connected": connected })
+                }
+                Some(BrokerState { connected, blocked: Some(reason) }) => {
+                    json!({ "configured": true, "connected": connected, "blocked": reason })
+                }
             },
             "destinations": destinations,
             "rules": rules,
@@ -292,12 +316,21 @@ mod tests {
         let h = Health::new();
         assert_eq!(h.report_at(None, 0)["status"], "ok");
         assert_eq!(h.report_at(None, 0)["groups"], json!([]));
-        assert_eq!(h.report_at(Some(true), 0)["status"], "ok");
-        assert_eq!(h.report_at(Some(false), 0)["status"], "degraded");
+        assert_eq!(h.report_at(Some(true.into()), 0)["status"], "ok");
+        assert_eq!(h.report_at(Some(false.into()), 0)["status"], "degraded");
         assert_eq!(
-            h.report_at(Some(false), 0)["broker"],
+            h.report_at(Some(false.into()), 0)["broker"],
             json!({"configured": true, "connected": false})
         );
+        let blocked = h.report_at(
+            Some(BrokerState {
+                connected: true,
+                blocked: Some("low on memory".into()),
+            }),
+            0,
+        );
+        assert_eq!(blocked["status"], "degraded");
+        assert_eq!(blocked["broker"]["blocked"], "low on memory");
         h.set_groups(Box::new(|| json!([{"group": "g", "state": "unhealthy"}])));
         let r = h.report_at(None, 0);
         assert_eq!(

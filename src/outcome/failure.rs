@@ -81,6 +81,20 @@ impl Failure {
         Failure::new(Code::DestinationMisconfigured, reason, false)
     }
 
+    /// 9332: the broker returned a mandatory publish as unroutable: no queue is bound to the
+    /// exchange for the routing key. The destination's configuration (its bindings) is wrong
+    /// for this message; retrying the same publish cannot help.
+    pub fn unroutable(exchange: &str, routing_key: &str, broker_says: &str) -> Failure {
+        Failure::new(
+            Code::DestinationMisconfigured,
+            format!(
+                "no queue is bound to exchange {exchange:?} for routing key {routing_key:?}: \
+                 the broker returned the message ({broker_says})"
+            ),
+            false,
+        )
+    }
+
     /// 9333: the destination refused iotfwd's credentials.
     pub fn access_refused(reason: impl Into<String>) -> Failure {
         Failure::new(Code::DestinationAuth, reason, false)
@@ -114,12 +128,6 @@ impl Failure {
     pub fn map_reason(mut self, f: impl FnOnce(String) -> String) -> Failure {
         self.reason = f(self.reason);
         self
-    }
-
-    /// The same failure, now final: a caller that will not retry (a connection attempt whose
-    /// cause is not worth retrying) or that retries at another level.
-    pub fn into_unreachable(self) -> Failure {
-        Failure::new(Code::DestinationUnavailable, self.reason, true)
     }
 }
 
@@ -164,6 +172,11 @@ mod tests {
                 false,
             ),
             (Failure::access_refused("x"), Code::DestinationAuth, false),
+            (
+                Failure::unroutable("e", "k", "NO_ROUTE"),
+                Code::DestinationMisconfigured,
+                false,
+            ),
             (Failure::internal("x"), Code::Internal, false),
             (Failure::consumer_rejected("x"), Code::Rejected, false),
         ];

@@ -76,28 +76,35 @@ impl Backend {
         else {
             return Ok(());
         };
-        if !declared.load(Ordering::Relaxed) {
-            group.declare(broker, queue).await?;
-            declared.store(true, Ordering::Relaxed);
-        }
         let props = BasicProperties::default()
             .with_content_type("application/json".into())
             .with_message_id(d.message_id.as_str().into())
             .with_delivery_mode(2)
             .with_headers(d.to_headers());
-        broker
-            .publish("", queue, &d.body, props)
-            .await
-            .map_err(|e| {
-                if e.code() == Code::DestinationError {
-                    let max = group.config.max_backlog;
-                    e.map_reason(|r| {
-                        format!("{r} (the backlog queue {queue:?} is full: max_backlog {max})")
-                    })
-                } else {
-                    e
+        let max = group.config.max_backlog;
+        // Twice at most: a publish returned as unroutable means the queue is gone (deleted by
+        // an operator, say to change its retention); it is declared again, with its arguments,
+        // and the publish is repeated once.
+        for attempt in 0..2 {
+            if !declared.load(Ordering::Relaxed) {
+                group.declare(broker, queue).await?;
+                declared.store(true, Ordering::Relaxed);
+            }
+            match broker.publish("", queue, &d.body, props.clone()).await {
+                Ok(()) => return Ok(()),
+                Err(e) if e.code() == Code::DestinationMisconfigured && attempt == 0 => {
+                    tracing::warn!(group = %group.config.id, %queue, "the backlog queue is gone; declaring it again");
+                    declared.store(false, Ordering::Relaxed);
                 }
-            })
+                Err(e) if e.code() == Code::DestinationError => {
+                    return Err(e.map_reason(|r| {
+                        format!("{r} (the backlog queue {queue:?} is full: max_backlog {max})")
+                    }));
+                }
+                Err(e) => return Err(e),
+            }
+        }
+        unreachable!("the second attempt returns")
     }
 
     /// Publishes a rejected delivery to the group's dead-letter exchange (broker-backed
@@ -168,7 +175,7 @@ impl Group {
     }
 
     async fn declare(&self, broker: &Broker, queue: &str) -> Result<u32, Failure> {
-        let conn = broker.connection().await?;
+        let conn = broker.connection()?;
         let channel = conn
             .create_channel()
             .await

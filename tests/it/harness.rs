@@ -31,11 +31,8 @@ impl Daemon {
         Daemon::start_without_broker(rules_dir, |c| {
             c.engine.batch_max_wait_ms = 2;
             c.broker = Some(BrokerConfig {
-                url: BROKER.into(),
-                password_env: None,
-                password_file: None,
-                confirm_window: 256,
                 reconnect_max_delay_ms: 500,
+                ..BrokerConfig::new(BROKER)
             });
             tweak(c);
         })

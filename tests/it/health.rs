@@ -24,6 +24,30 @@ fn action_series(scrape: &str) -> BTreeSet<(String, String)> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn destination_health_and_the_action_balance() {
+    // Publishes are mandatory: amq.topic delivers only what a queue is bound for. This
+    // test's connection holds an exclusive queue for iotfwd-test.# while it runs.
+    let (_conn, ch) = super::rabbit::channel(super::harness::BROKER).await;
+    let bound = unique("health-bound");
+    ch.queue_declare(
+        bound.as_str().into(),
+        lapin::options::QueueDeclareOptions {
+            exclusive: true,
+            auto_delete: true,
+            ..Default::default()
+        },
+        lapin::types::FieldTable::default(),
+    )
+    .await
+    .unwrap();
+    ch.queue_bind(
+        bound.as_str().into(),
+        "amq.topic".into(),
+        "iotfwd-test.#".into(),
+        lapin::options::QueueBindOptions::default(),
+        lapin::types::FieldTable::default(),
+    )
+    .await
+    .unwrap();
     let missing = unique("missing");
     let dir = tempfile::tempdir().unwrap();
     std::fs::write(
