@@ -9,6 +9,7 @@
 //! The server does not enforce an idle time-out of its own (some clients send no heartbeats
 //! on an idle link); TCP keepalive finds dead peers instead.
 
+use std::collections::VecDeque;
 use std::io;
 use std::pin::Pin;
 use std::sync::{Arc, Mutex, OnceLock};
@@ -23,10 +24,10 @@ use futures::StreamExt;
 use futures::stream::FuturesUnordered;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::{Semaphore, watch};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc, watch};
 
 use super::auth::SignedPlain;
-use super::{Group, Hub, Membership, Settlement};
+use super::{Group, Hub, Membership, Pending, Settlement};
 use crate::config::subscription::SubscriptionConfig;
 use crate::outcome::{ConnectionEvent, Outcomes, Record};
 
@@ -380,9 +381,7 @@ impl Connection {
             let link = LinkAcceptor::new().accept(&mut session).await?;
             Ok::<_, Box<dyn std::error::Error + Send + Sync>>((session, link))
         };
-        let (mut session, mut sender) = match tokio::time::timeout(self.attach_timeout, attach)
-            .await
-        {
+        let (mut session, sender) = match tokio::time::timeout(self.attach_timeout, attach).await {
             Ok(Ok((session, LinkEndpoint::Sender(sender)))) => (session, sender),
             Ok(Ok((_, LinkEndpoint::Receiver(receiver)))) => {
                 let reason =
@@ -423,6 +422,33 @@ impl Connection {
         let mut pending = FuturesUnordered::new();
         let mut stop = self.stop.clone();
         let mut closed_by_server = false;
+        // Sending runs in a task of its own, so that waiting for the consumer's link credit
+        // never holds up settlements, ACK time-outs or shutdown here.
+        let (results, mut sent) = mpsc::unbounded_channel();
+        let (pause, paused) = watch::channel(false);
+        let (halt, halted) = watch::channel(false);
+        let rx = std::mem::replace(&mut membership.rx, mpsc::unbounded_channel().1);
+        let send_task = tokio::spawn(send_loop(
+            sender,
+            rx,
+            Arc::clone(&group),
+            ack_timeout,
+            results,
+            paused,
+            halted,
+        ));
+        // Rejected deliveries go to the rule's error action, which may retry for seconds:
+        // at most REJECTS_IN_FLIGHT at a time per connection; beyond that the connection
+        // takes no new deliveries until they are done (backpressure, nothing dropped).
+        let rejects = Arc::new(Semaphore::new(REJECTS_IN_FLIGHT));
+        let mut deferred: VecDeque<(Pending, Settlement)> = VecDeque::new();
+        let settle_rejected = |p: Pending, how: Settlement, permit: OwnedSemaphorePermit| {
+            let (group, id, client) = (Arc::clone(&group), membership.id, client.to_owned());
+            tokio::spawn(async move {
+                group.settle(id, &client, p, how).await;
+                drop(permit);
+            });
+        };
         loop {
             tokio::select! {
                 biased;
@@ -432,11 +458,22 @@ impl Connection {
                 }
                 Some((p, how)) = pending.next(), if !pending.is_empty() => {
                     if matches!(how, Settlement::Rejected(_)) {
-                        // The error action may retry for seconds: not on this link's path.
-                        let (group, id, client) = (Arc::clone(&group), membership.id, client.to_owned());
-                        tokio::spawn(async move { group.settle(id, &client, p, how).await });
+                        match Arc::clone(&rejects).try_acquire_owned() {
+                            Ok(permit) => settle_rejected(p, how, permit),
+                            Err(_) => {
+                                deferred.push_back((p, how));
+                                pause.send_replace(true);
+                            }
+                        }
                     } else {
                         group.settle(membership.id, client, p, how).await;
+                    }
+                }
+                permit = Arc::clone(&rejects).acquire_owned(), if !deferred.is_empty() => {
+                    let (p, how) = deferred.pop_front().expect("not empty");
+                    settle_rejected(p, how, permit.expect("never closed"));
+                    if deferred.is_empty() {
+                        pause.send_replace(false);
                     }
                 }
                 link = extra_links.accept(&mut session) => match link {
@@ -448,28 +485,14 @@ impl Connection {
                     }
                     Err(_) => break,
                 },
-                next = membership.rx.recv() => {
-                    let Some(p) = next else { break };
-                    group.pace().await;
-                    match sender.send_batchable(p.delivery.to_amqp()).await {
-                        Ok(fut) => {
-                            group.delivered();
-                            pending.push(async move {
-                                let how = match tokio::time::timeout(ack_timeout, fut).await {
-                                    Err(_) => Settlement::Timeout,
-                                    Ok(Ok(Outcome::Accepted(_))) => Settlement::Accepted,
-                                    Ok(Ok(Outcome::Released(_) | Outcome::Modified(_))) => Settlement::Released,
-                                    Ok(Ok(Outcome::Rejected(r))) => Settlement::Rejected(
-                                        r.error.and_then(|e| e.description).unwrap_or_default(),
-                                    ),
-                                    #[allow(unreachable_patterns)]
-                                    Ok(Ok(_)) => Settlement::Released,
-                                    Ok(Err(_)) => Settlement::Lost,
-                                };
-                                (p, how)
-                            });
+                next = sent.recv() => {
+                    let Some((p, result)) = next else { break };
+                    match result {
+                        Sent::Out(fut) => pending.push(await_outcome(p, fut, ack_timeout)),
+                        Sent::TimedOut => {
+                            group.settle(membership.id, client, p, Settlement::Timeout).await;
                         }
-                        Err(e) => {
+                        Sent::Failed(e) => {
                             tracing::info!(group = %group.config.id, client, "send failed ({e}); the consumer is gone");
                             group.settle(membership.id, client, p, Settlement::Lost).await;
                             break;
@@ -477,6 +500,35 @@ impl Connection {
                     }
                 }
             }
+        }
+        halt.send_replace(true);
+        let (sender, rx) = match send_task.await {
+            Ok(parts) => parts,
+            Err(e) => panic!("the send loop of a consumer connection failed: {e}"),
+        };
+        membership.rx = rx;
+        // What the send loop had in hand when it stopped.
+        while let Ok((p, result)) = sent.try_recv() {
+            match result {
+                Sent::Out(fut) => pending.push(await_outcome(p, fut, ack_timeout)),
+                Sent::TimedOut => {
+                    group
+                        .settle(membership.id, client, p, Settlement::Timeout)
+                        .await
+                }
+                Sent::Failed(_) => {
+                    group
+                        .settle(membership.id, client, p, Settlement::Lost)
+                        .await
+                }
+            }
+        }
+        for (p, how) in deferred.drain(..) {
+            let permit = Arc::clone(&rejects)
+                .acquire_owned()
+                .await
+                .expect("never closed");
+            settle_rejected(p, how, permit);
         }
         // No more deliveries to this connection; what it had unsent goes back to the group.
         group.leave(&mut membership);
@@ -527,6 +579,97 @@ impl Connection {
         let _ = tokio::time::timeout(Duration::from_secs(1), connection.on_close()).await;
         tracing::info!(group = %group.config.id, client, "consumer disconnected");
     }
+}
+
+/// Rejected deliveries whose error action runs at once, per consumer connection.
+const REJECTS_IN_FLIGHT: usize = 16;
+
+/// What became of one delivery the send loop took.
+enum Sent {
+    /// Sent; the consumer's outcome is on its way.
+    Out(fe2o3_amqp::link::delivery::DeliveryFut<Result<Outcome, fe2o3_amqp::link::SendError>>),
+    /// The ACK time-out passed while it waited for link credit.
+    TimedOut,
+    /// The link failed: the consumer is gone.
+    Failed(String),
+}
+
+/// Takes this connection's deliveries and sends them, each as soon as the consumer grants
+/// credit, within its ACK time-out (which runs from when the group handed it over). Pauses
+/// while `paused` is true; stops when `halted` turns true or the group closes the channel.
+/// Gives the link and the channel back, so the connection can close the one and return what
+/// is left in the other.
+async fn send_loop(
+    mut sender: fe2o3_amqp::Sender,
+    mut rx: mpsc::UnboundedReceiver<Pending>,
+    group: Arc<Group>,
+    ack_timeout: Duration,
+    results: mpsc::UnboundedSender<(Pending, Sent)>,
+    mut paused: watch::Receiver<bool>,
+    mut halted: watch::Receiver<bool>,
+) -> (fe2o3_amqp::Sender, mpsc::UnboundedReceiver<Pending>) {
+    loop {
+        tokio::select! {
+            biased;
+            _ = halted.wait_for(|h| *h) => break,
+            _ = paused.wait_for(|p| !*p) => {}
+        }
+        let p = tokio::select! {
+            biased;
+            _ = halted.wait_for(|h| *h) => break,
+            next = rx.recv() => match next {
+                Some(p) => p,
+                None => break,
+            },
+        };
+        let due = p.due(ack_timeout);
+        let send = async {
+            group.pace().await;
+            sender.send_batchable(p.delivery.to_amqp()).await
+        };
+        let result = tokio::select! {
+            biased;
+            _ = halted.wait_for(|h| *h) => {
+                // Never sent: it goes back to the group with the rest.
+                let _ = results.send((p, Sent::Failed("the connection is closing".into())));
+                break;
+            }
+            r = tokio::time::timeout_at(due, send) => r,
+        };
+        let failed = matches!(result, Ok(Err(_)));
+        let sent = match result {
+            Err(_) => Sent::TimedOut,
+            Ok(Ok(fut)) => {
+                group.delivered();
+                Sent::Out(fut)
+            }
+            Ok(Err(e)) => Sent::Failed(e.to_string()),
+        };
+        if results.send((p, sent)).is_err() || failed {
+            break;
+        }
+    }
+    (sender, rx)
+}
+
+/// The consumer's outcome of one delivery, due by its ACK time-out.
+async fn await_outcome(
+    p: Pending,
+    fut: fe2o3_amqp::link::delivery::DeliveryFut<Result<Outcome, fe2o3_amqp::link::SendError>>,
+    ack_timeout: Duration,
+) -> (Pending, Settlement) {
+    let how = match tokio::time::timeout_at(p.due(ack_timeout), fut).await {
+        Err(_) => Settlement::Timeout,
+        Ok(Ok(Outcome::Accepted(_))) => Settlement::Accepted,
+        Ok(Ok(Outcome::Released(_) | Outcome::Modified(_))) => Settlement::Released,
+        Ok(Ok(Outcome::Rejected(r))) => {
+            Settlement::Rejected(r.error.and_then(|e| e.description).unwrap_or_default())
+        }
+        #[allow(unreachable_patterns)]
+        Ok(Ok(_)) => Settlement::Released,
+        Ok(Err(_)) => Settlement::Lost,
+    };
+    (p, how)
 }
 
 #[cfg(test)]

@@ -25,6 +25,9 @@ pub struct Pending {
     /// Its RabbitMQ delivery, acked when it is settled for good (broker-backed backlog).
     pub(super) ack: Option<lapin::Acker>,
     pub(super) since: Instant,
+    /// When it was last handed to a consumer connection: its ACK time-out runs from here,
+    /// through any wait for link credit, to the consumer's outcome.
+    pub(super) handed_at: Instant,
 }
 
 impl Pending {
@@ -36,7 +39,13 @@ impl Pending {
             last_consumer: None,
             ack,
             since: Instant::now(),
+            handed_at: Instant::now(),
         }
+    }
+
+    /// When the consumer's outcome is due: `ack_timeout` after it was handed over.
+    pub fn due(&self, ack_timeout: Duration) -> tokio::time::Instant {
+        tokio::time::Instant::from_std(self.handed_at + ack_timeout)
     }
 }
 
@@ -258,6 +267,7 @@ impl Group {
             let mut p = st.ready.pop_front().expect("not empty");
             p.attempts += 1;
             p.last_consumer = Some(st.consumers[i].id);
+            p.handed_at = Instant::now();
             match st.consumers[i].tx.send(p) {
                 Ok(()) => {
                     st.consumers[i].outstanding += 1;

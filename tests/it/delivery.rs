@@ -102,3 +102,79 @@ async fn a_deleted_group_queue_is_declared_again_and_the_forward_lands_in_it() {
     daemon.stop().await;
     cleanup(&ch, &[], &[&queue]).await;
 }
+
+/// A consumer that grants no credit holds nothing up: what the group handed it times out
+/// (9650) within the ACK time-out and goes to the consumer that does take messages, and
+/// shutdown is not held up by the stuck link either.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_zero_credit_consumer_times_out_and_its_messages_go_to_another() {
+    use fe2o3_amqp::types::messaging::Body;
+    use fe2o3_amqp::types::primitives::Value;
+    use iotfwd::client::{Consumer, ConsumerOptions, describe};
+    use std::time::{Duration, Instant};
+
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(
+        dir.path().join("to_group.toml"),
+        "sql = '''SELECT n FROM \"/p/+/post\"'''\n[[action]]\nto = \"group\"\ngroup = \"g\"\n",
+    )
+    .unwrap();
+    let secret = dir.path().join("g.secret");
+    std::fs::write(&secret, "zero-credit-secret\n").unwrap();
+    let data = dir.path().to_owned();
+    let daemon = Daemon::start_without_broker(dir.path(), |c| {
+        c.subscription.listen = "127.0.0.1:0".into();
+        let mut g = GroupConfig::demo(&data);
+        g.id = "g".into();
+        g.access_key_id = "ak".into();
+        g.secret_file = Some(secret.clone());
+        g.create_secret = false;
+        g.ack_timeout_ms = 1_000;
+        g.window = 4;
+        c.group.push(g);
+    })
+    .await;
+    let url = format!("amqp://{}", daemon.amqp.unwrap());
+    let options = |credit: u32| {
+        let mut o = ConsumerOptions::new(&url, "g", "ak", "zero-credit-secret");
+        o.client_id = unique("client");
+        o.credit = credit;
+        o
+    };
+    let _stuck = Consumer::connect(&options(0)).await.unwrap();
+    let mut taker = Consumer::connect(&options(100)).await.unwrap();
+    let n = 6;
+    for i in 0..n {
+        let report = daemon
+            .post(format!(r#"{{"topic":"/p/d/post","payload":{{"n":{i}}}}}"#))
+            .await;
+        assert_eq!(report["messages"][0]["code"], 200, "{report}");
+    }
+    let started = Instant::now();
+    let mut got = std::collections::BTreeSet::new();
+    while got.len() < n && started.elapsed() < Duration::from_secs(20) {
+        if let Ok(Ok(d)) =
+            tokio::time::timeout(Duration::from_secs(5), taker.receiver.recv::<Body<Value>>()).await
+        {
+            got.insert(describe(&d)["body"]["n"].as_u64().unwrap());
+            taker.receiver.accept(&d).await.unwrap();
+        }
+    }
+    assert_eq!(
+        got.len(),
+        n,
+        "every message reached the consumer that takes them: {got:?}"
+    );
+    let logs = daemon.get_json("/api/v1/logs?status=9650").await;
+    assert!(
+        logs["count"].as_u64().unwrap() >= 1,
+        "the stuck consumer's deliveries timed out: {logs}"
+    );
+    let stopping = Instant::now();
+    daemon.stop().await;
+    assert!(
+        stopping.elapsed() < Duration::from_secs(8),
+        "shutdown took {:?} with a zero-credit consumer connected",
+        stopping.elapsed()
+    );
+}

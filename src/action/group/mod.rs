@@ -54,28 +54,39 @@ pub fn spawn_reject_handler(
     dispatcher: Dispatcher,
     rules: RuleLookup,
 ) -> tokio::task::JoinHandle<()> {
+    use futures::StreamExt;
     tokio::spawn(async move {
-        while let Some(rejected) = rejects.recv().await {
-            let taken = match rules(&rejected.delivery.rule) {
-                Some(rule) => {
-                    let message = rejected.delivery.to_message();
-                    let output: Output =
-                        serde_json::from_slice(&rejected.delivery.body).unwrap_or_default();
-                    let failed = ActionReport {
-                        destination: format!("group:{}", rejected.group),
-                        code: Code::Rejected,
-                        reason: rejected.reason.clone(),
-                        attempts: 1,
-                        error_action: None,
+        let stream = futures::stream::poll_fn(move |cx| rejects.poll_recv(cx));
+        stream
+            .for_each_concurrent(REJECTS_AT_ONCE, |rejected| {
+                let (dispatcher, rules) = (dispatcher.clone(), Arc::clone(&rules));
+                async move {
+                    let taken = match rules(&rejected.delivery.rule) {
+                        Some(rule) => {
+                            let message = rejected.delivery.to_message();
+                            let output: Output =
+                                serde_json::from_slice(&rejected.delivery.body).unwrap_or_default();
+                            let failed = ActionReport {
+                                destination: format!("group:{}", rejected.group),
+                                code: Code::Rejected,
+                                reason: rejected.reason.clone(),
+                                attempts: 1,
+                                error_action: None,
+                            };
+                            dispatcher
+                                .run_error_action(&message, &rule, &output, &failed)
+                                .await
+                                .unwrap_or(false)
+                        }
+                        None => false,
                     };
-                    dispatcher
-                        .run_error_action(&message, &rule, &output, &failed)
-                        .await
-                        .unwrap_or(false)
+                    let _ = rejected.done.send(taken);
                 }
-                None => false,
-            };
-            let _ = rejected.done.send(taken);
-        }
+            })
+            .await;
     })
 }
+
+/// Rejected deliveries whose error actions run at once, across every group. Each consumer
+/// connection also bounds its own (see the endpoint), so what waits here is bounded too.
+const REJECTS_AT_ONCE: usize = 32;
