@@ -34,6 +34,7 @@ pub mod outcome;
 pub mod pipeline;
 pub mod rules;
 pub mod source;
+pub mod spool;
 pub mod subscription;
 pub mod telemetry;
 pub mod text;
