@@ -1,6 +1,6 @@
 //! Quotas in the daemon config: `[[tenant]]`, `[[instance]]` and `[quota]`.
 //!
-//! The model (see README "Quotas" for the operator's view):
+//! The model (see docs/quotas.md for the operator's view):
 //! - a **tenant** owns instances; its `forward_tps` caps all forwards of all its instances;
 //! - an **instance** belongs to one tenant and serves a set of products; its `forward_tps` is
 //!   its specification (over it: 9326);
@@ -19,14 +19,12 @@
 //! `[[instance]]` are named by index, `tenant[1].forward_tps`, and the message names the id.
 
 use std::collections::{BTreeMap, HashMap};
-use std::fmt::{self, Write as _};
-use std::ops::Range;
-use std::path::Path;
+use std::fmt;
 use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
-use toml::de::{DeTable, DeValue};
 
+use super::report::{Reporter, Seg};
 use super::{Config, ConfigError};
 
 /// Highest `forward_tps` accepted (messages per second).
@@ -342,89 +340,6 @@ impl From<&Config> for QuotaSet {
     }
 }
 
-/// One step of a key path: a table key or an array index.
-#[derive(Clone, Copy, Debug)]
-pub(super) enum Seg<'a> {
-    Key(&'a str),
-    Index(usize),
-}
-
-/// `tenant[1].forward_tps`, `quota.device.products.pk1.burst` (keys that are not bare TOML
-/// keys are quoted).
-fn render_path(path: &[Seg<'_>]) -> String {
-    let mut out = String::new();
-    for seg in path {
-        match seg {
-            Seg::Index(i) => {
-                let _ = write!(out, "[{i}]");
-            }
-            Seg::Key(key) => {
-                if !out.is_empty() {
-                    out.push('.');
-                }
-                let bare = !key.is_empty()
-                    && key
-                        .chars()
-                        .all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-');
-                if bare {
-                    out.push_str(key);
-                } else {
-                    let _ = write!(out, "{key:?}");
-                }
-            }
-        }
-    }
-    out
-}
-
-/// Span of the value at a path, through tables and arrays, if the document spells it out.
-fn span_of(doc: &DeTable<'_>, path: &[Seg<'_>]) -> Option<Range<usize>> {
-    let (Seg::Key(first), rest) = path.split_first()? else {
-        return None;
-    };
-    let mut value = doc.get(*first)?;
-    for seg in rest {
-        value = match (seg, value.get_ref()) {
-            (Seg::Key(key), DeValue::Table(table)) => table.get(*key)?,
-            (Seg::Index(i), DeValue::Array(array)) => array.get(*i)?,
-            _ => return None,
-        };
-    }
-    Some(value.span())
-}
-
-/// Collects problems, each with its key path and, when the file spells it out, its position.
-pub(super) struct Reporter<'a> {
-    pub(super) doc: Option<&'a DeTable<'a>>,
-    pub(super) text: Option<&'a str>,
-    pub(super) file: Option<&'a Path>,
-    pub(super) errors: Vec<ConfigError>,
-}
-
-impl Reporter<'_> {
-    /// Reports `message` under the key path `paths[0]`. The position is that of the first of
-    /// `paths` written in the file, else of the nearest written parent of `paths[0]`.
-    pub(super) fn report(&mut self, paths: &[&[Seg<'_>]], message: String) {
-        let span = self.doc.and_then(|doc| {
-            paths
-                .iter()
-                .find_map(|path| span_of(doc, path))
-                .or_else(|| {
-                    (1..paths[0].len())
-                        .rev()
-                        .find_map(|n| span_of(doc, &paths[0][..n]))
-                })
-        });
-        let path = render_path(paths[0]);
-        self.errors.push(ConfigError::at(
-            self.file,
-            self.text,
-            span,
-            format!("{path}: {message}"),
-        ));
-    }
-}
-
 /// The four limit fields of one scope, for validation.
 struct LimitFields<'a> {
     path: Vec<Seg<'a>>,
@@ -495,20 +410,8 @@ fn check_limit(r: &mut Reporter<'_>, f: &LimitFields<'_>) {
     }
 }
 
-/// Semantic checks of `[[tenant]]`, `[[instance]]` and `[quota]`; called by
-/// [`Config::validate`]. Returns every problem found.
-pub(super) fn validate(
-    config: &Config,
-    doc: Option<&DeTable<'_>>,
-    text: Option<&str>,
-    file: Option<&Path>,
-) -> Vec<ConfigError> {
-    let mut r = Reporter {
-        doc,
-        text,
-        file,
-        errors: Vec::new(),
-    };
+/// Reports every problem of `[[tenant]]`, `[[instance]]` and `[quota]` into `r`.
+pub(super) fn validate(config: &Config, r: &mut Reporter<'_>) {
     let enabled = !config.tenant.is_empty() || !config.instance.is_empty();
 
     // Tenants: ids and limits.
@@ -530,7 +433,7 @@ pub(super) fn validate(
             tenant_index.insert(&t.id, i);
         }
         check_limit(
-            &mut r,
+            r,
             &LimitFields {
                 path: base.to_vec(),
                 forward_tps: t.forward_tps,
@@ -628,7 +531,7 @@ pub(super) fn validate(
             }
         }
         check_limit(
-            &mut r,
+            r,
             &LimitFields {
                 path: base.to_vec(),
                 forward_tps: inst.forward_tps,
@@ -681,7 +584,7 @@ pub(super) fn validate(
     // [quota.device] and its overrides.
     let device = &quota.device;
     check_limit(
-        &mut r,
+        r,
         &LimitFields {
             path: vec![Seg::Key("quota"), Seg::Key("device")],
             forward_tps: device.forward_tps,
@@ -702,7 +605,7 @@ pub(super) fn validate(
             r.report(&[&path], "an empty productKey".to_owned());
         }
         check_limit(
-            &mut r,
+            r,
             &LimitFields {
                 path,
                 forward_tps: o.forward_tps,
@@ -724,12 +627,12 @@ pub(super) fn validate(
                 .to_owned(),
         );
     }
-
-    r.errors
 }
 
 #[cfg(test)]
 mod tests {
+    use std::path::Path;
+
     use super::*;
 
     fn errors(text: &str) -> Vec<String> {
@@ -970,23 +873,5 @@ on_limit = "wait"
         );
         let errs = errors("[[tenant]]\nid = \"t\"\nfoward_tps = 5\n");
         assert!(errs[0].contains("foward_tps"), "{errs:?}");
-    }
-
-    #[test]
-    fn paths_quote_keys_that_are_not_bare() {
-        assert_eq!(
-            render_path(&[
-                Seg::Key("quota"),
-                Seg::Key("device"),
-                Seg::Key("products"),
-                Seg::Key("a.b"),
-                Seg::Key("burst"),
-            ]),
-            "quota.device.products.\"a.b\".burst"
-        );
-        assert_eq!(
-            render_path(&[Seg::Key("tenant"), Seg::Index(3), Seg::Key("id")]),
-            "tenant[3].id"
-        );
     }
 }
