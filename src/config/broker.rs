@@ -1,8 +1,15 @@
 //! `[broker]` and `[source.amqp]`: RabbitMQ (AMQP 0-9-1) as destination and source.
+//!
+//! One file for both because `[source.amqp]` consumes from the `[broker]` and is checked
+//! against it. The password is resolved ([`BrokerConfig::resolved_url`]) only when the broker
+//! is connected, and never logged: [`redact`] is the form to show.
 
 use std::path::PathBuf;
 
 use serde::{Deserialize, Serialize};
+
+use super::Config;
+use super::report::{Reporter, Seg};
 
 /// `[broker]`: the RabbitMQ broker that `to = "amqp"` actions publish to and `[source.amqp]`
 /// consumes from. Absent in the embedded default.
@@ -95,6 +102,22 @@ fn default_true() -> bool {
     true
 }
 
+/// Reports every problem of `[broker]` and `[source.amqp]` into `r`.
+pub(super) fn validate(config: &Config, r: &mut Reporter<'_>) {
+    if let Some(broker) = &config.broker {
+        broker.validate(r);
+    }
+    if let Some(amqp) = &config.source.amqp {
+        amqp.validate(r);
+        if config.broker.is_none() {
+            r.report(
+                &[&[Seg::Key("source"), Seg::Key("amqp")]],
+                "needs a [broker] section with the broker's url".to_owned(),
+            );
+        }
+    }
+}
+
 impl BrokerConfig {
     /// A broker at `url` with every other setting at its default.
     pub fn new(url: impl Into<String>) -> BrokerConfig {
@@ -108,43 +131,38 @@ impl BrokerConfig {
         }
     }
 
-    /// Problems, each as (key path, message).
-    pub fn problems(&self) -> Vec<(&'static [&'static str], String)> {
-        let mut out: Vec<(&'static [&'static str], String)> = Vec::new();
+    fn validate(&self, r: &mut Reporter<'_>) {
+        let at = |key: &'static str| [Seg::Key("broker"), Seg::Key(key)];
         match url::Url::parse(&self.url) {
             Ok(u) if u.scheme() == "amqp" || u.scheme() == "amqps" => {
                 if u.host_str().is_none_or(str::is_empty) {
-                    out.push((&["broker", "url"], "has no host".into()));
+                    r.report(&[&at("url")], "has no host".into());
                 }
             }
-            Ok(u) => out.push((
-                &["broker", "url"],
+            Ok(u) => r.report(
+                &[&at("url")],
                 format!("scheme {:?} is not amqp:// or amqps://", u.scheme()),
-            )),
-            Err(e) => out.push((&["broker", "url"], format!("is not a URL: {e}"))),
+            ),
+            Err(e) => r.report(&[&at("url")], format!("is not a URL: {e}")),
         }
         if self.password_env.is_some() && self.password_file.is_some() {
-            out.push((
-                &["broker", "password_file"],
+            r.report(
+                &[&at("password_file")],
                 "give password_env or password_file, not both".into(),
-            ));
+            );
         }
         if !(1..=65_535).contains(&self.confirm_window) {
-            out.push((&["broker", "confirm_window"], "must be 1..=65535".into()));
+            r.report(&[&at("confirm_window")], "must be 1..=65535".into());
         }
         if !(10..=60_000).contains(&self.reconnect_max_delay_ms) {
-            out.push((
-                &["broker", "reconnect_max_delay_ms"],
+            r.report(
+                &[&at("reconnect_max_delay_ms")],
                 "must be 10..=60000".into(),
-            ));
+            );
         }
         if !(100..=600_000).contains(&self.confirm_timeout_ms) {
-            out.push((
-                &["broker", "confirm_timeout_ms"],
-                "must be 100..=600000".into(),
-            ));
+            r.report(&[&at("confirm_timeout_ms")], "must be 100..=600000".into());
         }
-        out
     }
 
     /// The URL with the password from `password_env` / `password_file` filled in.
@@ -184,21 +202,17 @@ pub fn redact(url: &str) -> String {
 }
 
 impl AmqpSourceConfig {
-    pub fn problems(&self) -> Vec<(&'static [&'static str], String)> {
-        let mut out: Vec<(&'static [&'static str], String)> = Vec::new();
-        if self.queue.trim().is_empty() {
-            out.push((&["source", "amqp", "queue"], "must not be empty".into()));
-        }
-        if self.prefetch == 0 {
-            out.push((&["source", "amqp", "prefetch"], "must be at least 1".into()));
-        }
-        out
+    fn validate(&self, r: &mut Reporter<'_>) {
+        let at = |key: &'static str| [Seg::Key("source"), Seg::Key("amqp"), Seg::Key(key)];
+        r.if_empty(&at("queue"), self.queue.trim().is_empty());
+        r.at_least_one(&at("prefetch"), usize::from(self.prefetch));
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::config::report::messages;
 
     fn broker(url: &str) -> BrokerConfig {
         BrokerConfig::new(url)
@@ -219,12 +233,9 @@ mod tests {
 
     #[test]
     fn bad_urls_are_reported() {
-        assert_eq!(broker("http://x").problems().len(), 1);
-        assert_eq!(broker("nope").problems().len(), 1);
-        assert!(
-            broker("amqp://guest:guest@127.0.0.1:5672/%2f")
-                .problems()
-                .is_empty()
-        );
+        let problems = |url: &str| messages(|r| broker(url).validate(r));
+        assert_eq!(problems("http://x").len(), 1);
+        assert_eq!(problems("nope").len(), 1);
+        assert!(problems("amqp://guest:guest@127.0.0.1:5672/%2f").is_empty());
     }
 }

@@ -10,6 +10,8 @@ use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Deserializer, Serialize, Serializer};
 
+use super::report::{Reporter, Seg};
+
 /// `[store]`: the embedded record store.
 #[derive(Clone, Debug, PartialEq, Eq, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, default, expecting = "a table")]
@@ -79,82 +81,62 @@ impl StoreConfig {
         }
     }
 
-    /// Semantic checks. Returns every problem as (keys under `store`, message): the first key
-    /// is the one the message is about, the others are where the file may have set the value
-    /// that makes it wrong. The caller prefixes `store.` and adds the position in the file.
-    pub fn problems(&self) -> Vec<(&'static [&'static str], String)> {
-        let mut problems: Vec<(&'static [&'static str], String)> = Vec::new();
+    /// Reports every problem of `[store]` into `r`.
+    pub(super) fn validate(&self, r: &mut Reporter<'_>) {
+        let at = |key: &'static str| [Seg::Key("store"), Seg::Key(key)];
         if let Some(path) = &self.path
             && path.as_os_str().is_empty()
         {
-            problems.push((
-                &["path"],
+            r.report(
+                &[&at("path")],
                 "must not be empty (leave it out for <data.dir>/outcomes.db)".to_owned(),
-            ));
+            );
         }
-        if !(1..=3650).contains(&self.retention_days) {
-            problems.push((
-                &["retention_days"],
-                format!(
-                    "{} is out of range (expected 1..=3650 days)",
-                    self.retention_days
-                ),
-            ));
-        }
-        if !(1..=100_000).contains(&self.batch_max_records) {
-            problems.push((
-                &["batch_max_records"],
-                format!(
-                    "{} is out of range (expected 1..=100000)",
-                    self.batch_max_records
-                ),
-            ));
-        }
-        if self.commit_interval_ms > 5000 {
-            problems.push((
-                &["commit_interval_ms"],
-                format!(
-                    "{} is out of range (expected 0..=5000 ms)",
-                    self.commit_interval_ms
-                ),
-            ));
-        }
-        if !(1..=1024).contains(&self.checkpoint_mib) {
-            problems.push((
-                &["checkpoint_mib"],
-                format!(
-                    "{} is out of range (expected 1..=1024 MiB)",
-                    self.checkpoint_mib
-                ),
-            ));
-        }
+        r.in_range(
+            &at("retention_days"),
+            self.retention_days,
+            1..=3650,
+            " days",
+        );
+        r.in_range(
+            &at("batch_max_records"),
+            self.batch_max_records,
+            1..=100_000,
+            "",
+        );
+        r.in_range(
+            &at("commit_interval_ms"),
+            self.commit_interval_ms,
+            0..=5000,
+            " ms",
+        );
+        r.in_range(&at("checkpoint_mib"), self.checkpoint_mib, 1..=1024, " MiB");
         if self.queue_capacity > 10_000_000 {
-            problems.push((
-                &["queue_capacity"],
+            r.report(
+                &[&at("queue_capacity")],
                 format!(
                     "{} is out of range (expected at most 10000000)",
                     self.queue_capacity
                 ),
-            ));
+            );
         } else if self.queue_capacity < self.batch_max_records.max(1) {
-            problems.push((
-                &["queue_capacity", "batch_max_records"],
+            r.report(
+                &[&at("queue_capacity"), &at("batch_max_records")],
                 format!(
                     "{} is smaller than store.batch_max_records ({}); the queue must hold at \
                      least one full batch",
                     self.queue_capacity, self.batch_max_records
                 ),
-            ));
+            );
         }
         if let JsonlTarget::File(path) = &self.jsonl
             && path.as_os_str().is_empty()
         {
-            problems.push((
-                &["jsonl"],
+            r.report(
+                &[&at("jsonl")],
                 "must be \"none\", \"stdout\" or a file path, not empty".to_owned(),
-            ));
+            );
         }
-        problems
     }
 }
 
@@ -217,6 +199,7 @@ impl<'de> Deserialize<'de> for JsonlTarget {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::config::report::messages;
 
     #[test]
     fn defaults() {
@@ -228,7 +211,7 @@ mod tests {
             c.resolved_path(Path::new("data")),
             PathBuf::from("data/outcomes.db")
         );
-        assert!(c.problems().is_empty());
+        assert!(messages(|r| c.validate(r)).is_empty());
     }
 
     #[test]
@@ -265,17 +248,21 @@ mod tests {
             queue_capacity: 0,
             jsonl: JsonlTarget::File(PathBuf::new()),
         };
-        let keys: Vec<&str> = c.problems().iter().map(|(k, _)| k[0]).collect();
+        let problems = messages(|r| c.validate(r));
+        let keys: Vec<&str> = problems
+            .iter()
+            .map(|m| m.split(':').next().unwrap())
+            .collect();
         assert_eq!(
             keys,
             [
-                "path",
-                "retention_days",
-                "batch_max_records",
-                "commit_interval_ms",
-                "checkpoint_mib",
-                "queue_capacity",
-                "jsonl"
+                "store.path",
+                "store.retention_days",
+                "store.batch_max_records",
+                "store.commit_interval_ms",
+                "store.checkpoint_mib",
+                "store.queue_capacity",
+                "store.jsonl"
             ]
         );
         let c = StoreConfig {
@@ -283,12 +270,8 @@ mod tests {
             queue_capacity: 1000,
             ..StoreConfig::default()
         };
-        let problems = c.problems();
+        let problems = messages(|r| c.validate(r));
         assert_eq!(problems.len(), 1);
-        assert!(
-            problems[0]
-                .1
-                .contains("smaller than store.batch_max_records")
-        );
+        assert!(problems[0].contains("smaller than store.batch_max_records"));
     }
 }

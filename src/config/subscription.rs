@@ -1,15 +1,18 @@
 //! `[subscription]` and `[[group]]`: the AMQP 1.0 endpoint iotfwd hosts and the consumer
 //! groups that business servers consume from (the platform's server-side subscription).
+//!
+//! One file for both because a group is only reachable through the endpoint, and both are
+//! checked together. A group's AccessKey secret is read from its env variable or file only
+//! when asked for ([`GroupConfig::secret`]), never at load, so `iotfwd check` needs no secret.
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
-use toml::de::DeTable;
 
-use super::quota::{Reporter, Seg};
-use super::{Config, ConfigError};
+use super::Config;
+use super::report::{Reporter, Seg};
 
 /// `[subscription]`: the AMQP 1.0 endpoint.
 #[derive(Clone, Debug, PartialEq, Deserialize, Serialize)]
@@ -206,19 +209,8 @@ fn create_secret_file(file: &Path) -> std::io::Result<String> {
     }
 }
 
-/// Problems in `[subscription]` and `[[group]]`, each placed at its key.
-pub(super) fn validate(
-    config: &Config,
-    doc: Option<&DeTable<'_>>,
-    text: Option<&str>,
-    file: Option<&Path>,
-) -> Vec<ConfigError> {
-    let mut r = Reporter {
-        doc,
-        text,
-        file,
-        errors: Vec::new(),
-    };
+/// Reports every problem of `[subscription]` and `[[group]]` into `r`, each at its key.
+pub(super) fn validate(config: &Config, r: &mut Reporter<'_>) {
     let s = &config.subscription;
     let key = |k: &'static str| [Seg::Key("subscription"), Seg::Key(k)];
     if s.listen.parse::<std::net::SocketAddr>().is_err() {
@@ -230,26 +222,19 @@ pub(super) fn validate(
             ),
         );
     }
-    if s.max_connections == 0 {
-        r.report(&[&key("max_connections")], "must be at least 1".into());
-    }
-    if !(1_000..=600_000).contains(&s.attach_timeout_ms) {
-        r.report(
-            &[&key("attach_timeout_ms")],
-            format!(
-                "{} is out of range (expected 1000..=600000 milliseconds)",
-                s.attach_timeout_ms
-            ),
-        );
-    }
+    r.at_least_one(&key("max_connections"), s.max_connections);
+    r.in_range(
+        &key("attach_timeout_ms"),
+        s.attach_timeout_ms,
+        1_000..=600_000,
+        " milliseconds",
+    );
     if let Some(tls) = &s.tls {
         for (name, path) in [("cert", &tls.cert), ("key", &tls.key)] {
-            if path.as_os_str().is_empty() {
-                r.report(
-                    &[&[Seg::Key("subscription"), Seg::Key("tls"), Seg::Key(name)]],
-                    "must not be empty".into(),
-                );
-            }
+            r.if_empty(
+                &[Seg::Key("subscription"), Seg::Key("tls"), Seg::Key(name)],
+                path.as_os_str().is_empty(),
+            );
         }
     }
     let mut seen: HashMap<&str, usize> = HashMap::new();
@@ -299,30 +284,20 @@ pub(super) fn validate(
         if g.create_secret && g.secret_file.is_none() {
             r.report(&[&at("create_secret")], "needs secret_file".into());
         }
-        if g.max_connections == 0 {
-            r.report(&[&at("max_connections")], "must be at least 1".into());
-        }
-        if !(1_000..=3_600_000).contains(&g.ack_timeout_ms) {
-            r.report(
-                &[&at("ack_timeout_ms")],
-                format!(
-                    "{} is out of range (expected 1000..=3600000 milliseconds)",
-                    g.ack_timeout_ms
-                ),
-            );
-        }
-        if !(1..=30 * 86_400).contains(&g.retention_s) {
-            r.report(
-                &[&at("retention_s")],
-                format!(
-                    "{} is out of range (expected 1..=2592000 seconds, 30 days)",
-                    g.retention_s
-                ),
-            );
-        }
-        if g.max_backlog == 0 {
-            r.report(&[&at("max_backlog")], "must be at least 1".into());
-        }
+        r.at_least_one(&at("max_connections"), g.max_connections);
+        r.in_range(
+            &at("ack_timeout_ms"),
+            g.ack_timeout_ms,
+            1_000..=3_600_000,
+            " milliseconds",
+        );
+        r.in_range(
+            &at("retention_s"),
+            g.retention_s,
+            1..=30 * 86_400,
+            " seconds, 30 days",
+        );
+        r.at_least_one(&at("max_backlog"), g.max_backlog);
         if !(1..=65_536).contains(&g.window) {
             r.report(&[&at("window")], "must be 1..=65536".into());
         }
@@ -333,7 +308,6 @@ pub(super) fn validate(
             );
         }
     }
-    r.errors
 }
 
 #[cfg(test)]
