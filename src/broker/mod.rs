@@ -213,8 +213,34 @@ impl Broker {
         }
     }
 
-    async fn channel_for(&self, exchange: &str) -> Result<Arc<PublishChannel>, Failure> {
-        let conn = self.connection()?;
+    /// The live connection, waiting for one (until `deadline`) while there is none: a
+    /// publish during a reconnect goes out as soon as the broker is back. Waiting watches
+    /// the connection's state; it takes no lock a connection attempt holds.
+    async fn wait_connected(
+        &self,
+        deadline: tokio::time::Instant,
+    ) -> Result<Arc<Connection>, Failure> {
+        if let Some(c) = self.live() {
+            return Ok(c);
+        }
+        let mut current = self.current.subscribe();
+        let live = |c: &Option<Arc<Connection>>| c.as_ref().is_some_and(|c| c.status().connected());
+        match tokio::time::timeout_at(deadline, current.wait_for(live)).await {
+            Ok(Ok(c)) => Ok(Arc::clone(c.as_ref().expect("live"))),
+            _ => Err(Failure::unreachable(format!(
+                "not connected to the broker {} within {} ms (broker.confirm_timeout_ms); reconnecting",
+                self.redacted,
+                self.confirm_timeout.as_millis()
+            ))),
+        }
+    }
+
+    async fn channel_for(
+        &self,
+        exchange: &str,
+        deadline: tokio::time::Instant,
+    ) -> Result<Arc<PublishChannel>, Failure> {
+        let conn = self.wait_connected(deadline).await?;
         let mut channels = self.channels.lock().await;
         if let Some(c) = channels.get(exchange)
             && c.channel.status().connected()
@@ -228,7 +254,7 @@ impl Broker {
                 .await?;
             Ok::<_, lapin::Error>(channel)
         };
-        let channel = match tokio::time::timeout(self.confirm_timeout, open).await {
+        let channel = match tokio::time::timeout_at(deadline, open).await {
             Ok(Ok(c)) => c,
             Ok(Err(e)) => return Err(classify(&e)),
             Err(_) => {
@@ -263,7 +289,7 @@ impl Broker {
     ) -> Result<(), Failure> {
         let deadline = tokio::time::Instant::now() + self.confirm_timeout;
         self.wait_unblocked(deadline).await?;
-        let pc = self.channel_for(exchange).await?;
+        let pc = self.channel_for(exchange, deadline).await?;
         let _slot = tokio::time::timeout_at(deadline, pc.window.acquire())
             .await
             .map_err(|_| self.timed_out("a slot of the confirm window", exchange))?
