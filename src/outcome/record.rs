@@ -361,6 +361,14 @@ impl Record {
         self
     }
 
+    /// The same record at another time. The data path records each step when it happens;
+    /// this is for records that stand for steps of the past (a benchmark's fill, a test's
+    /// history), whose code the constructor still decides.
+    pub fn with_time_ms(mut self, time_ms: i64) -> Record {
+        self.time_ms = time_ms;
+        self
+    }
+
     /// `time` as RFC 3339 with milliseconds, UTC.
     pub fn time_rfc3339(&self) -> String {
         format_time_ms(self.time_ms)
