@@ -17,15 +17,12 @@
 
 use std::path::PathBuf;
 use std::process::ExitCode;
-use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use crate::engine::Engine;
 use crate::message::{Identity, Message};
 use crate::outcome::query::{LogParams, LogQuery};
 use crate::outcome::store::{Reader, Store, StoreOptions};
 use crate::outcome::{Failure, GroupOutcome, Record};
-use crate::rules::{Compiler, RuleSet};
 
 const DEVICES: u64 = 1000;
 const PRODUCTS: u64 = 10;
@@ -178,16 +175,7 @@ fn messages_for(records: u64) -> u64 {
 
 /// The engine's msg/s on the `bench engine` workload (10 rules), a short run.
 fn engine_rate() -> f64 {
-    let compiler = Arc::new(Compiler::new(32));
-    let rules: Vec<_> = super::rule_texts(10)
-        .into_iter()
-        .map(|(name, text)| {
-            compiler
-                .compile_text(&name, std::path::Path::new(&name), &text)
-                .expect("benchmark rules compile")
-        })
-        .collect();
-    let engine = Engine::new(Arc::clone(&compiler), Arc::new(RuleSet::new(rules)));
+    let engine = super::bench_engine(10);
     let messages = super::property_posts(100_000);
     for chunk in messages.chunks(512).take(4) {
         std::hint::black_box(engine.evaluate(chunk));
