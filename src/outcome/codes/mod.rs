@@ -14,7 +14,7 @@
 //! - 200 is logged under every service type. Its [`CodeInfo::biz_code`] is
 //!   [`BizCode::Uplink`] (the first step of a message); [`CodeInfo::biz_codes`] lists all of
 //!   them, and the renderers print "any".
-//! - A compile-time check keeps [`Code::ALL`] and [`catalog`] in step: same length, same
+//! - A compile-time check keeps [`Code::ALL`] and [`catalog()`] in step: same length, same
 //!   order, strictly ascending codes.
 //!
 //! The catalog's text lives in `catalog.rs`; this file holds the types and the renderers.
@@ -124,7 +124,7 @@ pub enum Code {
 }
 
 impl Code {
-    /// Every code, ascending by number (the same order as [`catalog`]).
+    /// Every code, ascending by number (the same order as [`catalog()`]).
     pub const ALL: &'static [Code] = &[
         Code::Ok,
         Code::TopicInvalid,

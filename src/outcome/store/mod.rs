@@ -1,5 +1,5 @@
 //! The embedded record store: every outcome record in one SQLite file (WAL mode), queryable
-//! with [`LogQuery`] by `iotfwd logs` and `GET /api/v1/logs`.
+//! with [`LogQuery`](super::query::LogQuery) by `iotfwd logs` and `GET /api/v1/logs`.
 //!
 //! Why SQLite: it is one file beside the daemon that survives restarts, has the B-tree indexes
 //! the console's queries need (messageId, traceId, (deviceName, time), (productKey, time),
