@@ -5,10 +5,11 @@
 //!    target is 3 records per message at that rate.
 //! 2. Fill: N records of realistic shape through the real write path (bounded channel, drain
 //!    task, writer thread, one transaction per batch), timed from the first send until the last
-//!    record is committed. Per message: its uplink (the payload as content), two ruleengine
-//!    records (one rule without actions, one `to = "amqp"` action, 10% of them 9325 with the
-//!    reason), and a ServerSubscribe delivery for every fourth message: 3.25 records per message
-//!    from 1000 devices of 10 products, spread over the last 24 hours.
+//!    record is committed. The records come from the daemon's own constructors, for messages
+//!    that name their ids and time as an envelope does. Per message: its uplink (the payload as
+//!    content), two ruleengine records (one rule without actions, one `to = "amqp"` action, 10%
+//!    of them 9325 with the reason), and a ServerSubscribe delivery for every fourth message:
+//!    3.25 records per message from 1000 devices of 10 products, spread over the last 24 hours.
 //! 3. The console's lookups on the filled store, through the same reader `iotfwd logs` uses:
 //!    by messageId, by traceId, by device over the last hour, and `logs trace`; 25 random
 //!    lookups each, median and slowest.
@@ -16,14 +17,12 @@
 
 use std::path::PathBuf;
 use std::process::ExitCode;
-use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use crate::engine::Engine;
+use crate::message::{Identity, Message};
 use crate::outcome::query::{LogParams, LogQuery};
 use crate::outcome::store::{Reader, Store, StoreOptions};
-use crate::outcome::{BizCode, Code, Record};
-use crate::rules::{Compiler, RuleSet};
+use crate::outcome::{Failure, GroupOutcome, Record};
 
 const DEVICES: u64 = 1000;
 const PRODUCTS: u64 = 10;
@@ -80,73 +79,90 @@ impl Msg {
         format!("pk{:02}a7Hx", self.device % PRODUCTS)
     }
 
-    /// This message's records, in the order the daemon writes them.
-    fn records(&self) -> Vec<Record> {
+    /// The message's temperature and humidity.
+    fn reading(&self) -> (f64, u64) {
         let r = mix(self.i ^ 0xFEED);
-        let device = self.device_name();
-        let product = self.product_key();
-        let temperature = 15.0 + (r % 300) as f64 / 10.0;
+        (15.0 + (r % 300) as f64 / 10.0, 30 + (r >> 12) % 60)
+    }
+
+    /// The message as a source takes it in: the envelope names its ids, time, tenant and
+    /// instance, so the records of message `i` can be found again by regenerating them.
+    fn message(&self) -> Message {
+        let (temperature, humidity) = self.reading();
         let payload = format!(
-            r#"{{"id":"{}","version":"1.0","items":{{"temperature":{{"value":{temperature:.1},"time":{}}},"humidity":{{"value":{},"time":{}}}}},"method":"thing.event.property.post"}}"#,
-            self.i,
-            self.time_ms,
-            30 + (r >> 12) % 60,
-            self.time_ms
+            r#"{{"id":"{}","version":"1.0","items":{{"temperature":{{"value":{temperature:.1},"time":{}}},"humidity":{{"value":{humidity},"time":{}}}}},"method":"thing.event.property.post"}}"#,
+            self.i, self.time_ms, self.time_ms
         );
+        Message::new(
+            format!(
+                "/{}/{}/thing/event/property/post",
+                self.product_key(),
+                self.device_name()
+            ),
+            payload.into_bytes().into(),
+            Identity {
+                message_id: Some(self.message_id()),
+                trace_id: Some(self.trace_id()),
+                timestamp_ms: Some(self.time_ms),
+                tenant_id: Some("tenant-1".into()),
+                instance_id: Some("iot-instance-1".into()),
+                ..Identity::default()
+            },
+        )
+        .expect("generated topics are valid")
+    }
+
+    /// This message's records, in the order the daemon writes them, built by the daemon's own
+    /// record constructors and dated at the message's time.
+    fn records(&self) -> Vec<Record> {
+        let message = self.message();
+        let (temperature, humidity) = self.reading();
+        let product = self.device % PRODUCTS;
         let output = format!(
-            r#"{{"device":"{device}","temperature":{temperature:.1},"humidity":{},"ts":{}}}"#,
-            30 + (r >> 12) % 60,
+            r#"{{"device":"{}","temperature":{temperature:.1},"humidity":{humidity},"ts":{}}}"#,
+            self.device_name(),
             self.time_ms
         );
-        let base = Record {
-            time_ms: self.time_ms,
-            trace_id: self.trace_id(),
-            message_id: self.message_id(),
-            product_key: product.clone(),
-            device_name: device.clone(),
-            biz_code: BizCode::Uplink,
-            operation: format!("/{product}/{device}/thing/event/property/post"),
-            code: Code::Ok,
-            reason: String::new(),
-            content: payload,
-            tenant_id: "tenant-1".into(),
-            instance_id: "iot-instance-1".into(),
+        let overheat = format!("overheat_{product}");
+        // One forward in ten finds the broker down, after the action's three attempts.
+        let (forwarded, attempts) = if mix(self.i ^ 0xFEED).is_multiple_of(10) {
+            let failure = Failure::unreachable(
+                "cannot connect to amqp://127.0.0.1:5672: connection refused (os error 111) \
+                 (after 3 attempts)",
+            );
+            (Err(failure), 3)
+        } else {
+            (Ok(()), 1)
         };
         let mut out = Vec::with_capacity(4);
-        out.push(base.clone());
-        out.push(Record {
-            time_ms: self.time_ms + 1,
-            biz_code: BizCode::RuleEngine,
-            operation: format!("archive_{}", self.device % PRODUCTS),
-            content: output.clone(),
-            ..base.clone()
-        });
-        let failed = r.is_multiple_of(10);
-        out.push(Record {
-            time_ms: self.time_ms + 2,
-            biz_code: BizCode::RuleEngine,
-            operation: format!("overheat_{}/amqp:alerts", self.device % PRODUCTS),
-            code: if failed {
-                Code::DestinationUnavailable
-            } else {
-                Code::Ok
-            },
-            reason: if failed {
-                "destination unreachable after 3 attempts: connection refused (os error 111)".into()
-            } else {
-                String::new()
-            },
-            content: output,
-            ..base.clone()
-        });
+        out.push(Record::uplink(&message).with_time_ms(self.time_ms));
+        out.push(
+            Record::rule_output(&message, &format!("archive_{product}"), output.clone())
+                .with_time_ms(self.time_ms + 1),
+        );
+        out.push(
+            Record::action(
+                &message,
+                &overheat,
+                "amqp:alerts",
+                &forwarded,
+                format!(r#"{{"attempts":{attempts},"output":{output}}}"#),
+            )
+            .with_time_ms(self.time_ms + 2),
+        );
         if self.i.is_multiple_of(4) {
-            out.push(Record {
-                time_ms: self.time_ms + 3,
-                biz_code: BizCode::ServerSubscribe,
-                operation: "group:ops-dashboard".into(),
-                content: "delivered on attempt 1, accepted".into(),
-                ..base
-            });
+            out.push(
+                Record::group(
+                    &message,
+                    "ops-dashboard",
+                    "tenant-1",
+                    GroupOutcome::Accepted,
+                    "dashboard-1",
+                    &overheat,
+                    output.as_bytes(),
+                )
+                .with_time_ms(self.time_ms + 3),
+            );
         }
         out
     }
@@ -159,16 +175,7 @@ fn messages_for(records: u64) -> u64 {
 
 /// The engine's msg/s on the `bench engine` workload (10 rules), a short run.
 fn engine_rate() -> f64 {
-    let compiler = Arc::new(Compiler::new(32));
-    let rules: Vec<_> = super::rule_texts(10)
-        .into_iter()
-        .map(|(name, text)| {
-            compiler
-                .compile_text(&name, std::path::Path::new(&name), &text)
-                .expect("benchmark rules compile")
-        })
-        .collect();
-    let engine = Engine::new(Arc::clone(&compiler), Arc::new(RuleSet::new(rules)));
+    let engine = super::bench_engine(10);
     let messages = super::property_posts(100_000);
     for chunk in messages.chunks(512).take(4) {
         std::hint::black_box(engine.evaluate(chunk));

@@ -117,8 +117,8 @@ pub fn payload_excerpt(payload: &[u8]) -> String {
 /// The records of each step. Every record of the data path is built by one of these, so each
 /// status code is decided in one place: here, or in [`Failure`]'s constructors.
 impl Record {
-    fn about(
-        subject: &impl Subject,
+    /// This step's record, now, about no one yet: every id empty.
+    fn step(
         biz_code: BizCode,
         operation: String,
         code: Code,
@@ -127,32 +127,7 @@ impl Record {
     ) -> Record {
         Record {
             time_ms: now_ms(),
-            trace_id: subject.trace_id().to_owned(),
-            message_id: subject.message_id().to_owned(),
-            product_key: subject.product_key().to_owned(),
-            device_name: subject.device_name().to_owned(),
-            biz_code,
-            operation,
-            code,
-            reason,
-            content,
-            tenant_id: subject.tenant_id().to_owned(),
-            instance_id: subject.instance_id().to_owned(),
-        }
-    }
-
-    /// A record about no message (a refused connection, a rule file): a fresh trace id, so
-    /// it can still be looked up on its own.
-    fn unattached(
-        biz_code: BizCode,
-        operation: String,
-        code: Code,
-        reason: String,
-        content: String,
-    ) -> Record {
-        Record {
-            time_ms: now_ms(),
-            trace_id: new_trace_id(),
+            trace_id: String::new(),
             message_id: String::new(),
             product_key: String::new(),
             device_name: String::new(),
@@ -166,29 +141,52 @@ impl Record {
         }
     }
 
+    /// This step's record about `subject`: its ids, tenant and instance.
+    fn about(self, subject: &impl Subject) -> Record {
+        Record {
+            trace_id: subject.trace_id().to_owned(),
+            message_id: subject.message_id().to_owned(),
+            product_key: subject.product_key().to_owned(),
+            device_name: subject.device_name().to_owned(),
+            tenant_id: subject.tenant_id().to_owned(),
+            instance_id: subject.instance_id().to_owned(),
+            ..self
+        }
+    }
+
+    /// A record about no message (a refused connection, a rule file): a fresh trace id, so
+    /// it can still be looked up on its own.
+    fn unattached(self) -> Record {
+        Record {
+            trace_id: new_trace_id(),
+            ..self
+        }
+    }
+
     /// `uplink` 200: a source accepted the message. Operation: its topic; content: the start
     /// of its payload.
     pub fn uplink(message: &Message) -> Record {
-        Record::about(
-            message,
+        Record::step(
             BizCode::Uplink,
             message.topic.clone(),
             Code::Ok,
             String::new(),
             payload_excerpt(&message.payload),
         )
+        .about(message)
     }
 
     /// `uplink` with the failure's code (1903, 9321): a source could not accept a message. It
     /// gets fresh ids, since it never became a message.
     pub fn rejected(topic: &str, payload: &[u8], failure: &Failure) -> Record {
-        let mut record = Record::unattached(
+        let mut record = Record::step(
             BizCode::Uplink,
             topic.to_owned(),
             failure.code(),
             failure.reason().to_owned(),
             payload_excerpt(payload),
-        );
+        )
+        .unattached();
         record.message_id = new_message_id();
         record
     }
@@ -196,26 +194,26 @@ impl Record {
     /// `ruleengine` with the failure's code (9307, 9320, 9399): evaluating `rule` failed for
     /// this message.
     pub fn rule_failed(message: &Message, rule: &str, failure: &Failure) -> Record {
-        Record::about(
-            message,
+        Record::step(
             BizCode::RuleEngine,
             rule.to_owned(),
             failure.code(),
             failure.reason().to_owned(),
             payload_excerpt(&message.payload),
         )
+        .about(message)
     }
 
     /// `ruleengine` 200 for a rule with no action: its output is the result.
     pub fn rule_output(message: &Message, rule: &str, output_json: String) -> Record {
-        Record::about(
-            message,
+        Record::step(
             BizCode::RuleEngine,
             rule.to_owned(),
             Code::Ok,
             String::new(),
             output_json,
         )
+        .about(message)
     }
 
     /// `ruleengine`: the terminal outcome of one action (operation `rule/destination`), 200 or
@@ -231,14 +229,14 @@ impl Record {
             Ok(()) => (Code::Ok, String::new()),
             Err(f) => (f.code(), f.reason().to_owned()),
         };
-        Record::about(
-            subject,
+        Record::step(
             BizCode::RuleEngine,
             format!("{rule}/{destination}"),
             code,
             reason,
             content,
         )
+        .about(subject)
     }
 
     /// `ruleengine` with the failure's code (9307): a rule file that does not load. Operation:
@@ -254,13 +252,14 @@ impl Record {
         if previous_running {
             reason.push_str(" (the previous version of the rule keeps running)");
         }
-        let mut record = Record::unattached(
+        let mut record = Record::step(
             BizCode::RuleEngine,
             if rule.is_empty() { file } else { rule }.to_owned(),
             failure.code(),
             reason,
             file.to_owned(),
-        );
+        )
+        .unattached();
         record.message_id = new_message_id();
         record.time_ms = time_ms;
         record
@@ -320,14 +319,14 @@ impl Record {
         } else {
             serde_json::json!({ "client": client, "rule": rule }).to_string()
         };
-        let mut record = Record::about(
-            subject,
+        let mut record = Record::step(
             BizCode::ServerSubscribe,
             group.to_owned(),
             code,
             reason,
             content,
-        );
+        )
+        .about(subject);
         if record.tenant_id.is_empty() {
             tenant.clone_into(&mut record.tenant_id);
         }
@@ -344,13 +343,14 @@ impl Record {
         event: ConnectionEvent,
         reason: String,
     ) -> Record {
-        let mut record = Record::unattached(
+        let mut record = Record::step(
             BizCode::ServerSubscribe,
             group.to_owned(),
             event.code(),
             reason,
             serde_json::json!({ "client": client, "peer": peer }).to_string(),
-        );
+        )
+        .unattached();
         tenant.clone_into(&mut record.tenant_id);
         record
     }
@@ -358,6 +358,14 @@ impl Record {
     /// The same record with another reason; the code stays as its constructor decided.
     pub fn with_reason(mut self, reason: String) -> Record {
         self.reason = reason;
+        self
+    }
+
+    /// The same record at another time. The data path records each step when it happens;
+    /// this is for records that stand for steps of the past (a benchmark's fill, a test's
+    /// history), whose code the constructor still decides.
+    pub fn with_time_ms(mut self, time_ms: i64) -> Record {
+        self.time_ms = time_ms;
         self
     }
 

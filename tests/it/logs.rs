@@ -7,9 +7,10 @@ use std::time::Duration;
 
 use iotfwd::config::Config;
 use iotfwd::config::store::JsonlTarget;
+use iotfwd::message::{Identity, Message};
 use iotfwd::outcome::query::{LogParams, LogQuery, Status};
 use iotfwd::outcome::store::{Reader, Store, StoreOptions};
-use iotfwd::outcome::{BizCode, Code, Record};
+use iotfwd::outcome::{Code, Failure, GroupOutcome, Record};
 use serde_json::{Value, json};
 use tokio::sync::oneshot;
 
@@ -22,33 +23,20 @@ fn now_ms() -> i64 {
     iotfwd::message::now_ms()
 }
 
-#[allow(clippy::too_many_arguments)]
-fn rec(
-    time_ms: i64,
-    message: &str,
-    trace: &str,
-    product: &str,
-    device: &str,
-    biz: BizCode,
-    operation: &str,
-    code: Code,
-    reason: &str,
-    content: &str,
-) -> Record {
-    Record {
-        time_ms,
-        trace_id: trace.into(),
-        message_id: message.into(),
-        product_key: product.into(),
-        device_name: device.into(),
-        biz_code: biz,
-        operation: operation.into(),
-        code,
-        reason: reason.into(),
-        content: content.into(),
-        tenant_id: String::new(),
-        instance_id: String::new(),
-    }
+/// A message as a source takes it in, with the ids an envelope names; product and device come
+/// from the topic. Records about it come from the daemon's own constructors, so the data here
+/// has the shapes the daemon writes.
+fn message(message_id: &str, trace_id: &str, topic: &str, payload: &str) -> Message {
+    Message::new(
+        topic.to_owned(),
+        payload.as_bytes().to_vec().into(),
+        Identity {
+            message_id: Some(message_id.to_owned()),
+            trace_id: Some(trace_id.to_owned()),
+            ..Identity::default()
+        },
+    )
+    .unwrap()
 }
 
 async fn write_all(store: &Store, records: &[Record]) {
@@ -210,66 +198,41 @@ fn dataset(now: i64) -> Vec<Record> {
     let mut out = Vec::new();
     for m in 0..60 {
         let t = now - 240_000 + (m / 2) * 8_000;
-        let (message, trace) = (format!("m{m}"), format!("t{m}"));
+        let (id, trace) = (format!("m{m}"), format!("t{m}"));
         let device = format!("d{}", m % 5);
         let product = format!("p{}", m % 3);
         let topic = format!("/{product}/{device}/post");
-        let r = |dt: i64, biz, op: &str, code, reason: &str, content: &str| {
-            rec(
-                t + dt,
-                &message,
-                &trace,
-                &product,
-                &device,
-                biz,
-                op,
-                code,
-                reason,
-                content,
+        let msg = message(&id, &trace, &topic, &format!("{{\"t\":{m}}}"));
+        out.push(Record::uplink(&msg).with_time_ms(t));
+        out.push(
+            Record::rule_output(
+                &msg,
+                "archive",
+                format!("{{\"device\":\"{device}\",\"seq\":{m}}}"),
             )
+            .with_time_ms(t + 1),
+        );
+        let forwarded = match m % 4 {
+            0 => Err(Failure::unreachable("connection refused")),
+            1 => Err(Failure::throttled("device over 10 msg/s")),
+            _ => Ok(()),
         };
-        out.push(r(
-            0,
-            BizCode::Uplink,
-            &topic,
-            Code::Ok,
-            "",
-            &format!("{{\"t\":{m}}}"),
-        ));
-        out.push(r(
-            1,
-            BizCode::RuleEngine,
-            "archive",
-            Code::Ok,
-            "",
-            &format!("{{\"device\":\"{device}\",\"seq\":{m}}}"),
-        ));
-        let (code, reason) = match m % 4 {
-            0 => (Code::DestinationUnavailable, "connection refused"),
-            1 => (Code::Throttled, "device over 10 msg/s"),
-            _ => (Code::Ok, ""),
-        };
-        out.push(r(
-            1,
-            BizCode::RuleEngine,
-            "alert/amqp:alerts",
-            code,
-            reason,
-            "{}",
-        ));
-        let (code, reason) = if m % 6 == 0 {
-            (Code::AckTimeout, "no disposition within 30 s")
+        out.push(
+            Record::action(&msg, "alert", "amqp:alerts", &forwarded, "{}".into())
+                .with_time_ms(t + 1),
+        );
+        let delivered = if m % 6 == 0 {
+            GroupOutcome::AckTimeout {
+                ack_timeout_ms: 30_000,
+                attempt: 1,
+            }
         } else {
-            (Code::Ok, "")
+            GroupOutcome::Accepted
         };
-        out.push(r(
-            2,
-            BizCode::ServerSubscribe,
-            "group:ops",
-            code,
-            reason,
-            "attempt 1",
-        ));
+        out.push(
+            Record::group(&msg, "ops", "", delivered, "consumer-1", "alert", b"{}")
+                .with_time_ms(t + 2),
+        );
     }
     out
 }
@@ -383,40 +346,21 @@ fn special_records(now: i64) -> Vec<Record> {
         .enumerate()
         .map(|(i, c)| {
             let needle = format!("x{c}y");
-            let (op, reason, content) = match i % 3 {
-                0 => (format!("rule{needle}"), String::new(), "none".to_owned()),
-                1 => ("rule".to_owned(), format!("why{needle}"), "none".to_owned()),
-                _ => ("rule".to_owned(), String::new(), format!("body{needle}end")),
+            // The payload is the content of a rule that failed; no record shows the topic.
+            let msg = message(&format!("m{i}"), &format!("t{i}"), "/pk/dev/post", "none");
+            let record = match i % 3 {
+                0 => Record::rule_output(&msg, &format!("rule{needle}"), "none".into()),
+                1 => Record::rule_failed(&msg, "rule", &Failure::sql(format!("why{needle}"))),
+                _ => Record::rule_output(&msg, "rule", format!("body{needle}end")),
             };
-            rec(
-                now - 1000 + i as i64,
-                &format!("m{i}"),
-                &format!("t{i}"),
-                "pk",
-                "dev",
-                BizCode::RuleEngine,
-                &op,
-                if reason.is_empty() {
-                    Code::Ok
-                } else {
-                    Code::DestinationError
-                },
-                &reason,
-                &content,
-            )
+            record.with_time_ms(now - 1000 + i as i64)
         })
-        .chain([rec(
-            now,
-            "decoy",
-            "decoy",
-            "pk",
-            "dev",
-            BizCode::Uplink,
+        .chain([Record::rule_output(
+            &message("decoy", "decoy", "/pk/dev/post", ""),
             "xyxy",
-            Code::Ok,
-            "",
-            "xy",
-        )])
+            "xy".into(),
+        )
+        .with_time_ms(now)])
         .collect()
 }
 
@@ -476,18 +420,14 @@ async fn pagination_is_stable_under_concurrent_inserts() {
     // 500 records, times with ties (five per millisecond).
     let initial: Vec<Record> = (0..500)
         .map(|i| {
-            rec(
-                now - 10_000 + i / 5,
+            let topic = format!("/pk/d{}/post", i % 2);
+            let msg = message(
                 &format!("m{i}"),
                 &format!("t{i}"),
-                "pk",
-                &format!("d{}", i % 2),
-                BizCode::Uplink,
-                "/pk/d/post",
-                Code::Ok,
-                "",
+                &topic,
                 &format!("{{\"i\":{i}}}"),
-            )
+            );
+            Record::uplink(&msg).with_time_ms(now - 10_000 + i / 5)
         })
         .collect();
     write_all(&store, &initial).await;
@@ -513,18 +453,13 @@ async fn pagination_is_stable_under_concurrent_inserts() {
                             1 => now - 20_000 - n,
                             _ => now - 10_000 + (n % 100),
                         };
-                        let r = rec(
-                            time,
+                        let msg = message(
                             &format!("new{n}"),
                             "tnew",
-                            "pk",
-                            &format!("d{}", n % 2),
-                            BizCode::Uplink,
-                            "/pk/d/post",
-                            Code::Ok,
-                            "",
+                            &format!("/pk/d{}/post", n % 2),
                             &format!("{{\"n\":{}}}", n * 10 + 1),
                         );
+                        let r = Record::uplink(&msg).with_time_ms(time);
                         tx.send(r).await.unwrap();
                         n += 1;
                     }
@@ -614,18 +549,7 @@ async fn retention_deletes_old_records_in_the_background() {
     let now = now_ms();
     let day = 86_400_000;
     let r = |age: i64, id: &str| {
-        rec(
-            now - age,
-            id,
-            id,
-            "pk",
-            "dev",
-            BizCode::Uplink,
-            "/pk/dev/x",
-            Code::Ok,
-            "",
-            "{}",
-        )
+        Record::uplink(&message(id, id, "/pk/dev/x", "{}")).with_time_ms(now - age)
     };
     // 12000 expired records (more than one purge chunk), and three to keep.
     let mut records: Vec<Record> = (0..12_000).map(|i| r(8 * day + i, "old")).collect();

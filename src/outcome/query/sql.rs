@@ -1,0 +1,279 @@
+//! The store's side of a log query: a [`LogQuery`] as SQL text and its bound values.
+//!
+//! The SQL text is assembled only from constant fragments ([`LogQuery::to_sql`]); every user
+//! value is a bound parameter. The keyword is a literal,
+//! case-sensitive substring of `operation`, `reason` or `content`, with no wildcard or escape
+//! rules, so `, '";=()[]{}?@&<>/:`, `%`, `_`, tabs and newlines are found as they are. It is
+//! tested by `iotfwd_contains(keyword, operation, reason, content)`, a function the store
+//! registers on its connections: the same result as SQLite's `instr()` on each column, but a
+//! vectorised substring search (memchr's memmem) run once per row instead of three scalar
+//! scans, which is what makes a keyword scan over 10 million records fit in seconds.
+//!
+//! Plans: an exact filter (messageId, traceId, device, product) uses its index, whose entries are
+//! already in time order; an unfiltered or time-range-only query walks the time index; both stop
+//! after one page. A query narrowed only by keyword, status or service type
+//! ([`LogQuery::scans`]) is split by the store at the time of the 65536th newest record in range:
+//! the newer part through the time index (a common keyword fills the page there), the older
+//! part, only if the page is not full yet, in storage order keeping the newest rows
+//! (`ORDER BY +time_ms`), split by id ranges across the cores. Reading rows sequentially is
+//! about four times cheaper than walking the time index and looking each row up, so the worst
+//! case (a keyword that matches nothing) is one sequential pass, shared by the cores.
+
+use rusqlite::types::Value;
+
+use super::{LogQuery, Status};
+use crate::outcome::Code;
+
+/// The columns every query selects, in the order the store reads a row.
+pub(crate) const COLUMNS: &str = "id, time_ms, trace_id, message_id, product_key, device_name, \
+     biz_code, operation, code, reason, content, tenant_id, instance_id";
+
+impl LogQuery {
+    /// The SQL and its bound parameters. The text is built only from constant fragments; every
+    /// value the user gave is a parameter. Selects `limit + 1` rows so the store can tell whether
+    /// a next page exists. This is the index-ordered form; the store splits queries for which
+    /// [`LogQuery::scans`] holds (see the module doc).
+    pub fn to_sql(&self) -> (String, Vec<Value>) {
+        self.to_sql_in(Order::Index, None, None, None, self.limit + 1)
+    }
+
+    /// The id of the oldest record at or after `from_ms` (for estimating how many records a
+    /// time range holds: ids follow time closely).
+    pub(crate) fn first_id_from_sql() -> &'static str {
+        "SELECT id FROM records WHERE time_ms >= ?1 ORDER BY time_ms, id LIMIT 1"
+    }
+
+    /// The query restricted to `at_least <= time_ms < before` and to ids in `ids` (`lo < id <=
+    /// hi`), in `order`, for `rows` rows.
+    pub(crate) fn to_sql_in(
+        &self,
+        order: Order,
+        at_least: Option<i64>,
+        before: Option<i64>,
+        ids: Option<(i64, i64)>,
+        rows: usize,
+    ) -> (String, Vec<Value>) {
+        // In storage order, `+time_ms` keeps SQLite from using the time index for any term.
+        let time = match order {
+            Order::Index => "time_ms",
+            Order::Scan => "+time_ms",
+        };
+        let mut sql = Sql::new(format!("SELECT {COLUMNS} FROM records"));
+        self.conditions(&mut sql, true, time);
+        if let Some(t) = at_least {
+            let p = sql.param(Value::Integer(t));
+            sql.and(&format!("{time} >= {p}"));
+        }
+        if let Some(t) = before {
+            let p = sql.param(Value::Integer(t));
+            sql.and(&format!("{time} < {p}"));
+        }
+        if let Some((lo, hi)) = ids {
+            let lo = sql.param(Value::Integer(lo));
+            let hi = sql.param(Value::Integer(hi));
+            sql.and(&format!("id > {lo} AND id <= {hi}"));
+        }
+        let limit = sql.param(Value::Integer(rows as i64));
+        let id = match order {
+            Order::Index => "id",
+            Order::Scan => "+id",
+        };
+        sql.text
+            .push_str(&format!(" ORDER BY {time} DESC, {id} DESC LIMIT {limit}"));
+        (sql.text, sql.values)
+    }
+
+    /// The time and id of the record `offset` places after the newest one within the query's
+    /// time range and cursor (row filters ignored): where the index-ordered part of a split query
+    /// ends.
+    pub(crate) fn boundary_sql(&self, offset: usize) -> (String, Vec<Value>) {
+        let mut sql = Sql::new("SELECT time_ms, id FROM records".to_owned());
+        self.conditions(&mut sql, false, "time_ms");
+        let p = sql.param(Value::Integer(offset as i64));
+        sql.text.push_str(&format!(
+            " ORDER BY time_ms DESC, id DESC LIMIT 1 OFFSET {p}"
+        ));
+        (sql.text, sql.values)
+    }
+
+    /// The WHERE conditions: the filters (all, or only time range and cursor), with `time` for
+    /// the time column (`time_ms`, or `+time_ms` to keep its index out).
+    fn conditions(&self, sql: &mut Sql, row_filters: bool, time: &str) {
+        if row_filters {
+            for (column, value) in [
+                ("message_id", &self.message_id),
+                ("trace_id", &self.trace_id),
+                ("device_name", &self.device),
+                ("product_key", &self.product),
+            ] {
+                if let Some(v) = value {
+                    let p = sql.param(Value::Text(v.clone()));
+                    sql.and(&format!("{column} = {p}"));
+                }
+            }
+            if let Some(biz) = self.service_type {
+                let p = sql.param(Value::Text(biz.as_str().to_owned()));
+                sql.and(&format!("biz_code = {p}"));
+            }
+            let ok = Value::Integer(i64::from(Code::Ok.as_u16()));
+            match self.status {
+                None => {}
+                Some(Status::Success) => {
+                    let p = sql.param(ok);
+                    sql.and(&format!("code = {p}"));
+                }
+                Some(Status::Failed) => {
+                    let p = sql.param(ok);
+                    sql.and(&format!("code <> {p}"));
+                }
+                Some(Status::Code(code)) => {
+                    let p = sql.param(Value::Integer(i64::from(code.as_u16())));
+                    sql.and(&format!("code = {p}"));
+                }
+            }
+        }
+        if let Some(from) = self.from_ms {
+            let p = sql.param(Value::Integer(from));
+            sql.and(&format!("{time} >= {p}"));
+        }
+        if let Some(to) = self.to_ms {
+            let p = sql.param(Value::Integer(to));
+            sql.and(&format!("{time} <= {p}"));
+        }
+        if row_filters && let Some(keyword) = &self.keyword {
+            let p = sql.param(Value::Text(keyword.clone()));
+            sql.and(&format!("iotfwd_contains({p}, operation, reason, content)"));
+        }
+        if let Some(cursor) = &self.cursor {
+            let t = sql.param(Value::Integer(cursor.time_ms));
+            let id = sql.param(Value::Integer(cursor.id));
+            let hw = sql.param(Value::Integer(cursor.high_water));
+            sql.and(&format!("({time}, id) < ({t}, {id}) AND id <= {hw}"));
+        }
+    }
+}
+
+/// SQL text from constant fragments, and the values bound to its numbered parameters.
+struct Sql {
+    text: String,
+    values: Vec<Value>,
+    has_where: bool,
+}
+
+impl Sql {
+    fn new(text: String) -> Sql {
+        Sql {
+            text,
+            values: Vec::new(),
+            has_where: false,
+        }
+    }
+
+    /// Binds a value; returns its placeholder (`?3`).
+    fn param(&mut self, value: Value) -> String {
+        self.values.push(value);
+        format!("?{}", self.values.len())
+    }
+
+    /// Appends a condition (constant text with placeholders).
+    fn and(&mut self, condition: &str) {
+        self.text
+            .push_str(if self.has_where { " AND " } else { " WHERE " });
+        self.has_where = true;
+        self.text.push_str(condition);
+    }
+}
+
+/// How the store reads a query's rows.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Order {
+    /// Through an index already in (time, id) order; stops after one page.
+    Index,
+    /// In storage order, keeping the newest rows; reads every row in range.
+    Scan,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::outcome::query::Cursor;
+
+    #[test]
+    fn sql_binds_every_value_and_numbers_parameters() {
+        let q = LogQuery {
+            device: Some("d'; DROP TABLE records; --".into()),
+            keyword: Some("?1".into()),
+            status: Some(Status::Failed),
+            from_ms: Some(5),
+            cursor: Some(Cursor {
+                time_ms: 9,
+                id: 3,
+                high_water: 4,
+            }),
+            limit: 7,
+            ..LogQuery::default()
+        };
+        let (sql, values) = q.to_sql();
+        assert!(!sql.contains("DROP"), "{sql}");
+        assert!(
+            sql.ends_with(
+                " WHERE device_name = ?1 AND code <> ?2 AND time_ms >= ?3 AND \
+                 iotfwd_contains(?4, operation, reason, content) AND (time_ms, id) < (?5, ?6) \
+                 AND id <= ?7 ORDER BY time_ms DESC, id DESC LIMIT ?8"
+            ),
+            "{sql}"
+        );
+        assert_eq!(
+            values,
+            [
+                Value::Text("d'; DROP TABLE records; --".into()),
+                Value::Integer(200),
+                Value::Integer(5),
+                Value::Text("?1".into()),
+                Value::Integer(9),
+                Value::Integer(3),
+                Value::Integer(4),
+                Value::Integer(8),
+            ]
+        );
+        let (sql, values) = LogQuery::default().to_sql();
+        assert!(
+            sql.ends_with("FROM records ORDER BY time_ms DESC, id DESC LIMIT ?1"),
+            "{sql}"
+        );
+        assert_eq!(values, [Value::Integer(51)]);
+        // Split queries: the scan part, and the boundary that ignores row filters.
+        let q = LogQuery {
+            keyword: Some("k".into()),
+            from_ms: Some(1),
+            ..LogQuery::default()
+        };
+        assert!(q.scans());
+        let (sql, values) = q.to_sql_in(Order::Scan, None, Some(9), None, 3);
+        assert!(
+            sql.ends_with(
+                " WHERE +time_ms >= ?1 AND iotfwd_contains(?2, operation, reason, content) AND \
+                 +time_ms < ?3 ORDER BY +time_ms DESC, +id DESC LIMIT ?4"
+            ),
+            "{sql}"
+        );
+        assert_eq!(values.len(), 4);
+        let (sql, values) = q.boundary_sql(100);
+        assert!(
+            sql.ends_with(
+                "SELECT time_ms, id FROM records WHERE time_ms >= ?1 ORDER BY time_ms DESC, id DESC \
+                 LIMIT 1 OFFSET ?2"
+            ),
+            "{sql}"
+        );
+        assert_eq!(values, [Value::Integer(1), Value::Integer(100)]);
+        assert!(
+            !LogQuery {
+                keyword: Some("k".into()),
+                device: Some("d".into()),
+                ..LogQuery::default()
+            }
+            .scans()
+        );
+    }
+}

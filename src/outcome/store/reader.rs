@@ -1,0 +1,497 @@
+//! The read side of the record store: one page of a log query, and the trace of one message.
+//!
+//! A reader is separate from the writer on purpose: the CLI and the HTTP API read while the
+//! daemon writes (WAL), from any process, and never create a file. A query narrowed only by
+//! row-by-row filters is split (see [`crate::outcome::query`]): its newest part through the time
+//! index, the rest in storage order, read in parallel by id ranges.
+
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+
+use rusqlite::{Connection, OptionalExtension, params};
+
+use super::rows::{Stored, row_to_stored};
+use super::schema::open_reader;
+use super::{StoreError, sqlite_err};
+use crate::outcome::Record;
+use crate::outcome::query::{COLUMNS, Cursor, LogQuery, Order};
+
+/// A query narrowed only by row-by-row filters reads this many newest records (in its range)
+/// through the time index before it reads the rest in storage order.
+pub const SPLIT_AT: usize = 65_536;
+
+/// Most records `logs trace` returns for one message.
+pub const TRACE_MAX_RECORDS: usize = 10_000;
+
+/// One page of a query: newest first, and where the next one starts.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Page {
+    pub records: Vec<Record>,
+    /// Pass it back (`--cursor`, `cursor=`) for the next page; `None` on the last page.
+    pub next_cursor: Option<Cursor>,
+}
+
+/// Everything recorded about one message, oldest first.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Trace {
+    pub records: Vec<Record>,
+    /// More than [`TRACE_MAX_RECORDS`] records matched; the newest are left out.
+    pub truncated: bool,
+}
+
+/// The read side: any number of readers, in any process, query while the daemon writes. Cheap to
+/// clone; keeps a few connections open for reuse. Queries block: call them from
+/// `spawn_blocking` in async code.
+#[derive(Clone)]
+pub struct Reader {
+    path: PathBuf,
+    pool: Arc<Mutex<Vec<Connection>>>,
+    split_at: usize,
+    /// Storage-order scans over fewer ids than this run in one thread.
+    parallel_from: i64,
+}
+
+impl Reader {
+    /// Opens an existing store; a missing file is [`StoreError::Missing`] (a reader never
+    /// creates one).
+    pub fn open(path: &Path) -> Result<Reader, StoreError> {
+        if !path.is_file() {
+            return Err(StoreError::Missing(path.to_owned()));
+        }
+        let reader = Reader {
+            path: path.to_owned(),
+            pool: Arc::new(Mutex::new(Vec::new())),
+            split_at: SPLIT_AT,
+            parallel_from: 200_000,
+        };
+        let conn = reader.connect()?;
+        reader.release(conn);
+        Ok(reader)
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// The same reader, splitting queries at `records` instead of [`SPLIT_AT`], and reading the
+    /// storage-order part in parallel whatever its size: lets tests run every path of a split
+    /// query on a small store. Results do not depend on it.
+    pub fn with_split_at(mut self, records: usize) -> Reader {
+        self.split_at = records;
+        self.parallel_from = 0;
+        self
+    }
+
+    fn connect(&self) -> Result<Connection, StoreError> {
+        if let Some(conn) = self.pool.lock().expect("reader pool").pop() {
+            return Ok(conn);
+        }
+        open_reader(&self.path)
+    }
+
+    fn release(&self, conn: Connection) {
+        let mut pool = self.pool.lock().expect("reader pool");
+        if pool.len() < 4 {
+            pool.push(conn);
+        }
+    }
+
+    fn with_conn<T>(
+        &self,
+        f: impl FnOnce(&Connection) -> Result<T, StoreError>,
+    ) -> Result<T, StoreError> {
+        let conn = self.connect()?;
+        let result = f(&conn);
+        // A connection left inside a transaction by an error is not reused.
+        if conn.is_autocommit() {
+            self.release(conn);
+        }
+        result
+    }
+
+    /// Runs a query: one page, newest first.
+    pub fn query(&self, query: &LogQuery) -> Result<Page, StoreError> {
+        self.with_conn(|conn| {
+            let err = sqlite_err(&self.path);
+            // One read transaction: the high-water id and the page come from one snapshot.
+            conn.execute_batch("BEGIN").map_err(&err)?;
+            let result = (|| {
+                let high_water = match &query.cursor {
+                    Some(c) => c.high_water,
+                    None => conn
+                        .query_row("SELECT max(id) FROM records", [], |r| {
+                            r.get::<_, Option<i64>>(0)
+                        })
+                        .map_err(&err)?
+                        .unwrap_or(0),
+                };
+                let fetch = |(sql, values): (String, Vec<rusqlite::types::Value>)| {
+                    let mut stmt = conn.prepare_cached(&sql).map_err(&err)?;
+                    let rows = stmt
+                        .query_map(rusqlite::params_from_iter(values), row_to_stored)
+                        .map_err(&err)?;
+                    rows.collect::<Result<Vec<_>, _>>().map_err(&err)
+                };
+                let want = query.limit + 1;
+                let mut stored = match split_at(conn, query, self.split_at).map_err(&err)? {
+                    // Newest part through the time index; the rest only if the page is not full
+                    // yet. Every row of the first part is newer than every row of the rest.
+                    Some(split) => {
+                        let mut rows = fetch(query.to_sql_in(
+                            Order::Index,
+                            Some(split.boundary),
+                            None,
+                            None,
+                            want,
+                        ))?;
+                        if rows.len() < want {
+                            let rest = want - rows.len();
+                            if split.rest == Order::Scan {
+                                rows.extend(self.scan_in_parts(
+                                    query,
+                                    split.boundary,
+                                    (split.min_id - 1, high_water),
+                                    rest,
+                                )?);
+                            } else {
+                                rows.extend(fetch(query.to_sql_in(
+                                    split.rest,
+                                    None,
+                                    Some(split.boundary),
+                                    None,
+                                    rest,
+                                ))?);
+                            }
+                        }
+                        rows
+                    }
+                    None => fetch(query.to_sql())?,
+                };
+                let more = stored.len() > query.limit;
+                stored.truncate(query.limit);
+                let next_cursor = match (more, stored.last()) {
+                    (true, Some(last)) => Some(Cursor {
+                        time_ms: last.time_ms,
+                        id: last.id,
+                        high_water,
+                    }),
+                    _ => None,
+                };
+                let records = stored
+                    .into_iter()
+                    .map(|s| s.into_record(&self.path))
+                    .collect::<Result<Vec<_>, _>>()?;
+                Ok(Page {
+                    records,
+                    next_cursor,
+                })
+            })();
+            let _ = conn.execute_batch("COMMIT");
+            result
+        })
+    }
+
+    /// The storage-order part of a split query: records older than `boundary` with ids in
+    /// `ids`, the newest `rows` of them. Ranges of ids are read in parallel, one thread and
+    /// connection per core (up to 4): a sequential scan is CPU-bound in SQLite, so this divides
+    /// the worst case (a keyword that matches nothing) by the number of cores. Each part is
+    /// bounded by the page's high-water id, so it sees the same records as the page.
+    fn scan_in_parts(
+        &self,
+        query: &LogQuery,
+        boundary: i64,
+        ids: (i64, i64),
+        rows: usize,
+    ) -> Result<Vec<Stored>, StoreError> {
+        let (lo, hi) = ids;
+        let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+        let parts = if hi - lo < self.parallel_from {
+            1
+        } else {
+            cores.clamp(2, 4) as i64
+        };
+        let step = (hi - lo) / parts + 1;
+        let run = |a: i64, b: i64| {
+            self.with_conn(|conn| {
+                let err = sqlite_err(&self.path);
+                let (sql, values) =
+                    query.to_sql_in(Order::Scan, None, Some(boundary), Some((a, b)), rows);
+                let mut stmt = conn.prepare_cached(&sql).map_err(&err)?;
+                let found = stmt
+                    .query_map(rusqlite::params_from_iter(values), row_to_stored)
+                    .map_err(&err)?
+                    .collect::<Result<Vec<_>, _>>()
+                    .map_err(&err)?;
+                Ok(found)
+            })
+        };
+        let results: Vec<Result<Vec<Stored>, StoreError>> = std::thread::scope(|scope| {
+            let handles: Vec<_> = (0..parts)
+                .map(|k| {
+                    let a = lo + k * step;
+                    let b = (lo + (k + 1) * step).min(hi);
+                    scope.spawn(move || run(a, b))
+                })
+                .collect();
+            handles
+                .into_iter()
+                .map(|h| h.join().expect("a scan thread panicked"))
+                .collect()
+        });
+        let mut merged = Vec::new();
+        for r in results {
+            merged.extend(r?);
+        }
+        merged.sort_by_key(|s| std::cmp::Reverse((s.time_ms, s.id)));
+        merged.truncate(rows);
+        Ok(merged)
+    }
+
+    /// Everything recorded about one message, oldest first: the records whose messageId or
+    /// traceId is `id`, and every record sharing a traceId with those.
+    pub fn trace(&self, id: &str) -> Result<Trace, StoreError> {
+        self.with_conn(|conn| {
+            let err = sqlite_err(&self.path);
+            let cap = TRACE_MAX_RECORDS as i64 + 1;
+            let mut stored: Vec<Stored> = {
+                let mut stmt = conn
+                    .prepare_cached(&format!(
+                        "SELECT {COLUMNS} FROM records WHERE message_id = ?1 OR trace_id = ?1 \
+                         ORDER BY time_ms, id LIMIT ?2"
+                    ))
+                    .map_err(&err)?;
+                stmt.query_map(params![id, cap], row_to_stored)
+                    .map_err(&err)?
+                    .collect::<Result<_, _>>()
+                    .map_err(&err)?
+            };
+            let mut traces: Vec<String> = stored
+                .iter()
+                .map(|s| s.trace_id.clone())
+                .filter(|t| t != id)
+                .collect();
+            traces.sort();
+            traces.dedup();
+            for trace_id in traces.iter().take(100) {
+                let mut stmt = conn
+                    .prepare_cached(&format!(
+                        "SELECT {COLUMNS} FROM records WHERE trace_id = ?1 \
+                         ORDER BY time_ms, id LIMIT ?2"
+                    ))
+                    .map_err(&err)?;
+                let more: Vec<Stored> = stmt
+                    .query_map(params![trace_id, cap], row_to_stored)
+                    .map_err(&err)?
+                    .collect::<Result<_, _>>()
+                    .map_err(&err)?;
+                stored.extend(more);
+            }
+            stored.sort_by_key(|s| (s.time_ms, s.id));
+            stored.dedup_by_key(|s| s.id);
+            let truncated = stored.len() > TRACE_MAX_RECORDS;
+            stored.truncate(TRACE_MAX_RECORDS);
+            let records = stored
+                .into_iter()
+                .map(|s| s.into_record(&self.path))
+                .collect::<Result<Vec<_>, _>>()?;
+            Ok(Trace { records, truncated })
+        })
+    }
+
+    /// How many records the store holds.
+    pub fn count(&self) -> Result<u64, StoreError> {
+        self.with_conn(|conn| {
+            conn.query_row("SELECT count(*) FROM records", [], |r| r.get::<_, i64>(0))
+                .map(|n| n as u64)
+                .map_err(sqlite_err(&self.path))
+        })
+    }
+
+    /// SQLite's plan for a query (`EXPLAIN QUERY PLAN`), one step per line; for a split query
+    /// ([`LogQuery::scans`]) the plan of its storage-order part. For tests and diagnosis.
+    pub fn explain(&self, query: &LogQuery) -> Result<String, StoreError> {
+        self.with_conn(|conn| {
+            let err = sqlite_err(&self.path);
+            let (sql, values) = if query.scans() {
+                query.to_sql_in(Order::Scan, None, Some(0), None, query.limit + 1)
+            } else {
+                query.to_sql()
+            };
+            let mut stmt = conn
+                .prepare(&format!("EXPLAIN QUERY PLAN {sql}"))
+                .map_err(&err)?;
+            let rows = stmt
+                .query_map(rusqlite::params_from_iter(values), |r| {
+                    r.get::<_, String>(3)
+                })
+                .map_err(&err)?;
+            let mut plan = Vec::new();
+            for row in rows {
+                plan.push(row.map_err(&err)?);
+            }
+            Ok(plan.join("\n"))
+        })
+    }
+}
+
+/// How a split query ([`LogQuery::scans`]) runs: the newest part (time at or after `boundary`,
+/// the [`SPLIT_AT`]th newest record in range) through the time index; the rest in `rest` order.
+struct Split {
+    boundary: i64,
+    rest: Order,
+    /// The smallest id in the store.
+    min_id: i64,
+}
+
+/// `None` (not split: one index-ordered statement) when the query does not scan or its range
+/// holds fewer than [`SPLIT_AT`] records. The rest is read in storage order, unless the time range
+/// leaves less than a quarter of the table before the boundary: walking the index over a narrow
+/// range beats reading everything. Record counts are estimated from ids, which follow time closely.
+fn split_at(
+    conn: &Connection,
+    query: &LogQuery,
+    records: usize,
+) -> rusqlite::Result<Option<Split>> {
+    if !query.scans() {
+        return Ok(None);
+    }
+    let (sql, values) = query.boundary_sql(records);
+    let Some((boundary, boundary_id)) = conn
+        .prepare_cached(&sql)?
+        .query_row(rusqlite::params_from_iter(values), |r| {
+            Ok((r.get::<_, i64>(0)?, r.get::<_, i64>(1)?))
+        })
+        .optional()?
+    else {
+        return Ok(None);
+    };
+    // Two statements: SQLite answers a lone min() or max() of the rowid from the B-tree's edge,
+    // but both in one statement would scan the table.
+    let edge = |sql: &str| -> rusqlite::Result<i64> {
+        conn.query_row(sql, [], |r| r.get::<_, Option<i64>>(0))
+            .map(|v| v.unwrap_or(0))
+    };
+    let min_id = edge("SELECT min(id) FROM records")?;
+    let max_id = edge("SELECT max(id) FROM records")?;
+    let from_id = match query.from_ms {
+        Some(from) => conn
+            .prepare_cached(LogQuery::first_id_from_sql())?
+            .query_row([from], |r| r.get::<_, i64>(0))
+            .optional()?
+            .unwrap_or(boundary_id),
+        None => min_id,
+    };
+    let in_range = boundary_id.saturating_sub(from_id).max(0);
+    let rest = if in_range.saturating_mul(4) < max_id - min_id + 1 {
+        Order::Index
+    } else {
+        Order::Scan
+    };
+    Ok(Some(Split {
+        boundary,
+        rest,
+        min_id,
+    }))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::super::testing::{base, filled};
+    use super::*;
+    use crate::outcome::query::{LogParams, Status};
+
+    #[tokio::test]
+    async fn writes_queries_and_pages() {
+        let dir = tempfile::tempdir().unwrap();
+        let (store, reader) = filled(dir.path(), 25).await;
+        assert_eq!(reader.count().unwrap(), 25);
+        let q = LogQuery {
+            limit: 10,
+            ..LogQuery::default()
+        };
+        let page = reader.query(&q).unwrap();
+        let times: Vec<i64> = page.records.iter().map(|r| r.time_ms).collect();
+        let expected: Vec<i64> = (15..25).rev().map(|i| base() + i).collect();
+        assert_eq!(times, expected);
+        let mut all = page.records.clone();
+        let mut cursor = page.next_cursor;
+        while let Some(c) = cursor {
+            let p = reader
+                .query(&LogQuery {
+                    cursor: Some(c),
+                    ..q.clone()
+                })
+                .unwrap();
+            all.extend(p.records);
+            cursor = p.next_cursor;
+        }
+        assert_eq!(all.len(), 25);
+        let failed = reader
+            .query(&LogQuery {
+                status: Some(Status::Failed),
+                device: Some("d0".into()),
+                ..LogQuery::default()
+            })
+            .unwrap();
+        // i % 4 == 0 and i % 3 == 0: 0, 12, 24.
+        let ids: Vec<&str> = failed
+            .records
+            .iter()
+            .map(|r| r.message_id.as_str())
+            .collect();
+        assert_eq!(ids, ["m24", "m12", "m0"]);
+        let stats = store.shutdown().await;
+        assert_eq!(stats.written, 25);
+        assert_eq!(stats.failed, 0);
+    }
+
+    #[tokio::test]
+    async fn indexes_serve_the_lookups() {
+        let dir = tempfile::tempdir().unwrap();
+        let (store, reader) = filled(dir.path(), 10).await;
+        // (filters, index, ordered by the index itself rather than sorted afterwards)
+        for (params, index, ordered) in [
+            (vec![("messageId", "m1")], "records_message_id", false),
+            (vec![("traceId", "t1")], "records_trace_id", false),
+            (
+                vec![("device", "d1"), ("since", "1h")],
+                "records_device_time",
+                true,
+            ),
+            (vec![("product", "p1")], "records_product_time", true),
+            (vec![], "records_time", true),
+            (vec![("since", "1h")], "records_time", true),
+        ] {
+            let q = LogParams::from_pairs(params.iter().map(|(k, v)| (*k, v.to_string())))
+                .unwrap()
+                .validate(crate::message::now_ms())
+                .unwrap();
+            let plan = reader.explain(&q).unwrap();
+            assert!(plan.contains(index), "{params:?}: {plan}");
+            if ordered {
+                assert!(!plan.contains("TEMP B-TREE"), "{params:?} sorts: {plan}");
+            }
+        }
+        // Row-by-row filters alone: one sequential pass over the table, newest rows kept.
+        for params in [
+            vec![("keyword", "x")],
+            vec![("status", "failed")],
+            vec![("serviceType", "uplink"), ("keyword", "x")],
+        ] {
+            let q = LogParams::from_pairs(params.iter().map(|(k, v)| (*k, v.to_string())))
+                .unwrap()
+                .validate(crate::message::now_ms())
+                .unwrap();
+            let plan = reader.explain(&q).unwrap();
+            assert!(plan.starts_with("SCAN records\n"), "{params:?}: {plan}");
+        }
+        store.shutdown().await;
+    }
+
+    #[tokio::test]
+    async fn reader_refuses_a_missing_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let e = Reader::open(&dir.path().join("nope.db")).err().unwrap();
+        assert!(e.to_string().starts_with("no record store at "), "{e}");
+    }
+}

@@ -1,0 +1,91 @@
+//! The daemon's record sinks, as `[store]` configures them: the record store and the JSON lines,
+//! each optional.
+//!
+//! One type for the pair, so the daemon wires its sinks with one call each (open, attach,
+//! shut down) and `daemon.rs` stays wiring only.
+
+use super::{Reader, Store, StoreOptions};
+use crate::outcome::Outcomes;
+use crate::outcome::jsonl::JsonlSink;
+
+/// The daemon's record sinks per `[store]`: the store and the JSON lines, each optional.
+pub struct RecordSinks {
+    store: Option<Store>,
+    reader: Option<Reader>,
+    jsonl: Option<JsonlSink>,
+}
+
+impl RecordSinks {
+    /// Opens what `[store]` asks for; errors name the file and the config key.
+    pub async fn open(
+        config: &crate::config::Config,
+        metrics: &crate::telemetry::Metrics,
+    ) -> anyhow::Result<RecordSinks> {
+        let store_config = &config.store;
+        let (store, reader) = if store_config.enabled {
+            let path = store_config.resolved_path(&config.data.dir);
+            let store = Store::open(
+                &path,
+                StoreOptions::from_config(store_config),
+                Some(metrics.store.clone()),
+            )?;
+            let reader = store.reader()?;
+            tracing::info!(
+                store = %path.display(),
+                retention_days = store_config.retention_days,
+                "record store open: query with `iotfwd logs` or GET /api/v1/logs"
+            );
+            (Some(store), Some(reader))
+        } else {
+            tracing::info!("record store disabled (store.enabled = false)");
+            (None, None)
+        };
+        let jsonl = JsonlSink::open(
+            &store_config.jsonl,
+            store_config.queue_capacity,
+            store_config.batch_max_records,
+        )
+        .await?;
+        if jsonl.is_some() {
+            tracing::info!(jsonl = %store_config.jsonl, "outcome records also as JSON lines");
+        }
+        Ok(RecordSinks {
+            store,
+            reader,
+            jsonl,
+        })
+    }
+
+    /// `outcomes` with every open sink attached.
+    pub fn attach(&self, mut outcomes: Outcomes) -> Outcomes {
+        if let Some(store) = &self.store {
+            outcomes = outcomes.with_sink(store.sender());
+        }
+        if let Some(jsonl) = &self.jsonl {
+            outcomes = outcomes.with_sink(jsonl.sender());
+        }
+        outcomes
+    }
+
+    /// A reader of the store, when it is enabled.
+    pub fn reader(&self) -> Option<Reader> {
+        self.reader.clone()
+    }
+
+    /// Writes everything queued and closes the sinks. Call after the engine drained.
+    pub async fn shutdown(self) {
+        if let Some(store) = self.store {
+            let path = store.path().to_owned();
+            let stats = store.shutdown().await;
+            tracing::info!(
+                store = %path.display(),
+                written = stats.written,
+                failed = stats.failed,
+                "record store closed"
+            );
+        }
+        if let Some(jsonl) = self.jsonl {
+            jsonl.shutdown().await;
+        }
+    }
+}
