@@ -49,7 +49,7 @@ use super::health::{ConfigReload, Health, LastReload, RuleFileFailure};
 use crate::config::Config;
 use crate::config::quota::QuotaSet;
 use crate::limits::Limiter;
-use crate::outcome::{BizCode, Code, Outcomes, Record};
+use crate::outcome::{Code, Outcomes, Record};
 use crate::rules::{Compiler, Rule, RuleError, RuleSet};
 
 /// How long the directory must be quiet before a change triggers a reload.
@@ -452,32 +452,17 @@ impl Reloader {
 }
 
 /// The outcome record of a rule file that does not load.
+/// The record of a rule file that does not load: the code the rule compiler gave it (9307,
+/// 9321) or 9399 for a panic while loading.
 fn failure_record(f: &RuleFileFailure) -> Record {
-    Record {
-        time_ms: f.time_ms,
-        trace_id: crate::message::new_trace_id(),
-        message_id: crate::message::new_message_id(),
-        product_key: String::new(),
-        device_name: String::new(),
-        biz_code: BizCode::RuleEngine,
-        operation: if f.rule.is_empty() {
-            f.file.clone()
-        } else {
-            f.rule.clone()
-        },
-        code: f.code,
-        reason: if f.previous_running {
-            format!(
-                "{} (the previous version of the rule keeps running)",
-                f.reason
-            )
-        } else {
-            f.reason.clone()
-        },
-        content: f.file.clone(),
-        tenant_id: String::new(),
-        instance_id: String::new(),
-    }
+    Record::rule_file_failed(
+        &f.rule,
+        &f.file,
+        f.code,
+        &f.reason,
+        f.previous_running,
+        f.time_ms,
+    )
 }
 
 /// One line per problem of a file, positions first.

@@ -239,23 +239,25 @@ impl Record {
         .about(subject)
     }
 
-    /// `ruleengine` with the failure's code (9307): a rule file that does not load. Operation:
+    /// `ruleengine` with the rule compiler's code (9307, 9321; 9399 for a panic while loading):
+    /// a rule file that does not load. Operation:
     /// the rule's name, else the file; content: the file.
     pub fn rule_file_failed(
         rule: &str,
         file: &str,
-        failure: &Failure,
+        code: Code,
+        reason: &str,
         previous_running: bool,
         time_ms: i64,
     ) -> Record {
-        let mut reason = failure.reason().to_owned();
+        let mut reason = reason.to_owned();
         if previous_running {
             reason.push_str(" (the previous version of the rule keeps running)");
         }
         let mut record = Record::step(
             BizCode::RuleEngine,
             if rule.is_empty() { file } else { rule }.to_owned(),
-            failure.code(),
+            code,
             reason,
             file.to_owned(),
         )
