@@ -205,7 +205,9 @@ pub async fn run_from_file(
         groups: groups.as_ref().map(|g| Arc::clone(&g.hub)),
         logs: record_sinks.reader(),
         ready: AtomicBool::new(false),
+        console: Default::default(),
     });
+    crate::api::spawn_rule_sampler(&state);
     // Rule reloads: on changes in the rules directory (rules.watch) and on SIGHUP.
     let reload_task = reload::spawn(
         Arc::clone(&reloader),
