@@ -60,11 +60,6 @@ const ASSETS: &[(&str, &str, &[u8])] = &[
         "text/javascript; charset=utf-8",
         include_bytes!("console/chart.js"),
     ),
-    (
-        "favicon.svg",
-        "image/svg+xml",
-        include_bytes!("console/favicon.svg"),
-    ),
 ];
 
 const INDEX: &[u8] = include_bytes!("console/index.html");

@@ -69,6 +69,7 @@ async function readiness() {
 document.addEventListener('click', (e) => {
   const a = e.target.closest && e.target.closest('a[href]');
   if (!a || a.target || e.defaultPrevented || e.button !== 0) return;
+  if (a.getAttribute('href').startsWith('#')) return;
   if (e.metaKey || e.ctrlKey || e.shiftKey || e.altKey) return;
   const url = new URL(a.href, location.href);
   if (url.origin !== location.origin || !url.pathname.startsWith('/console')) return;

@@ -1,5 +1,10 @@
 // Stacked bar charts drawn as SVG: one bar per time bucket, one colour per code.
-const SVG = 'http://www.w3.org/2000/svg';
+// The SVG namespace, as the HTML parser gives it to an <svg> element.
+const SVG = (() => {
+  const holder = document.createElement('div');
+  holder.innerHTML = '<svg></svg>';
+  return holder.firstChild.namespaceURI;
+})();
 
 const PALETTE = ['#c0392b', '#d35400', '#8e44ad', '#2c3e50', '#b7950b', '#16a085', '#7f8c8d', '#e84393', '#2980b9', '#6c3483'];
 

@@ -36,13 +36,13 @@ export async function renderLogs(view, { params }) {
     params.set('since', '1h');
     history.replaceState(null, '', `/console/logs?${params}`);
   }
+  view.append(heading('Logs'));
   let catalog = new Map();
   try {
     catalog = await codes();
   } catch (e) {
     view.append(notice('error', `The code catalog did not load: ${e.message}`));
   }
-  view.append(heading('Logs'));
   const form = searchForm(params, catalog);
   view.append(form);
   const results = el('section', { class: 'results', 'aria-labelledby': 'results-title' });
