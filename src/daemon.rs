@@ -216,7 +216,7 @@ pub async fn run_from_file(
     );
     let app = crate::api::router(Arc::clone(&state));
     let addr = listeners.http.local_addr().context("listener address")?;
-    tracing::info!(%addr, "listening: POST http://{addr}/api/v1/messages, GET /metrics, /healthz, /readyz");
+    tracing::info!(%addr, "listening: POST http://{addr}/api/v1/messages, GET /metrics, /healthz, /readyz; the console: http://{addr}/console");
     state.ready.store(true, Ordering::Relaxed);
     let (stop_tx, stop_rx) = oneshot::channel::<()>();
     let server = axum::serve(listeners.http, app).with_graceful_shutdown(async move {

@@ -40,6 +40,9 @@ context.setDefaultTimeout(15000);
 const page = context.pages()[0] || (await context.newPage());
 const pageErrors = [];
 page.on('pageerror', (e) => pageErrors.push(e.message));
+page.on('response', (r) => {
+  if (r.status() >= 400 && !r.url().includes('/api/v1/')) console.log(`  (${r.status()} ${r.url()} ${JSON.stringify(r.headers())})`);
+});
 page.on('console', (m) => {
   if (m.type() === 'error' && !/status of 40[14]/.test(m.text())) pageErrors.push(m.text());
 });
@@ -133,6 +136,12 @@ async function search(fill) {
 async function openLogs(query = '') {
   await page.goto(`${base}/console/logs${query}`);
   return results();
+}
+
+// The daemon serves the console before the browser is asked to.
+{
+  const res = await fetch(`${base}/console/overview`);
+  console.log(`  (node fetch /console/overview: ${res.status})`);
 }
 
 // ---------------------------------------------------------------------------------------------

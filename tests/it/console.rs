@@ -70,6 +70,7 @@ impl Fixture {
         std::fs::write(rules.join("failing.toml"), FAILING).unwrap();
         std::fs::write(rules.join("to_group.toml"), TO_GROUP).unwrap();
         let data = dir.path().join("data");
+        write_history(&data.join("outcomes.db")).await;
         let daemon = Daemon::start_without_broker(&rules, |c| {
             c.data.dir = data.clone();
             c.subscription.listen = format!("127.0.0.1:{}", free_port());
@@ -141,6 +142,88 @@ impl Fixture {
             .post_to("/api/v1/rules/test", body.to_string())
             .await
     }
+}
+
+/// A day of another daemon's records in the store before the daemon starts, so the charts have
+/// a past: a meter product forwarding to RabbitMQ and the `ops` group, some throttled (9324
+/// per tenant, 9326 per instance), a few failed (9325, 9650). Their devices, rules and contents
+/// are none of the ones the tests search for; in the last hour only 200, 9324 and 9650 occur.
+async fn write_history(path: &Path) {
+    use iotfwd::outcome::store::{Store, StoreOptions};
+    use iotfwd::outcome::{BizCode, Code, Record};
+    let store = Store::open(path, StoreOptions::default(), None).unwrap();
+    let tx = store.sender();
+    let now = iotfwd::message::now_ms();
+    let record = |time_ms: i64, k: i64, biz: BizCode, operation: &str, code: Code| Record {
+        time_ms,
+        trace_id: format!("hist-trace-{k}"),
+        message_id: format!("hist-{k}"),
+        product_key: "meterPK".into(),
+        device_name: format!("meter-{}", k % 4),
+        biz_code: biz,
+        operation: operation.into(),
+        code,
+        reason: if code.is_success() {
+            String::new()
+        } else {
+            format!("{} (recorded history)", code.info().name)
+        },
+        content: format!("{{\"kwh\":{}}}", k % 97),
+        tenant_id: ["tenant-a", "tenant-b"][(k % 2) as usize].into(),
+        instance_id: "iot-instance-1".into(),
+    };
+    // Every 10 minutes over the day before the last hour, every minute in the last hour.
+    let mut times: Vec<i64> = (7..144).map(|i| now - i * 600_000).collect();
+    times.extend((1..58).map(|i| now - i * 60_000));
+    for (k, t) in times.into_iter().enumerate() {
+        let k = k as i64;
+        let recent = t > now - 3_600_000;
+        for j in 0..(2 + k % 3) {
+            let id = k * 10 + j;
+            tx.send(record(
+                t,
+                id,
+                BizCode::Uplink,
+                "/meterPK/meter/user/reading",
+                Code::Ok,
+            ))
+            .await
+            .unwrap();
+            let forward = match id % 11 {
+                0 => Code::Throttled,
+                5 if !recent => Code::InstanceSpecExceeded,
+                7 if !recent => Code::DestinationUnavailable,
+                _ => Code::Ok,
+            };
+            tx.send(record(
+                t + 3,
+                id,
+                BizCode::RuleEngine,
+                "meter_readings/amqp:readings",
+                forward,
+            ))
+            .await
+            .unwrap();
+            if forward.is_success() {
+                let delivered = if id % 13 == 0 {
+                    Code::AckTimeout
+                } else {
+                    Code::Ok
+                };
+                tx.send(record(
+                    t + 9,
+                    id,
+                    BizCode::ServerSubscribe,
+                    "ops",
+                    delivered,
+                ))
+                .await
+                .unwrap();
+            }
+        }
+    }
+    store.flush().await.unwrap();
+    store.shutdown().await;
 }
 
 fn count_of(v: &Value, key: &str) -> u64 {

@@ -8,9 +8,17 @@ const SVG = (() => {
 
 const PALETTE = ['#c0392b', '#d35400', '#8e44ad', '#2c3e50', '#b7950b', '#16a085', '#7f8c8d', '#e84393', '#2980b9', '#6c3483'];
 
-// 200 is green; every other key gets a colour of its own, the same on every chart.
+// Each code iotfwd logs has its own colour (200 green, failures warm or dark), the same on
+// every chart; any other key (a service type, a rule) gets one from the palette.
+const CODE_COLOURS = {
+  200: '#2e8b57', 1903: '#7f8c8d', 9203: '#16a085', 9307: '#8e44ad', 9320: '#b7950b',
+  9321: '#d4ac0d', 9324: '#d35400', 9325: '#c0392b', 9326: '#f39c12', 9331: '#922b21',
+  9332: '#6c3483', 9333: '#34495e', 9399: '#111111', 9600: '#1abc9c', 9601: '#2980b9',
+  9602: '#5dade2', 9650: '#e84393', 9651: '#f1948a', 9652: '#a93226',
+};
+
 export function colour(key) {
-  if (key === '200') return '#2e8b57';
+  if (CODE_COLOURS[key]) return CODE_COLOURS[key];
   let h = 0;
   for (const c of String(key)) h = (h * 31 + c.charCodeAt(0)) >>> 0;
   return PALETTE[h % PALETTE.length];
