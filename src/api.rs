@@ -145,7 +145,8 @@ async fn query_logs(
 }
 
 /// `GET /api/v1/rules`: the rules running now, each with its SQL, actions and what it did over
-/// the last hour (see [`rule_counts`]); and the rule files that do not load.
+/// the last hour (see [`rule_counts`]). The rule files that do not load are in
+/// `GET /api/v1/health`.
 async fn list_rules(State(state): State<Arc<AppState>>) -> Response {
     let (since, mut counts) = state
         .console
@@ -173,7 +174,6 @@ async fn list_rules(State(state): State<Arc<AppState>>) -> Response {
     Json(json!({
         "rules": rules,
         "countsSince": crate::outcome::format_time_ms(since),
-        "failed": state.rules.failed(),
     }))
     .into_response()
 }

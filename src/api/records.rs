@@ -244,7 +244,8 @@ mod tests {
         ])
         .unwrap_err();
         assert_eq!(bad.len(), 6, "{bad:?}");
-        assert!(q(&[("since", "1h"), ("bucket", "1s")]).is_ok());
+        assert!(q(&[("since", "15m"), ("bucket", "1s")]).is_ok());
+        assert!(q(&[("since", "1h"), ("bucket", "1s")]).is_err());
         assert!(q(&[("since", "7d"), ("bucket", "1s")]).is_err());
         assert!(q(&[("since", "60d")]).is_err());
     }

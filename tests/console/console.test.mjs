@@ -388,7 +388,11 @@ await step('rules: SQL, actions, counts, and the tester on a good and a bad rule
   }
   const failing = page.locator('article.rule', { has: page.getByRole('heading', { name: 'failing', exact: true }) });
   assert.ok((await failing.textContent()).includes('amqp:alerts: 9325×1'));
-  assert.ok((await page.locator('section', { hasText: 'Last reload' }).textContent()).includes('success'));
+  const reload = await page.locator('section', { hasText: 'Last reload' }).textContent();
+  assert.ok(reload.includes('failure') && reload.includes('failed broken'), reload);
+  const brokenRow = page.locator('table.failed-files tbody tr', { hasText: 'broken' });
+  assert.equal(await brokenRow.locator('.code').textContent(), '9307');
+  assert.ok((await brokenRow.textContent()).includes('FROM must be a quoted topic filter'));
 
   // A good rule.
   await page.getByLabel('Rule', { exact: true }).selectOption('failing');

@@ -53,6 +53,8 @@ to = "group"
 group = "ops"
 "#;
 
+const BROKEN: &str = "sql = 'SELECT FROM WHERE \"/p1/+/user/update\"'\n";
+
 /// A daemon without a broker, with three rules and a consumer group, filled with messages.
 struct Fixture {
     daemon: Daemon,
@@ -69,6 +71,8 @@ impl Fixture {
         std::fs::write(rules.join("fine.toml"), FINE).unwrap();
         std::fs::write(rules.join("failing.toml"), FAILING).unwrap();
         std::fs::write(rules.join("to_group.toml"), TO_GROUP).unwrap();
+        // A rule file that does not load (9307): the rules page shows it with its error.
+        std::fs::write(rules.join("broken.toml"), BROKEN).unwrap();
         let data = dir.path().join("data");
         write_history(&data.join("outcomes.db")).await;
         let daemon = Daemon::start_without_broker(&rules, |c| {
@@ -361,7 +365,6 @@ async fn console_api_trace_stats_codes_and_rules() {
         "{failing}"
     );
     assert!(rules["countsSince"].is_string());
-    assert_eq!(rules["failed"], json!([]));
 
     f.daemon.stop().await;
 }

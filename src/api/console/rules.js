@@ -57,11 +57,12 @@ function reloadSection(health, rules, catalog) {
       last.removed.length ? `; removed ${last.removed.join(', ')}` : '',
       last.failed.length ? `; failed ${last.failed.join(', ')}` : ''));
   }
-  if (rules.failed.length) {
+  const failedFiles = health.rules ? health.rules.failed : [];
+  if (failedFiles.length) {
     section.append(el('table', { class: 'failed-files' },
       el('caption', {}, 'Rule files that do not load'),
       el('thead', {}, el('tr', {}, ['File', 'Rule', 'Code', 'Error', 'Since'].map((h) => el('th', { scope: 'col' }, h)))),
-      el('tbody', {}, rules.failed.map((f) => el('tr', {},
+      el('tbody', {}, failedFiles.map((f) => el('tr', {},
         el('td', {}, f.file),
         el('td', {}, f.rule || '—'),
         el('td', {}, el('span', { class: 'code fail', title: catalog.get(f.code)?.meaning || '' }, String(f.code))),
