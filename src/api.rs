@@ -1,9 +1,16 @@
 //! The HTTP API: the ingest route of [`crate::source::http`], and `GET /api/v1/rules`,
-//! `POST /api/v1/rules/reload`, `GET /api/v1/health`, `GET /api/v1/logs`, `/metrics`,
-//! `/healthz` and `/readyz` (see docs/api.md).
+//! `POST /api/v1/rules/reload`, `POST /api/v1/rules/test`, `GET /api/v1/health`,
+//! `GET /api/v1/logs`, `GET /api/v1/trace/{id}`, `GET /api/v1/stats`, `GET /api/v1/codes`,
+//! `/metrics`, `/healthz` and `/readyz` (see docs/api.md); and the console in the browser,
+//! `GET /console` (see docs/console.md), which uses only those.
 
-use std::sync::Arc;
+mod console;
+mod records;
+pub mod rule_counts;
+mod rule_test;
+
 use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, OnceLock};
 
 use axum::Json;
 use axum::Router;
@@ -38,6 +45,17 @@ pub struct AppState {
     /// The supervised stages: one that stopped makes `/readyz` fail, naming it.
     pub stages: Arc<Stages>,
     pub ready: AtomicBool,
+    /// What the console's views keep between requests.
+    pub console: ConsoleState,
+}
+
+/// What the console's views keep between requests: the counted buckets of `GET
+/// /api/v1/stats`, the rules' counters of the last hour, and a rule compiler for the tester.
+#[derive(Default)]
+pub struct ConsoleState {
+    pub stats_cache: crate::outcome::stats::StatsCache,
+    pub rule_window: rule_counts::RuleWindow,
+    compiler: OnceLock<Arc<crate::rules::Compiler>>,
 }
 
 impl AppState {
@@ -57,14 +75,37 @@ pub fn router(state: Arc<AppState>) -> Router {
     Router::new()
         .route("/api/v1/rules", get(list_rules))
         .route("/api/v1/rules/reload", post(reload_rules))
+        .route("/api/v1/rules/test", post(test_rule))
         .route("/api/v1/health", get(health))
         .route("/api/v1/logs", get(query_logs))
+        .route("/api/v1/trace/{id}", get(records::trace))
+        .route("/api/v1/stats", get(records::stats))
+        .route("/api/v1/codes", get(records::list_codes))
         .route("/metrics", get(metrics))
         .route("/healthz", get(|| async { "ok\n" }))
         .route("/readyz", get(readyz))
-        .with_state(state)
+        .with_state(Arc::clone(&state))
+        .merge(console::routes())
         .merge(crate::source::http::routes(ingest))
         .layer(DefaultBodyLimit::max(limit))
+}
+
+/// Keeps a sample of the rules' counters every minute while the daemon runs (for the last
+/// hour's counts of `GET /api/v1/rules`); ends when the state is dropped at shutdown.
+pub fn spawn_rule_sampler(state: &Arc<AppState>) -> tokio::task::JoinHandle<()> {
+    let weak = Arc::downgrade(state);
+    tokio::spawn(async move {
+        let every = std::time::Duration::from_millis(rule_counts::SAMPLE_EVERY_MS as u64);
+        let mut tick = tokio::time::interval(every);
+        loop {
+            tick.tick().await;
+            let Some(state) = weak.upgrade() else { return };
+            state
+                .console
+                .rule_window
+                .sample(&state.metrics, crate::message::now_ms());
+        }
+    })
 }
 
 /// `GET /api/v1/logs`: the filters of `iotfwd logs` as query parameters (names in
@@ -106,7 +147,14 @@ async fn query_logs(
     }
 }
 
+/// `GET /api/v1/rules`: the rules running now, each with its SQL, actions and what it did over
+/// the last hour (see [`rule_counts`]). The rule files that do not load are in
+/// `GET /api/v1/health`.
 async fn list_rules(State(state): State<Arc<AppState>>) -> Response {
+    let (since, mut counts) = state
+        .console
+        .rule_window
+        .last_hour(&state.metrics, crate::message::now_ms());
     let rules: Vec<_> = state
         .rules
         .current()
@@ -117,13 +165,45 @@ async fn list_rules(State(state): State<Arc<AppState>>) -> Response {
                 "name": r.name,
                 "file": r.file.display().to_string(),
                 "description": r.description,
+                "enabled": r.enabled,
                 "from": r.program.parsed.filter.as_str(),
+                "sql": r.sql,
                 "actions": r.actions,
                 "error_action": r.error_action,
+                "lastHour": counts.remove(&r.name).unwrap_or_default(),
             })
         })
         .collect();
-    Json(json!({ "rules": rules })).into_response()
+    Json(json!({
+        "rules": rules,
+        "countsSince": crate::outcome::format_time_ms(since),
+    }))
+    .into_response()
+}
+
+/// `POST /api/v1/rules/test`: one message through one rule with the daemon's engine (see
+/// [`rule_test`]). 200 with the result (`passed` and the output, `no_match`, `no_result`, or
+/// `failed` with its code); 400 for a body that is not a test, 404 for an unknown rule.
+async fn test_rule(State(state): State<Arc<AppState>>, body: axum::body::Bytes) -> Response {
+    let request: rule_test::TestRequest = match serde_json::from_slice(&body) {
+        Ok(r) => r,
+        Err(e) => return error(StatusCode::BAD_REQUEST, format!("bad test request: {e}")),
+    };
+    let compiler = Arc::clone(state.console.compiler.get_or_init(|| {
+        Arc::new(crate::rules::Compiler::new(
+            state.config.engine.max_variants_per_rule,
+        ))
+    }));
+    let rules = state.rules.current();
+    match tokio::task::spawn_blocking(move || rule_test::run(request, &rules, compiler)).await {
+        Ok(Ok(answer)) => Json(answer).into_response(),
+        Ok(Err(rule_test::Refusal::BadRequest(e))) => error(StatusCode::BAD_REQUEST, e),
+        Ok(Err(rule_test::Refusal::UnknownRule(e))) => error(StatusCode::NOT_FOUND, e),
+        Err(e) => error(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            format!("rule test failed: {e}"),
+        ),
+    }
 }
 
 /// `POST /api/v1/rules/reload`: what SIGHUP does (the rules, and with `--config` the config

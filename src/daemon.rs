@@ -208,7 +208,9 @@ pub async fn run_from_file(
         logs: record_sinks.reader(),
         stages: Arc::clone(&stages),
         ready: AtomicBool::new(false),
+        console: Default::default(),
     });
+    crate::api::spawn_rule_sampler(&state);
     // Rule reloads: on changes in the rules directory (rules.watch) and on SIGHUP.
     let reload_task = stages.supervise(
         "reload",
@@ -220,7 +222,7 @@ pub async fn run_from_file(
     );
     let app = crate::api::router(Arc::clone(&state));
     let addr = listeners.http.local_addr().context("listener address")?;
-    tracing::info!(%addr, "listening: POST http://{addr}/api/v1/messages, GET /metrics, /healthz, /readyz");
+    tracing::info!(%addr, "listening: POST http://{addr}/api/v1/messages, GET /metrics, /healthz, /readyz; the console: http://{addr}/console");
     state.ready.store(true, Ordering::Relaxed);
     let (stop_tx, stop_rx) = oneshot::channel::<()>();
     let server_stages = Arc::clone(&stages);

@@ -10,6 +10,7 @@ mod failure;
 pub mod jsonl;
 pub mod query;
 mod record;
+pub mod stats;
 pub mod store;
 pub mod trace;
 

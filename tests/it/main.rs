@@ -1,6 +1,7 @@
 //! Integration tests, in one binary so DataFusion is linked once: golden SQL cases,
 //! batch-equivalence properties, the CLI, the HTTP daemon and RabbitMQ in and out.
 mod cli;
+mod console;
 mod delivery;
 mod deploy;
 mod golden;
