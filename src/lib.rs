@@ -14,8 +14,9 @@
 //! ```
 //!
 //! Beside the path: [`config`] (the schema, no I/O), [`telemetry`] (every metric),
-//! [`control`] (health, reload), [`api`] (the HTTP router), [`daemon`] (wiring only),
-//! [`client`] (the AMQP 1.0 consumer client), [`bench`], [`cli`], [`text`].
+//! [`control`] (health, reload, the check before a start), [`api`] (the HTTP router),
+//! [`daemon`] (wiring only), [`client`] (the AMQP 1.0 consumer client), [`bench`], [`cli`],
+//! [`text`].
 //! docs/architecture.md draws the same map.
 
 pub mod action;

@@ -1,8 +1,9 @@
 //! `iotfwd consume`: a consumer-group client for debugging and demos.
 
-use std::path::PathBuf;
 use std::process::ExitCode;
 
+use super::ConsumeArgs;
+use super::support::{Runtime, block_on};
 use crate::client::{Consumer, ConsumerOptions, describe};
 use crate::config::Config;
 use crate::subscription::auth::SignMethod;
@@ -16,22 +17,23 @@ pub enum Settle {
     None,
 }
 
-pub struct Args {
-    pub group: String,
-    pub url: String,
-    pub config: Option<PathBuf>,
-    pub access_key_id: Option<String>,
-    pub secret: Option<String>,
-    pub settle: Settle,
-    pub count: Option<u64>,
-    pub sign_method: String,
-    pub idle_timeout_ms: u32,
-    pub client_id: Option<String>,
-    pub ca: Option<PathBuf>,
+impl Settle {
+    /// From the flags --release, --reject and --no-ack (clap lets one through at most).
+    fn from_flags(args: &ConsumeArgs) -> Settle {
+        if args.release {
+            Settle::Release
+        } else if args.reject {
+            Settle::Reject
+        } else if args.no_ack {
+            Settle::None
+        } else {
+            Settle::Accept
+        }
+    }
 }
 
 /// The AccessKey id and secret: from the flags, else from the group in the config.
-fn credentials(args: &Args) -> Result<(String, String), String> {
+fn credentials(args: &ConsumeArgs) -> Result<(String, String), String> {
     if let (Some(id), Some(secret)) = (&args.access_key_id, &args.secret) {
         return Ok((id.clone(), secret.clone()));
     }
@@ -81,7 +83,8 @@ fn credentials(args: &Args) -> Result<(String, String), String> {
     ))
 }
 
-pub fn run(args: Args) -> ExitCode {
+pub(super) fn run(args: ConsumeArgs) -> ExitCode {
+    let settle = Settle::from_flags(&args);
     let (access_key_id, secret) = match credentials(&args) {
         Ok(c) => c,
         Err(e) => {
@@ -104,17 +107,7 @@ pub fn run(args: Args) -> ExitCode {
     if let Some(id) = &args.client_id {
         options.client_id = id.clone();
     }
-    let runtime = match tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-    {
-        Ok(r) => r,
-        Err(e) => {
-            eprintln!("error: cannot start the async runtime: {e}");
-            return ExitCode::FAILURE;
-        }
-    };
-    runtime.block_on(async move {
+    block_on(Runtime::CurrentThread, async move {
         let mut consumer = match Consumer::connect(&options).await {
             Ok(c) => c,
             Err(e) => {
@@ -127,7 +120,7 @@ pub fn run(args: Args) -> ExitCode {
         };
         eprintln!(
             "consuming group {:?} at {} as {} ({:?} each message; Ctrl-C to stop)",
-            options.group, options.url, options.client_id, args.settle
+            options.group, options.url, options.client_id, settle
         );
         let mut received = 0u64;
         loop {
@@ -143,7 +136,7 @@ pub fn run(args: Args) -> ExitCode {
                 }
             };
             println!("{}", describe(&delivery));
-            let settled = match args.settle {
+            let settled = match settle {
                 Settle::Accept => consumer.receiver.accept(&delivery).await,
                 Settle::Release => consumer.receiver.release(&delivery).await,
                 Settle::Reject => consumer.receiver.reject(&delivery, None).await,

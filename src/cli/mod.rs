@@ -1,21 +1,29 @@
-//! The command line. The binary only calls [`main`]; each subcommand is a thin layer over the
-//! library.
+//! The command line. The binary only calls [`main`]. This file holds the clap definitions
+//! ([`Cli`], [`Command`] and their arguments) and the dispatch; each command has its own file,
+//! which parses what clap left as text, calls the library and prints: `run`, `check` (the
+//! report of [`crate::control::check`]), `rules` (`rules test`), `codes`, `send`, `consume`,
+//! `logs`, `bench`. `support` holds what several commands share: loading a config file, an
+//! `@FILE` argument, the async runtime, an exit code from a result.
+//!
+//! Exit codes, throughout: 0 done; 1 the command ran and failed or found a problem (a bad rule
+//! or config in `check`, a bad rule, payload or topic in `rules test`, a peer that does not
+//! answer); 2 the command could not start on its input (a config that does not load, an
+//! unreadable `@FILE`, an unknown code or flag value), so nothing was done.
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::process::ExitCode;
-use std::sync::Arc;
 
-use clap::{Parser, Subcommand};
+use clap::{Args, Parser, Subcommand};
 
-use crate::config::{Config, LogFormat};
-use crate::engine::{Engine, RuleOutcome};
-use crate::message::{Identity, Message};
-use crate::outcome::store::StoreOptions;
-use crate::outcome::{Code, codes};
-use crate::rules::{Compiler, RuleSet};
-
-pub mod consume;
+mod bench;
+mod check;
+mod codes;
+mod consume;
 pub mod logs;
+mod rules;
+mod run;
+mod send;
+mod support;
 
 /// iotfwd: a rules-engine forwarding daemon for IoT messages.
 ///
@@ -23,7 +31,16 @@ pub mod logs;
 /// (`SELECT ... FROM "/pk/+/user/update" WHERE ...`), forwards the results, and logs every
 /// step's outcome with the IoT platform's status codes.
 #[derive(Debug, Parser)]
-#[command(name = "iotfwd", version, about, long_about)]
+#[command(
+    name = "iotfwd",
+    version,
+    about,
+    long_about,
+    after_help = "Start with `iotfwd run` (it needs no config and no broker) and `iotfwd check`. \
+        Every setting and command: docs/configuration.md; rule files and SQL: \
+        docs/rules-and-sql.md. `iotfwd <COMMAND> --help` gives each command's options, \
+        defaults and exit status."
+)]
 pub struct Cli {
     #[command(subcommand)]
     pub command: Command,
@@ -33,95 +50,94 @@ pub struct Cli {
 pub enum Command {
     /// Run the daemon. Without --config it starts on the embedded default, which needs no
     /// broker: HTTP on 127.0.0.1:8080, rules from ./rules, data under ./data.
+    ///
+    /// The embedded default also hosts the AMQP 1.0 consumer-group endpoint on 127.0.0.1:5673
+    /// with one group, `demo` (docs/consumer-groups.md). The rules reload when a file in the
+    /// rules directory changes, on SIGHUP and on POST /api/v1/rules/reload; SIGTERM or Ctrl-C
+    /// stops intake and lets in-flight work drain for up to shutdown.grace_ms
+    /// (docs/operations.md).
+    ///
+    /// Exit status: 0 after a clean shutdown; 1 when the daemon cannot start or fails (a port
+    /// in use, a stage that died); 2 when the config does not load (every problem is printed
+    /// with its line, and nothing starts).
     Run {
-        /// The config file (TOML). Every setting is optional; see README "Configuration".
+        /// The config file (TOML); every setting is optional, unknown keys are errors
+        /// (docs/configuration.md). Default: the embedded default.
         #[arg(long, short, env = "IOTFWD_CONFIG")]
         config: Option<PathBuf>,
     },
     /// Validate the config and every rule file; report every problem with its file and line.
+    ///
+    /// Loads the config and every *.toml rule file of the rules directory as `iotfwd run`
+    /// would, and reports every problem at once (docs/configuration.md,
+    /// docs/rules-and-sql.md). It also warns about what loads but would fail at run time: a
+    /// group action naming no `[[group]]` of the config (its forwards would end in 9325).
+    ///
+    /// Exit status: 0 when nothing is wrong (a one-line summary on stdout: the config and the
+    /// rules that loaded; warnings on stderr); 1 on any problem (each on stderr with its file
+    /// and line, then their count).
     Check {
+        /// The config file to check (default: the embedded default).
         #[arg(long, short, env = "IOTFWD_CONFIG")]
         config: Option<PathBuf>,
         /// The rules directory (default: rules.dir from the config, else ./rules).
         #[arg(long)]
         rules: Option<PathBuf>,
     },
-    /// Work with rule files.
+    /// Work with rule files (docs/rules-and-sql.md).
     Rules {
         #[command(subcommand)]
         command: RulesCommand,
     },
     /// Print the status code catalog, or one code's meaning, cause and troubleshooting.
+    ///
+    /// The codes are the IoT platform's; every outcome record carries one (docs/logs.md,
+    /// "Outcomes and codes").
+    ///
+    /// Exit status: 0; 2 for a code that is not in the catalog (the known codes are listed).
     Codes {
-        /// A code, e.g. 9307.
+        /// A code, e.g. 9307 (default: the whole catalog, one line per code).
         code: Option<u16>,
     },
     /// Post one message to a running daemon and print its result.
-    Send {
-        /// The message topic, e.g. /a1b2c3/dev01/thing/event/property/post.
-        #[arg(long)]
-        topic: String,
-        /// The payload: JSON text, or @FILE to read it from a file.
-        #[arg(long)]
-        payload: String,
-        /// The daemon's base URL.
-        #[arg(long, default_value = "http://127.0.0.1:8080")]
-        url: String,
-        /// Also print each matched rule's output.
-        #[arg(long, default_value_t = true, action = clap::ArgAction::Set)]
-        verbose: bool,
-    },
-    /// Consume a consumer group from the AMQP 1.0 endpoint, as a platform consumer would (the
-    /// login is signed as in README "Consumer groups"). Prints one JSON line per message: its
-    /// application properties and body. For debugging and demos.
-    Consume {
-        /// The consumer group.
-        #[arg(long)]
-        group: String,
-        /// The endpoint.
-        #[arg(long, default_value = "amqp://127.0.0.1:5673")]
-        url: String,
-        /// The daemon's config, to find the group's AccessKey id and secret (default: the
-        /// embedded default, whose `demo` group's secret is in data/demo-group.secret).
-        #[arg(long, short, env = "IOTFWD_CONFIG")]
-        config: Option<PathBuf>,
-        /// The AccessKey id (default: the group's, from the config).
-        #[arg(long)]
-        access_key_id: Option<String>,
-        /// The AccessKey secret (default: the group's, from the config).
-        #[arg(long, env = "IOTFWD_GROUP_SECRET", hide_env_values = true)]
-        secret: Option<String>,
-        /// Release each message instead of accepting it (it is redelivered: 9651).
-        #[arg(long, conflicts_with_all = ["reject", "no_ack"])]
-        release: bool,
-        /// Reject each message (9652: to the rule's error action, never redelivered).
-        #[arg(long, conflicts_with = "no_ack")]
-        reject: bool,
-        /// Settle nothing (after the group's ack_timeout_ms each is 9650 and redelivered).
-        #[arg(long)]
-        no_ack: bool,
-        /// Stop after this many messages (default: run until Ctrl-C).
-        #[arg(long)]
-        count: Option<u64>,
-        /// hmacsha1 or hmacsha256.
-        #[arg(long, default_value = "hmacsha1")]
-        sign_method: String,
-        /// The idle time-out to announce, ms (30000..=300000 is accepted).
-        #[arg(long, default_value_t = 60_000)]
-        idle_timeout_ms: u32,
-        /// The client id (default: iotfwd-consume-<pid>).
-        #[arg(long)]
-        client_id: Option<String>,
-        /// For an amqps:// URL: the PEM file of the CA (or self-signed certificate) to trust.
-        #[arg(long)]
-        ca: Option<PathBuf>,
-    },
+    ///
+    /// Sends the message to the daemon's ingest route, POST /api/v1/messages (docs/api.md): a
+    /// JSON payload as JSON, anything else as payload_base64. Prints the daemon's answer
+    /// (pretty-printed JSON): the message's ids and code, and each matched rule's result and
+    /// its actions' outcomes.
+    ///
+    /// Exit status: 0 when the daemon answers with a success status (the answer may still give
+    /// the message a failure code, e.g. 1903); 1 when it cannot be reached or answers with an
+    /// error status; 2 when --payload @FILE cannot be read.
+    Send(SendArgs),
+    /// Consume a consumer group from the AMQP 1.0 endpoint, as a platform consumer would.
+    /// Prints one JSON line per message: its application properties and body. For debugging
+    /// and demos.
+    ///
+    /// The login is signed as the platform's consumers sign it, with the group's AccessKey id
+    /// and secret (docs/consumer-groups.md). Each message is accepted, unless --release,
+    /// --reject or --no-ack says otherwise. Runs until Ctrl-C or --count messages.
+    ///
+    /// Exit status: 0 when stopped by Ctrl-C or --count; 1 when the endpoint cannot be reached,
+    /// refuses the login or closes the link; 2 when the credentials cannot be found (no such
+    /// group in the config, a config that does not load, a secret that cannot be read) or
+    /// --sign-method is unknown.
+    Consume(ConsumeArgs),
     /// Query the outcome records (one per step of each message) in the record store, like the
     /// IoT console's log search; `iotfwd logs trace ID` follows one message. Reads the store
     /// file directly: the daemon need not run.
+    ///
+    /// Prints a table, newest first, 50 records a page (--json: JSON lines with the platform's
+    /// field names); the cursor of the next page goes to stderr. docs/logs.md shows how to find
+    /// why a message did not arrive.
+    ///
+    /// Exit status: 0, also when nothing matches; 1 when the store cannot be read or `trace`
+    /// finds no record; 2 for a filter or a config that is not valid.
     Logs(Box<logs::LogsCmd>),
     /// Benchmarks (not tests): each prints its rate and the ratio to a baseline measured in the
     /// same run.
+    ///
+    /// Measure a release build. docs/benchmarks.md gives each one's method and latest figures.
     Bench {
         #[command(subcommand)]
         command: BenchCommand,
@@ -132,20 +148,17 @@ pub enum Command {
 pub enum RulesCommand {
     /// Run one message through one rule with the daemon's own engine. Prints the output object
     /// (one JSON line) when the rule matches; prints nothing on stdout and the reason on stderr
-    /// when it does not. Exits non-zero with the code (9307, 9320) for a bad rule or payload.
-    Test {
-        /// The rule file.
-        rule_file: PathBuf,
-        /// The message topic.
-        #[arg(long)]
-        topic: String,
-        /// The payload: JSON text, or @FILE.
-        #[arg(long)]
-        payload: String,
-        /// Message time in ms since the epoch (default: now), for timestamp().
-        #[arg(long)]
-        timestamp: Option<i64>,
-    },
+    /// when it does not. Exits non-zero with the code for a bad rule, payload or topic.
+    ///
+    /// The rule runs even when its file says enabled = false, so it can be tried before it is
+    /// enabled; its actions are not run. Rule files and the SQL dialect:
+    /// docs/rules-and-sql.md.
+    ///
+    /// Exit status: 0 when the message was evaluated, matched or not; 1, with the code on
+    /// stderr, for a rule file that does not load (9307, 9321), a payload that is not valid
+    /// JSON (9320), a topic not of the platform's form (1903) or a function that fails on this
+    /// message (9307); 2 when --payload @FILE cannot be read.
+    Test(RuleTestArgs),
 }
 
 #[derive(Debug, Subcommand)]
@@ -153,6 +166,8 @@ pub enum BenchCommand {
     /// Push throughput of the AMQP 1.0 consumer-group endpoint to consumers that accept every
     /// message, on 1 and 4 connections, against the engine's ingest rate (10 rules) measured
     /// in the same run. Needs no broker.
+    ///
+    /// Method and figures: docs/benchmarks.md, "Consumer groups".
     Groups {
         /// Messages per push run.
         #[arg(long, default_value_t = 200_000)]
@@ -164,11 +179,14 @@ pub enum BenchCommand {
     /// The record store: fills N records of realistic shape through the writer (the sustained
     /// insert rate, against 3 records per message at the engine's rate measured in the same
     /// run), then times the console's lookups and a keyword scan, each next to its target.
+    ///
+    /// Method and figures: docs/benchmarks.md, "Record store".
     Logs {
         /// Records to fill.
         #[arg(long, default_value_t = 10_000_000)]
         records: usize,
-        /// The store file (default: a new file in the temp directory, deleted afterwards).
+        /// The store file (default: a new file in the temp directory, deleted afterwards). A
+        /// file that exists (kept by --keep) is measured as it is, without a fill.
         #[arg(long, value_name = "PATH")]
         db: Option<PathBuf>,
         /// Keep the store file afterwards.
@@ -178,13 +196,15 @@ pub enum BenchCommand {
         /// time-ordered generated ones.
         #[arg(long)]
         random_trace_ids: bool,
-        /// Tune the writer with this config file's [store] section (batch, commit interval,
+        /// Tune the writer with this config file's `[store]` section (batch, commit interval,
         /// checkpoint size; its path is ignored). Default: the built-in defaults.
         #[arg(long, value_name = "FILE")]
         config: Option<PathBuf>,
     },
     /// Engine throughput on generated property-post messages (no I/O), against a parse-only
     /// baseline (serde_json parse of the same payloads) measured in the same run.
+    ///
+    /// Method and figures: docs/benchmarks.md, "Engine" and "Quotas".
     Engine {
         /// Number of filter-and-projection rules.
         #[arg(long, default_value_t = 10)]
@@ -203,6 +223,8 @@ pub enum BenchCommand {
     /// RabbitMQ -> iotfwd (10 rules) -> RabbitMQ with confirms, against a bare lapin relay
     /// (consume -> publish -> ack, same prefetch and confirm window) in the same run; then the
     /// end-to-end latency at half the measured rate. Needs a broker.
+    ///
+    /// Method and figures: docs/benchmarks.md, "Pipeline".
     Pipeline {
         /// The broker to run against.
         #[arg(long, default_value = "amqp://guest:guest@127.0.0.1:5672/%2f")]
@@ -219,441 +241,106 @@ pub enum BenchCommand {
         /// Rules in iotfwd (each message matches one).
         #[arg(long, default_value_t = 10)]
         rules: usize,
-        /// Run iotfwd with this config file (for its [store], [quota], [log] and other
-        /// tuning); the benchmark replaces its [broker], [source], rules and data directories.
+        /// Run iotfwd with this config file (for its `[store]`, `[quota]`, `[log]` and other
+        /// tuning); the benchmark replaces its `[broker]`, `[source]`, rules and data directories.
         /// Default: the built-in defaults.
         #[arg(long, value_name = "FILE")]
         config: Option<PathBuf>,
     },
 }
 
+/// `iotfwd send`.
+#[derive(Debug, Args)]
+pub struct SendArgs {
+    /// The message topic, e.g. /a1b2c3/dev01/thing/event/property/post.
+    #[arg(long)]
+    pub topic: String,
+    /// The payload: JSON text, or @FILE to read it from a file.
+    #[arg(long, value_name = "JSON|@FILE")]
+    pub payload: String,
+    /// The daemon's base URL (its http.listen).
+    #[arg(long, default_value = "http://127.0.0.1:8080")]
+    pub url: String,
+    /// Also print each matched rule's output; --verbose false leaves the outputs out.
+    #[arg(long, default_value_t = true, action = clap::ArgAction::Set)]
+    pub verbose: bool,
+}
+
+/// `iotfwd consume`.
+#[derive(Debug, Args)]
+pub struct ConsumeArgs {
+    /// The consumer group: the id of a `[[group]]` of the daemon's config.
+    #[arg(long)]
+    pub group: String,
+    /// The AMQP 1.0 endpoint (the daemon's subscription.listen); amqps:// for TLS.
+    #[arg(long, default_value = "amqp://127.0.0.1:5673")]
+    pub url: String,
+    /// The daemon's config, to find the group's AccessKey id and secret (default: the
+    /// embedded default, whose `demo` group's secret is in data/demo-group.secret).
+    #[arg(long, short, env = "IOTFWD_CONFIG")]
+    pub config: Option<PathBuf>,
+    /// The AccessKey id (default: the group's, from the config).
+    #[arg(long)]
+    pub access_key_id: Option<String>,
+    /// The AccessKey secret (default: the group's, from the config).
+    #[arg(long, env = "IOTFWD_GROUP_SECRET", hide_env_values = true)]
+    pub secret: Option<String>,
+    /// Release each message instead of accepting it (it is redelivered: 9651).
+    #[arg(long, conflicts_with_all = ["reject", "no_ack"])]
+    pub release: bool,
+    /// Reject each message (9652: to the rule's error action, never redelivered).
+    #[arg(long, conflicts_with = "no_ack")]
+    pub reject: bool,
+    /// Settle nothing (after the group's ack_timeout_ms each is 9650 and redelivered).
+    #[arg(long)]
+    pub no_ack: bool,
+    /// Stop after this many messages (default: run until Ctrl-C).
+    #[arg(long)]
+    pub count: Option<u64>,
+    /// How the login is signed: hmacsha1 or hmacsha256.
+    #[arg(long, default_value = "hmacsha1")]
+    pub sign_method: String,
+    /// The idle time-out to announce, ms (30000..=300000 is accepted).
+    #[arg(long, default_value_t = 60_000)]
+    pub idle_timeout_ms: u32,
+    /// The client id (default: `iotfwd-consume-<pid>`).
+    #[arg(long)]
+    pub client_id: Option<String>,
+    /// For an amqps:// URL: the PEM file of the CA (or self-signed certificate) to trust.
+    #[arg(long)]
+    pub ca: Option<PathBuf>,
+}
+
+/// `iotfwd rules test`.
+#[derive(Debug, Args)]
+pub struct RuleTestArgs {
+    /// The rule file (TOML; the rule is named by the file's stem).
+    pub rule_file: PathBuf,
+    /// The message topic, e.g. /a1b2c3/dev01/thing/event/property/post: the device's identity
+    /// (productKey, deviceName) comes from it.
+    #[arg(long)]
+    pub topic: String,
+    /// The payload: JSON text, or @FILE to read it from a file.
+    #[arg(long, value_name = "JSON|@FILE")]
+    pub payload: String,
+    /// Message time in ms since the epoch (default: now), for timestamp().
+    #[arg(long)]
+    pub timestamp: Option<i64>,
+}
+
 /// Parses the command line and runs it.
 pub fn main() -> ExitCode {
     let cli = Cli::parse();
     match cli.command {
-        Command::Run { config } => run(config.as_deref()),
-        Command::Consume {
-            group,
-            url,
-            config,
-            access_key_id,
-            secret,
-            release,
-            reject,
-            no_ack,
-            count,
-            sign_method,
-            idle_timeout_ms,
-            client_id,
-            ca,
-        } => {
-            let settle = if release {
-                consume::Settle::Release
-            } else if reject {
-                consume::Settle::Reject
-            } else if no_ack {
-                consume::Settle::None
-            } else {
-                consume::Settle::Accept
-            };
-            consume::run(consume::Args {
-                group,
-                url,
-                config,
-                access_key_id,
-                secret,
-                settle,
-                count,
-                sign_method,
-                idle_timeout_ms,
-                client_id,
-                ca,
-            })
-        }
-        Command::Check { config, rules } => check(config.as_deref(), rules.as_deref()),
+        Command::Run { config } => run::run(config.as_deref()),
+        Command::Consume(args) => consume::run(args),
+        Command::Check { config, rules } => check::run(config.as_deref(), rules.as_deref()),
         Command::Rules {
-            command:
-                RulesCommand::Test {
-                    rule_file,
-                    topic,
-                    payload,
-                    timestamp,
-                },
-        } => rules_test(&rule_file, topic, &payload, timestamp),
-        Command::Codes { code } => codes_cmd(code),
+            command: RulesCommand::Test(args),
+        } => rules::test(args),
+        Command::Codes { code } => codes::run(code),
         Command::Logs(cmd) => logs::run(*cmd),
-        Command::Bench {
-            command:
-                BenchCommand::Logs {
-                    records,
-                    db,
-                    keep,
-                    random_trace_ids,
-                    config,
-                },
-        } => {
-            let store = match config {
-                Some(p) => match load_config(Some(&p)) {
-                    Ok(c) => c.store,
-                    Err(code) => return code,
-                },
-                None => Default::default(),
-            };
-            crate::bench::logs::run(
-                records,
-                db,
-                keep,
-                random_trace_ids,
-                StoreOptions::from_config(&store),
-            )
-        }
-        Command::Send {
-            topic,
-            payload,
-            url,
-            verbose,
-        } => send(&url, topic, &payload, verbose),
-        Command::Bench {
-            command:
-                BenchCommand::Groups {
-                    messages,
-                    connections,
-                },
-        } => match crate::bench::groups::run(messages, &connections) {
-            Ok(()) => ExitCode::SUCCESS,
-            Err(e) => {
-                eprintln!("error: {e:#}");
-                ExitCode::FAILURE
-            }
-        },
-        Command::Bench {
-            command:
-                BenchCommand::Pipeline {
-                    url,
-                    messages,
-                    prefetch,
-                    confirm_window,
-                    rules,
-                    config,
-                },
-        } => {
-            let base = match config {
-                Some(p) => match load_config(Some(&p)) {
-                    Ok(c) => c,
-                    Err(code) => return code,
-                },
-                None => Config::default(),
-            };
-            let bench = crate::bench::pipeline::PipelineBench {
-                url,
-                messages,
-                prefetch,
-                confirm_window,
-                rules,
-                base,
-            };
-            let runtime = tokio::runtime::Builder::new_multi_thread()
-                .enable_all()
-                .build()
-                .expect("runtime");
-            match runtime.block_on(crate::bench::pipeline::run(bench)) {
-                Ok(()) => ExitCode::SUCCESS,
-                Err(e) => {
-                    eprintln!("error: {e:#}");
-                    ExitCode::FAILURE
-                }
-            }
-        }
-        Command::Bench {
-            command:
-                BenchCommand::Engine {
-                    rules,
-                    messages,
-                    batch,
-                    quotas,
-                },
-        } => {
-            if quotas {
-                crate::bench::engine::engine_quotas(rules, messages, batch);
-            } else {
-                crate::bench::engine::engine(rules, messages, batch);
-            }
-            ExitCode::SUCCESS
-        }
-    }
-}
-
-fn load_config(path: Option<&Path>) -> Result<Config, ExitCode> {
-    match path {
-        None => Ok(Config::embedded_default()),
-        Some(p) => Config::load(p).map_err(|errors| {
-            for e in &errors {
-                eprintln!("error: {e}");
-            }
-            eprintln!("{} problem(s) in the config; nothing started", errors.len());
-            ExitCode::from(2)
-        }),
-    }
-}
-
-fn run(config_path: Option<&Path>) -> ExitCode {
-    let config = match load_config(config_path) {
-        Ok(c) => c,
-        Err(code) => return code,
-    };
-    crate::telemetry::init_tracing(&config.log.level, config.log.format == LogFormat::Json);
-    match config_path {
-        Some(p) => tracing::info!(config = %p.display(), "config loaded"),
-        None => tracing::info!(
-            "no --config: embedded default (HTTP {}, rules from {}, data under {}; no broker needed)",
-            config.http.listen,
-            config.rules.dir.display(),
-            config.data.dir.display()
-        ),
-    }
-    let runtime = match tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-    {
-        Ok(r) => r,
-        Err(e) => {
-            eprintln!("error: cannot start the async runtime: {e}");
-            return ExitCode::FAILURE;
-        }
-    };
-    let result = runtime.block_on(async {
-        let listeners = crate::daemon::Listeners::bind(&config).await?;
-        crate::daemon::run_from_file(
-            config,
-            config_path,
-            listeners,
-            crate::daemon::shutdown_signal(),
-        )
-        .await
-    });
-    match result {
-        Ok(()) => ExitCode::SUCCESS,
-        Err(e) => {
-            tracing::error!("{e:#}");
-            eprintln!("error: {e:#}");
-            ExitCode::FAILURE
-        }
-    }
-}
-
-fn check(config_path: Option<&Path>, rules_dir: Option<&Path>) -> ExitCode {
-    let mut problems: Vec<String> = Vec::new();
-    let config = match config_path {
-        None => Config::embedded_default(),
-        Some(p) => match Config::load(p) {
-            Ok(c) => c,
-            Err(errors) => {
-                problems.extend(errors.iter().map(ToString::to_string));
-                Config::default()
-            }
-        },
-    };
-    let dir = rules_dir
-        .map(Path::to_path_buf)
-        .unwrap_or_else(|| config.rules.dir.clone());
-    let compiler = Compiler::new(config.engine.max_variants_per_rule);
-    let (rules, errors) = compiler.load_dir(&dir);
-    problems.extend(errors.iter().map(ToString::to_string));
-    if !problems.is_empty() {
-        for p in &problems {
-            eprintln!("error: {p}");
-        }
-        eprintln!(
-            "{} problem(s); {} rule(s) in {} loaded",
-            problems.len(),
-            rules.len(),
-            dir.display()
-        );
-        return ExitCode::FAILURE;
-    }
-    // A group action naming no [[group]] would end in 9325 at run time: say so now.
-    for rule in &rules {
-        for action in rule.actions.iter().chain(rule.error_action.as_ref()) {
-            if let crate::rules::ActionSpec::Group(g) = action
-                && config.group(&g.group).is_none()
-            {
-                eprintln!(
-                    "warning: {}: group {:?} is not a [[group]] of the config; its forwards will fail with 9325",
-                    rule.file.display(),
-                    g.group
-                );
-            }
-        }
-    }
-    let config_name = config_path.map_or("embedded default config".to_owned(), |p| {
-        p.display().to_string()
-    });
-    println!(
-        "ok: {config_name}, {} rule(s) in {} ({})",
-        rules.len(),
-        dir.display(),
-        rules
-            .iter()
-            .map(|r| r.name.as_str())
-            .collect::<Vec<_>>()
-            .join(", ")
-    );
-    ExitCode::SUCCESS
-}
-
-/// Reads `@FILE` or returns the text itself.
-fn payload_arg(arg: &str) -> Result<Vec<u8>, String> {
-    match arg.strip_prefix('@') {
-        Some(path) => {
-            std::fs::read(path).map_err(|e| format!("cannot read payload file {path}: {e}"))
-        }
-        None => Ok(arg.as_bytes().to_vec()),
-    }
-}
-
-fn rules_test(rule_file: &Path, topic: String, payload: &str, timestamp: Option<i64>) -> ExitCode {
-    let payload = match payload_arg(payload) {
-        Ok(p) => p,
-        Err(e) => {
-            eprintln!("error: {e}");
-            return ExitCode::from(2);
-        }
-    };
-    let compiler = Arc::new(Compiler::new(32));
-    let rule = match compiler.load_file(rule_file) {
-        Ok(r) => r,
-        Err(errors) => {
-            for e in &errors {
-                eprintln!("error: {e}");
-            }
-            return ExitCode::FAILURE;
-        }
-    };
-    let rule_name = rule.name.clone();
-    let message = match Message::new(
-        topic,
-        payload.into(),
-        Identity {
-            timestamp_ms: timestamp,
-            ..Identity::default()
-        },
-    ) {
-        Ok(m) => m,
-        Err(rejection) => {
-            eprintln!("error: {}", crate::outcome::Failure::rejected(&rejection));
-            return ExitCode::FAILURE;
-        }
-    };
-    let mut rule = rule;
-    // `rules test` runs a disabled rule too: the point is to try it before enabling it.
-    rule.enabled = true;
-    let engine = Engine::new(compiler, Arc::new(RuleSet::new(vec![rule])));
-    let results = engine.evaluate(std::slice::from_ref(&message)).remove(0);
-    let Some(result) = results.into_iter().next() else {
-        eprintln!(
-            "no match: topic {:?} does not match the rule's FROM filter {:?}",
-            message.topic,
-            engine.rules().rules()[0].program.parsed.filter.as_str()
-        );
-        return ExitCode::SUCCESS;
-    };
-    match result.outcome {
-        RuleOutcome::Passed(output) => {
-            println!("{}", serde_json::Value::Object(output));
-            ExitCode::SUCCESS
-        }
-        RuleOutcome::NoResult => {
-            eprintln!("no match: WHERE is false or NULL for this message (rule {rule_name})");
-            ExitCode::SUCCESS
-        }
-        RuleOutcome::Failed(failure) => {
-            let code = failure.code();
-            eprintln!("error: {failure}");
-            eprintln!("{}: {}", code, code.info().meaning);
-            ExitCode::FAILURE
-        }
-    }
-}
-
-fn codes_cmd(code: Option<u16>) -> ExitCode {
-    match code {
-        None => {
-            print!("{}", codes::render_catalog());
-            ExitCode::SUCCESS
-        }
-        Some(c) => match codes::lookup(c) {
-            Some(info) => {
-                print!("{}", codes::render_one(info));
-                ExitCode::SUCCESS
-            }
-            None => {
-                eprintln!(
-                    "error: unknown code {c}; known codes: {}",
-                    Code::ALL
-                        .iter()
-                        .map(|c| c.to_string())
-                        .collect::<Vec<_>>()
-                        .join(", ")
-                );
-                ExitCode::from(2)
-            }
-        },
-    }
-}
-
-fn send(url: &str, topic: String, payload: &str, verbose: bool) -> ExitCode {
-    let payload = match payload_arg(payload) {
-        Ok(p) => p,
-        Err(e) => {
-            eprintln!("error: {e}");
-            return ExitCode::from(2);
-        }
-    };
-    // Send JSON payloads as JSON; anything else as base64, so binary payloads go through too.
-    let envelope = match serde_json::from_slice::<serde_json::Value>(&payload) {
-        Ok(value) => serde_json::json!({ "topic": topic, "payload": value }),
-        Err(_) => {
-            use base64::Engine as _;
-            serde_json::json!({
-                "topic": topic,
-                "payload_base64": base64::engine::general_purpose::STANDARD.encode(&payload),
-            })
-        }
-    };
-    let endpoint = format!(
-        "{}/api/v1/messages?verbose={verbose}",
-        url.trim_end_matches('/')
-    );
-    let runtime = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .expect("runtime");
-    let result = runtime.block_on(async {
-        let response = reqwest::Client::new()
-            .post(&endpoint)
-            .json(&envelope)
-            .send()
-            .await?;
-        let status = response.status();
-        let body = response.text().await?;
-        Ok::<_, reqwest::Error>((status, body))
-    });
-    match result {
-        Ok((status, body)) => {
-            let pretty = serde_json::from_str::<serde_json::Value>(&body)
-                .map(|v| serde_json::to_string_pretty(&v).unwrap_or(body.clone()))
-                .unwrap_or(body);
-            println!("{pretty}");
-            if status.is_success() {
-                ExitCode::SUCCESS
-            } else {
-                eprintln!("error: the daemon answered {status}");
-                ExitCode::FAILURE
-            }
-        }
-        Err(e) => {
-            eprintln!("error: cannot reach the daemon at {endpoint}: {e}");
-            ExitCode::FAILURE
-        }
+        Command::Send(args) => send::run(args),
+        Command::Bench { command } => bench::run(command),
     }
 }

@@ -92,6 +92,70 @@ fn check_passes_on_the_shipped_rules() {
     assert!(stdout.starts_with("ok:"), "{stdout}");
 }
 
+/// A rule forwarding to group `nosuch` (no config has it), with error action to `demo` (the
+/// embedded default's group).
+const TO_GROUPS: &str = r#"
+sql = '''SELECT * FROM "/p1/+/post"'''
+[[action]]
+to = "group"
+group = "nosuch"
+[error_action]
+to = "group"
+group = "demo"
+"#;
+
+#[test]
+fn check_warns_about_a_group_action_naming_no_group() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::create_dir(dir.path().join("rules")).unwrap();
+    std::fs::write(dir.path().join("rules/good.toml"), GOOD_RULE).unwrap();
+    std::fs::write(dir.path().join("rules/to_groups.toml"), TO_GROUPS).unwrap();
+    let warning = |group: &str| {
+        format!(
+            "warning: rules/to_groups.toml: group {group:?} is not a [[group]] of the config; \
+             its forwards will fail with 9325\n"
+        )
+    };
+
+    // The embedded default hosts `demo`: one warning, and the check passes.
+    let out = iotfwd(&["check", "--rules", "rules"], dir.path());
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
+    assert_eq!(
+        text(&out.stdout),
+        "ok: embedded default config, 2 rule(s) in rules (good, to_groups)\n"
+    );
+    assert_eq!(text(&out.stderr), warning("nosuch"));
+
+    // A config file hosts only its own [[group]]s: none here.
+    std::fs::write(dir.path().join("iotfwd.toml"), "").unwrap();
+    let out = iotfwd(
+        &["check", "--config", "iotfwd.toml", "--rules", "rules"],
+        dir.path(),
+    );
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
+    assert_eq!(
+        text(&out.stdout),
+        "ok: iotfwd.toml, 2 rule(s) in rules (good, to_groups)\n"
+    );
+    assert_eq!(
+        text(&out.stderr),
+        format!("{}{}", warning("nosuch"), warning("demo"))
+    );
+
+    // A failing check lists its problems only, and exits 1.
+    std::fs::write(dir.path().join("rules/bad.toml"), "sql = 'SELECT FROM'\n").unwrap();
+    let out = iotfwd(&["check", "--rules", "rules"], dir.path());
+    assert_eq!(out.status.code(), Some(1));
+    assert_eq!(text(&out.stdout), "");
+    let err = text(&out.stderr);
+    assert!(err.starts_with("error: rules/bad.toml:1"), "{err}");
+    assert!(
+        err.ends_with("\n1 problem(s); 2 rule(s) in rules loaded\n"),
+        "{err}"
+    );
+    assert!(!err.contains("warning"), "{err}");
+}
+
 #[test]
 fn rules_test_prints_the_output_or_the_reason() {
     let dir = tempfile::tempdir().unwrap();
@@ -212,4 +276,348 @@ fn codes_prints_the_catalog_and_one_code() {
     let out = iotfwd(&["codes", "1234"], here);
     assert!(!out.status.success());
     assert!(text(&out.stderr).contains("unknown code 1234"));
+}
+
+#[test]
+fn run_starts_nothing_on_a_config_that_does_not_load() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(
+        dir.path().join("iotfwd.toml"),
+        "[engine]\nbatch_max_messages = 0\n",
+    )
+    .unwrap();
+    for args in [
+        &["run", "--config", "iotfwd.toml"][..],
+        &["bench", "logs", "--config", "iotfwd.toml"],
+        &["bench", "pipeline", "--config", "iotfwd.toml"],
+    ] {
+        let out = iotfwd(args, dir.path());
+        let err = text(&out.stderr);
+        assert_eq!(out.status.code(), Some(2), "{args:?}: {err}");
+        assert_eq!(text(&out.stdout), "", "{args:?}");
+        assert!(
+            err.starts_with("error: iotfwd.toml:2:"),
+            "{args:?}, the problem with its line: {err}"
+        );
+        assert!(
+            err.ends_with("\n1 problem(s) in the config; nothing started\n"),
+            "{args:?}: {err}"
+        );
+    }
+    // The data directory the config would have used was never created.
+    assert!(!dir.path().join("data").exists());
+}
+
+#[test]
+fn codes_exits_2_for_an_unknown_code() {
+    let here = Path::new(env!("CARGO_MANIFEST_DIR"));
+    let out = iotfwd(&["codes", "1234"], here);
+    assert_eq!(out.status.code(), Some(2));
+    assert_eq!(text(&out.stdout), "");
+    assert!(
+        text(&out.stderr).contains("known codes: 200, 1903,"),
+        "{}",
+        text(&out.stderr)
+    );
+}
+
+#[test]
+fn send_and_rules_test_exit_2_when_the_payload_file_cannot_be_read() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("hot.toml"), GOOD_RULE).unwrap();
+    for args in [
+        &[
+            "send",
+            "--topic",
+            "/p1/d/post",
+            "--payload",
+            "@missing.json",
+        ][..],
+        &[
+            "rules",
+            "test",
+            "hot.toml",
+            "--topic",
+            "/p1/d/post",
+            "--payload",
+            "@missing.json",
+        ],
+    ] {
+        let out = iotfwd(args, dir.path());
+        assert_eq!(out.status.code(), Some(2), "{args:?}");
+        assert!(
+            text(&out.stderr).starts_with("error: cannot read payload file missing.json: "),
+            "{args:?}: {}",
+            text(&out.stderr)
+        );
+    }
+}
+
+#[test]
+fn send_exits_1_when_no_daemon_answers() {
+    let dir = tempfile::tempdir().unwrap();
+    // A port that was free a moment ago: nothing listens there.
+    let url = format!("http://127.0.0.1:{}", super::harness::free_port());
+    let out = iotfwd(
+        &[
+            "send",
+            "--topic",
+            "/p1/d/post",
+            "--payload",
+            "{}",
+            "--url",
+            &url,
+        ],
+        dir.path(),
+    );
+    assert_eq!(out.status.code(), Some(1));
+    let err = text(&out.stderr);
+    assert!(
+        err.starts_with(&format!(
+            "error: cannot reach the daemon at {url}/api/v1/messages?verbose=true: "
+        )),
+        "{err}"
+    );
+}
+
+#[test]
+fn consume_exits_2_without_credentials_or_with_an_unknown_sign_method() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = iotfwd(&["consume", "--group", "nosuch"], dir.path());
+    assert_eq!(out.status.code(), Some(2));
+    assert_eq!(
+        text(&out.stderr),
+        "error: no consumer group \"nosuch\" in the embedded default (groups: demo); pass \
+         --access-key-id and --secret to connect anyway\n"
+    );
+    let out = iotfwd(
+        &[
+            "consume",
+            "--group",
+            "g1",
+            "--access-key-id",
+            "ak",
+            "--secret",
+            "s",
+            "--sign-method",
+            "md5",
+        ],
+        dir.path(),
+    );
+    assert_eq!(out.status.code(), Some(2));
+    assert_eq!(
+        text(&out.stderr),
+        "error: --sign-method \"md5\" is not hmacsha1 or hmacsha256\n"
+    );
+}
+
+/// `iotfwd send` to a daemon, `iotfwd consume` from its consumer group: the binaries against
+/// the real daemon, the consumer's credentials found in the daemon's config file.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn send_posts_to_the_daemon_and_consume_receives_from_its_group() {
+    use std::io::BufRead as _;
+    use std::process::Stdio;
+
+    let dir = tempfile::tempdir().unwrap();
+    let root = dir.path().to_owned();
+    std::fs::create_dir(root.join("rules")).unwrap();
+    std::fs::write(
+        root.join("rules/to_g1.toml"),
+        "sql = '''SELECT deviceName() AS device, t FROM \"/p1/+/post\"'''\n\
+         [[action]]\nto = \"group\"\ngroup = \"g1\"\n",
+    )
+    .unwrap();
+    std::fs::write(
+        root.join("rules/all.toml"),
+        "sql = '''SELECT * FROM \"/p2/+/post\"'''\n",
+    )
+    .unwrap();
+    std::fs::write(root.join("g1.secret"), "cli-test-secret\n").unwrap();
+    let config = root.join("iotfwd.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "[rules]\ndir = {rules:?}\n[data]\ndir = {data:?}\n[engine]\nbatch_max_wait_ms = 1\n\
+             [subscription]\nlisten = \"127.0.0.1:0\"\n\
+             [[group]]\nid = \"g1\"\naccess_key_id = \"ak-g1\"\nsecret_file = {secret:?}\n",
+            rules = root.join("rules"),
+            data = root.join("data"),
+            secret = root.join("g1.secret"),
+        ),
+    )
+    .unwrap();
+    let daemon = super::harness::Daemon::start_from_file(&config).await;
+    daemon.wait_ready().await;
+    let amqp = format!("amqp://{}", daemon.amqp.expect("the endpoint listens"));
+    let base = daemon.base.clone();
+
+    let mut consumer = Command::new(env!("CARGO_BIN_EXE_iotfwd"))
+        .args(["consume", "--group", "g1", "--url", &amqp, "--count", "1"])
+        .arg("--config")
+        .arg(&config)
+        .current_dir(&root)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("run iotfwd consume");
+    let stderr = consumer.stderr.take().unwrap();
+    let (first, mut stderr) = tokio::task::spawn_blocking(move || {
+        let mut stderr = std::io::BufReader::new(stderr);
+        let mut line = String::new();
+        stderr.read_line(&mut line).unwrap();
+        (line, stderr)
+    })
+    .await
+    .unwrap();
+    assert!(
+        first.starts_with("consuming group \"g1\" at amqp://127.0.0.1:"),
+        "{first}"
+    );
+
+    let send = |args: Vec<String>| {
+        let root = root.clone();
+        tokio::task::spawn_blocking(move || {
+            let args: Vec<&str> = args.iter().map(String::as_str).collect();
+            iotfwd(&args, &root)
+        })
+    };
+    let args = |topic: &str, payload: &str, more: &[&str]| -> Vec<String> {
+        [
+            "send",
+            "--topic",
+            topic,
+            "--payload",
+            payload,
+            "--url",
+            &base,
+        ]
+        .iter()
+        .chain(more)
+        .map(|s| s.to_string())
+        .collect()
+    };
+
+    // A JSON payload: the answer (pretty JSON) holds the rule's output; the group gets it.
+    let out = send(args("/p1/dev7/post", r#"{"t":21}"#, &[]))
+        .await
+        .unwrap();
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
+    let answer: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert!(text(&out.stdout).contains("\n  \"accepted\": 1,"), "pretty");
+    assert_eq!(
+        answer["messages"][0]["rules"][0]["output"],
+        serde_json::json!({"device": "dev7", "t": 21}),
+        "{answer}"
+    );
+    let consumed = tokio::time::timeout(
+        std::time::Duration::from_secs(30),
+        tokio::task::spawn_blocking(move || {
+            let status = consumer.wait().unwrap();
+            let mut out = String::new();
+            std::io::Read::read_to_string(&mut consumer.stdout.take().unwrap(), &mut out).unwrap();
+            let mut rest = String::new();
+            std::io::Read::read_to_string(&mut stderr, &mut rest).unwrap();
+            (status, out, rest)
+        }),
+    )
+    .await
+    .expect("consume stops after --count 1")
+    .unwrap();
+    let (status, out, rest) = consumed;
+    assert_eq!(status.code(), Some(0), "{rest}");
+    assert_eq!(rest, "1 message(s)\n");
+    let lines: Vec<&str> = out.lines().collect();
+    assert_eq!(lines.len(), 1, "{out}");
+    let line: serde_json::Value = serde_json::from_str(lines[0]).unwrap();
+    assert_eq!(
+        line["body"],
+        serde_json::json!({"device": "dev7", "t": 21}),
+        "{line}"
+    );
+
+    // Not JSON: sent as payload_base64, so the daemon takes it (200) and the rule sees the
+    // very bytes, which are no JSON (9320).
+    let out = send(args("/p2/dev7/post", "not json", &[])).await.unwrap();
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
+    let answer: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(answer["messages"][0]["code"], 200, "{answer}");
+    let rule = &answer["messages"][0]["rules"][0];
+    assert_eq!(rule["code"], 9320, "{answer}");
+    assert!(
+        rule["reason"]
+            .as_str()
+            .unwrap()
+            .starts_with("payload is not valid JSON: expected ident at line 1 column 2"),
+        "{answer}"
+    );
+
+    // --verbose false: the result without the output.
+    let out = send(args("/p1/dev7/post", r#"{"t":1}"#, &["--verbose", "false"]))
+        .await
+        .unwrap();
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
+    let answer: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(answer["messages"][0]["rules"][0]["result"], "passed");
+    assert!(
+        answer["messages"][0]["rules"][0].get("output").is_none(),
+        "{answer}"
+    );
+
+    // A topic not of the platform's form is the daemon's answer (1903), not a failed send.
+    let out = send(args("nope", "{}", &[])).await.unwrap();
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
+    let answer: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(answer["messages"][0]["code"], 1903, "{answer}");
+
+    daemon.stop().await;
+}
+
+/// Every command and option says what it does; --help points at docs/ pages (and sections)
+/// that exist, never at the README sections that moved there.
+#[test]
+fn help_explains_every_command_and_points_at_docs_that_exist() {
+    use clap::CommandFactory;
+
+    let repo = Path::new(env!("CARGO_MANIFEST_DIR"));
+    let mut root = iotfwd::cli::Cli::command();
+    root.build();
+    let mut commands = vec![("iotfwd".to_owned(), root)];
+    let mut seen = 0;
+    while let Some((name, mut command)) = commands.pop() {
+        seen += 1;
+        assert!(command.get_about().is_some(), "{name}: no description");
+        for arg in command.get_arguments() {
+            let id = arg.get_id().as_str();
+            if id == "help" || id == "version" {
+                continue;
+            }
+            assert!(arg.get_help().is_some(), "{name} --{id}: no help");
+        }
+        // Whitespace folded: a section name may wrap.
+        let help = command.render_long_help().to_string();
+        let help = help.split_whitespace().collect::<Vec<_>>().join(" ");
+        assert!(!help.contains("README"), "{name} --help: {help}");
+        for (start, _) in help.match_indices("docs/") {
+            let rest = &help[start..];
+            let end = rest.find(".md").unwrap_or_else(|| panic!("{name}: {rest}")) + 3;
+            let page = &rest[..end];
+            let text = std::fs::read_to_string(repo.join(page))
+                .unwrap_or_else(|e| panic!("{name} --help names {page}: {e}"));
+            // `docs/x.md, "Section"` names a heading of that page.
+            if let Some(quoted) = rest[end..].strip_prefix(", \"") {
+                let section = &quoted[..quoted.find('"').unwrap()];
+                assert!(
+                    text.lines()
+                        .any(|l| l.trim_start_matches('#').trim() == section && l.starts_with('#')),
+                    "{name} --help: {page} has no section {section:?}"
+                );
+            }
+        }
+        for sub in command.get_subcommands() {
+            if sub.get_name() != "help" {
+                commands.push((format!("{name} {}", sub.get_name()), sub.clone()));
+            }
+        }
+    }
+    assert!(seen >= 15, "every command was looked at: {seen}");
 }

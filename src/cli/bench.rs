@@ -1,0 +1,83 @@
+//! `iotfwd bench ...`: the benchmarks of [`crate::bench`].
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use super::BenchCommand;
+use super::support::{Runtime, block_on, exit_code, load_config};
+use crate::config::Config;
+use crate::outcome::store::StoreOptions;
+
+pub(super) fn run(command: BenchCommand) -> ExitCode {
+    match command {
+        BenchCommand::Logs {
+            records,
+            db,
+            keep,
+            random_trace_ids,
+            config,
+        } => {
+            let store = match tuning(config) {
+                Ok(c) => c.store,
+                Err(code) => return code,
+            };
+            crate::bench::logs::run(
+                records,
+                db,
+                keep,
+                random_trace_ids,
+                StoreOptions::from_config(&store),
+            )
+        }
+        BenchCommand::Groups {
+            messages,
+            connections,
+        } => exit_code(crate::bench::groups::run(messages, &connections)),
+        BenchCommand::Pipeline {
+            url,
+            messages,
+            prefetch,
+            confirm_window,
+            rules,
+            config,
+        } => {
+            let base = match tuning(config) {
+                Ok(c) => c,
+                Err(code) => return code,
+            };
+            let bench = crate::bench::pipeline::PipelineBench {
+                url,
+                messages,
+                prefetch,
+                confirm_window,
+                rules,
+                base,
+            };
+            block_on(Runtime::MultiThread, async {
+                exit_code(crate::bench::pipeline::run(bench).await)
+            })
+        }
+        BenchCommand::Engine {
+            rules,
+            messages,
+            batch,
+            quotas,
+        } => {
+            if quotas {
+                crate::bench::engine::engine_quotas(rules, messages, batch);
+            } else {
+                crate::bench::engine::engine(rules, messages, batch);
+            }
+            ExitCode::SUCCESS
+        }
+    }
+}
+
+/// The config file a benchmark takes its tuning from (--config), else the built-in defaults
+/// (not the embedded default: a benchmark brings its own rules and groups).
+fn tuning(config: Option<PathBuf>) -> Result<Config, ExitCode> {
+    match config {
+        Some(p) => load_config(Some(&p)),
+        None => Ok(Config::default()),
+    }
+}

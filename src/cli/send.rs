@@ -1,0 +1,64 @@
+//! `iotfwd send`: posts one message to a running daemon's ingest route.
+
+use std::process::ExitCode;
+
+use super::SendArgs;
+use super::support::{Runtime, block_on, payload_arg};
+
+pub(super) fn run(args: SendArgs) -> ExitCode {
+    let payload = match payload_arg(&args.payload) {
+        Ok(p) => p,
+        Err(code) => return code,
+    };
+    // Send JSON payloads as JSON; anything else as base64, so binary payloads go through too.
+    let envelope = match serde_json::from_slice::<serde_json::Value>(&payload) {
+        Ok(value) => serde_json::json!({ "topic": args.topic, "payload": value }),
+        Err(_) => {
+            use base64::Engine as _;
+            serde_json::json!({
+                "topic": args.topic,
+                "payload_base64": base64::engine::general_purpose::STANDARD.encode(&payload),
+            })
+        }
+    };
+    let endpoint = format!(
+        "{}/api/v1/messages?verbose={}",
+        args.url.trim_end_matches('/'),
+        args.verbose
+    );
+    block_on(Runtime::CurrentThread, async {
+        match post(&endpoint, &envelope).await {
+            Ok((status, body)) => {
+                let pretty = serde_json::from_str::<serde_json::Value>(&body)
+                    .map(|v| serde_json::to_string_pretty(&v).unwrap_or(body.clone()))
+                    .unwrap_or(body);
+                println!("{pretty}");
+                if status.is_success() {
+                    ExitCode::SUCCESS
+                } else {
+                    eprintln!("error: the daemon answered {status}");
+                    ExitCode::FAILURE
+                }
+            }
+            Err(e) => {
+                eprintln!("error: cannot reach the daemon at {endpoint}: {e}");
+                ExitCode::FAILURE
+            }
+        }
+    })
+}
+
+/// POSTs `envelope` to `endpoint`; the answer's status and body.
+async fn post(
+    endpoint: &str,
+    envelope: &serde_json::Value,
+) -> Result<(reqwest::StatusCode, String), reqwest::Error> {
+    let response = reqwest::Client::new()
+        .post(endpoint)
+        .json(envelope)
+        .send()
+        .await?;
+    let status = response.status();
+    let body = response.text().await?;
+    Ok((status, body))
+}
