@@ -398,3 +398,155 @@ pub fn arrow_to_json(array: &dyn Array, row: usize) -> Value {
             .unwrap_or(Value::Null),
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::path::Path;
+
+    use bytes::Bytes;
+    use serde_json::json;
+
+    use super::*;
+    use crate::message::Identity;
+
+    fn compiler() -> Arc<Compiler> {
+        Arc::new(Compiler::new(8))
+    }
+
+    fn rule(compiler: &Compiler, name: &str, sql: &str) -> Rule {
+        let text = format!("sql = '''{sql}'''\n");
+        compiler
+            .compile_text(name, Path::new("test.toml"), &text)
+            .unwrap_or_else(|e| panic!("{name}: {e:?}"))
+    }
+
+    fn message(topic: &str, payload: &str) -> Message {
+        Message::new(
+            topic.to_owned(),
+            Bytes::copy_from_slice(payload.as_bytes()),
+            Identity::default(),
+        )
+        .unwrap()
+    }
+
+    fn engine(rules: &[(&str, &str)]) -> Engine {
+        let c = compiler();
+        let rules = rules.iter().map(|(n, sql)| rule(&c, n, sql)).collect();
+        Engine::new(c, Arc::new(RuleSet::new(rules)))
+    }
+
+    fn names(results: &[RuleResult]) -> Vec<&str> {
+        results.iter().map(|r| r.rule.name.as_str()).collect()
+    }
+
+    #[test]
+    fn only_rules_whose_filter_matches_are_candidates() {
+        let e = engine(&[
+            ("hot", r#"SELECT t FROM "/p1/+/up" WHERE t > 30"#),
+            ("all", r#"SELECT deviceName() AS d FROM "/#""#),
+        ]);
+        let out = e.evaluate(&[
+            message("/p1/d1/up", r#"{"t": 35}"#),
+            message("/p2/d2/up", r#"{"t": 35}"#),
+            message("/p1/d3/up", r#"{"t": 20}"#),
+        ]);
+        assert_eq!(names(&out[0]), ["hot", "all"]);
+        assert_eq!(names(&out[1]), ["all"]);
+        assert_eq!(
+            out[0][0].outcome,
+            RuleOutcome::Passed(obj(json!({"t": 35})))
+        );
+        assert_eq!(
+            out[1][0].outcome,
+            RuleOutcome::Passed(obj(json!({"d": "d2"})))
+        );
+        assert_eq!(out[2][0].outcome, RuleOutcome::NoResult, "WHERE false");
+    }
+
+    #[test]
+    fn a_payload_that_is_not_an_object_fails_with_9320_for_each_candidate_only() {
+        let e = engine(&[("r", r#"SELECT * FROM "/p1/+/up""#)]);
+        let out = e.evaluate(&[
+            message("/p1/d/up", "[1, 2]"),
+            message("/p1/d/up", "not json"),
+            message("/p9/d/up", "not json"),
+            message("/p1/d/up", r#"{"a": 1}"#),
+        ]);
+        for (m, kind) in [(0, "not an object"), (1, "not valid JSON")] {
+            match &out[m][0].outcome {
+                RuleOutcome::Failed(f) => {
+                    assert_eq!(f.code().as_u16(), 9320);
+                    assert!(f.reason().contains(kind), "{}", f.reason());
+                }
+                other => panic!("message {m}: {other:?}"),
+            }
+        }
+        assert!(
+            out[2].is_empty(),
+            "no candidate, so the payload is never parsed"
+        );
+        assert_eq!(out[3][0].outcome, RuleOutcome::Passed(obj(json!({"a": 1}))));
+    }
+
+    #[test]
+    fn a_batch_of_mixed_types_gives_what_each_message_gives_alone() {
+        let e = engine(&[(
+            "r",
+            r#"SELECT v + 1 AS w FROM "/p1/+/up" WHERE v IS NOT NULL"#,
+        )]);
+        let batch = vec![
+            message("/p1/a/up", r#"{"v": 1}"#),
+            message("/p1/b/up", r#"{"v": 2.5}"#),
+            message("/p1/c/up", r#"{"x": 1}"#),
+            message("/p1/d/up", r#"{"v": 41}"#),
+        ];
+        let together = e.evaluate(&batch);
+        for (m, msg) in batch.iter().enumerate() {
+            let alone = e.evaluate(std::slice::from_ref(msg));
+            assert_eq!(together[m][0].outcome, alone[0][0].outcome, "message {m}");
+        }
+        assert_eq!(
+            together[3][0].outcome,
+            RuleOutcome::Passed(obj(json!({"w": 42})))
+        );
+        assert_eq!(together[2][0].outcome, RuleOutcome::NoResult);
+    }
+
+    #[test]
+    fn refresh_swaps_the_rule_set_only_when_a_new_one_is_published() {
+        let c = compiler();
+        let first = Arc::new(RuleSet::new(vec![rule(
+            &c,
+            "v1",
+            r#"SELECT 1 AS v FROM "/p1/+/up""#,
+        )]));
+        let (tx, rx) = watch::channel(Arc::clone(&first));
+        let mut e = Engine::new(Arc::clone(&c), first).follow(rx);
+        assert!(!e.refresh(), "nothing new yet");
+        let msg = [message("/p1/d/up", "{}")];
+        assert_eq!(names(&e.evaluate(&msg)[0]), ["v1"]);
+        tx.send(Arc::new(RuleSet::new(vec![rule(
+            &c,
+            "v2",
+            r#"SELECT 2 AS v FROM "/p1/+/up""#,
+        )])))
+        .unwrap();
+        assert_eq!(
+            names(&e.evaluate(&msg)[0]),
+            ["v1"],
+            "no swap within a batch"
+        );
+        assert!(e.refresh());
+        assert!(!e.refresh(), "each version is taken once");
+        let out = e.evaluate(&msg);
+        assert_eq!(names(&out[0]), ["v2"]);
+        assert_eq!(out[0][0].outcome, RuleOutcome::Passed(obj(json!({"v": 2}))));
+    }
+
+    fn obj(v: Value) -> Output {
+        match v {
+            Value::Object(m) => m,
+            other => panic!("not an object: {other}"),
+        }
+    }
+}

@@ -295,3 +295,6 @@ impl Dispatcher {
         report
     }
 }
+
+#[cfg(test)]
+mod tests;

@@ -126,3 +126,6 @@ pub fn start(
     let task = tokio::spawn(batcher.run(rx));
     (pipeline, task)
 }
+
+#[cfg(test)]
+mod tests;

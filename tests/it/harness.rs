@@ -230,11 +230,100 @@ where
     }
 }
 
-/// A port free right now (whoever binds it does so a moment later).
-pub fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
+/// Where a daemon started as a child process (`iotfwd run`, listening on port 0) listens:
+/// its HTTP address and, when `amqp`, its AMQP 1.0 endpoint, read from the log it writes to
+/// `stderr`. A thread keeps draining the log afterwards so the child never blocks on it.
+pub fn listening(
+    stderr: std::process::ChildStderr,
+    amqp: bool,
+) -> (std::net::SocketAddr, Option<std::net::SocketAddr>) {
+    use std::io::BufRead as _;
+    let (tx, rx) = std::sync::mpsc::channel::<String>();
+    std::thread::spawn(move || {
+        for line in std::io::BufReader::new(stderr).lines() {
+            let Ok(line) = line else { break };
+            let _ = tx.send(line);
+        }
+    });
+    let deadline = Instant::now() + Duration::from_secs(15);
+    let (mut http, mut endpoint) = (None, None);
+    let mut seen = Vec::new();
+    while http.is_none() || (amqp && endpoint.is_none()) {
+        let left = deadline.saturating_duration_since(Instant::now());
+        let line = rx.recv_timeout(left).unwrap_or_else(|_| {
+            panic!(
+                "the daemon did not log where it listens within 15 s:\n{}",
+                seen.join("\n")
+            )
+        });
+        let line = strip_ansi(&line);
+        match listening_line(&line) {
+            Some(Listening::Http(a)) => http = Some(a),
+            Some(Listening::Amqp(a)) => endpoint = Some(a),
+            None => {}
+        }
+        seen.push(line);
+    }
+    (http.expect("an HTTP address"), endpoint)
+}
+
+/// The HTTP address a daemon started as a child process logs to the file `log` (its
+/// stdout and stderr), waiting up to 30 s for it; None when it does not come.
+pub async fn http_address_in_log(log: &Path) -> Option<std::net::SocketAddr> {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while Instant::now() < deadline {
+        let text = std::fs::read_to_string(log).unwrap_or_default();
+        for line in text.lines() {
+            if let Some(Listening::Http(a)) = listening_line(&strip_ansi(line)) {
+                return Some(a);
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    None
+}
+
+enum Listening {
+    Http(std::net::SocketAddr),
+    Amqp(std::net::SocketAddr),
+}
+
+/// What the daemon's start-up log line `line` says about where it listens.
+fn listening_line(line: &str) -> Option<Listening> {
+    if let Some((_, rest)) = line.split_once("listening: POST http://") {
+        return rest.split('/').next()?.parse().ok().map(Listening::Http);
+    }
+    if line.contains("consumer-group endpoint listening") {
+        let (_, rest) = line.split_once("addr=")?;
+        return rest.split(' ').next()?.parse().ok().map(Listening::Amqp);
+    }
+    None
+}
+
+/// `line` without terminal colour escapes (`ESC [ ... m`).
+fn strip_ansi(line: &str) -> String {
+    let mut out = String::with_capacity(line.len());
+    let mut chars = line.chars();
+    while let Some(c) = chars.next() {
+        if c == '\u{1b}' {
+            for c in chars.by_ref() {
+                if c.is_ascii_alphabetic() {
+                    break;
+                }
+            }
+        } else {
+            out.push(c);
+        }
+    }
+    out
+}
+
+/// A test's external tool is missing: under CI (`CI=true`) that fails the test, since
+/// `scripts/test` installs every tool; elsewhere it says SKIPPED loudly and the caller
+/// returns, so the rest still runs on a bare machine.
+pub fn tool_missing(why: &str) {
+    if std::env::var("CI").is_ok_and(|v| v == "true") {
+        panic!("a tool this test needs is missing under CI: {why}");
+    }
+    eprintln!("\n**********\nSKIPPED: {why}\n**********\n");
 }

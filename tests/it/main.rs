@@ -1,19 +1,24 @@
-//! Integration tests, in one binary so DataFusion is linked once: golden SQL cases,
-//! batch-equivalence properties, the CLI, the HTTP daemon and RabbitMQ in and out.
+//! Integration tests, in one binary so DataFusion is linked once. One file per capability:
+//! the sources (`source_http`, the AMQP source in `action_amqp`), the engine (`golden` SQL
+//! cases, `engine_batch` properties), `limits`, the actions (`action_amqp`, `action_group`),
+//! `delivery` guarantees, `restarts` (broker restart, kill -9), `supervision`, `health`,
+//! `reload`, `logs`, the `console`, the `cli`, `shutdown` and the `deploy/` files.
+//! `harness` runs the daemon in-process; `rabbit` holds the RabbitMQ helpers.
+mod action_amqp;
+mod action_group;
 mod cli;
 mod console;
 mod delivery;
 mod deploy;
+mod engine_batch;
 mod golden;
-mod groups;
 mod harness;
 mod health;
-mod http;
 mod limits;
 mod logs;
-mod proptest_batch;
 mod rabbit;
 mod reload;
-mod resilience;
+mod restarts;
 mod shutdown;
+mod source_http;
 mod supervision;

@@ -6,22 +6,19 @@ use fe2o3_amqp::types::messaging::Body;
 use fe2o3_amqp::types::primitives::Value;
 use iotfwd::client::{Consumer, ConsumerOptions};
 
-use super::harness::free_port;
+use super::harness::listening;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigterm_closes_consumers_and_exits_0_within_the_grace() {
     let dir = tempfile::tempdir().unwrap();
-    let (http, amqp) = (free_port(), free_port());
     std::fs::create_dir_all(dir.path().join("rules")).unwrap();
     std::fs::write(dir.path().join("secret"), "s3cret\n").unwrap();
     let config = dir.path().join("iotfwd.toml");
     std::fs::write(
         &config,
-        format!(
-            "[http]\nlisten = \"127.0.0.1:{http}\"\n[rules]\ndir = \"rules\"\n[data]\ndir = \"data\"\n\
-             [shutdown]\ngrace_ms = 3000\n[subscription]\nlisten = \"127.0.0.1:{amqp}\"\n\
-             [[group]]\nid = \"g\"\naccess_key_id = \"ak\"\nsecret_file = \"secret\"\n"
-        ),
+        "[http]\nlisten = \"127.0.0.1:0\"\n[rules]\ndir = \"rules\"\n[data]\ndir = \"data\"\n\
+             [shutdown]\ngrace_ms = 3000\n[subscription]\nlisten = \"127.0.0.1:0\"\n\
+             [[group]]\nid = \"g\"\naccess_key_id = \"ak\"\nsecret_file = \"secret\"\n",
     )
     .unwrap();
     let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_iotfwd"))
@@ -29,10 +26,11 @@ async fn sigterm_closes_consumers_and_exits_0_within_the_grace() {
         .arg(&config)
         .current_dir(dir.path())
         .stdout(std::process::Stdio::null())
-        .stderr(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
         .spawn()
         .unwrap();
-    let url = format!("amqp://127.0.0.1:{amqp}");
+    let (_, amqp) = listening(child.stderr.take().unwrap(), true);
+    let url = format!("amqp://{}", amqp.unwrap());
     let mut consumer = None;
     for _ in 0..100 {
         if let Ok(c) = Consumer::connect(&ConsumerOptions::new(&url, "g", "ak", "s3cret")).await {

@@ -12,7 +12,7 @@ use iotfwd::config::subscription::GroupConfig;
 use serde_json::{Value as Json, json};
 
 use super::harness::eventually;
-use super::rabbit::{Daemon, free_port, metric, unique};
+use super::rabbit::{Daemon, metric, unique};
 
 const SECRET: &str = "group-secret-for-tests";
 
@@ -496,9 +496,8 @@ async fn a_broker_backed_backlog_survives_a_restart_of_iotfwd() {
         format!("sql = '''SELECT * FROM \"/p9/+/post\"'''\n[[action]]\nto = \"group\"\ngroup = \"{id}\"\n"),
     )
     .unwrap();
-    let port = free_port();
     let config = |c: &mut Config| {
-        c.subscription.listen = format!("127.0.0.1:{port}");
+        c.subscription.listen = "127.0.0.1:0".into();
         c.group.push(group(dir.path(), &id));
     };
     let daemon = Daemon::start(dir.path(), config).await;
@@ -511,7 +510,7 @@ async fn a_broker_backed_backlog_survives_a_restart_of_iotfwd() {
 
     let daemon = Daemon::start(dir.path(), config).await;
     daemon.wait_ready().await;
-    let url = format!("amqp://127.0.0.1:{port}");
+    let url = format!("amqp://{}", daemon.amqp.unwrap());
     let mut c = connect(&url, &id).await;
     let mut got = Vec::new();
     while let Some(d) = recv(&mut c, Duration::from_secs(5)).await {
@@ -541,9 +540,9 @@ async fn a_qpid_proton_consumer_receives_and_settles() {
         .status()
         .is_ok_and(|s| s.success());
     if !has_proton {
-        eprintln!(
-            "SKIPPED: Qpid Proton interop: {python} cannot import proton (apt-get install python3-qpid-proton)"
-        );
+        super::harness::tool_missing(&format!(
+            "Qpid Proton interop: {python} cannot import proton (apt-get install python3-qpid-proton)"
+        ));
         return;
     }
     let s = setup(|_, _| {}).await;
@@ -715,16 +714,15 @@ async fn a_rejected_delivery_goes_to_the_dead_letter_exchange() {
     .unwrap();
     let (_conn, ch) = super::rabbit::channel(super::rabbit::BROKER).await;
     let dead_queue = super::rabbit::exchange_with_queue(&ch, &dlx).await;
-    let port = free_port();
     let daemon = Daemon::start(dir.path(), |c| {
-        c.subscription.listen = format!("127.0.0.1:{port}");
+        c.subscription.listen = "127.0.0.1:0".into();
         let mut g = group(dir.path(), &id);
         g.dead_letter_exchange = Some(dlx.clone());
         c.group.push(g);
     })
     .await;
     daemon.wait_ready().await;
-    let mut c = connect(&format!("amqp://127.0.0.1:{port}"), &id).await;
+    let mut c = connect(&format!("amqp://{}", daemon.amqp.unwrap()), &id).await;
     let mid = send(&daemon, "/p8/dev/post", json!({"n": 8})).await;
     let d = recv(&mut c, Duration::from_secs(10))
         .await
@@ -767,16 +765,15 @@ async fn two_processes_share_one_broker_backed_group() {
             format!("sql = '''SELECT * FROM \"/p7/+/post\"'''\n[[action]]\nto = \"group\"\ngroup = \"{id}\"\n"),
         )
         .unwrap();
-        let port = free_port();
         let daemon = Daemon::start(dir.path(), |c| {
-            c.subscription.listen = format!("127.0.0.1:{port}");
+            c.subscription.listen = "127.0.0.1:0".into();
             let mut g = group(dir.path(), &id);
             g.window = 8;
             c.group.push(g);
         })
         .await;
         daemon.wait_ready().await;
-        consumers.push(connect(&format!("amqp://127.0.0.1:{port}"), &id).await);
+        consumers.push(connect(&format!("amqp://{}", daemon.amqp.unwrap()), &id).await);
         daemons.push(daemon);
     }
     let mut sent = Vec::new();
@@ -908,13 +905,12 @@ async fn a_reload_rotates_a_group_secret_read_from_its_file() {
         "sql = '''SELECT * FROM \"/p1/+/post\"'''\n[[action]]\nto = \"group\"\ngroup = \"g1\"\n",
     )
     .unwrap();
-    let port = free_port();
     let file = dir.path().join("iotfwd.toml");
     std::fs::write(
         &file,
         format!(
             "[rules]\ndir = {rules:?}\nwatch = false\n[data]\ndir = {data:?}\n\
-             [subscription]\nlisten = \"127.0.0.1:{port}\"\n\
+             [subscription]\nlisten = \"127.0.0.1:0\"\n\
              [[group]]\nid = \"g1\"\naccess_key_id = \"ak-g1\"\nsecret_file = {secret:?}\n",
             rules = rules.display().to_string(),
             data = dir.path().join("data").display().to_string(),
@@ -923,7 +919,7 @@ async fn a_reload_rotates_a_group_secret_read_from_its_file() {
     )
     .unwrap();
     let daemon = Daemon::start_from_file(&file).await;
-    let url = format!("amqp://127.0.0.1:{port}");
+    let url = format!("amqp://{}", daemon.amqp.unwrap());
     let mut open = connect(&url, "g1").await;
 
     std::fs::write(&secret_file, "the-new-secret\n").unwrap();

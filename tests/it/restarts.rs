@@ -62,6 +62,16 @@ struct TestNode {
     running: bool,
 }
 
+/// A port for the test node. RabbitMQ is another process and cannot be handed a bound
+/// listener (the daemon's own listeners are, everywhere else in these tests), so the port is
+/// one the kernel picked a moment ago; the node fails loudly if something took it since.
+fn port_for_node() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("a port for the RabbitMQ test node")
+}
+
 impl TestNode {
     fn new() -> TestNode {
         let dir = tempfile::Builder::new()
@@ -71,11 +81,11 @@ impl TestNode {
         // The server runs as the `rabbitmq` user (the packaged wrapper switches to it).
         use std::os::unix::fs::PermissionsExt;
         std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o777)).unwrap();
-        let port = free_port();
+        let port = port_for_node();
         let node = TestNode {
             name: format!("{}@localhost", unique("node")),
             port,
-            dist_port: free_port(),
+            dist_port: port_for_node(),
             dir,
             running: false,
         };
@@ -626,13 +636,12 @@ struct DaemonProcess {
 
 impl DaemonProcess {
     async fn start(dir: &Path, source: &str, prefetch: u16, run: usize) -> DaemonProcess {
-        let port = free_port();
         let config = dir.join(format!("iotfwd-{run}.toml"));
         let toml_str = |p: PathBuf| format!("{:?}", p.display().to_string());
         std::fs::write(
             &config,
             format!(
-                "[http]\nlisten = \"127.0.0.1:{port}\"\n\
+                "[http]\nlisten = \"127.0.0.1:0\"\n\
                  [rules]\ndir = {}\n\
                  [data]\ndir = {}\n\
                  [broker]\nurl = \"{BROKER}\"\n\
@@ -654,9 +663,13 @@ impl DaemonProcess {
             .stderr(out)
             .spawn()
             .expect("run iotfwd");
+        let Some(addr) = super::harness::http_address_in_log(&log).await else {
+            let text = std::fs::read_to_string(&log).unwrap_or_default();
+            panic!("iotfwd (run {run}) did not say where it listens within 30 s; its log:\n{text}");
+        };
         let mut d = DaemonProcess {
             child,
-            base: format!("http://127.0.0.1:{port}"),
+            base: format!("http://{addr}"),
             log,
         };
         let ready = time_until(Duration::from_secs(30), async || {
