@@ -5,12 +5,18 @@
 //! case-sensitive substring with no wildcard or escape rules, and one vectorised search (memchr's
 //! memmem) per row over three columns is what keeps a keyword scan of the whole store within
 //! seconds (see [`crate::outcome::query`]).
+//!
+//! Payloads are stored as the JSON text the device sent, so a keyword the device sent inside a
+//! JSON string (`say "hi"`, a line break) is there in its escaped form (`say \"hi\"`, `\n`).
+//! A record matches when a column holds the keyword as typed or, for a keyword with characters
+//! JSON escapes, as it is written inside a JSON string.
 
 use rusqlite::Connection;
 
 /// Registers `iotfwd_contains(needle, haystack...)`: true when any haystack contains the needle
-/// as a literal byte substring (UTF-8 text in, so the same as a character substring). NULL and
-/// non-text haystacks never match. The needle's searcher is built once per statement.
+/// as a literal byte substring (UTF-8 text in, so the same as a character substring), or the
+/// needle as JSON writes it inside a string. NULL and non-text haystacks never match. The
+/// needle's searchers are built once per statement.
 pub fn register_functions(conn: &Connection) -> rusqlite::Result<()> {
     use rusqlite::functions::FunctionFlags;
     use rusqlite::types::ValueRef;
@@ -26,17 +32,15 @@ pub fn register_functions(conn: &Connection) -> rusqlite::Result<()> {
                     "iotfwd_contains(needle, haystack, ...) needs a needle and a haystack".into(),
                 ));
             }
-            let finder = ctx.get_or_create_aux(0, |needle| match needle {
-                ValueRef::Text(t) | ValueRef::Blob(t) => {
-                    Ok::<_, rusqlite::Error>(memchr::memmem::Finder::new(t).into_owned())
-                }
+            let finders = ctx.get_or_create_aux(0, |needle| match needle {
+                ValueRef::Text(t) | ValueRef::Blob(t) => Ok::<_, rusqlite::Error>(finders(t)),
                 _ => Err(rusqlite::Error::UserFunctionError(
                     "iotfwd_contains: the needle must be text".into(),
                 )),
             })?;
             for i in 1..ctx.len() {
                 if let ValueRef::Text(haystack) = ctx.get_raw(i)
-                    && finder.find(haystack).is_some()
+                    && finders.iter().any(|f| f.find(haystack).is_some())
                 {
                     return Ok(true);
                 }
@@ -44,6 +48,20 @@ pub fn register_functions(conn: &Connection) -> rusqlite::Result<()> {
             Ok(false)
         },
     )
+}
+
+/// A searcher for `needle`, and one for its JSON-escaped form when that differs.
+fn finders(needle: &[u8]) -> Vec<memchr::memmem::Finder<'static>> {
+    let mut out = vec![memchr::memmem::Finder::new(needle).into_owned()];
+    if let Ok(text) = std::str::from_utf8(needle)
+        && let Ok(quoted) = serde_json::to_string(text)
+    {
+        let escaped = &quoted.as_bytes()[1..quoted.len() - 1];
+        if escaped != needle {
+            out.push(memchr::memmem::Finder::new(escaped).into_owned());
+        }
+    }
+    out
 }
 
 #[cfg(test)]
@@ -78,5 +96,10 @@ mod tests {
         assert!(contains("é", &[Some("café")]));
         assert!(contains("", &[Some("abc")]));
         assert!(!contains("a", &[None]));
+        // As the device sent it, inside a JSON string of its payload.
+        assert!(contains("say \"hi\"", &[Some(r#"{"msg":"say \"hi\""}"#)]));
+        assert!(contains("a\nb", &[Some(r#"{"m":"a\nb"}"#)]));
+        assert!(contains("C:\\x", &[Some(r#"{"p":"C:\\x"}"#)]));
+        assert!(!contains("say \"ho\"", &[Some(r#"{"msg":"say \"hi\""}"#)]));
     }
 }
