@@ -4,13 +4,14 @@ pub mod action;
 pub mod compile;
 pub mod file;
 pub mod functions;
+mod load;
+mod set;
 pub mod sql;
 pub mod template;
 pub mod topic;
 
 use std::fmt;
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
 
 use datafusion::execution::context::{SessionContext, SessionState};
 
@@ -19,8 +20,9 @@ use crate::outcome::Code;
 pub use action::{ActionSpec, AmqpAction, GroupAction, RetryPolicy};
 pub use compile::{Kind, Program};
 pub use file::RuleFile;
+pub use load::{read_rule_file, rule_files, rule_name};
+pub use set::RuleSet;
 use sql::Item;
-use topic::TopicIndex;
 
 /// A loaded rule: its file, its compiled SQL and its actions.
 pub struct Rule {
@@ -210,80 +212,6 @@ impl Compiler {
             _ => Err(errors),
         }
     }
-
-    /// Loads one rule file; the rule is named by the file's stem.
-    pub fn load_file(&self, path: &Path) -> Result<Rule, Vec<RuleError>> {
-        let name = rule_name(path).map_err(|e| vec![e])?;
-        let text = read_rule_file(path).map_err(|e| vec![e])?;
-        self.compile_text(&name, path, &text)
-    }
-
-    /// Loads every `*.toml` file of `dir`, in name order. Returns the rules that loaded and every
-    /// problem of the others; one bad file never stops the rest.
-    pub fn load_dir(&self, dir: &Path) -> (Vec<Rule>, Vec<RuleError>) {
-        let paths = match rule_files(dir) {
-            Ok(paths) => paths,
-            Err(e) => return (Vec::new(), vec![e]),
-        };
-        let mut rules = Vec::new();
-        let mut errors = Vec::new();
-        for path in paths {
-            match self.load_file(&path) {
-                Ok(rule) => rules.push(rule),
-                Err(e) => errors.extend(e),
-            }
-        }
-        (rules, errors)
-    }
-}
-
-/// A load problem of `file` with no position, code 9307.
-fn file_error(file: &Path, message: String) -> RuleError {
-    RuleError {
-        file: file.to_owned(),
-        line: None,
-        column: None,
-        code: Code::SqlError,
-        message,
-    }
-}
-
-/// The rule name of a rule file: its stem, which may use only letters, digits, `_`, `-` and `.`.
-pub fn rule_name(path: &Path) -> Result<String, RuleError> {
-    let name = path
-        .file_stem()
-        .and_then(|s| s.to_str())
-        .unwrap_or_default();
-    if name.is_empty()
-        || !name
-            .chars()
-            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '_' | '-' | '.'))
-    {
-        return Err(file_error(
-            path,
-            format!(
-                "rule name {name:?} (the file's stem) may use only letters, digits, '_', '-' and '.'"
-            ),
-        ));
-    }
-    Ok(name.to_owned())
-}
-
-/// The text of a rule file.
-pub fn read_rule_file(path: &Path) -> Result<String, RuleError> {
-    std::fs::read_to_string(path).map_err(|e| file_error(path, format!("cannot read: {e}")))
-}
-
-/// The rule files of `dir` (`*.toml`, regular files or links to them), in name order.
-pub fn rule_files(dir: &Path) -> Result<Vec<PathBuf>, RuleError> {
-    let entries = std::fs::read_dir(dir)
-        .map_err(|e| file_error(dir, format!("cannot read the rules directory: {e}")))?;
-    let mut paths: Vec<PathBuf> = entries
-        .filter_map(|e| e.ok().map(|e| e.path()))
-        .filter(|p| p.extension().is_some_and(|x| x == "toml") && p.is_file())
-        .collect();
-    paths.sort();
-    Ok(paths)
 }
 
 /// The output keys a rule produces, or None when `*` makes them depend on the payload.
@@ -295,51 +223,4 @@ fn output_keys(items: &[Item]) -> Option<Vec<&str>> {
             Item::Path { key, .. } | Item::Expr { key, .. } => Some(key.as_str()),
         })
         .collect()
-}
-
-/// The enabled rules and their topic index. Immutable: a reload builds a new one and swaps it
-/// in between batches, so a message is evaluated under exactly one version.
-pub struct RuleSet {
-    rules: Vec<Arc<Rule>>,
-    index: TopicIndex<usize>,
-}
-
-impl RuleSet {
-    pub fn new(rules: Vec<Rule>) -> RuleSet {
-        RuleSet::from_shared(rules.into_iter().map(Arc::new).collect())
-    }
-
-    /// A rule set of rules that may also be in other versions of the set (a reload keeps the
-    /// very same `Arc<Rule>` of every rule whose file did not change). Disabled rules are left
-    /// out.
-    pub fn from_shared(rules: Vec<Arc<Rule>>) -> RuleSet {
-        let rules: Vec<Arc<Rule>> = rules.into_iter().filter(|r| r.enabled).collect();
-        let mut index = TopicIndex::new();
-        for (i, rule) in rules.iter().enumerate() {
-            index.insert(&rule.program.parsed.filter, i);
-        }
-        RuleSet { rules, index }
-    }
-
-    pub fn rules(&self) -> &[Arc<Rule>] {
-        &self.rules
-    }
-
-    /// The rule named `name`, if it is in this set.
-    pub fn get(&self, name: &str) -> Option<&Arc<Rule>> {
-        self.rules.iter().find(|r| r.name == name)
-    }
-
-    pub fn len(&self) -> usize {
-        self.rules.len()
-    }
-
-    pub fn is_empty(&self) -> bool {
-        self.rules.is_empty()
-    }
-
-    /// The indexes (into [`Self::rules`]) of the rules whose topic filter matches `topic`.
-    pub fn candidates_into(&self, topic: &str, out: &mut Vec<usize>) {
-        self.index.matches_into(topic, out);
-    }
 }
