@@ -133,12 +133,30 @@ pub async fn run_from_file(
     };
 
     // limits
-    let limiter = crate::limits::Limiter::new(
-        &crate::config::quota::QuotaSet::from(&config),
-        Some(Arc::clone(&metrics)),
-    );
-    // Always: a config reload may turn quotas on.
-    limiter.spawn_pruner(std::time::Duration::from_secs(60));
+    let quota_set = crate::config::quota::QuotaSet::from(&config);
+    let limiter = match (&config.quota.backend, &config.redis) {
+        (crate::config::quota::QuotaBackend::Redis, Some(redis)) => {
+            let limiter =
+                crate::limits::Limiter::shared(&quota_set, redis, Some(Arc::clone(&metrics)))
+                    .map_err(anyhow::Error::msg)?;
+            tracing::info!(
+                url = limiter.backend().map(|(url, _)| url).unwrap_or_default(),
+                processes = config.quota.processes(),
+                lease = config.quota.lease(),
+                on_backend_down = ?config.quota.on_backend_down,
+                "quotas shared through Redis"
+            );
+            limiter
+        }
+        _ => crate::limits::Limiter::new(&quota_set, Some(Arc::clone(&metrics))),
+    };
+    // Always: a config reload may turn quotas on. With shared quotas it also hands unspent
+    // leases back, so it runs once per lease time-to-live.
+    let every = match limiter.backend() {
+        Some(_) => config.quota.lease_ttl(),
+        None => std::time::Duration::from_secs(60),
+    };
+    limiter.spawn_pruner(every);
     if limiter.is_enabled() {
         tracing::info!(
             tenants = config.tenant.len(),

@@ -63,6 +63,9 @@ pub struct Metrics {
     /// 1 while the broker blocks publishers (connection.blocked: a memory or disk alarm).
     /// Exported with `broker_connected`.
     pub broker_blocked: IntGauge,
+    /// 1 while the shared quota backend (Redis) answers, 0 while it does not; exported only
+    /// with `[quota] backend = "redis"` ([`Metrics::export_quota_backend_gauge`]).
+    pub quota_backend_up: IntGauge,
     /// Seconds from a message's receipt to each of its actions' delivery (200), error actions
     /// excluded.
     pub forward_latency: Histogram,
@@ -224,6 +227,11 @@ impl Metrics {
                 )
                 .expect("valid metric"),
             ),
+            quota_backend_up: IntGauge::new(
+                "iotfwd_quota_backend_up",
+                "1 while the shared quota backend (Redis) answers, else 0 (forwards then follow [quota] on_backend_down).",
+            )
+            .expect("valid metric"),
             groups: GroupMetrics::new(r),
             store: StoreMetrics::new(Some(r)),
             registry,
@@ -240,6 +248,19 @@ impl Metrics {
                 Ok(()) | Err(prometheus::Error::AlreadyReg) => {}
                 Err(e) => panic!("broker gauge: {e}"),
             }
+        }
+    }
+
+    /// Exports `iotfwd_quota_backend_up` (1 until a call to Redis fails). Only for a daemon
+    /// with `[quota] backend = "redis"`. Calling it again does nothing.
+    pub fn export_quota_backend_gauge(&self) {
+        self.quota_backend_up.set(1);
+        match self
+            .registry
+            .register(Box::new(self.quota_backend_up.clone()))
+        {
+            Ok(()) | Err(prometheus::Error::AlreadyReg) => {}
+            Err(e) => panic!("quota backend gauge: {e}"),
         }
     }
 

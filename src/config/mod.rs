@@ -24,6 +24,7 @@ pub mod broker;
 mod engine;
 mod http;
 pub mod quota;
+pub mod redis;
 mod report;
 pub mod store;
 pub mod subscription;
@@ -75,6 +76,9 @@ pub struct Config {
     /// `[quota]`: per-device quotas (`[quota.device]`, with per-product overrides) and what
     /// happens to products of no instance (`unmapped`, `default_instance`).
     pub quota: quota::QuotaConfig,
+    /// `[redis]`: the server of the shared quota buckets (`[quota] backend = "redis"`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub redis: Option<redis::RedisConfig>,
     /// `[subscription]`: the AMQP 1.0 endpoint consumer groups connect to. On by default at
     /// 127.0.0.1:5673. See docs/consumer-groups.md.
     pub subscription: subscription::SubscriptionConfig,
@@ -134,6 +138,9 @@ impl Config {
         self.shutdown.validate(&mut r);
         self.store.validate(&mut r);
         quota::validate(self, &mut r);
+        if let Some(redis) = &self.redis {
+            redis.validate(&mut r);
+        }
         subscription::validate(self, &mut r);
         r.into_errors()
     }

@@ -10,7 +10,8 @@
 //! carries state over on reload; `buckets.rs` holds the token buckets (clock, governor state
 //! stores, refund), the layer a shared store for cluster mode would plug into; `hash.rs` the
 //! device fingerprint and the maps' hashers; `throttle.rs` what a refusal becomes (code,
-//! reason, metric).
+//! reason, metric); `shared.rs` the same buckets kept in Redis for a cluster
+//! (`[quota] backend = "redis"`, [`Limiter::shared`]), leased in small batches.
 //!
 //! # Resolution
 //!
@@ -87,6 +88,7 @@
 mod buckets;
 mod hash;
 mod plan;
+mod shared;
 mod throttle;
 
 use std::cell::RefCell;
@@ -100,9 +102,11 @@ use futures::future::Either;
 use self::buckets::{DeviceClass, TokioClock};
 use self::hash::{DeviceKey, Fingerprint};
 use self::plan::{InstancePlan, Plan};
+use self::shared::{Denied, SharedBuckets};
 use self::throttle::Refusal;
 pub use self::throttle::{Scope, Throttle};
-use crate::config::quota::{Limit, OnLimit, QuotaSet};
+use crate::config::quota::{Limit, OnBackendDown, OnLimit, QuotaSet};
+use crate::config::redis::RedisConfig;
 use crate::telemetry::Metrics;
 
 /// Where an allowed forward was counted: the ids its records carry as `tenantId` and
@@ -124,6 +128,10 @@ impl Resolved {
         self.instance.as_deref().or(fallback)
     }
 }
+
+/// The future of an `acquire` that does not decide at once.
+type BoxedAcquire<'a> =
+    std::pin::Pin<Box<dyn Future<Output = Result<Resolved, Throttle>> + Send + 'a>>;
 
 /// What one attempt at every scope decided.
 enum Step {
@@ -153,6 +161,17 @@ struct Inner {
     clock: TokioClock,
     fingerprint: Fingerprint,
     metrics: Option<Arc<Metrics>>,
+    /// With `[quota] backend = "redis"`: the shared buckets (`shared.rs`).
+    shared: Option<Shared>,
+}
+
+/// Cluster mode: the buckets in Redis, and what to do while Redis cannot be reached.
+struct Shared {
+    buckets: SharedBuckets,
+    on_down: OnBackendDown,
+    /// This process's own buckets at `1/processes` of every quota, for `on_down = local`.
+    fallback: Limiter,
+    processes: u32,
 }
 
 /// The quota limiter. Cheap to clone (an `Arc`); share one per daemon.
@@ -190,8 +209,41 @@ impl Limiter {
                 clock,
                 fingerprint: Fingerprint::new(),
                 metrics,
+                shared: None,
             }),
         }
+    }
+
+    /// The limiter of one process of a cluster (`[quota] backend = "redis"`): the same
+    /// resolution, scopes and codes as [`Limiter::new`], with the buckets in Redis
+    /// (`shared.rs` says how leases keep that cheap). Nothing is sent to Redis before the
+    /// first forward. `Err` names what is wrong with `[redis]`.
+    pub fn shared(
+        set: &QuotaSet,
+        redis: &RedisConfig,
+        metrics: Option<Arc<Metrics>>,
+    ) -> Result<Limiter, String> {
+        let q = &set.quota;
+        let buckets = SharedBuckets::new(redis, q.lease(), q.lease_ttl())?;
+        if let Some(m) = &metrics {
+            m.export_quota_backend_gauge();
+        }
+        let fallback = Limiter::new(&set.divided(q.processes()), metrics.clone());
+        let mut limiter = Limiter::new(set, metrics);
+        Arc::get_mut(&mut limiter.inner).expect("just made").shared = Some(Shared {
+            buckets,
+            on_down: q.on_backend_down,
+            fallback,
+            processes: q.processes(),
+        });
+        Ok(limiter)
+    }
+
+    /// With `[quota] backend = "redis"`: the server (no password) and whether it answered the
+    /// last call. `None` for local quotas.
+    pub fn backend(&self) -> Option<(String, bool)> {
+        let shared = self.inner.shared.as_ref()?;
+        Some((shared.buckets.url().to_owned(), shared.buckets.is_up()))
     }
 
     /// A limiter with quotas off.
@@ -257,6 +309,9 @@ impl Limiter {
             Ordering::Release,
         );
         self.inner.enabled.store(enabled, Ordering::Release);
+        if let Some(shared) = &self.inner.shared {
+            shared.fallback.update(&set.divided(shared.processes));
+        }
     }
 
     /// Resolves where a forward would count, without counting it: the ids for records of
@@ -301,6 +356,13 @@ impl Limiter {
         tenant_hint: Option<&'a str>,
         instance_hint: Option<&'a str>,
     ) -> impl Future<Output = Result<Resolved, Throttle>> + Send + 'a {
+        if let Some(shared) = &self.inner.shared
+            && self.is_enabled()
+        {
+            let shared =
+                self.acquire_shared(shared, product_key, device_name, tenant_hint, instance_hint);
+            return Either::Right(Box::pin(shared) as BoxedAcquire<'a>);
+        }
         let step = if self.is_enabled() {
             self.with_plan(|plan| {
                 self.attempt(
@@ -323,7 +385,105 @@ impl Limiter {
                 tenant_hint,
                 instance_hint,
                 first,
-            ))),
+            )) as BoxedAcquire<'a>),
+        }
+    }
+
+    /// [`Limiter::acquire`] on the shared buckets: the same scopes in the same order, each a
+    /// take from Redis (through this process's lease), the same refunds, waits and codes.
+    async fn acquire_shared(
+        &self,
+        shared: &Shared,
+        product_key: &str,
+        device_name: &str,
+        tenant_hint: Option<&str>,
+        instance_hint: Option<&str>,
+    ) -> Result<Resolved, Throttle> {
+        let started = tokio::time::Instant::now();
+        let plan = self.plan();
+        let metrics = self.inner.metrics.as_deref();
+        loop {
+            let waited = started.elapsed();
+            if !plan.enabled {
+                return Ok(Resolved::default());
+            }
+            let Some(instance) = plan.instance_for(product_key, tenant_hint, instance_hint) else {
+                return Err(Throttle::unmapped(product_key, instance_hint));
+            };
+            let b = &shared.buckets;
+            let mut scopes: Vec<(String, Limit, Scope)> = Vec::with_capacity(3);
+            if let Some(rule) = plan.device_rule(product_key) {
+                let id = format!("{product_key}/{device_name}");
+                scopes.push((b.key("d", &id, rule.limit.rate), rule.limit, Scope::Device));
+            }
+            if let Some(gate) = &instance.gate {
+                let key = b.key("i", &instance.id, gate.limit.rate);
+                scopes.push((key, gate.limit, Scope::Instance));
+            }
+            if let Some(gate) = &instance.tenant.gate {
+                let key = b.key("t", &instance.tenant.id, gate.limit.rate);
+                scopes.push((key, gate.limit, Scope::Tenant));
+            }
+            let mut denied = None;
+            for (i, (key, limit, _)) in scopes.iter().enumerate() {
+                if let Err(d) = b.take(key, limit.rate).await {
+                    for (earlier, _, _) in &scopes[..i] {
+                        b.refund(earlier);
+                    }
+                    denied = Some((i, d));
+                    break;
+                }
+            }
+            if let Some(m) = metrics {
+                m.quota_backend_up.set(i64::from(b.is_up()));
+            }
+            let Some((i, denied)) = denied else {
+                return Ok(resolved(instance));
+            };
+            let (_, limit, scope) = &scopes[i];
+            match denied {
+                Denied::Down(error) => match shared.on_down {
+                    OnBackendDown::Local => {
+                        return shared
+                            .fallback
+                            .acquire(product_key, device_name, tenant_hint, instance_hint)
+                            .await;
+                    }
+                    OnBackendDown::Refuse => {
+                        let refusal = Refusal {
+                            scope: *scope,
+                            limit: *limit,
+                            wait: Duration::ZERO,
+                        };
+                        return Err(refusal.backend_down(
+                            instance,
+                            product_key,
+                            device_name,
+                            b.url(),
+                            &error,
+                            metrics,
+                        ));
+                    }
+                },
+                Denied::Empty(wait) => {
+                    let refusal = Refusal {
+                        scope: *scope,
+                        limit: *limit,
+                        wait,
+                    };
+                    if limit.on_limit == OnLimit::Wait && waited + wait <= limit.max_wait {
+                        tokio::time::sleep(wait).await;
+                        continue;
+                    }
+                    return Err(refusal.throttle(
+                        instance,
+                        product_key,
+                        device_name,
+                        waited,
+                        metrics,
+                    ));
+                }
+            }
         }
     }
 
@@ -456,6 +616,9 @@ impl Limiter {
             loop {
                 tick.tick().await;
                 let Some(inner) = weak.upgrade() else { break };
+                if let Some(shared) = &inner.shared {
+                    shared.buckets.hand_back_expired().await;
+                }
                 let remaining = Limiter { inner }.prune();
                 tracing::debug!(remaining, "quota state of idle devices pruned");
             }

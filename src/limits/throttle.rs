@@ -124,6 +124,48 @@ pub(super) struct Refusal {
 }
 
 impl Refusal {
+    /// The failure of a forward while the shared quota backend cannot be reached and
+    /// `[quota] on_backend_down = "refuse"`: the code of this scope (9324, or 9326 for an
+    /// instance), the reason naming the outage.
+    pub(super) fn backend_down(
+        &self,
+        instance: &InstancePlan,
+        product_key: &str,
+        device_name: &str,
+        backend: &str,
+        error: &str,
+        metrics: Option<&Metrics>,
+    ) -> Throttle {
+        let (scope, limit) = (self.scope, self.limit);
+        let (failure, key): (fn(String) -> Failure, _) = match scope {
+            Scope::Device => (Failure::throttled, format!("{product_key}/{device_name}")),
+            Scope::Tenant => (Failure::throttled, instance.tenant.id.to_string()),
+            Scope::Instance | Scope::Unmapped => {
+                (Failure::instance_spec_exceeded, instance.id.to_string())
+            }
+        };
+        if let Some(metrics) = metrics {
+            metrics
+                .throttled
+                .with_label_values(&[&*instance.tenant.id, &*instance.id, scope.as_str()])
+                .inc();
+        }
+        Throttle {
+            failure: failure(format!(
+                "the shared quota backend (Redis at {backend}) cannot be reached ({error}), so \
+                 the {scope} quota of {key} cannot be checked and [quota] on_backend_down = \
+                 \"refuse\""
+            )),
+            scope,
+            key,
+            tenant: Some(Arc::clone(&instance.tenant.id)),
+            instance: Some(Arc::clone(&instance.id)),
+            limit_tps: limit.rate.tps,
+            burst: limit.rate.burst,
+            waited: Duration::ZERO,
+        }
+    }
+
     /// The failure of a forward that `instance` (or its tenant, or the device) refused after
     /// it `waited`; counts it in `iotfwd_throttled_total`.
     pub(super) fn throttle(

@@ -15,6 +15,7 @@ mod golden;
 mod harness;
 mod health;
 mod limits;
+mod limits_shared;
 mod logs;
 mod rabbit;
 mod reload;

@@ -88,6 +88,7 @@ fn check_id<'c>(
 
 /// Reports every problem of `[[tenant]]`, `[[instance]]` and `[quota]` into `r`.
 pub(in crate::config) fn validate(config: &Config, r: &mut Reporter<'_>) {
+    check_backend(config, r);
     let enabled = !config.tenant.is_empty() || !config.instance.is_empty();
 
     // Tenants: ids and limits.
@@ -240,6 +241,27 @@ pub(in crate::config) fn validate(config: &Config, r: &mut Reporter<'_>) {
             ],
             "has no effect: quotas are off because no [[tenant]] or [[instance]] is declared"
                 .to_owned(),
+        );
+    }
+}
+
+/// `[quota] backend` and its settings; `[redis]` is validated on its own.
+fn check_backend(config: &Config, r: &mut Reporter<'_>) {
+    let q = &config.quota;
+    let at = |key: &'static str| [Seg::Key("quota"), Seg::Key(key)];
+    if let Some(n) = q.processes {
+        r.in_range(&at("processes"), n, 1..=1000, "");
+    }
+    if let Some(n) = q.lease {
+        r.in_range(&at("lease"), n, 1..=10_000, "");
+    }
+    if let Some(ms) = q.lease_ttl_ms {
+        r.in_range(&at("lease_ttl_ms"), ms, 10..=60_000, " ms");
+    }
+    if q.backend == super::QuotaBackend::Redis && config.redis.is_none() {
+        r.report(
+            &[&at("backend")],
+            "is \"redis\" but there is no [redis] section with the server's url".to_owned(),
         );
     }
 }

@@ -153,6 +153,67 @@ pub struct QuotaConfig {
     pub default_instance: Option<String>,
     /// `[quota.device]`: the per-device quota.
     pub device: DeviceQuota,
+    /// Where the buckets live: `"local"` (default: in this process) or `"redis"` (shared by
+    /// every process of a cluster through `[redis]`; see docs/cluster.md). Takes effect at
+    /// start.
+    pub backend: QuotaBackend,
+    /// With `backend = "redis"`, what a forward does while Redis cannot be reached:
+    /// `"local"` (default: this process's own buckets at each quota divided by `processes`)
+    /// or `"refuse"` (9324 / 9326 with a reason naming the outage).
+    pub on_backend_down: OnBackendDown,
+    /// With `backend = "redis"`: how many processes share the quotas; the `"local"` fallback
+    /// gives each `1/processes` of every quota. Range 1..=1000. Default `1`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub processes: Option<u32>,
+    /// With `backend = "redis"`: the most tokens a process leases from one bucket in one
+    /// round trip (fewer when the bucket's burst is smaller). Larger means fewer round trips;
+    /// the cluster can then run ahead of a quota by at most this many forwards per scope and
+    /// process, within one `lease_ttl_ms`. Range 1..=10000. Default `10`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub lease: Option<u32>,
+    /// With `backend = "redis"`: how long leased tokens stay usable; unused ones are handed
+    /// back after it. Range 10..=60000. Default `1000`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub lease_ttl_ms: Option<u64>,
+}
+
+impl QuotaConfig {
+    /// `processes`, default 1.
+    pub fn processes(&self) -> u32 {
+        self.processes.unwrap_or(1)
+    }
+
+    /// `lease`, default 10.
+    pub fn lease(&self) -> u32 {
+        self.lease.unwrap_or(10)
+    }
+
+    /// `lease_ttl_ms` as a duration, default 1 s.
+    pub fn lease_ttl(&self) -> Duration {
+        Duration::from_millis(self.lease_ttl_ms.unwrap_or(1000))
+    }
+}
+
+/// Where the quota buckets live.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum QuotaBackend {
+    /// In this process (one process, or quotas per process).
+    #[default]
+    Local,
+    /// In Redis, shared by every process (`[redis]`).
+    Redis,
+}
+
+/// What a forward does while the shared quota backend cannot be reached.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum OnBackendDown {
+    /// This process's own buckets, each quota divided by `[quota] processes`.
+    #[default]
+    Local,
+    /// Refuse with 9324 / 9326, the reason naming the outage.
+    Refuse,
 }
 
 /// `[quota.device]`: the quota of every device (productKey + deviceName), and per-product
@@ -336,6 +397,33 @@ impl QuotaSet {
     /// Quotas are on when at least one tenant or instance is declared.
     pub fn is_enabled(&self) -> bool {
         !self.tenants.is_empty() || !self.instances.is_empty()
+    }
+
+    /// This set with every rate and burst divided by `n` (at least 1 each): one process's
+    /// share of a cluster's quotas, for `[quota] on_backend_down = "local"`.
+    pub fn divided(&self, n: u32) -> QuotaSet {
+        let n = n.max(1);
+        let div = |v: &mut Option<u32>| {
+            if let Some(x) = v {
+                *x = (*x / n).max(1);
+            }
+        };
+        let mut set = self.clone();
+        for t in &mut set.tenants {
+            div(&mut t.forward_tps);
+            div(&mut t.burst);
+        }
+        for i in &mut set.instances {
+            div(&mut i.forward_tps);
+            div(&mut i.burst);
+        }
+        div(&mut set.quota.device.forward_tps);
+        div(&mut set.quota.device.burst);
+        for o in set.quota.device.products.values_mut() {
+            div(&mut o.forward_tps);
+            div(&mut o.burst);
+        }
+        set
     }
 
     /// Parses the quota part of a config text (the whole config is parsed and validated).
