@@ -88,8 +88,10 @@ impl Outcomes {
                 )
             };
         }
+        // Successes at DEBUG: one line per step on stderr would cost more than the step
+        // (issue 16); every record is in the store, the JSON lines and the metrics anyway.
         if r.code.is_success() {
-            event!(tracing::Level::INFO);
+            event!(tracing::Level::DEBUG);
         } else {
             event!(tracing::Level::WARN);
         }
