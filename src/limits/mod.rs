@@ -102,10 +102,10 @@ use futures::future::Either;
 use self::buckets::{DeviceClass, TokioClock};
 use self::hash::{DeviceKey, Fingerprint};
 use self::plan::{InstancePlan, Plan};
-use self::shared::{Denied, SharedBuckets};
+use self::shared::{Shared, SharedBuckets};
 use self::throttle::Refusal;
 pub use self::throttle::{Scope, Throttle};
-use crate::config::quota::{Limit, OnBackendDown, OnLimit, QuotaSet};
+use crate::config::quota::{Limit, OnLimit, QuotaSet};
 use crate::config::redis::RedisConfig;
 use crate::telemetry::Metrics;
 
@@ -163,15 +163,6 @@ struct Inner {
     metrics: Option<Arc<Metrics>>,
     /// With `[quota] backend = "redis"`: the shared buckets (`shared.rs`).
     shared: Option<Shared>,
-}
-
-/// Cluster mode: the buckets in Redis, and what to do while Redis cannot be reached.
-struct Shared {
-    buckets: SharedBuckets,
-    on_down: OnBackendDown,
-    /// This process's own buckets at `1/processes` of every quota, for `on_down = local`.
-    fallback: Limiter,
-    processes: u32,
 }
 
 /// The quota limiter. Cheap to clone (an `Arc`); share one per daemon.
@@ -386,104 +377,6 @@ impl Limiter {
                 instance_hint,
                 first,
             )) as BoxedAcquire<'a>),
-        }
-    }
-
-    /// [`Limiter::acquire`] on the shared buckets: the same scopes in the same order, each a
-    /// take from Redis (through this process's lease), the same refunds, waits and codes.
-    async fn acquire_shared(
-        &self,
-        shared: &Shared,
-        product_key: &str,
-        device_name: &str,
-        tenant_hint: Option<&str>,
-        instance_hint: Option<&str>,
-    ) -> Result<Resolved, Throttle> {
-        let started = tokio::time::Instant::now();
-        let plan = self.plan();
-        let metrics = self.inner.metrics.as_deref();
-        loop {
-            let waited = started.elapsed();
-            if !plan.enabled {
-                return Ok(Resolved::default());
-            }
-            let Some(instance) = plan.instance_for(product_key, tenant_hint, instance_hint) else {
-                return Err(Throttle::unmapped(product_key, instance_hint));
-            };
-            let b = &shared.buckets;
-            let mut scopes: Vec<(String, Limit, Scope)> = Vec::with_capacity(3);
-            if let Some(rule) = plan.device_rule(product_key) {
-                let id = format!("{product_key}/{device_name}");
-                scopes.push((b.key("d", &id, rule.limit.rate), rule.limit, Scope::Device));
-            }
-            if let Some(gate) = &instance.gate {
-                let key = b.key("i", &instance.id, gate.limit.rate);
-                scopes.push((key, gate.limit, Scope::Instance));
-            }
-            if let Some(gate) = &instance.tenant.gate {
-                let key = b.key("t", &instance.tenant.id, gate.limit.rate);
-                scopes.push((key, gate.limit, Scope::Tenant));
-            }
-            let mut denied = None;
-            for (i, (key, limit, _)) in scopes.iter().enumerate() {
-                if let Err(d) = b.take(key, limit.rate).await {
-                    for (earlier, _, _) in &scopes[..i] {
-                        b.refund(earlier);
-                    }
-                    denied = Some((i, d));
-                    break;
-                }
-            }
-            if let Some(m) = metrics {
-                m.quota_backend_up.set(i64::from(b.is_up()));
-            }
-            let Some((i, denied)) = denied else {
-                return Ok(resolved(instance));
-            };
-            let (_, limit, scope) = &scopes[i];
-            match denied {
-                Denied::Down(error) => match shared.on_down {
-                    OnBackendDown::Local => {
-                        return shared
-                            .fallback
-                            .acquire(product_key, device_name, tenant_hint, instance_hint)
-                            .await;
-                    }
-                    OnBackendDown::Refuse => {
-                        let refusal = Refusal {
-                            scope: *scope,
-                            limit: *limit,
-                            wait: Duration::ZERO,
-                        };
-                        return Err(refusal.backend_down(
-                            instance,
-                            product_key,
-                            device_name,
-                            b.url(),
-                            &error,
-                            metrics,
-                        ));
-                    }
-                },
-                Denied::Empty(wait) => {
-                    let refusal = Refusal {
-                        scope: *scope,
-                        limit: *limit,
-                        wait,
-                    };
-                    if limit.on_limit == OnLimit::Wait && waited + wait <= limit.max_wait {
-                        tokio::time::sleep(wait).await;
-                        continue;
-                    }
-                    return Err(refusal.throttle(
-                        instance,
-                        product_key,
-                        device_name,
-                        waited,
-                        metrics,
-                    ));
-                }
-            }
         }
     }
 

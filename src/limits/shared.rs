@@ -23,7 +23,9 @@ use std::sync::Mutex;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
-use crate::config::quota::Rate;
+use super::throttle::Refusal;
+use super::{Limiter, Resolved, Scope, Throttle, resolved};
+use crate::config::quota::{Limit, OnBackendDown, OnLimit, Rate};
 use crate::config::redis::RedisConfig;
 
 /// Takes up to ARGV[3] tokens from the GCRA bucket KEYS[1] (emission interval ARGV[1] µs,
@@ -59,6 +61,115 @@ else
 end
 return 1
 ";
+
+/// Cluster mode: the buckets in Redis, and what to do while Redis cannot be reached.
+pub(super) struct Shared {
+    pub(super) buckets: SharedBuckets,
+    pub(super) on_down: OnBackendDown,
+    /// This process's own buckets at `1/processes` of every quota, for `on_down = local`.
+    pub(super) fallback: Limiter,
+    pub(super) processes: u32,
+}
+
+impl Limiter {
+    /// [`Limiter::acquire`] on the shared buckets: the same scopes in the same order, each a
+    /// take from Redis (through this process's lease), the same refunds, waits and codes.
+    pub(super) async fn acquire_shared(
+        &self,
+        shared: &Shared,
+        product_key: &str,
+        device_name: &str,
+        tenant_hint: Option<&str>,
+        instance_hint: Option<&str>,
+    ) -> Result<Resolved, Throttle> {
+        let started = tokio::time::Instant::now();
+        let plan = self.plan();
+        let metrics = self.inner.metrics.as_deref();
+        loop {
+            let waited = started.elapsed();
+            if !plan.enabled {
+                return Ok(Resolved::default());
+            }
+            let Some(instance) = plan.instance_for(product_key, tenant_hint, instance_hint) else {
+                return Err(Throttle::unmapped(product_key, instance_hint));
+            };
+            let b = &shared.buckets;
+            let mut scopes: Vec<(String, Limit, Scope)> = Vec::with_capacity(3);
+            if let Some(rule) = plan.device_rule(product_key) {
+                let id = format!("{product_key}/{device_name}");
+                scopes.push((b.key("d", &id, rule.limit.rate), rule.limit, Scope::Device));
+            }
+            if let Some(gate) = &instance.gate {
+                let key = b.key("i", &instance.id, gate.limit.rate);
+                scopes.push((key, gate.limit, Scope::Instance));
+            }
+            if let Some(gate) = &instance.tenant.gate {
+                let key = b.key("t", &instance.tenant.id, gate.limit.rate);
+                scopes.push((key, gate.limit, Scope::Tenant));
+            }
+            let mut denied = None;
+            for (i, (key, limit, _)) in scopes.iter().enumerate() {
+                if let Err(d) = b.take(key, limit.rate).await {
+                    for (earlier, _, _) in &scopes[..i] {
+                        b.refund(earlier);
+                    }
+                    denied = Some((i, d));
+                    break;
+                }
+            }
+            if let Some(m) = metrics {
+                m.quota_backend_up.set(i64::from(b.is_up()));
+            }
+            let Some((i, denied)) = denied else {
+                return Ok(resolved(instance));
+            };
+            let (_, limit, scope) = &scopes[i];
+            match denied {
+                Denied::Down(error) => match shared.on_down {
+                    OnBackendDown::Local => {
+                        return shared
+                            .fallback
+                            .acquire(product_key, device_name, tenant_hint, instance_hint)
+                            .await;
+                    }
+                    OnBackendDown::Refuse => {
+                        let refusal = Refusal {
+                            scope: *scope,
+                            limit: *limit,
+                            wait: Duration::ZERO,
+                        };
+                        return Err(refusal.backend_down(
+                            instance,
+                            product_key,
+                            device_name,
+                            b.url(),
+                            &error,
+                            metrics,
+                        ));
+                    }
+                },
+                Denied::Empty(wait) => {
+                    let refusal = Refusal {
+                        scope: *scope,
+                        limit: *limit,
+                        wait,
+                    };
+                    if limit.on_limit == OnLimit::Wait && waited + wait <= limit.max_wait {
+                        tokio::time::sleep(wait).await;
+                        continue;
+                    }
+                    return Err(refusal.throttle(
+                        instance,
+                        product_key,
+                        device_name,
+                        waited,
+                        metrics,
+                    ));
+                }
+            }
+        }
+    }
+}
 
 /// Why a shared take did not give a token.
 #[derive(Debug)]
