@@ -97,8 +97,20 @@ impl Hub {
     }
 
     /// Takes back every spool-backed group's backlog (see [`Group::restore`]): how many
-    /// messages, in all.
+    /// messages, in all. Messages the spool holds for a group that is not configured (any
+    /// more) are left there, with a warning.
     pub async fn restore(&self) -> Result<usize, String> {
+        if let Some(spool) = self.groups.values().find_map(|g| g.backend.spool()) {
+            let held = spool.backlog_groups().await.map_err(|e| e.to_string())?;
+            for (id, n) in held.iter().filter(|(id, _)| !self.groups.contains_key(id)) {
+                tracing::warn!(
+                    group = %id,
+                    messages = n,
+                    spool = %spool.path().display(),
+                    "the spool holds messages of a consumer group that is not configured; they wait there until a [[group]] with this id is configured again"
+                );
+            }
+        }
         let mut restored = 0;
         for g in self.groups.values() {
             let n = g.restore().await?;
