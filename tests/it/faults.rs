@@ -173,7 +173,7 @@ fn amqp_action(exchange: &str) -> String {
     )
 }
 
-/// A consumer of group `g` at `url` that accepts everything, slowly (2 ms each, so a backlog
+/// A consumer of group `g` at `url` that accepts everything, slowly (5 ms each, so a backlog
 /// builds up), and connects again whenever its connection is gone, until `stop`. Adds the
 /// message ids it accepted to `got`, in order.
 async fn consume(url: String, got: Arc<Mutex<Vec<String>>>, stop: Arc<AtomicBool>) {
@@ -191,7 +191,7 @@ async fn consume(url: String, got: Arc<Mutex<Vec<String>>>, stop: Arc<AtomicBool
                 .await
             {
                 Ok(Ok(d)) => {
-                    tokio::time::sleep(Duration::from_millis(2)).await;
+                    tokio::time::sleep(Duration::from_millis(5)).await;
                     if c.receiver.accept(&d).await.is_err() {
                         break; // not settled: redelivered
                     }
