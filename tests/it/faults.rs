@@ -19,7 +19,7 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 
 use super::harness::{BROKER, ChildDaemon, free_port, metric, unique};
-use super::rabbit::{channel, cleanup, drain, exchange_with_queue, header};
+use super::rabbit::{channel, cleanup, drain, exchange_with_queue, header, queue_depth};
 
 /// Messages in each stream.
 const N: usize = 300;
@@ -173,12 +173,12 @@ fn amqp_action(exchange: &str) -> String {
     )
 }
 
-/// A consumer of group `g` at `url` that accepts everything, slowly (5 ms each, so a backlog
+/// A consumer of `group` at `url` that accepts everything, slowly (5 ms each, so a backlog
 /// builds up), and connects again whenever its connection is gone, until `stop`. Adds the
 /// message ids it accepted to `got`, in order.
-async fn consume(url: String, got: Arc<Mutex<Vec<String>>>, stop: Arc<AtomicBool>) {
+async fn consume(url: String, group: String, got: Arc<Mutex<Vec<String>>>, stop: Arc<AtomicBool>) {
     while !stop.load(Ordering::Relaxed) {
-        let mut o = ConsumerOptions::new(&url, "g", "ak-g", SECRET);
+        let mut o = ConsumerOptions::new(&url, &group, "ak-g", SECRET);
         o.client_id = unique("faults-consumer");
         let Ok(Ok(mut c)) =
             tokio::time::timeout(Duration::from_secs(5), Consumer::connect(&o)).await
@@ -215,18 +215,43 @@ async fn consume(url: String, got: Arc<Mutex<Vec<String>>>, stop: Arc<AtomicBool
 /// redelivers it to a real AMQP 1.0 consumer.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn faults_kill_9_with_the_embedded_group_backlog() {
+    kill_9_with_a_group(false).await;
+}
+
+/// kill -9 of iotfwd mid-stream with a broker-backed group: the backlog is the durable queue
+/// `iotfwd.group.<id>` on the shared RabbitMQ.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn faults_kill_9_with_a_broker_backed_group() {
+    kill_9_with_a_group(true).await;
+}
+
+async fn kill_9_with_a_group(broker: bool) {
     let started = Instant::now();
     let dir = tempfile::tempdir().unwrap();
     let d = dir.path();
-    write_rule(d, "[[action]]\nto = \"group\"\ngroup = \"g\"\n");
+    // Unique with a broker: the group's queue is on the shared RabbitMQ.
+    let group = if broker {
+        unique("faults-grp")
+    } else {
+        "g".to_owned()
+    };
+    write_rule(
+        d,
+        &format!("[[action]]\nto = \"group\"\ngroup = \"{group}\"\n"),
+    );
     let secret = d.join("g.secret");
     std::fs::write(&secret, format!("{SECRET}\n")).unwrap();
     let (http, amqp) = (free_port(), free_port());
     let config = format!(
-        "{}[subscription]\nlisten = \"127.0.0.1:{amqp}\"\n\
-         [[group]]\nid = \"g\"\naccess_key_id = \"ak-g\"\nsecret_file = {:?}\n\
+        "{}{}[subscription]\nlisten = \"127.0.0.1:{amqp}\"\n\
+         [[group]]\nid = \"{group}\"\naccess_key_id = \"ak-g\"\nsecret_file = {:?}\n\
          create_secret = false\nack_timeout_ms = 2000\n",
         base_config(d, http),
+        if broker {
+            format!("[broker]\nurl = \"{BROKER}\"\n")
+        } else {
+            String::new()
+        },
         secret.display().to_string()
     );
     let mut first = ChildDaemon::start(d, 1, http, &config).await;
@@ -234,6 +259,7 @@ async fn faults_kill_9_with_the_embedded_group_backlog() {
     let received: Arc<Mutex<Vec<String>>> = Arc::default();
     let consumer = tokio::spawn(consume(
         format!("amqp://127.0.0.1:{amqp}"),
+        group.clone(),
         Arc::clone(&received),
         Arc::clone(&stop),
     ));
@@ -251,12 +277,21 @@ async fn faults_kill_9_with_the_embedded_group_backlog() {
         .await
         .unwrap();
     first.kill_9();
-    let waiting = metric(&scrape, "iotfwd_group_backlog_messages", &[("group", "g")])
-        + metric(
-            &scrape,
-            "iotfwd_group_unsettled_messages",
-            &[("group", "g")],
-        );
+    let (conn, ch) = channel(BROKER).await;
+    let queue = format!("iotfwd.group.{group}");
+    let waiting = if broker {
+        // Unacked deliveries went back to the queue with the connection.
+        let depth = queue_depth(&conn, &queue).await.unwrap_or(0);
+        format!("{depth} in its queue after the kill")
+    } else {
+        let n = metric(&scrape, "iotfwd_group_backlog_messages", &[("group", "g")])
+            + metric(
+                &scrape,
+                "iotfwd_group_unsettled_messages",
+                &[("group", "g")],
+            );
+        format!("{n} in the spool backlog or unsettled at the kill")
+    };
     let _second = ChildDaemon::start(d, 2, http, &config).await;
     senders.await.unwrap();
     // Until every message answered 200 has reached the consumer (at most 20 s; the count
@@ -276,14 +311,16 @@ async fn faults_kill_9_with_the_embedded_group_backlog() {
     stop.store(true, Ordering::Relaxed);
     consumer.await.unwrap();
     let received = received.lock().unwrap().clone();
-    count(
-        &format!(
-            "kill -9 of iotfwd, embedded default ({waiting} in the group backlog or unsettled at the kill)"
-        ),
-        &sent,
-        &received,
-        started,
-    );
+    if broker {
+        cleanup(&ch, &[], &[&queue]).await;
+    }
+    let _ = conn.close(200, "".into()).await;
+    let case = if broker {
+        "kill -9 of iotfwd, broker-backed group"
+    } else {
+        "kill -9 of iotfwd, embedded default"
+    };
+    count(&format!("{case} ({waiting})"), &sent, &received, started);
 }
 
 /// (b) kill -9 of iotfwd mid-stream with amqp actions to the shared RabbitMQ: every message
