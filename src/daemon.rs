@@ -176,10 +176,19 @@ pub async fn run_from_file(
         let rules = Arc::clone(&reloader);
         Arc::new(move |name: &str| rules.current().get(name).cloned())
     };
+    // Without a broker, consumer-group backlogs are kept in the spool on disk.
+    let spool = if broker.is_none() && crate::subscription::wants_listener(&config) {
+        Some(crate::spool::Spool::open(&crate::spool::Spool::path_in(
+            &config.data.dir,
+        ))?)
+    } else {
+        None
+    };
     let mut groups = crate::subscription::start(
         &config,
         listeners.amqp,
         broker.clone(),
+        spool,
         outcomes.clone(),
         metrics.groups.clone(),
         Arc::clone(&rule_lookup),

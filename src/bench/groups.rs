@@ -1,10 +1,12 @@
 //! `iotfwd bench groups`: push throughput of the AMQP 1.0 consumer-group endpoint, against the
 //! engine's ingest rate measured in the same run.
 //!
-//! The endpoint runs in this process on 127.0.0.1 with an in-memory backlog; consumers are
-//! fe2o3-amqp clients in the same process that accept every message (one disposition each).
-//! A push run enqueues N rule outputs and ends when the endpoint has seen N Accepted outcomes,
-//! so the figure is settled deliveries per second, not frames written.
+//! The endpoint runs in this process on 127.0.0.1 with an in-memory backlog, or with the
+//! embedded default's backlog in the spool on disk (`--backlog`); consumers are fe2o3-amqp
+//! clients in the same process that accept every message (one disposition each). A push run
+//! enqueues N rule outputs, [`ENQUEUE_AT_ONCE`] at a time as the pipeline's batches do, and
+//! ends when the endpoint has seen N Accepted outcomes, so the figure is settled deliveries
+//! per second, not frames written.
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -20,8 +22,20 @@ use crate::outcome::Outcomes;
 use crate::subscription::{Delivery, RuleLookup};
 use crate::telemetry::Metrics;
 
+/// Where a run keeps the group's backlog.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum Backlog {
+    /// In memory only (the baseline of the spool's cost).
+    Memory,
+    /// In the spool (SQLite on disk, group commit), as the daemon does without a broker.
+    Spool,
+}
+
+/// Forwards enqueued at once: a pipeline batch (`engine.batch_max_messages` default).
+pub const ENQUEUE_AT_ONCE: usize = 512;
+
 /// Runs the benchmark and prints its figures.
-pub fn run(messages: usize, connections: &[usize]) -> anyhow::Result<()> {
+pub fn run(messages: usize, connections: &[usize], backlogs: &[Backlog]) -> anyhow::Result<()> {
     let messages = messages.max(1);
     let engine = super::bench_engine(10);
     let msgs = super::property_posts(messages);
@@ -43,18 +57,37 @@ pub fn run(messages: usize, connections: &[usize]) -> anyhow::Result<()> {
         .enable_all()
         .build()?;
     for &n in connections {
-        let push = runtime.block_on(push(messages, n.max(1)))?;
-        println!(
-            "push to {n} connection(s):                   {push:>10.0} msg/s  ratio to ingest {:.3}",
-            push / ingest
-        );
+        let mut memory = None;
+        for &backlog in backlogs {
+            let push = runtime.block_on(push(messages, n.max(1), backlog))?;
+            let name = format!("{backlog:?}").to_lowercase();
+            let vs_memory = match (backlog, memory) {
+                (Backlog::Spool, Some(m)) => format!("  ratio to memory {:.3}", push / m),
+                _ => String::new(),
+            };
+            println!(
+                "push to {n} connection(s), {name:<6} backlog: {push:>10.0} msg/s  ratio to ingest {:.3}{vs_memory}",
+                push / ingest
+            );
+            if backlog == Backlog::Memory {
+                memory = Some(push);
+            }
+        }
     }
     Ok(())
 }
 
-async fn push(messages: usize, connections: usize) -> anyhow::Result<f64> {
+async fn push(messages: usize, connections: usize, backlog: Backlog) -> anyhow::Result<f64> {
+    use futures::StreamExt;
     let dir = std::env::temp_dir().join(format!("iotfwd-bench-groups-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
     std::fs::create_dir_all(&dir)?;
+    let spool = match backlog {
+        Backlog::Memory => None,
+        Backlog::Spool => Some(crate::spool::Spool::open(&crate::spool::Spool::path_in(
+            &dir,
+        ))?),
+    };
     let secret_file = dir.join("bench.secret");
     std::fs::write(&secret_file, "bench-secret\n")?;
     let mut group = GroupConfig::demo(&dir);
@@ -75,6 +108,7 @@ async fn push(messages: usize, connections: usize) -> anyhow::Result<f64> {
         &config,
         Some(listener),
         None,
+        spool,
         outcomes,
         metrics.groups.clone(),
         no_rules,
@@ -121,12 +155,22 @@ async fn push(messages: usize, connections: usize) -> anyhow::Result<f64> {
     output.insert("temperature".into(), serde_json::json!(38.5));
     output.insert("ts".into(), serde_json::json!(1_764_201_600_000i64));
     let started = Instant::now();
-    for i in 0..messages {
-        let mut d = Delivery::new(&template, "bench_rule", &output);
-        d.message_id = i.to_string();
-        hub.enqueue("bench", d)
-            .await
-            .map_err(|e| anyhow::anyhow!(e.reason().to_owned()))?;
+    let mut failures = std::pin::pin!(
+        futures::stream::iter(0..messages)
+            .map(|i| {
+                let (hub, template, output) = (&hub, &template, &output);
+                async move {
+                    let mut d = Delivery::new(template, "bench_rule", output);
+                    d.message_id = i.to_string();
+                    hub.enqueue("bench", d).await
+                }
+            })
+            .buffer_unordered(ENQUEUE_AT_ONCE)
+            .filter_map(|r| async move { r.err() })
+    );
+    let failed = failures.next().await;
+    if let Some(e) = failed {
+        anyhow::bail!("a forward failed: {}", e.reason());
     }
     let deadline = Instant::now() + Duration::from_secs(300);
     while (accepted.get() as usize) < messages {

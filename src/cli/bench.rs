@@ -32,7 +32,8 @@ pub(super) fn run(command: BenchCommand) -> ExitCode {
         BenchCommand::Groups {
             messages,
             connections,
-        } => exit_code(crate::bench::groups::run(messages, &connections)),
+            backlog,
+        } => exit_code(crate::bench::groups::run(messages, &connections, &backlog)),
         BenchCommand::Pipeline {
             url,
             messages,

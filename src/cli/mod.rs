@@ -164,8 +164,8 @@ pub enum RulesCommand {
 #[derive(Debug, Subcommand)]
 pub enum BenchCommand {
     /// Push throughput of the AMQP 1.0 consumer-group endpoint to consumers that accept every
-    /// message, on 1 and 4 connections, against the engine's ingest rate (10 rules) measured
-    /// in the same run. Needs no broker.
+    /// message, on 1 and 4 connections, with the backlog in memory and in the spool on disk,
+    /// against the engine's ingest rate (10 rules) measured in the same run. Needs no broker.
     ///
     /// Method and figures: docs/benchmarks.md, "Consumer groups".
     Groups {
@@ -175,6 +175,10 @@ pub enum BenchCommand {
         /// Consumer connection counts to measure.
         #[arg(long, value_delimiter = ',', default_value = "1,4")]
         connections: Vec<usize>,
+        /// Backlogs to measure, each on every connection count: `memory` (the baseline) and
+        /// `spool` (on disk, as without a broker; printed with its ratio to memory).
+        #[arg(long, value_delimiter = ',', default_value = "memory,spool")]
+        backlog: Vec<crate::bench::groups::Backlog>,
     },
     /// The record store: fills N records of realistic shape through the writer (the sustained
     /// insert rate, against 3 records per message at the engine's rate measured in the same

@@ -32,6 +32,21 @@ impl Spool {
         self.write_later("DELETE FROM group_backlog WHERE id = ?1", vec![id.into()]);
     }
 
+    /// Every group with entries, by id, with how many it has.
+    pub async fn backlog_groups(&self) -> Result<Vec<(String, i64)>, SpoolError> {
+        self.read(|spool, conn| {
+            let mut stmt = conn
+                .prepare("SELECT group_id, count(*) FROM group_backlog GROUP BY group_id ORDER BY group_id")
+                .map_err(|e| spool.sqlite(e))?;
+            let rows = stmt
+                .query_map([], |r| Ok((r.get(0)?, r.get(1)?)))
+                .map_err(|e| spool.sqlite(e))?;
+            rows.collect::<Result<Vec<_>, _>>()
+                .map_err(|e| spool.sqlite(e))
+        })
+        .await
+    }
+
     /// Every entry of `group`, oldest first, with when it was stored (ms since the epoch).
     pub async fn backlog(&self, group: &str) -> Result<Vec<(i64, i64, Vec<u8>)>, SpoolError> {
         let group = group.to_owned();
@@ -79,5 +94,9 @@ mod tests {
             .collect();
         assert_eq!(items, [vec![0], vec![2], vec![3], vec![4]]);
         assert_eq!(spool.backlog("other").await.unwrap().len(), 2);
+        assert_eq!(
+            spool.backlog_groups().await.unwrap(),
+            [("g".to_owned(), 4), ("other".to_owned(), 2)]
+        );
     }
 }

@@ -205,13 +205,21 @@ impl Spool {
     }
 
     /// Queues `sql` without waiting for it (a delete whose loss a crash may undo: the row is
-    /// then seen again, never lost).
+    /// then seen again, never lost). When the queue is full it waits for room in tokio's
+    /// blocking pool (or on this thread outside a runtime) rather than dropping the write.
     fn write_later(&self, sql: &'static str, params: Vec<rusqlite::types::Value>) {
-        let _ = self.writes.try_send(Write {
+        let write = Write {
             sql,
             params,
             reply: None,
-        });
+        };
+        if let Err(std_mpsc::TrySendError::Full(write)) = self.writes.try_send(write) {
+            let writes = self.writes.clone();
+            match tokio::runtime::Handle::try_current() {
+                Ok(rt) => drop(rt.spawn_blocking(move || writes.send(write))),
+                Err(_) => drop(writes.send(write)),
+            }
+        }
     }
 
     /// Runs `f` on the read connection in tokio's blocking pool.

@@ -1,5 +1,6 @@
-//! Where a group's backlog lives: in memory, or in a durable RabbitMQ queue
-//! (`iotfwd.group.<id>`) that any iotfwd process of the cluster can serve.
+//! Where a group's backlog lives: in the spool on disk (the embedded default, see
+//! [`crate::spool::backlog`]), in a durable RabbitMQ queue (`iotfwd.group.<id>`) that any
+//! iotfwd process of the cluster can serve, or only in memory (a hub built without either).
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -18,10 +19,14 @@ use super::group::{Group, Pending};
 use super::stopped;
 use crate::broker::{Broker, failure_headers};
 use crate::outcome::{Code, Failure, Record, payload_excerpt};
+use crate::spool::Spool;
 
 /// Where a group's backlog lives.
 pub(super) enum Backend {
     Memory,
+    /// Each message is a row of `<data.dir>/spool.db` from before the forward is answered
+    /// until it is settled for good; the group's ready queue in memory schedules them.
+    Spool(Spool),
     Broker {
         broker: Arc<Broker>,
         queue: String,
@@ -32,10 +37,15 @@ pub(super) enum Backend {
 }
 
 impl Backend {
-    /// The backlog of group `id`: its RabbitMQ queue with a broker, else memory.
-    pub(super) fn for_group(id: &str, broker: Option<&Arc<Broker>>) -> Backend {
+    /// The backlog of group `id`: its RabbitMQ queue with a broker, else the spool when
+    /// there is one, else memory.
+    pub(super) fn for_group(
+        id: &str,
+        broker: Option<&Arc<Broker>>,
+        spool: Option<&Spool>,
+    ) -> Backend {
         match broker {
-            None => Backend::Memory,
+            None => spool.map_or(Backend::Memory, |s| Backend::Spool(s.clone())),
             Some(b) => Backend::Broker {
                 broker: Arc::clone(b),
                 queue: format!("iotfwd.group.{id}"),
@@ -49,18 +59,27 @@ impl Backend {
         matches!(self, Backend::Broker { .. })
     }
 
-    /// `memory` or `broker`, as `GET /api/v1/health` shows it.
+    /// The spool holding the backlog, when it is there.
+    pub(super) fn spool(&self) -> Option<&Spool> {
+        match self {
+            Backend::Spool(s) => Some(s),
+            _ => None,
+        }
+    }
+
+    /// `memory`, `spool` or `broker`, as `GET /api/v1/health` shows it.
     pub(super) fn kind(&self) -> &'static str {
         match self {
             Backend::Memory => "memory",
+            Backend::Spool(_) => "spool",
             Backend::Broker { .. } => "broker",
         }
     }
 
-    /// Messages in the broker queue, as last seen (0 in memory: the group counts those).
+    /// Messages in the broker queue, as last seen (0 otherwise: the group counts those).
     pub(super) fn depth(&self) -> u64 {
         match self {
-            Backend::Memory => 0,
+            Backend::Memory | Backend::Spool(_) => 0,
             Backend::Broker { depth, .. } => depth.load(Ordering::Relaxed),
         }
     }

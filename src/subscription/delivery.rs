@@ -128,6 +128,52 @@ impl Delivery {
         }
     }
 
+    /// Its row in the spool (an embedded-default backlog): a JSON object of its fields,
+    /// with the body (a rule output, so JSON text) as a string.
+    pub(super) fn to_spool(&self) -> Vec<u8> {
+        let body = String::from_utf8_lossy(&self.body);
+        serde_json::to_vec(&serde_json::json!({
+            "body": body,
+            "topic": self.topic,
+            "productKey": self.product_key,
+            "deviceName": self.device_name,
+            "messageId": self.message_id,
+            "traceId": self.trace_id,
+            "rule": self.rule,
+            "generateTime": self.generate_time,
+            "tenantId": self.tenant_id,
+            "instanceId": self.instance_id,
+        }))
+        .expect("a JSON object serializes")
+    }
+
+    /// Reads a row written by [`Delivery::to_spool`]; why not, when it is not one.
+    pub(super) fn from_spool(row: &[u8]) -> Result<Delivery, String> {
+        let v: serde_json::Value =
+            serde_json::from_slice(row).map_err(|e| format!("not JSON: {e}"))?;
+        let text = |name: &str| -> Result<String, String> {
+            v.get(name)
+                .and_then(serde_json::Value::as_str)
+                .map(str::to_owned)
+                .ok_or_else(|| format!("no text field {name:?}"))
+        };
+        Ok(Delivery {
+            body: Bytes::from(text("body")?),
+            topic: text("topic")?,
+            product_key: text("productKey")?,
+            device_name: text("deviceName")?,
+            message_id: text("messageId")?,
+            trace_id: text("traceId")?,
+            rule: text("rule")?,
+            generate_time: v
+                .get("generateTime")
+                .and_then(serde_json::Value::as_i64)
+                .ok_or("no integer field \"generateTime\"")?,
+            tenant_id: text("tenantId")?,
+            instance_id: text("instanceId")?,
+        })
+    }
+
     /// A message standing for this delivery, for the rule's error action: its payload is the
     /// delivered body.
     pub fn to_message(&self) -> Message {

@@ -24,6 +24,8 @@ pub struct Pending {
     pub(super) last_consumer: Option<u64>,
     /// Its RabbitMQ delivery, acked when it is settled for good (broker-backed backlog).
     pub(super) ack: Option<lapin::Acker>,
+    /// Its row in the spool (spool-backed backlog), deleted when it is settled for good.
+    pub(super) spool_id: Option<i64>,
     pub(super) since: Instant,
     /// When it was last handed to a consumer connection: its ACK time-out runs from here,
     /// through any wait for link credit, to the consumer's outcome.
@@ -38,6 +40,7 @@ impl Pending {
             attempts: 0,
             last_consumer: None,
             ack,
+            spool_id: None,
             since: Instant::now(),
             handed_at: Instant::now(),
         }
@@ -59,6 +62,8 @@ struct Slot {
 #[derive(Default)]
 pub(super) struct State {
     pub(super) ready: VecDeque<Pending>,
+    /// Forwards being written to the spool: they count against `max_backlog` already.
+    storing: usize,
     consumers: Vec<Slot>,
     next: usize,
     /// Stops the broker consumer feeding `ready` (broker-backed groups, while consumers are
@@ -293,6 +298,7 @@ impl Group {
                 break;
             }
             let p = st.ready.pop_front().expect("front exists");
+            self.forget(&p);
             let record = self.record(
                 &p.delivery,
                 GroupOutcome::Expired {
@@ -386,12 +392,60 @@ impl Group {
             if p.ack.is_none() || st.feed.is_some() {
                 st.ready.push_front(p);
             }
-        } else if let Some(ack) = p.ack.take()
-            && let Err(e) = ack.ack(BasicAckOptions::default()).await
-        {
-            tracing::warn!(group = %self.config.id, "could not ack the backlog copy ({e}); it will be delivered again");
+        } else {
+            self.forget(&p);
+            if let Some(ack) = p.ack.take()
+                && let Err(e) = ack.ack(BasicAckOptions::default()).await
+            {
+                tracing::warn!(group = %self.config.id, "could not ack the backlog copy ({e}); it will be delivered again");
+            }
         }
         self.pump();
+    }
+
+    /// A delivery is settled for good (or expired): its spool row goes. The delete is not
+    /// waited for; should a crash undo it, the message is delivered once more, never lost.
+    fn forget(&self, p: &Pending) {
+        if let (Some(spool), Some(id)) = (self.backend.spool(), p.spool_id) {
+            spool.remove_backlog(id);
+        }
+    }
+
+    /// Spool-backed: takes back what the spool holds for this group (a restart, or kill -9,
+    /// of the daemon), oldest first, each with the age it had. The number taken back.
+    pub(super) async fn restore(&self) -> Result<usize, String> {
+        let Some(spool) = self.backend.spool() else {
+            return Ok(0);
+        };
+        let rows = spool
+            .backlog(&self.config.id)
+            .await
+            .map_err(|e| format!("cannot read the backlog of group {:?}: {e}", self.config.id))?;
+        let now_ms = crate::message::now_ms();
+        let mut restored = 0;
+        let mut st = self.lock();
+        for (id, time_ms, row) in rows {
+            match Delivery::from_spool(&row) {
+                Ok(d) => {
+                    let mut p = Pending::new(Arc::new(d), None);
+                    p.spool_id = Some(id);
+                    let age = Duration::from_millis(now_ms.saturating_sub(time_ms).max(0) as u64);
+                    p.since = Instant::now().checked_sub(age).unwrap_or(p.since);
+                    st.ready.push_back(p);
+                    restored += 1;
+                }
+                // Kept, not deleted: a later iotfwd may read it.
+                Err(e) => tracing::error!(
+                    group = %self.config.id,
+                    spool = %spool.path().display(),
+                    row = id,
+                    "a backlog row cannot be read ({e}); it is left in the spool"
+                ),
+            }
+        }
+        drop(st);
+        self.pump();
+        Ok(restored)
     }
 
     /// A rejected delivery goes to its rule's error action, else to the group's dead-letter
@@ -424,14 +478,35 @@ impl Group {
         if self.backend.is_broker() {
             self.backend.publish(self, &d).await?;
         } else {
-            let mut st = self.lock();
-            if st.ready.len() >= self.config.max_backlog {
-                return Err(Failure::not_available(format!(
+            let full = || {
+                Failure::not_available(format!(
                     "the backlog of consumer group {:?} is full ({} messages, max_backlog)",
                     self.config.id, self.config.max_backlog
-                )));
+                ))
+            };
+            let mut p = Pending::new(Arc::clone(&d), None);
+            if let Some(spool) = self.backend.spool() {
+                // The row is committed (its commit shared with the forwards around it)
+                // before the forward is answered: what was answered 200 survives a crash.
+                let slot = Storing::take(self).ok_or_else(full)?;
+                let id = spool
+                    .push_backlog(&self.config.id, d.to_spool())
+                    .await
+                    .map_err(|e| {
+                        Failure::not_available(format!(
+                            "cannot store the message in the backlog of consumer group {:?}: {e}",
+                            self.config.id
+                        ))
+                    })?;
+                p.spool_id = Some(id);
+                slot.place(p);
+            } else {
+                let mut st = self.lock();
+                if st.ready.len() >= self.config.max_backlog {
+                    return Err(full());
+                }
+                st.ready.push_back(p);
             }
-            st.ready.push_back(Pending::new(Arc::clone(&d), None));
         }
         if !online {
             self.offline(&d).await;
@@ -448,6 +523,38 @@ impl Group {
     }
 }
 
+/// A place in a spool-backed backlog held while its row is written; given back when dropped
+/// (written or not, or the forward abandoned).
+struct Storing<'a>(&'a Group);
+
+impl<'a> Storing<'a> {
+    /// A place, unless the backlog is full (`max_backlog`, counting rows being written).
+    fn take(group: &'a Group) -> Option<Storing<'a>> {
+        let mut st = group.lock();
+        if st.ready.len() + st.storing >= group.config.max_backlog {
+            return None;
+        }
+        st.storing += 1;
+        Some(Storing(group))
+    }
+
+    /// The row is written: the delivery takes the place, in the same moment.
+    fn place(self, p: Pending) {
+        let mut st = self.0.lock();
+        st.storing = st.storing.saturating_sub(1);
+        st.ready.push_back(p);
+        drop(st);
+        std::mem::forget(self);
+    }
+}
+
+impl Drop for Storing<'_> {
+    fn drop(&mut self) {
+        let mut st = self.0.lock();
+        st.storing = st.storing.saturating_sub(1);
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -456,6 +563,14 @@ mod tests {
     use bytes::Bytes;
 
     fn hub(
+        configure: impl FnOnce(&mut GroupConfig),
+    ) -> (Hub, mpsc::UnboundedReceiver<RejectedDelivery>) {
+        hub_in(None, configure)
+    }
+
+    /// A hub whose backlogs are in `spool` when given.
+    fn hub_in(
+        spool: Option<&crate::spool::Spool>,
         configure: impl FnOnce(&mut GroupConfig),
     ) -> (Hub, mpsc::UnboundedReceiver<RejectedDelivery>) {
         let dir = std::env::temp_dir();
@@ -470,6 +585,7 @@ mod tests {
         let hub = Hub::new(
             &[g],
             None,
+            spool,
             Outcomes::new(Arc::clone(&metrics)),
             metrics.groups.clone(),
             tx,
@@ -568,5 +684,96 @@ mod tests {
             .map(|p| p.delivery.message_id.clone())
             .collect();
         assert_eq!(back, ["0", "1", "2"], "in their order");
+    }
+
+    /// The group's ready queue, by message id.
+    fn ready(g: &Group) -> Vec<String> {
+        g.lock()
+            .ready
+            .iter()
+            .map(|p| p.delivery.message_id.clone())
+            .collect()
+    }
+
+    /// The message ids the spool holds for group `g`, once every write queued so far is
+    /// committed (a later committed write proves it).
+    async fn stored(spool: &crate::spool::Spool) -> Vec<String> {
+        spool.push_backlog("flush", Vec::new()).await.unwrap();
+        spool
+            .backlog("g")
+            .await
+            .unwrap()
+            .into_iter()
+            .map(|(_, _, row)| Delivery::from_spool(&row).unwrap().message_id)
+            .collect()
+    }
+
+    #[tokio::test]
+    async fn a_spool_backed_backlog_is_taken_back_after_a_restart_until_settled_for_good() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = crate::spool::Spool::path_in(dir.path());
+        let spool = crate::spool::Spool::open(&path).unwrap();
+        let (hub, _rx) = hub_in(Some(&spool), |_| {});
+        for n in 0..4 {
+            hub.enqueue("g", delivery(n)).await.unwrap();
+        }
+        assert_eq!(
+            stored(&spool).await,
+            ["0", "1", "2", "3"],
+            "stored before the answer"
+        );
+        drop(hub);
+        drop(spool);
+
+        // A restart: the backlog comes back from the file, in order, with its fields.
+        let spool = crate::spool::Spool::open(&path).unwrap();
+        let (hub, _rx) = hub_in(Some(&spool), |_| {});
+        assert_eq!(hub.restore().await.unwrap(), 4);
+        let g = Arc::clone(hub.group("g").unwrap());
+        assert_eq!(ready(&g), ["0", "1", "2", "3"]);
+        assert_eq!(g.status()["backlog"], "spool");
+        let mut a = g.join("a").unwrap();
+        let mut out = Vec::new();
+        while let Ok(p) = a.rx.try_recv() {
+            out.push(p);
+        }
+        assert_eq!(*out[2].delivery, delivery(2), "every field survives");
+        let mut out = out.into_iter();
+        let (p0, p1, p2) = (
+            out.next().unwrap(),
+            out.next().unwrap(),
+            out.next().unwrap(),
+        );
+        g.settle(a.id, "a", p0, Settlement::Accepted).await;
+        g.settle(a.id, "a", p1, Settlement::Released).await;
+        g.settle(a.id, "a", p2, Settlement::Rejected("bad".into()))
+            .await;
+        // Accepted and rejected are done; released and the one still out stay.
+        assert_eq!(stored(&spool).await, ["1", "3"]);
+        drop(a);
+        drop(hub);
+        drop(g);
+        drop(spool);
+
+        // Again, with a retention the rest has outlived: expired (9203) and gone from disk.
+        let spool = crate::spool::Spool::open(&path).unwrap();
+        std::thread::sleep(Duration::from_millis(1100));
+        let (hub, _rx) = hub_in(Some(&spool), |g| g.retention_s = 1);
+        assert_eq!(hub.restore().await.unwrap(), 2);
+        assert!(ready(hub.group("g").unwrap()).is_empty(), "expired");
+        assert!(stored(&spool).await.is_empty());
+    }
+
+    #[tokio::test]
+    async fn a_full_spool_backed_backlog_refuses_and_stores_nothing() {
+        let dir = tempfile::tempdir().unwrap();
+        let spool = crate::spool::Spool::open(&crate::spool::Spool::path_in(dir.path())).unwrap();
+        let (hub, _rx) = hub_in(Some(&spool), |g| g.max_backlog = 2);
+        hub.enqueue("g", delivery(1)).await.unwrap();
+        hub.enqueue("g", delivery(2)).await.unwrap();
+        let full = hub.enqueue("g", delivery(3)).await.unwrap_err();
+        assert_eq!(full.code(), Code::DestinationUnavailable);
+        assert!(full.reason().contains("max_backlog"), "{}", full.reason());
+        assert_eq!(stored(&spool).await, ["1", "2"]);
     }
 }

@@ -12,6 +12,7 @@ use super::group::Group;
 use crate::broker::Broker;
 use crate::config::subscription::GroupConfig;
 use crate::outcome::{Failure, Outcomes};
+use crate::spool::Spool;
 use crate::telemetry::GroupMetrics;
 
 /// Every consumer group of this daemon.
@@ -24,10 +25,11 @@ pub struct Hub {
 impl Hub {
     /// Builds the groups; their secrets are resolved now, so a missing one stops the start.
     /// Rejected deliveries whose rule has an error action (`has_error_action(rule)`) are sent
-    /// to `rejects`.
+    /// to `rejects`. Backlogs live in `broker`'s queues, else in `spool`, else in memory.
     pub fn new(
         configs: &[GroupConfig],
         broker: Option<Arc<Broker>>,
+        spool: Option<&Spool>,
         outcomes: Outcomes,
         metrics: GroupMetrics,
         rejects: mpsc::UnboundedSender<RejectedDelivery>,
@@ -49,7 +51,7 @@ impl Hub {
                 c.id.clone(),
                 Arc::new(Group::new(
                     c.clone(),
-                    Backend::for_group(&c.id, broker.as_ref()),
+                    Backend::for_group(&c.id, broker.as_ref(), spool),
                     outcomes.clone(),
                     metrics.clone(),
                     rejects.clone(),
@@ -92,6 +94,32 @@ impl Hub {
 
     pub fn groups(&self) -> impl Iterator<Item = &Arc<Group>> {
         self.groups.values()
+    }
+
+    /// Takes back every spool-backed group's backlog (see [`Group::restore`]): how many
+    /// messages, in all. Messages the spool holds for a group that is not configured (any
+    /// more) are left there, with a warning.
+    pub async fn restore(&self) -> Result<usize, String> {
+        if let Some(spool) = self.groups.values().find_map(|g| g.backend.spool()) {
+            let held = spool.backlog_groups().await.map_err(|e| e.to_string())?;
+            for (id, n) in held.iter().filter(|(id, _)| !self.groups.contains_key(id)) {
+                tracing::warn!(
+                    group = %id,
+                    messages = n,
+                    spool = %spool.path().display(),
+                    "the spool holds messages of a consumer group that is not configured; they wait there until a [[group]] with this id is configured again"
+                );
+            }
+        }
+        let mut restored = 0;
+        for g in self.groups.values() {
+            let n = g.restore().await?;
+            if n > 0 {
+                tracing::info!(group = %g.config.id, messages = n, "backlog taken back from the spool; redelivering");
+            }
+            restored += n;
+        }
+        Ok(restored)
     }
 
     /// Hands one rule output to group `id` (the `to = "group"` action).

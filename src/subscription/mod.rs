@@ -1,7 +1,8 @@
 //! Consumer groups: the platform's server-side subscription, hosted by iotfwd.
 //!
 //! A `to = "group"` action hands the rule output to its group ([`Hub::enqueue`]). The group
-//! keeps a backlog (bounded memory, or a durable RabbitMQ queue when `[broker]` is set) and
+//! keeps a backlog (bounded, on disk in the spool, or a durable RabbitMQ queue when
+//! `[broker]` is set) and
 //! pushes each message to exactly one of its consumer connections, round robin over those
 //! with room in their window. A delivery stays unsettled until the consumer settles it:
 //!
@@ -60,12 +61,14 @@ pub fn wants_listener(config: &crate::config::Config) -> bool {
 
 /// Builds the groups and starts the AMQP 1.0 endpoint on `listener` when `[subscription]` is
 /// enabled (see [`wants_listener`]; the caller binds `subscription.listen`, or port 0 in
-/// tests). Fails (and the daemon does not start) on a missing secret, unreadable TLS files
-/// or a missing listener.
+/// tests). Without a broker, backlogs live in `spool` (and what it held is taken back and
+/// redelivered), or in memory when there is none. Fails (and the daemon does not start) on
+/// a missing secret, unreadable TLS files, an unreadable spool or a missing listener.
 pub async fn start(
     config: &crate::config::Config,
     listener: Option<TcpListener>,
     broker: Option<Arc<Broker>>,
+    spool: Option<crate::spool::Spool>,
     outcomes: Outcomes,
     metrics: GroupMetrics,
     rules: RuleLookup,
@@ -85,6 +88,7 @@ pub async fn start(
     let hub = Hub::new(
         &config.group,
         broker.clone(),
+        spool.as_ref(),
         outcomes.clone(),
         metrics,
         rejects_tx,
@@ -92,6 +96,9 @@ pub async fn start(
     )
     .map_err(|e| anyhow::anyhow!(e))?;
     let hub = Arc::new(hub);
+    if broker.is_none() {
+        hub.restore().await.map_err(|e| anyhow::anyhow!(e))?;
+    }
     if !wants_listener(config) {
         tracing::info!("no [[group]] configured: the AMQP 1.0 endpoint is not started");
         return Ok(Some(Running {
@@ -124,10 +131,15 @@ pub async fn start(
         groups = %ids.join(", "),
         "AMQP 1.0 consumer-group endpoint listening"
     );
-    if broker.is_none() {
-        tracing::warn!(
-            "consumer-group backlogs are held in memory (no [broker]): messages waiting for a consumer do not survive a restart"
-        );
+    match (&broker, &spool) {
+        (Some(_), _) => {}
+        (None, Some(spool)) => tracing::info!(
+            spool = %spool.path().display(),
+            "consumer-group backlogs are kept on disk (no [broker]): a restart redelivers them"
+        ),
+        (None, None) => tracing::warn!(
+            "consumer-group backlogs are held in memory: messages waiting for a consumer do not survive a restart"
+        ),
     }
     Ok(Some(Running {
         hub,

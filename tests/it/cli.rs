@@ -4,7 +4,7 @@ use std::path::Path;
 use std::process::{Command, Output};
 
 fn iotfwd(args: &[&str], cwd: &Path) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_iotfwd"))
+    Command::new(super::harness::daemon_binary())
         .args(args)
         .current_dir(cwd)
         .output()
@@ -451,7 +451,7 @@ async fn send_posts_to_the_daemon_and_consume_receives_from_its_group() {
     let amqp = format!("amqp://{}", daemon.amqp.expect("the endpoint listens"));
     let base = daemon.base.clone();
 
-    let mut consumer = Command::new(env!("CARGO_BIN_EXE_iotfwd"))
+    let mut consumer = Command::new(super::harness::daemon_binary())
         .args(["consume", "--group", "g1", "--url", &amqp, "--count", "1"])
         .arg("--config")
         .arg(&config)

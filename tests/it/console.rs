@@ -241,7 +241,7 @@ fn count_of(v: &Value, key: &str) -> u64 {
 
 /// The verdict line of `iotfwd logs trace ID` on the store file.
 fn cli_verdict(store: &Path, id: &str) -> String {
-    let out = Command::new(env!("CARGO_BIN_EXE_iotfwd"))
+    let out = Command::new(super::harness::daemon_binary())
         .args(["logs", "trace", id, "--db"])
         .arg(store)
         .output()
@@ -402,7 +402,7 @@ async fn console_rule_tester_uses_the_engine_and_writes_nothing() {
     assert_eq!(passed["code"], 200);
     assert_eq!(passed["output"], json!({"device": "d9", "temperature": 41}));
     // The same message as `iotfwd rules test` sees it.
-    let cli = Command::new(env!("CARGO_BIN_EXE_iotfwd"))
+    let cli = Command::new(super::harness::daemon_binary())
         .args(["rules", "test"])
         .arg(rules_dir.join("failing.toml"))
         .args(["--topic", "/p1/d9/user/update", "--payload", "{\"t\": 41}"])

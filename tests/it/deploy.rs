@@ -229,7 +229,7 @@ fn every_deploy_config_passes_iotfwd_check() {
     }
     assert!(configs.contains(&deploy.join("iotfwd.toml")), "{configs:?}");
     for config in &configs {
-        let out = run(Command::new(env!("CARGO_BIN_EXE_iotfwd"))
+        let out = run(Command::new(super::harness::daemon_binary())
             .arg("check")
             .arg("--config")
             .arg(config)
@@ -251,7 +251,7 @@ fn every_deploy_config_passes_iotfwd_check() {
         format!("{}\nbogus_key = 1\n", read(&deploy.join("iotfwd.toml"))),
     )
     .unwrap();
-    let out = run(Command::new(env!("CARGO_BIN_EXE_iotfwd"))
+    let out = run(Command::new(super::harness::daemon_binary())
         .arg("check")
         .arg("--config")
         .arg(&broken)
@@ -413,7 +413,10 @@ fn systemd_unit_is_hardened_and_verifies() {
     let copy = dir.path().join("iotfwd.service");
     std::fs::write(
         &copy,
-        unit.replace("/usr/local/bin/iotfwd", env!("CARGO_BIN_EXE_iotfwd")),
+        unit.replace(
+            "/usr/local/bin/iotfwd",
+            super::harness::daemon_binary().to_str().unwrap(),
+        ),
     )
     .unwrap();
     let out = run(Command::new(analyze).arg("verify").arg(&copy));

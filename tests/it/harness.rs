@@ -327,3 +327,112 @@ pub fn tool_missing(why: &str) {
     }
     eprintln!("\n**********\nSKIPPED: {why}\n**********\n");
 }
+
+/// The iotfwd binary the child-process tests run: this build's (`CARGO_BIN_EXE_iotfwd`), or
+/// `IOTFWD_BIN` when set (a target directory shared by several checkouts may hold another
+/// checkout's binary at that path by the time the test runs).
+pub fn daemon_binary() -> std::path::PathBuf {
+    std::env::var_os("IOTFWD_BIN")
+        .map(Into::into)
+        .unwrap_or_else(|| env!("CARGO_BIN_EXE_iotfwd").into())
+}
+
+/// The real binary (`iotfwd run --config FILE`) as a child process with its own config file
+/// and log under a test's directory; SIGKILLed on drop.
+pub struct ChildDaemon {
+    pub child: std::process::Child,
+    /// `http://<address>` of its HTTP server.
+    pub base: String,
+    /// Where its AMQP 1.0 endpoint listens, when it runs one.
+    pub amqp: Option<std::net::SocketAddr>,
+    log: std::path::PathBuf,
+}
+
+impl ChildDaemon {
+    /// Writes `config` (TOML) to `dir/iotfwd-<run>.toml` and runs the binary on it, its output
+    /// in `dir/iotfwd-<run>.log`; returns once `/readyz` answers 200, within 30 s. The config
+    /// listens on port 0: the addresses come from the daemon's start-up log lines.
+    pub async fn start(dir: &Path, run: usize, config: &str) -> ChildDaemon {
+        let file = dir.join(format!("iotfwd-{run}.toml"));
+        std::fs::write(&file, config).unwrap();
+        let log = dir.join(format!("iotfwd-{run}.log"));
+        let out = std::fs::File::create(&log).unwrap();
+        let child = std::process::Command::new(daemon_binary())
+            .arg("run")
+            .arg("--config")
+            .arg(&file)
+            .env_remove("RUST_LOG")
+            .stdin(std::process::Stdio::null())
+            .stdout(out.try_clone().unwrap())
+            .stderr(out)
+            .spawn()
+            .expect("run iotfwd");
+        let mut d = ChildDaemon {
+            child,
+            base: String::new(),
+            amqp: None,
+            log,
+        };
+        let client = reqwest::Client::builder()
+            .timeout(Duration::from_secs(2))
+            .build()
+            .unwrap();
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            if d.base.is_empty()
+                && let Some(Listening::Http(a)) = d.listening(|l| matches!(l, Listening::Http(_)))
+            {
+                d.base = format!("http://{a}");
+            }
+            if !d.base.is_empty()
+                && let Ok(r) = client.get(format!("{}/readyz", d.base)).send().await
+                && r.status().as_u16() == 200
+            {
+                // Ready means every listener is up, so its line is in the log by now.
+                if let Some(Listening::Amqp(a)) = d.listening(|l| matches!(l, Listening::Amqp(_))) {
+                    d.amqp = Some(a);
+                }
+                return d;
+            }
+            if let Some(status) = d.child.try_wait().unwrap() {
+                panic!(
+                    "iotfwd (run {run}) exited while starting ({status}); its log:\n{}",
+                    d.log_text()
+                );
+            }
+            assert!(
+                Instant::now() < deadline,
+                "iotfwd (run {run}) not ready within 30 s; its log:\n{}",
+                d.log_text()
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    /// The first start-up line of the log that `want` picks.
+    fn listening(&self, want: impl Fn(&Listening) -> bool) -> Option<Listening> {
+        self.log_text()
+            .lines()
+            .filter_map(|l| listening_line(&strip_ansi(l)))
+            .find(|l| want(l))
+    }
+
+    pub fn log_text(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// SIGKILL, and waits for it to be gone.
+    pub fn kill_9(&mut self) {
+        use std::os::unix::process::ExitStatusExt;
+        self.child.kill().unwrap();
+        let status = self.child.wait().unwrap();
+        assert_eq!(status.signal(), Some(9), "killed by SIGKILL: {status:?}");
+    }
+}
+
+impl Drop for ChildDaemon {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}

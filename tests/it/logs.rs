@@ -100,7 +100,7 @@ fn oracle(data: &[Record], q: &LogQuery) -> Vec<Record> {
 }
 
 fn iotfwd(args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_iotfwd"))
+    Command::new(super::harness::daemon_binary())
         .args(args)
         .output()
         .expect("run iotfwd")

@@ -11,6 +11,7 @@ mod console;
 mod delivery;
 mod deploy;
 mod engine_batch;
+mod faults;
 mod golden;
 mod harness;
 mod health;

@@ -653,7 +653,7 @@ impl DaemonProcess {
         .unwrap();
         let log = dir.join(format!("iotfwd-{run}.log"));
         let out = std::fs::File::create(&log).unwrap();
-        let child = Command::new(env!("CARGO_BIN_EXE_iotfwd"))
+        let child = Command::new(super::harness::daemon_binary())
             .arg("run")
             .arg("--config")
             .arg(&config)

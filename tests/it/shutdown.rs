@@ -21,7 +21,7 @@ async fn sigterm_closes_consumers_and_exits_0_within_the_grace() {
              [[group]]\nid = \"g\"\naccess_key_id = \"ak\"\nsecret_file = \"secret\"\n",
     )
     .unwrap();
-    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_iotfwd"))
+    let mut child = std::process::Command::new(super::harness::daemon_binary())
         .args(["run", "--config"])
         .arg(&config)
         .current_dir(dir.path())

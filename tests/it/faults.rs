@@ -1,0 +1,602 @@
+//! Fault injection: the daemon binary as a child process (its own temp data directory), a
+//! stream of messages over the HTTP ingest, a fault in the middle of it, and a count at the
+//! end: messages whose forward was answered 200 (sent), of those the ones delivered, copies
+//! delivered more than once (duplicated), and the ones never delivered (lost, which must be 0).
+//! Each case prints one line starting with `faults |`:
+//! `cargo nextest run -E 'test(/faults::/)' --no-capture` (the table in docs/delivery.md).
+
+use std::collections::{BTreeSet, HashMap};
+use std::path::Path;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use fe2o3_amqp::types::messaging::Body;
+use fe2o3_amqp::types::primitives::Value;
+use iotfwd::client::{Consumer, ConsumerOptions, describe};
+use serde_json::{Value as Json, json};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+
+use super::harness::{BROKER, ChildDaemon, metric, unique};
+use super::rabbit::{channel, cleanup, drain, exchange_with_queue, header, queue_depth};
+
+/// Messages in each stream.
+const N: usize = 300;
+/// HTTP senders at once, so requests are in flight when the fault strikes.
+const SENDERS: usize = 4;
+const SECRET: &str = "faults-group-secret";
+
+/// What the senders were answered.
+#[derive(Default)]
+struct Sent {
+    /// Message ids whose forward was answered 200: what iotfwd promised to deliver.
+    ok: Mutex<BTreeSet<String>>,
+    /// Answers whose forward was not 200 (the message was sent again).
+    refused: AtomicUsize,
+    /// Requests that got no answer (the daemon was gone; the message was sent again).
+    unanswered: AtomicUsize,
+}
+
+impl Sent {
+    fn ok(&self) -> usize {
+        self.ok.lock().unwrap().len()
+    }
+}
+
+/// Where the daemon of a case is now: a restarted daemon listens on another port.
+type Address = Arc<std::sync::RwLock<String>>;
+
+fn address(a: String) -> Address {
+    Arc::new(std::sync::RwLock::new(a))
+}
+
+fn now_at(a: &Address) -> String {
+    a.read().unwrap().clone()
+}
+
+/// Sends m0..m{N-1} to `/p1/dev/post` from `SENDERS` concurrent senders; each message is sent
+/// again (same message id) until its forward is answered 200, within `limit`. `base` is read
+/// for every request, so the senders follow a restarted daemon.
+async fn send_all(base: Address, sent: Arc<Sent>, limit: Duration) {
+    let client = reqwest::Client::builder()
+        .timeout(Duration::from_secs(15))
+        .build()
+        .unwrap();
+    let deadline = Instant::now() + limit;
+    let mut senders = Vec::new();
+    for s in 0..SENDERS {
+        let (client, base, sent) = (client.clone(), Arc::clone(&base), Arc::clone(&sent));
+        senders.push(tokio::spawn(async move {
+            for i in (s..N).step_by(SENDERS) {
+                let id = format!("m{i}");
+                let body =
+                    json!({ "topic": "/p1/dev/post", "messageId": id, "payload": { "n": i } })
+                        .to_string();
+                loop {
+                    assert!(
+                        Instant::now() < deadline,
+                        "{id} was not answered 200 within {limit:?}"
+                    );
+                    match client
+                        .post(format!("{}/api/v1/messages", now_at(&base)))
+                        .body(body.clone())
+                        .send()
+                        .await
+                    {
+                        Ok(r) => {
+                            let status = r.status().as_u16();
+                            let report: Json = r.json().await.unwrap_or(Json::Null);
+                            let code =
+                                report["messages"][0]["rules"][0]["actions"][0]["code"].as_u64();
+                            if status == 200 && code == Some(200) {
+                                sent.ok.lock().unwrap().insert(id);
+                                break;
+                            }
+                            sent.refused.fetch_add(1, Ordering::Relaxed);
+                        }
+                        Err(_) => {
+                            sent.unanswered.fetch_add(1, Ordering::Relaxed);
+                        }
+                    }
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                }
+            }
+        }));
+    }
+    for s in senders {
+        s.await.unwrap();
+    }
+}
+
+/// Waits until `n` forwards were answered 200 (within 30 s).
+async fn until_sent(sent: &Sent, n: usize) {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while sent.ok() < n {
+        assert!(
+            Instant::now() < deadline,
+            "only {} forwards answered 200 within 30 s",
+            sent.ok()
+        );
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+}
+
+/// The counts of one case; prints its line and fails the test when anything was lost.
+fn count(case: &str, sent: &Sent, received: &[String], started: Instant) {
+    let ok = sent.ok.lock().unwrap().clone();
+    let mut seen: HashMap<&str, usize> = HashMap::new();
+    for id in received {
+        *seen.entry(id.as_str()).or_default() += 1;
+    }
+    let delivered = ok
+        .iter()
+        .filter(|id| seen.contains_key(id.as_str()))
+        .count();
+    let duplicated = received.len() - seen.len();
+    let lost: Vec<&String> = ok
+        .iter()
+        .filter(|id| !seen.contains_key(id.as_str()))
+        .collect();
+    println!(
+        "faults | {case} | sent {} | delivered {delivered} | duplicated {duplicated} | lost {} | \
+         re-sent after no answer {}, after a non-200 {} | {:.1} s",
+        ok.len(),
+        lost.len(),
+        sent.unanswered.load(Ordering::Relaxed),
+        sent.refused.load(Ordering::Relaxed),
+        started.elapsed().as_secs_f64()
+    );
+    assert_eq!(ok.len(), N, "every message was answered 200 in the end");
+    assert!(
+        lost.is_empty(),
+        "{case}: {} messages answered 200 were never delivered, e.g. {:?}",
+        lost.len(),
+        &lost[..lost.len().min(20)]
+    );
+}
+
+/// `[http]`, `[rules]` and `[data]` of a config under `dir`.
+fn base_config(dir: &Path) -> String {
+    let toml_path = |p: std::path::PathBuf| format!("{:?}", p.display().to_string());
+    format!(
+        "[http]\nlisten = \"127.0.0.1:0\"\n\
+         [rules]\ndir = {}\n\
+         [data]\ndir = {}\n",
+        toml_path(dir.join("rules")),
+        toml_path(dir.join("data")),
+    )
+}
+
+fn write_rule(dir: &Path, action: &str) {
+    std::fs::create_dir_all(dir.join("rules")).unwrap();
+    std::fs::write(
+        dir.join("rules").join("forward.toml"),
+        format!("sql = '''SELECT * FROM \"/p1/+/post\"'''\n{action}"),
+    )
+    .unwrap();
+}
+
+/// An amqp action to `exchange`, retried quickly so each case stays short.
+fn amqp_action(exchange: &str) -> String {
+    format!(
+        "[[action]]\nto = \"amqp\"\nexchange = \"{exchange}\"\n\
+         retry = {{ max_retries = 8, initial_delay_ms = 100, factor = 2.0, max_delay_ms = 1000, deadline_ms = 10000 }}\n"
+    )
+}
+
+/// A consumer of `group` at `url` (read at each connect) that accepts everything, slowly (5 ms each, so a backlog
+/// builds up), and connects again whenever its connection is gone, until `stop`. Adds the
+/// message ids it accepted to `got`, in order.
+async fn consume(url: Address, group: String, got: Arc<Mutex<Vec<String>>>, stop: Arc<AtomicBool>) {
+    while !stop.load(Ordering::Relaxed) {
+        let mut o = ConsumerOptions::new(&now_at(&url), &group, "ak-g", SECRET);
+        o.client_id = unique("faults-consumer");
+        let Ok(Ok(mut c)) =
+            tokio::time::timeout(Duration::from_secs(5), Consumer::connect(&o)).await
+        else {
+            tokio::time::sleep(Duration::from_millis(100)).await;
+            continue;
+        };
+        while !stop.load(Ordering::Relaxed) {
+            match tokio::time::timeout(Duration::from_millis(200), c.receiver.recv::<Body<Value>>())
+                .await
+            {
+                Ok(Ok(d)) => {
+                    tokio::time::sleep(Duration::from_millis(5)).await;
+                    if c.receiver.accept(&d).await.is_err() {
+                        break; // not settled: redelivered
+                    }
+                    let id = describe(&d)["properties"]["messageId"]
+                        .as_str()
+                        .unwrap_or_default()
+                        .to_owned();
+                    got.lock().unwrap().push(id);
+                }
+                Ok(Err(_)) => break,
+                Err(_) => {}
+            }
+        }
+        if stop.load(Ordering::Relaxed) {
+            c.close().await;
+        }
+    }
+}
+
+/// (a) kill -9 of iotfwd mid-stream, no broker: the group's backlog is in the spool; a restart
+/// redelivers it to a real AMQP 1.0 consumer.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn faults_kill_9_with_the_embedded_group_backlog() {
+    kill_9_with_a_group(false).await;
+}
+
+/// kill -9 of iotfwd mid-stream with a broker-backed group: the backlog is the durable queue
+/// `iotfwd.group.<id>` on the shared RabbitMQ.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn faults_kill_9_with_a_broker_backed_group() {
+    kill_9_with_a_group(true).await;
+}
+
+async fn kill_9_with_a_group(broker: bool) {
+    let started = Instant::now();
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    // Unique with a broker: the group's queue is on the shared RabbitMQ.
+    let group = if broker {
+        unique("faults-grp")
+    } else {
+        "g".to_owned()
+    };
+    write_rule(
+        d,
+        &format!("[[action]]\nto = \"group\"\ngroup = \"{group}\"\n"),
+    );
+    let secret = d.join("g.secret");
+    std::fs::write(&secret, format!("{SECRET}\n")).unwrap();
+    let config = format!(
+        "{}{}[subscription]\nlisten = \"127.0.0.1:0\"\n\
+         [[group]]\nid = \"{group}\"\naccess_key_id = \"ak-g\"\nsecret_file = {:?}\n\
+         create_secret = false\nack_timeout_ms = 2000\n",
+        base_config(d),
+        if broker {
+            format!("[broker]\nurl = \"{BROKER}\"\n")
+        } else {
+            String::new()
+        },
+        secret.display().to_string()
+    );
+    let mut first = ChildDaemon::start(d, 1, &config).await;
+    let base = address(first.base.clone());
+    let endpoint = address(format!("amqp://{}", first.amqp.unwrap()));
+    let stop = Arc::new(AtomicBool::new(false));
+    let received: Arc<Mutex<Vec<String>>> = Arc::default();
+    let consumer = tokio::spawn(consume(
+        Arc::clone(&endpoint),
+        group.clone(),
+        Arc::clone(&received),
+        Arc::clone(&stop),
+    ));
+    let sent = Arc::new(Sent::default());
+    let senders = tokio::spawn(send_all(
+        Arc::clone(&base),
+        Arc::clone(&sent),
+        Duration::from_secs(60),
+    ));
+    until_sent(&sent, N / 3).await;
+    let scrape = reqwest::get(format!("{}/metrics", first.base))
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    first.kill_9();
+    let (conn, ch) = channel(BROKER).await;
+    let queue = format!("iotfwd.group.{group}");
+    let waiting = if broker {
+        // Unacked deliveries went back to the queue with the connection.
+        let depth = queue_depth(&conn, &queue).await.unwrap_or(0);
+        format!("{depth} in its queue after the kill")
+    } else {
+        let n = metric(&scrape, "iotfwd_group_backlog_messages", &[("group", "g")])
+            + metric(
+                &scrape,
+                "iotfwd_group_unsettled_messages",
+                &[("group", "g")],
+            );
+        format!("{n} in the spool backlog or unsettled at the kill")
+    };
+    let second = ChildDaemon::start(d, 2, &config).await;
+    *base.write().unwrap() = second.base.clone();
+    *endpoint.write().unwrap() = format!("amqp://{}", second.amqp.unwrap());
+    senders.await.unwrap();
+    // Until every message answered 200 has reached the consumer (at most 20 s; the count
+    // below names any that did not), and a second more for late copies.
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let all = {
+            let got: BTreeSet<String> = received.lock().unwrap().iter().cloned().collect();
+            sent.ok.lock().unwrap().is_subset(&got)
+        };
+        if all || Instant::now() > deadline {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    stop.store(true, Ordering::Relaxed);
+    consumer.await.unwrap();
+    let received = received.lock().unwrap().clone();
+    if broker {
+        cleanup(&ch, &[], &[&queue]).await;
+    }
+    let _ = conn.close(200, "".into()).await;
+    let case = if broker {
+        "kill -9 of iotfwd, broker-backed group"
+    } else {
+        "kill -9 of iotfwd, embedded default"
+    };
+    count(&format!("{case} ({waiting})"), &sent, &received, started);
+}
+
+/// (b) kill -9 of iotfwd mid-stream with amqp actions to the shared RabbitMQ: every message
+/// answered 200 is in the bound queue after the restart.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn faults_kill_9_with_amqp_actions() {
+    let started = Instant::now();
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let exchange = unique("faults-kill");
+    let (_conn, ch) = channel(BROKER).await;
+    let queue = exchange_with_queue(&ch, &exchange).await;
+    write_rule(d, &amqp_action(&exchange));
+    let config = format!("{}[broker]\nurl = \"{BROKER}\"\n", base_config(d));
+    let mut first = ChildDaemon::start(d, 1, &config).await;
+    let base = address(first.base.clone());
+    let sent = Arc::new(Sent::default());
+    let senders = tokio::spawn(send_all(
+        Arc::clone(&base),
+        Arc::clone(&sent),
+        Duration::from_secs(60),
+    ));
+    until_sent(&sent, N / 3).await;
+    first.kill_9();
+    let second = ChildDaemon::start(d, 2, &config).await;
+    *base.write().unwrap() = second.base.clone();
+    senders.await.unwrap();
+    let received = queue_ids(&ch, &queue, sent.ok()).await;
+    cleanup(&ch, &[&exchange], &[&queue]).await;
+    count("kill -9 of iotfwd, amqp actions", &sent, &received, started);
+}
+
+/// The message ids in `queue`, taken until it has been quiet for a second.
+async fn queue_ids(ch: &lapin::Channel, queue: &str, expect: usize) -> Vec<String> {
+    drain(ch, queue, expect, Duration::from_secs(1))
+        .await
+        .iter()
+        .map(|m| header(m, "messageId").unwrap_or_default())
+        .collect()
+}
+
+/// A TCP proxy in the test, between iotfwd and RabbitMQ, that can cut or stall the
+/// connections passing through it. New connections always pass.
+struct Proxy {
+    port: u16,
+    links: Arc<Mutex<Vec<Link>>>,
+    accept: tokio::task::JoinHandle<()>,
+}
+
+struct Link {
+    stalled: Arc<AtomicBool>,
+    task: tokio::task::AbortHandle,
+}
+
+impl Proxy {
+    async fn start(upstream: &'static str) -> Proxy {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let links: Arc<Mutex<Vec<Link>>> = Arc::default();
+        let registry = Arc::clone(&links);
+        let accept = tokio::spawn(async move {
+            while let Ok((inbound, _)) = listener.accept().await {
+                let Ok(outbound) = TcpStream::connect(upstream).await else {
+                    continue;
+                };
+                let stalled = Arc::new(AtomicBool::new(false));
+                let (ri, wi) = inbound.into_split();
+                let (ro, wo) = outbound.into_split();
+                let s = Arc::clone(&stalled);
+                let task = tokio::spawn(async move {
+                    tokio::select! {
+                        _ = pipe(ri, wo, Arc::clone(&s)) => {}
+                        _ = pipe(ro, wi, s) => {}
+                    }
+                });
+                registry.lock().unwrap().push(Link {
+                    stalled,
+                    task: task.abort_handle(),
+                });
+            }
+        });
+        Proxy {
+            port,
+            links,
+            accept,
+        }
+    }
+
+    /// Drops every connection open now (both sides closed at once); the number dropped.
+    fn cut(&self) -> usize {
+        let links = std::mem::take(&mut *self.links.lock().unwrap());
+        for l in &links {
+            l.task.abort();
+        }
+        links.len()
+    }
+
+    /// The connections open now stop passing bytes, without closing; the number stalled.
+    fn stall(&self) -> usize {
+        let links = self.links.lock().unwrap();
+        for l in links.iter() {
+            l.stalled.store(true, Ordering::Relaxed);
+        }
+        links.len()
+    }
+
+    /// Stalled connections pass bytes again.
+    fn resume(&self) {
+        for l in self.links.lock().unwrap().iter() {
+            l.stalled.store(false, Ordering::Relaxed);
+        }
+    }
+}
+
+impl Drop for Proxy {
+    fn drop(&mut self) {
+        self.accept.abort();
+        self.cut();
+    }
+}
+
+/// Copies `from` to `to`, holding what it read while `stalled`.
+async fn pipe(
+    mut from: tokio::net::tcp::OwnedReadHalf,
+    mut to: tokio::net::tcp::OwnedWriteHalf,
+    stalled: Arc<AtomicBool>,
+) {
+    let mut buf = vec![0u8; 16 * 1024];
+    loop {
+        while stalled.load(Ordering::Relaxed) {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        let n = match from.read(&mut buf).await {
+            Ok(0) | Err(_) => return,
+            Ok(n) => n,
+        };
+        while stalled.load(Ordering::Relaxed) {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        if to.write_all(&buf[..n]).await.is_err() {
+            return;
+        }
+    }
+}
+
+/// iotfwd with amqp actions to the shared RabbitMQ through `proxy`, confirms timing out
+/// after 1 s; and the test's own connection to RabbitMQ (not through the proxy).
+struct ThroughProxy {
+    daemon: ChildDaemon,
+    _conn: lapin::Connection,
+    ch: lapin::Channel,
+    exchange: String,
+    queue: String,
+}
+
+async fn through_proxy(d: &Path, proxy: &Proxy) -> ThroughProxy {
+    let exchange = unique("faults-proxy");
+    let (conn, ch) = channel(BROKER).await;
+    let queue = exchange_with_queue(&ch, &exchange).await;
+    write_rule(d, &amqp_action(&exchange));
+    let config = format!(
+        "{}[broker]\nurl = \"amqp://guest:guest@127.0.0.1:{}/%2f\"\n\
+         reconnect_max_delay_ms = 500\nconfirm_timeout_ms = 1000\n",
+        base_config(d),
+        proxy.port
+    );
+    ThroughProxy {
+        daemon: ChildDaemon::start(d, 1, &config).await,
+        _conn: conn,
+        ch,
+        exchange,
+        queue,
+    }
+}
+
+/// (c) The TCP connection between iotfwd and RabbitMQ is cut mid-stream: iotfwd connects
+/// again and every message answered 200 is in the queue.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn faults_connection_to_rabbitmq_cut_mid_stream() {
+    let started = Instant::now();
+    let dir = tempfile::tempdir().unwrap();
+    let proxy = Proxy::start("127.0.0.1:5672").await;
+    let ThroughProxy {
+        daemon,
+        _conn,
+        ch,
+        exchange,
+        queue,
+    } = through_proxy(dir.path(), &proxy).await;
+    let sent = Arc::new(Sent::default());
+    let senders = tokio::spawn(send_all(
+        address(daemon.base.clone()),
+        Arc::clone(&sent),
+        Duration::from_secs(60),
+    ));
+    until_sent(&sent, N / 3).await;
+    let cut = proxy.cut();
+    assert!(cut >= 1, "iotfwd had no connection through the proxy");
+    until_sent(&sent, 2 * N / 3).await;
+    let cut_again = proxy.cut();
+    senders.await.unwrap();
+    let received = queue_ids(&ch, &queue, sent.ok()).await;
+    cleanup(&ch, &[&exchange], &[&queue]).await;
+    count(
+        &format!("TCP connection to RabbitMQ cut, twice ({cut} + {cut_again} connections)"),
+        &sent,
+        &received,
+        started,
+    );
+}
+
+/// (d) The TCP connection between iotfwd and RabbitMQ stalls (no bytes, no close) for 3 s:
+/// confirms time out (broker.confirm_timeout_ms = 1000), the publishes are retried on a new
+/// connection, and every message answered 200 is in the queue.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn faults_connection_to_rabbitmq_stalls_mid_stream() {
+    let started = Instant::now();
+    let dir = tempfile::tempdir().unwrap();
+    let proxy = Proxy::start("127.0.0.1:5672").await;
+    let ThroughProxy {
+        daemon,
+        _conn,
+        ch,
+        exchange,
+        queue,
+    } = through_proxy(dir.path(), &proxy).await;
+    let sent = Arc::new(Sent::default());
+    let senders = tokio::spawn(send_all(
+        address(daemon.base.clone()),
+        Arc::clone(&sent),
+        Duration::from_secs(60),
+    ));
+    until_sent(&sent, N / 3).await;
+    let stalled = proxy.stall();
+    assert!(stalled >= 1, "iotfwd had no connection through the proxy");
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    proxy.resume();
+    senders.await.unwrap();
+    let scrape = reqwest::get(format!("{}/metrics", daemon.base))
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    let retries = metric(&scrape, "iotfwd_action_retries_total", &[]);
+    let received = queue_ids(&ch, &queue, sent.ok()).await;
+    cleanup(&ch, &[&exchange], &[&queue]).await;
+    assert!(
+        retries > 0.0,
+        "the stall was not seen: no action was retried; iotfwd's log:\n{}",
+        daemon.log_text()
+    );
+    assert!(
+        daemon.log_text().contains("stopped answering"),
+        "iotfwd did not drop the stalled connection; its log:\n{}",
+        daemon.log_text()
+    );
+    count(
+        &format!("TCP connection to RabbitMQ stalled 3 s ({retries} retries)"),
+        &sent,
+        &received,
+        started,
+    );
+}
