@@ -54,7 +54,7 @@ fn run_bounded(cmd: &mut Command, limit: Duration) -> (bool, String) {
 
 /// A RabbitMQ node of this test's own, on free ports, with its data in a temp dir and no plugins.
 /// It is stopped when the guard drops, also when the test panics.
-struct TestNode {
+pub(super) struct TestNode {
     name: String,
     port: u16,
     dist_port: u16,
@@ -73,7 +73,7 @@ fn port_for_node() -> u16 {
 }
 
 impl TestNode {
-    fn new() -> TestNode {
+    pub(super) fn new() -> TestNode {
         let dir = tempfile::Builder::new()
             .prefix("iotfwd-rmq-")
             .tempdir()
@@ -108,11 +108,11 @@ impl TestNode {
         self.dir.path().join(name)
     }
 
-    fn url(&self) -> String {
+    pub(super) fn url(&self) -> String {
         format!("amqp://guest:guest@127.0.0.1:{}/%2f", self.port)
     }
 
-    fn ctl(&self, args: &[&str], limit: Duration) -> (bool, String) {
+    pub(super) fn ctl(&self, args: &[&str], limit: Duration) -> (bool, String) {
         run_bounded(
             Command::new("rabbitmqctl")
                 .arg("-n")
@@ -131,7 +131,7 @@ impl TestNode {
 
     /// Starts the node (same data dir every time, so durable queues survive) and waits until it
     /// has started. Blocking.
-    fn start(&mut self) {
+    pub(super) fn start(&mut self) {
         let mut cmd = Command::new("rabbitmq-server");
         cmd.arg("-detached")
             .env("RABBITMQ_NODENAME", &self.name)
@@ -172,7 +172,7 @@ impl TestNode {
     }
 
     /// Stops the node and waits for its process to exit. Blocking.
-    fn stop(&mut self) {
+    pub(super) fn stop(&mut self) {
         if !self.running {
             return;
         }
