@@ -153,6 +153,20 @@ pub async fn run_from_file(
     if let Some(b) = &broker {
         dispatcher = dispatcher.with_broker(Arc::clone(b));
     }
+    // The dead-letter queue: on the broker when there is one, else in the spool.
+    let dead_letters = match (&broker, &config.broker) {
+        (Some(b), Some(bc)) => crate::action::dead_letter::DeadLetters::on_broker(
+            Arc::clone(b),
+            &bc.dead_letter_exchange,
+            outcomes.clone(),
+        ),
+        _ => {
+            let path = crate::spool::Spool::path_in(&config.data.dir);
+            let spool = crate::spool::Spool::open(&path)?;
+            crate::action::dead_letter::DeadLetters::in_spool(spool, outcomes.clone())
+        }
+    };
+    dispatcher = dispatcher.with_dead_letters(dead_letters.clone());
     let rule_lookup: crate::subscription::RuleLookup = {
         // The running version of the rule: hot reload swaps rules.
         let rules = Arc::clone(&reloader);
@@ -207,6 +221,7 @@ pub async fn run_from_file(
         groups: groups.as_ref().map(|g| Arc::clone(&g.hub)),
         logs: record_sinks.reader(),
         stages: Arc::clone(&stages),
+        dead_letters: Some(dead_letters),
         ready: AtomicBool::new(false),
         console: Default::default(),
     });
