@@ -365,6 +365,28 @@ async fn without_a_broker_dead_letters_wait_in_the_spool_until_a_replay_delivers
     got.sort();
     ids.sort();
     assert_eq!(got, ids);
+    // `iotfwd logs trace` tells the whole story: the failure, the dead-letter step, the
+    // replays and the delivery to the group.
+    trace(&daemon, &ids[0], |r| {
+        r["bizCode"] == "ServerSubscribe" && r["code"] == 200
+    })
+    .await;
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_iotfwd"))
+        .args(["logs", "trace", &ids[0], "--db"])
+        .arg(dir.path().join("data").join("outcomes.db"))
+        .output()
+        .unwrap();
+    let story = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{out:?}");
+    for step in [
+        "fwd/group:nope",
+        "fwd/dead-letter",
+        "replay from the dead-letter queue (rule fwd, group:nope failed with 9325, replay 2)",
+        "fwd/group:g",
+        "as of its replay 2 from the dead-letter queue",
+    ] {
+        assert!(story.contains(step), "{step:?} missing in\n{story}");
+    }
     Count {
         sent: N,
         delivered: got.len(),
