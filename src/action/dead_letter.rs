@@ -464,7 +464,15 @@ pub fn from_message(
         .ok_or_else(|| {
             format!("message {id} of the dead-letter queue has failedCode {code:?}, not a code")
         })?;
-    let origin = Origin::parse(&text("deadLetterOrigin")).unwrap_or(Origin::Rule);
+    // A group's own dead_letter_exchange may be this queue too; its rejects carry no
+    // deadLetterOrigin, and their failedAction names the group.
+    let origin = Origin::parse(&text("deadLetterOrigin")).unwrap_or_else(|| {
+        if text("failedAction").starts_with("group:") {
+            Origin::Group
+        } else {
+            Origin::Rule
+        }
+    });
     Ok(DeadLetter {
         id,
         time_ms: number("deadLetterTime"),
@@ -627,6 +635,22 @@ mod tests {
         d.replays = 2;
         let back = from_message(7, &d.payload, Some(&to_headers(&d))).unwrap();
         assert_eq!(back, DeadLetter { id: 7, ..d });
+        let full = to_headers(&DeadLetter {
+            destination: "group:billing".into(),
+            ..back.clone()
+        });
+        let mut group_dlx = FieldTable::default();
+        for (k, v) in full.inner() {
+            if k.as_str() != "deadLetterOrigin" {
+                group_dlx.insert(k.clone(), v.clone());
+            }
+        }
+        let rejected = from_message(1, b"{}", Some(&group_dlx)).unwrap();
+        assert_eq!(
+            rejected.origin,
+            Origin::Group,
+            "a group's own dead-letter exchange"
+        );
         let missing = from_message(1, b"x", None).unwrap_err();
         assert!(missing.contains("failedCode"), "{missing}");
     }
