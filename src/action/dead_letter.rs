@@ -61,6 +61,10 @@ pub fn is_dead_lettered(code: Code) -> bool {
     )
 }
 
+/// Spool dead letters replayed at once. The broker queue is replayed one message at a time
+/// (each is taken off with its own `basic.get`).
+const REPLAYS_AT_ONCE: usize = 32;
+
 /// The dead-letter queue of this daemon. Cheap to clone.
 #[derive(Clone)]
 pub struct DeadLetters {
@@ -253,19 +257,29 @@ impl DeadLetters {
                     .dead_letters(filter.clone())
                     .await
                     .map_err(|e| e.to_string())?;
-                for d in letters {
-                    let outcome = replay(d.clone()).await;
-                    let stored = match &outcome {
-                        Replayed::Delivered => spool.remove_dead_letter(d.id).await,
-                        Replayed::Failed(code, reason, attempts) => {
-                            spool
-                                .dead_letter_failed_again(d.id, *code, reason, *attempts)
-                                .await
-                        }
-                    };
-                    stored.map_err(|e| e.to_string())?;
-                    count(&d, outcome.metric());
-                    results.push(outcome.result(&d));
+                // Several at once (results in queue order), so their spool writes share
+                // commits and their messages share batches.
+                use futures::StreamExt;
+                let (replay, count) = (&replay, &count);
+                let mut done = futures::stream::iter(letters)
+                    .map(|d| async move {
+                        let outcome = replay(d.clone()).await;
+                        let stored = match &outcome {
+                            Replayed::Delivered => spool.remove_dead_letter(d.id).await,
+                            Replayed::Failed(code, reason, attempts) => {
+                                spool
+                                    .dead_letter_failed_again(d.id, *code, reason, *attempts)
+                                    .await
+                            }
+                        };
+                        stored.map(|()| {
+                            count(&d, outcome.metric());
+                            outcome.result(&d)
+                        })
+                    })
+                    .buffered(REPLAYS_AT_ONCE);
+                while let Some(result) = done.next().await {
+                    results.push(result.map_err(|e| e.to_string())?);
                 }
             }
             Queue::Broker {

@@ -132,7 +132,8 @@ pub async fn list(State(state): State<Arc<AppState>>, params: Params) -> Respons
 }
 
 /// `POST /api/v1/dlq/replay`: replays the dead letters matching the filters, oldest first,
-/// one at a time; answers with each one's result.
+/// (up to 32 at once from the spool, one at a time from the broker); answers with each one's
+/// result, in queue order.
 pub async fn replay(State(state): State<Arc<AppState>>, params: Params) -> Response {
     let (queue, filter) = match parse(&state, params) {
         Ok(p) => p,
