@@ -318,6 +318,17 @@ async fn without_a_broker_dead_letters_wait_in_the_spool_until_a_replay_delivers
     assert_eq!(lines[0]["messageId"], ids[0].as_str());
     assert_eq!(lines[0]["code"], 9325);
 
+    // A bad filter is refused with every problem named, and nothing is replayed.
+    let (status, body) = daemon
+        .post_to("/api/v1/dlq/replay?code=42&since=soon&limit=0", "")
+        .await;
+    assert_eq!(status, 400, "{body}");
+    let error = body["error"].as_str().unwrap();
+    for part in ["code \"42\"", "since \"soon\"", "limit \"0\""] {
+        assert!(error.contains(part), "{part}: {error}");
+    }
+    assert!(dlq(&daemon, "").await.iter().all(|d| d["replays"] == 0));
+
     // Replayed before the fix: each fails again and stays, one replay counted.
     let again = replay(&daemon, "").await;
     assert_eq!(again["failed"], N as u64, "{again}");
