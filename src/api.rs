@@ -5,6 +5,7 @@
 //! `GET /console` (see docs/console.md), which uses only those.
 
 mod console;
+pub mod dlq;
 mod records;
 pub mod rule_counts;
 mod rule_test;
@@ -44,6 +45,8 @@ pub struct AppState {
     pub logs: Option<crate::outcome::store::Reader>,
     /// The supervised stages: one that stopped makes `/readyz` fail, naming it.
     pub stages: Arc<Stages>,
+    /// The dead-letter queue (`/api/v1/dlq`).
+    pub dead_letters: Option<crate::action::dead_letter::DeadLetters>,
     pub ready: AtomicBool,
     /// What the console's views keep between requests.
     pub console: ConsoleState,
@@ -81,6 +84,8 @@ pub fn router(state: Arc<AppState>) -> Router {
         .route("/api/v1/trace/{id}", get(records::trace))
         .route("/api/v1/stats", get(records::stats))
         .route("/api/v1/codes", get(records::list_codes))
+        .route("/api/v1/dlq", get(dlq::list))
+        .route("/api/v1/dlq/replay", post(dlq::replay))
         .route("/metrics", get(metrics))
         .route("/healthz", get(|| async { "ok\n" }))
         .route("/readyz", get(readyz))

@@ -171,24 +171,36 @@ pub async fn run_from_file(
     if let Some(b) = &broker {
         dispatcher = dispatcher.with_broker(Arc::clone(b));
     }
+    // Without a broker, the spool on disk keeps the dead-letter queue and the consumer-group
+    // backlogs (one handle, one writer thread).
+    let spool = match &broker {
+        None => Some(crate::spool::Spool::open(&crate::spool::Spool::path_in(
+            &config.data.dir,
+        ))?),
+        Some(_) => None,
+    };
+    let dead_letters = match (&broker, &config.broker, &spool) {
+        (Some(b), Some(bc), _) => crate::action::dead_letter::DeadLetters::on_broker(
+            Arc::clone(b),
+            &bc.dead_letter_exchange,
+            outcomes.clone(),
+        ),
+        (_, _, Some(spool)) => {
+            crate::action::dead_letter::DeadLetters::in_spool(spool.clone(), outcomes.clone())
+        }
+        _ => unreachable!("a spool is opened whenever there is no broker"),
+    };
+    dispatcher = dispatcher.with_dead_letters(dead_letters.clone());
     let rule_lookup: crate::subscription::RuleLookup = {
         // The running version of the rule: hot reload swaps rules.
         let rules = Arc::clone(&reloader);
         Arc::new(move |name: &str| rules.current().get(name).cloned())
     };
-    // Without a broker, consumer-group backlogs are kept in the spool on disk.
-    let spool = if broker.is_none() && crate::subscription::wants_listener(&config) {
-        Some(crate::spool::Spool::open(&crate::spool::Spool::path_in(
-            &config.data.dir,
-        ))?)
-    } else {
-        None
-    };
     let mut groups = crate::subscription::start(
         &config,
         listeners.amqp,
         broker.clone(),
-        spool,
+        spool.filter(|_| crate::subscription::wants_listener(&config)),
         outcomes.clone(),
         metrics.groups.clone(),
         Arc::clone(&rule_lookup),
@@ -234,6 +246,7 @@ pub async fn run_from_file(
         groups: groups.as_ref().map(|g| Arc::clone(&g.hub)),
         logs: record_sinks.reader(),
         stages: Arc::clone(&stages),
+        dead_letters: Some(dead_letters),
         ready: AtomicBool::new(false),
         console: Default::default(),
     });

@@ -8,7 +8,7 @@
 //!   pipeline  bounded queue, batcher, per-message report
 //!   engine    topic index -> compiled SQL rules (rules/) on Arrow batches
 //!   limits    device / instance / tenant quotas        (9324, 9326)
-//!   action    dispatcher: quota, retry, error action; destinations amqp/, group/
+//!   action    dispatcher: quota, retry, error action, dead letter; destinations amqp/, group/
 //!             (broker: RabbitMQ; subscription: AMQP 1.0 consumer groups)
 //!   outcome   one record per step, the code catalog, the record store, queries
 //! ```

@@ -54,6 +54,10 @@ pub struct Metrics {
     pub action_failed: IntCounterVec,
     /// Retries (attempts after the first) of actions.
     pub action_retries: IntCounterVec,
+    /// Dead-letter queue writes, by rule and result: `written` (the message waits in the
+    /// queue), `failed` (the write failed; the source redelivers), `replayed` (a replay
+    /// delivered it and it left the queue), `replay_failed` (a replay failed; it stays).
+    pub dead_letters: IntCounterVec,
     /// Actions started and not yet terminal.
     pub action_in_flight: IntGaugeVec,
     /// 1 while the broker is connected, 0 otherwise. Absent without `[broker]`: not in the
@@ -189,6 +193,12 @@ impl Metrics {
                 "iotfwd_action_retries_total",
                 "Retried attempts of actions (attempts after the first).",
                 &["rule", "action"],
+            ),
+            dead_letters: counter_vec(
+                r,
+                "iotfwd_dead_letters_total",
+                "Dead-letter queue events by rule: written, failed (the source redelivers), replayed, replay_failed.",
+                &["rule", "result"],
             ),
             action_in_flight: gauge_vec(
                 r,

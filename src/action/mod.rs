@@ -11,15 +11,19 @@
 //!    exponential backoff and jitter under the action's `retry` policy; one that cannot (9321
 //!    invalid parameter, 9332 exchange missing, 9333 access refused, 9399) is final at once;
 //! 3. **error action**: a failed action hands the original payload to the rule's
-//!    `[error_action]`; if that fails too, the source message is not acked
+//!    `[error_action]`;
+//! 4. **dead letter**: a final failure the error action did not take (there is none, or it
+//!    failed too) goes to the [`dead_letter`] queue with the original payload, envelope and
+//!    failure; only if that write fails is the source message not acked
 //!    ([`DispatchReport::requeue`]);
-//! 4. **one record** and the destination's state in [`destinations`] (for `/api/v1/health`).
+//! 5. **one record** and the destination's state in [`destinations`] (for `/api/v1/health`).
 //!
 //! Adding a kind of destination: its spec in `rules/action.rs` (the rule file's schema), a
 //! folder here with a type implementing [`Destination`], and one line in
 //! [`Dispatcher::send`].
 
 pub mod amqp;
+pub mod dead_letter;
 pub mod destinations;
 pub mod group;
 
@@ -33,6 +37,7 @@ use crate::limits::Limiter;
 use crate::message::Message;
 use crate::outcome::{Code, Failure, Outcomes, Record};
 use crate::rules::{ActionSpec, Rule};
+use dead_letter::{DeadLetter, DeadLetters, Origin};
 use destinations::Destinations;
 
 /// The terminal outcome of one action for one message, as the HTTP API reports it.
@@ -46,13 +51,18 @@ pub struct ActionReport {
     /// For a failed action with an `[error_action]`: that action's outcome.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub error_action: Option<Box<ActionReport>>,
+    /// For a failure the error action did not take: the dead-letter queue it was written to
+    /// (`spool:<file>`, `amqp:<exchange>`).
+    #[serde(rename = "deadLettered", skip_serializing_if = "Option::is_none")]
+    pub dead_lettered: Option<String>,
 }
 
 /// Every action outcome of one rule for one message.
 #[derive(Clone, Debug, Default)]
 pub struct DispatchReport {
     pub actions: Vec<ActionReport>,
-    /// An action and its error action both failed: the source should redeliver the message.
+    /// An action failed for good and neither its error action nor the dead-letter queue took
+    /// it: the source should redeliver the message.
     pub requeue: bool,
 }
 
@@ -105,6 +115,9 @@ pub struct Dispatcher {
     destinations: Arc<Destinations>,
     amqp: amqp::Amqp,
     group: group::Groups,
+    /// Where final failures go; without one (benchmarks, unit tests) a failed error action
+    /// makes the source redeliver the message.
+    dead_letters: Option<DeadLetters>,
 }
 
 impl Dispatcher {
@@ -115,7 +128,38 @@ impl Dispatcher {
             destinations: Arc::default(),
             amqp: amqp::Amqp::default(),
             group: group::Groups::default(),
+            dead_letters: None,
         }
+    }
+
+    /// Writes final failures to this dead-letter queue.
+    pub fn with_dead_letters(mut self, dead_letters: DeadLetters) -> Dispatcher {
+        self.dead_letters = Some(dead_letters);
+        self
+    }
+
+    /// The dead-letter queue, when there is one.
+    pub fn dead_letters(&self) -> Option<&DeadLetters> {
+        self.dead_letters.as_ref()
+    }
+
+    /// Dead-letters a failed forward of `message` (`origin` says whether the payload is the
+    /// device's or a rule output for a group). `None` without a dead-letter queue; else whether
+    /// the write went through.
+    #[allow(clippy::too_many_arguments)]
+    pub async fn dead_letter(
+        &self,
+        message: &Message,
+        origin: Origin,
+        rule: &str,
+        destination: &str,
+        code: Code,
+        reason: &str,
+        attempts: u32,
+    ) -> Option<bool> {
+        let queue = self.dead_letters.as_ref()?;
+        let d = DeadLetter::of_message(message, origin, rule, destination, code, reason, attempts);
+        Some(queue.put(d, message).await)
     }
 
     /// Reports each destination's outcomes to `destinations`.
@@ -145,12 +189,37 @@ impl Dispatcher {
     }
 
     /// Runs every action of `rule` for one output, concurrently; one record per action (and
-    /// per error action).
+    /// per error action and dead letter).
     pub async fn dispatch(
         &self,
         message: &Message,
         rule: &Rule,
         output: &Output,
+    ) -> DispatchReport {
+        self.dispatch_to(message, rule, output, None).await
+    }
+
+    /// A replay from the dead-letter queue: runs only the actions of `rule` whose destination
+    /// is `destination` (the one that failed), or every action when the rule has none to it any
+    /// more (the fix changed it), with the error action as usual, and writes no dead letter:
+    /// the replay keeps the one it came from when it fails again.
+    pub async fn replay(
+        &self,
+        message: &Message,
+        rule: &Rule,
+        output: &Output,
+        destination: &str,
+    ) -> DispatchReport {
+        self.dispatch_to(message, rule, output, Some(destination))
+            .await
+    }
+
+    async fn dispatch_to(
+        &self,
+        message: &Message,
+        rule: &Rule,
+        output: &Output,
+        only: Option<&str>,
     ) -> DispatchReport {
         if rule.actions.is_empty() {
             let content = serde_json::to_string(output).unwrap_or_default();
@@ -159,20 +228,67 @@ impl Dispatcher {
                 .await;
             return DispatchReport::default();
         }
-        let runs = rule.actions.iter().map(|action| async move {
+        // A replay runs the action that failed; if the rule has none to that destination any
+        // more (the fix was to change it), it runs the rule's actions as they are now.
+        let replaying = only.is_some();
+        let only = only.filter(|d| rule.actions.iter().any(|a| a.destination() == *d));
+        let actions = rule
+            .actions
+            .iter()
+            .filter(|a| only.is_none_or(|d| a.destination() == d));
+        let runs = actions.map(|action| async move {
             let mut report = self
                 .execute(message, rule, action, output, Body::Output)
                 .await;
-            let mut requeue = false;
-            if !report.code.is_success()
-                && let Some(error_action) = &rule.error_action
-            {
+            if report.code.is_success() {
+                return (report, false);
+            }
+            let mut why = report.reason.clone();
+            if let Some(error_action) = &rule.error_action {
                 let fallback = self
                     .execute(message, rule, error_action, output, Body::Failure(&report))
                     .await;
-                requeue = !fallback.code.is_success();
+                let taken = fallback.code.is_success();
+                why = format!(
+                    "{why}; the error action {} failed too with {}: {}",
+                    fallback.destination, fallback.code, fallback.reason
+                );
                 report.error_action = Some(Box::new(fallback));
+                if taken {
+                    return (report, false);
+                }
             }
+            if replaying {
+                // A replay: the dead letter it came from stays.
+                return (report, false);
+            }
+            // A refusal by a quota (or a 9399) with no error action is recorded and dropped,
+            // as the platform does; one the rule wanted kept (it has an error action, which
+            // failed) is dead-lettered like any other failure.
+            if !dead_letter::is_dead_lettered(report.code) && report.error_action.is_none() {
+                return (report, false);
+            }
+            let written = self
+                .dead_letter(
+                    message,
+                    Origin::Rule,
+                    &rule.name,
+                    &report.destination,
+                    report.code,
+                    &why,
+                    report.attempts,
+                )
+                .await;
+            let requeue = match written {
+                Some(true) => {
+                    report.dead_lettered = self.dead_letters.as_ref().map(DeadLetters::name);
+                    false
+                }
+                Some(false) => true,
+                // No dead-letter queue (benchmarks, unit tests): a failed error action makes
+                // the source redeliver.
+                None => report.error_action.is_some(),
+            };
             (report, requeue)
         });
         let results = futures::future::join_all(runs).await;
@@ -290,6 +406,7 @@ impl Dispatcher {
             reason: record.reason.clone(),
             attempts,
             error_action: None,
+            dead_lettered: None,
         };
         self.outcomes.record(record).await;
         report

@@ -369,6 +369,13 @@ pub fn render_trace(records: &[Record]) -> String {
             escape_controls(&r.operation)
         ));
         if r.code.is_success() {
+            // A step that went through may still say something (a replay, a dead letter).
+            if !r.reason.is_empty() {
+                wrap_into(
+                    &mut out,
+                    &format!("note: {}", cut(&escape_controls(&r.reason), 300)),
+                );
+            }
             if !r.content.is_empty() {
                 wrap_into(
                     &mut out,

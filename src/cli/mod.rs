@@ -2,7 +2,7 @@
 //! ([`Cli`], [`Command`] and their arguments) and the dispatch; each command has its own file,
 //! which parses what clap left as text, calls the library and prints: `run`, `check` (the
 //! report of [`crate::control::check`]), `rules` (`rules test`), `codes`, `send`, `consume`,
-//! `logs`, `bench`. `support` holds what several commands share: loading a config file, an
+//! `logs`, `dlq`, `bench`. `support` holds what several commands share: loading a config file, an
 //! `@FILE` argument, the async runtime, an exit code from a result.
 //!
 //! Exit codes, throughout: 0 done; 1 the command ran and failed or found a problem (a bad rule
@@ -19,6 +19,7 @@ mod bench;
 mod check;
 mod codes;
 mod consume;
+pub mod dlq;
 pub mod logs;
 mod rules;
 mod run;
@@ -134,6 +135,10 @@ pub enum Command {
     /// Exit status: 0, also when nothing matches; 1 when the store cannot be read or `trace`
     /// finds no record; 2 for a filter or a config that is not valid.
     Logs(Box<logs::LogsCmd>),
+    /// Work the dead-letter queue of a running daemon: `list` what failed for good (with no
+    /// error action to take it), `replay` it after a fix. Talks to the daemon's API
+    /// (GET /api/v1/dlq, POST /api/v1/dlq/replay) at --url; docs/dead-letters.md.
+    Dlq(dlq::DlqCmd),
     /// Benchmarks (not tests): each prints its rate and the ratio to a baseline measured in the
     /// same run.
     ///
@@ -345,6 +350,7 @@ pub fn main() -> ExitCode {
         Command::Codes { code } => codes::run(code),
         Command::Logs(cmd) => logs::run(*cmd),
         Command::Send(args) => send::run(args),
+        Command::Dlq(cmd) => dlq::run(cmd),
         Command::Bench { command } => bench::run(command),
     }
 }

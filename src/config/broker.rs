@@ -40,6 +40,16 @@ pub struct BrokerConfig {
     /// come in time is a 9325 failure, retried under the action's `retry`. Default 10000.
     #[serde(default = "default_confirm_timeout_ms")]
     pub confirm_timeout_ms: u64,
+    /// The dead-letter queue: a forward that failed for good, with no `[error_action]` or
+    /// one that failed too, is published (mandatory, confirmed) to a durable exchange of this
+    /// name, bound to a durable queue of the same name, which iotfwd declares. Default
+    /// `iotfwd.dead` (docs/dead-letters.md).
+    #[serde(default = "default_dead_letter_exchange")]
+    pub dead_letter_exchange: String,
+}
+
+fn default_dead_letter_exchange() -> String {
+    "iotfwd.dead".to_owned()
 }
 
 fn default_confirm_window() -> usize {
@@ -128,6 +138,7 @@ impl BrokerConfig {
             confirm_window: default_confirm_window(),
             reconnect_max_delay_ms: default_reconnect_max_delay_ms(),
             confirm_timeout_ms: default_confirm_timeout_ms(),
+            dead_letter_exchange: default_dead_letter_exchange(),
         }
     }
 
@@ -162,6 +173,13 @@ impl BrokerConfig {
         }
         if !(100..=600_000).contains(&self.confirm_timeout_ms) {
             r.report(&[&at("confirm_timeout_ms")], "must be 100..=600000".into());
+        }
+        let dlx = &self.dead_letter_exchange;
+        if dlx.is_empty() || dlx.starts_with("amq.") || dlx.len() > 255 {
+            r.report(
+                &[&at("dead_letter_exchange")],
+                format!("{dlx:?} cannot be used: give a name of 1 to 255 bytes that does not start with \"amq.\" (the default is \"iotfwd.dead\")"),
+            );
         }
     }
 
@@ -237,5 +255,18 @@ mod tests {
         assert_eq!(problems("http://x").len(), 1);
         assert_eq!(problems("nope").len(), 1);
         assert!(problems("amqp://guest:guest@127.0.0.1:5672/%2f").is_empty());
+    }
+
+    #[test]
+    fn the_dead_letter_exchange_defaults_and_is_checked() {
+        let mut b = broker("amqp://guest:guest@127.0.0.1:5672/%2f");
+        assert_eq!(b.dead_letter_exchange, "iotfwd.dead");
+        b.dead_letter_exchange = "amq.direct".into();
+        let problems = messages(|r| b.validate(r));
+        assert_eq!(problems.len(), 1, "{problems:?}");
+        assert!(
+            problems[0].contains("broker.dead_letter_exchange") && problems[0].contains("amq."),
+            "{problems:?}"
+        );
     }
 }

@@ -106,6 +106,14 @@ pub struct GroupConfig {
     /// `[error_action]`. Needs `[broker]`. Optional.
     #[serde(default)]
     pub dead_letter_exchange: Option<String>,
+    /// A delivery released (9651) or timed out (9650) this many times is dead-lettered with
+    /// its last code instead of being redelivered again (docs/dead-letters.md). Default 16.
+    #[serde(default = "default_max_redeliveries")]
+    pub max_redeliveries: u32,
+}
+
+fn default_max_redeliveries() -> u32 {
+    16
 }
 
 fn default_max_connections() -> usize {
@@ -143,6 +151,7 @@ impl GroupConfig {
             push_rate: 0,
             window: default_window(),
             dead_letter_exchange: None,
+            max_redeliveries: default_max_redeliveries(),
         }
     }
 
@@ -301,6 +310,12 @@ pub(super) fn validate(config: &Config, r: &mut Reporter<'_>) {
         if !(1..=65_536).contains(&g.window) {
             r.report(&[&at("window")], "must be 1..=65536".into());
         }
+        r.in_range(
+            &at("max_redeliveries"),
+            g.max_redeliveries,
+            1..=10_000,
+            " deliveries before a message is dead-lettered",
+        );
         if g.dead_letter_exchange.is_some() && config.broker.is_none() {
             r.report(
                 &[&at("dead_letter_exchange")],
@@ -353,6 +368,7 @@ secret_env = "S"
 ack_timeout_ms = 5
 retention_s = 0
 dead_letter_exchange = "dlx"
+max_redeliveries = 0
 "#;
         let e = errors(text);
         let joined = e.join("\n");
@@ -364,10 +380,11 @@ dead_letter_exchange = "dlx"
             "config:15:18: group[1].ack_timeout_ms",
             "config:16:15: group[1].retention_s",
             "config:17:24: group[1].dead_letter_exchange: needs a [broker]",
+            "config:18:20: group[1].max_redeliveries: 0 is out of range (expected 1..=10000",
         ] {
             assert!(joined.contains(needle), "missing {needle:?} in\n{joined}");
         }
-        assert_eq!(e.len(), 7, "{joined}");
+        assert_eq!(e.len(), 8, "{joined}");
     }
 
     #[test]

@@ -100,6 +100,13 @@ impl ConnectionEvent {
     }
 }
 
+/// The last segment of the operation of a dead-letter step (`{rule}/dead-letter`).
+pub const DEAD_LETTER_STEP: &str = "dead-letter";
+/// How the reason of a dead-letter step that went through begins.
+const DEAD_LETTERED: &str = "dead-lettered to";
+/// How the reason of a replay's `uplink` record begins.
+const REPLAY: &str = "replay from the dead-letter queue";
+
 /// Most bytes of a payload a record's `content` carries.
 pub const EXCERPT_BYTES: usize = 256;
 
@@ -239,6 +246,59 @@ impl Record {
         .about(subject)
     }
 
+    /// `ruleengine`, operation `{rule}/dead-letter`: a forward of `rule` that failed for good
+    /// at `destination` with `code` and `why` (its last failure, recorded by its own step) was
+    /// handed to the dead-letter queue `queue` (`spool:<file>` or `amqp:<exchange>`). `written`
+    /// is that write's result: 200 when it went through (the message waits in the queue; the
+    /// reason names the failure, so the failure itself is counted once, by its own record),
+    /// else the write's code (the source redelivers the message).
+    pub fn dead_letter(
+        subject: &impl Subject,
+        rule: &str,
+        destination: &str,
+        code: Code,
+        why: &str,
+        queue: &str,
+        written: &Result<(), Failure>,
+    ) -> Record {
+        let failed = code;
+        let (code, reason) = match written {
+            Ok(()) => (
+                Code::Ok,
+                format!("{DEAD_LETTERED} {queue} after {destination} failed with {failed}: {why}"),
+            ),
+            Err(e) => (
+                e.code(),
+                format!(
+                    "could not dead-letter to {queue} ({}); the source redelivers the message (it failed at {destination} with {failed}: {why})",
+                    e.reason(),
+                ),
+            ),
+        };
+        Record::step(
+            BizCode::RuleEngine,
+            format!("{rule}/{DEAD_LETTER_STEP}"),
+            code,
+            reason,
+            destination.to_owned(),
+        )
+        .about(subject)
+    }
+
+    /// `uplink` 200: an operator replayed a message from the dead-letter queue; it runs
+    /// through the pipeline again under its original ids. The reason says it is a replay and
+    /// of what (`of`: the rule, destination and last failure), so a trace shows it.
+    pub fn replay(message: &Message, of: &str) -> Record {
+        Record::step(
+            BizCode::Uplink,
+            message.topic.clone(),
+            Code::Ok,
+            format!("{REPLAY} ({of})"),
+            payload_excerpt(&message.payload),
+        )
+        .about(message)
+    }
+
     /// `ruleengine` with the rule compiler's code (9307, 9321; 9399 for a panic while loading):
     /// a rule file that does not load. Operation:
     /// the rule's name, else the file; content: the file.
@@ -355,6 +415,19 @@ impl Record {
         .unattached();
         tenant.clone_into(&mut record.tenant_id);
         record
+    }
+
+    /// Whether this is a dead-letter step whose write went through ([`Record::dead_letter`]):
+    /// a 200 that is no delivery.
+    pub fn is_dead_lettered(&self) -> bool {
+        self.biz_code == BizCode::RuleEngine
+            && self.operation.ends_with(&format!("/{DEAD_LETTER_STEP}"))
+            && self.reason.starts_with(DEAD_LETTERED)
+    }
+
+    /// Whether this is the `uplink` of a replay from the dead-letter queue ([`Record::replay`]).
+    pub fn is_replay(&self) -> bool {
+        self.biz_code == BizCode::Uplink && self.reason.starts_with(REPLAY)
     }
 
     /// The same record with another reason; the code stays as its constructor decided.

@@ -46,7 +46,7 @@ impl Batcher {
             let mut messages = Vec::with_capacity(size);
             let mut owners = Vec::with_capacity(submissions.len());
             for s in submissions {
-                owners.push((s.reply, s.permit, s.messages.len()));
+                owners.push((s.reply, s.permit, s.messages.len(), s.replay));
                 messages.extend(s.messages);
             }
             // A reloaded rule set is swapped in here, between batches; results hold their
@@ -70,17 +70,15 @@ impl Batcher {
             // answered (and its capacity released) when all of its messages are terminal.
             let mut messages = messages.into_iter();
             let mut results = results.into_iter();
-            for (reply, permit, n) in owners {
+            for (reply, permit, n, replay) in owners {
                 let msgs: Vec<Message> = messages.by_ref().take(n).collect();
                 let res: Vec<Evaluated> = results.by_ref().take(n).collect();
                 let dispatcher = self.dispatcher.clone();
                 let outcomes = self.outcomes.clone();
                 in_flight.spawn(async move {
-                    let finish = futures::future::join_all(
-                        msgs.iter()
-                            .zip(res)
-                            .map(|(m, r)| finish_message(&dispatcher, &outcomes, m, r)),
-                    );
+                    let finish = futures::future::join_all(msgs.iter().zip(res).map(|(m, r)| {
+                        finish_message(&dispatcher, &outcomes, m, r, replay.as_ref())
+                    }));
                     // A panic while running actions must not lose the submission's answer:
                     // its messages are reported as 9399 and redelivered by their source.
                     let reports = match AssertUnwindSafe(finish).catch_unwind().await {

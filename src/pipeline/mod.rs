@@ -14,7 +14,7 @@
 mod batcher;
 mod report;
 
-pub use report::{MessageReport, RuleReport};
+pub use report::{MessageReport, ReplayOf, RuleReport};
 
 use std::sync::Arc;
 
@@ -33,6 +33,8 @@ struct Submission {
     /// Capacity this submission holds until every action of its messages is terminal, so the
     /// queue bounds what is in flight, not just what waits for the engine.
     permit: tokio::sync::OwnedSemaphorePermit,
+    /// A replay from the dead-letter queue (one message): only that rule and destination run.
+    replay: Option<ReplayOf>,
 }
 
 /// The entry point for sources. Cheap to clone.
@@ -85,9 +87,48 @@ impl Pipeline {
                 messages,
                 reply,
                 permit,
+                replay: None,
             })
             .map_err(|_| SubmitError::ShuttingDown)?;
         rx.await.map_err(|_| SubmitError::ShuttingDown)
+    }
+
+    /// Runs `message` (from the dead-letter queue, under its original ids) through the
+    /// pipeline again for the rule and destination that failed (`of`): its `uplink` record
+    /// says it is a replay (`note` says of what). Resolves with its report once terminal.
+    pub async fn replay(
+        &self,
+        message: Message,
+        of: ReplayOf,
+        note: &str,
+    ) -> Result<MessageReport, SubmitError> {
+        let permit = Arc::clone(&self.capacity)
+            .acquire_many_owned(1)
+            .await
+            .map_err(|_| SubmitError::ShuttingDown)?;
+        self.outcomes
+            .metrics()
+            .messages_received
+            .with_label_values(&["replay"])
+            .inc();
+        self.outcomes.record(Record::replay(&message, note)).await;
+        let (reply, rx) = oneshot::channel();
+        self.tx
+            .send(Submission {
+                messages: vec![message],
+                reply,
+                permit,
+                replay: Some(of),
+            })
+            .map_err(|_| SubmitError::ShuttingDown)?;
+        let mut reports = rx.await.map_err(|_| SubmitError::ShuttingDown)?;
+        reports.pop().ok_or(SubmitError::ShuttingDown)
+    }
+
+    /// Records the `uplink` of a replay that does not run through the pipeline (a consumer
+    /// group's dead letter, handed to its group again).
+    pub async fn record_replay(&self, message: &Message, note: &str) {
+        self.outcomes.record(Record::replay(message, note)).await;
     }
 
     /// Records a message a source could not accept (1903 for a bad topic, 9321 for a bad

@@ -75,6 +75,13 @@ pub struct RuleReport {
     pub actions: Vec<ActionReport>,
 }
 
+/// What a replay from the dead-letter queue runs: the rule and the destination that failed.
+#[derive(Clone, Debug)]
+pub struct ReplayOf {
+    pub rule: String,
+    pub destination: String,
+}
+
 /// The operation of the record of a message the engine could not evaluate.
 pub const ENGINE_OPERATION: &str = "engine";
 
@@ -84,6 +91,7 @@ pub(super) async fn finish_message(
     outcomes: &Outcomes,
     message: &Message,
     evaluated: Evaluated,
+    replay: Option<&ReplayOf>,
 ) -> MessageReport {
     let results = match evaluated {
         Evaluated::Rules(results) => results,
@@ -104,6 +112,10 @@ pub(super) async fn finish_message(
     let mut requeue = false;
     for result in results {
         let rule = &result.rule;
+        if replay.is_some_and(|r| r.rule != rule.name) {
+            // A replay runs the rule that failed, not the others that took it already.
+            continue;
+        }
         metrics.rule_matched.with_label_values(&[&rule.name]).inc();
         let mut report = RuleReport {
             rule: rule.name.clone(),
@@ -116,7 +128,14 @@ pub(super) async fn finish_message(
         match result.outcome {
             RuleOutcome::Passed(output) => {
                 metrics.rule_passed.with_label_values(&[&rule.name]).inc();
-                let dispatched = dispatcher.dispatch(message, rule, &output).await;
+                let dispatched = match replay {
+                    None => dispatcher.dispatch(message, rule, &output).await,
+                    Some(r) => {
+                        dispatcher
+                            .replay(message, rule, &output, &r.destination)
+                            .await
+                    }
+                };
                 requeue |= dispatched.requeue;
                 report.actions = dispatched.actions;
                 report.output = Some(output);

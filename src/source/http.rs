@@ -117,12 +117,19 @@ async fn ingest_messages(
         .map(|s| s.expect("every slot filled"))
         .collect();
     let rejected = messages.iter().filter(|m| m.code != Code::Ok).count();
-    Json(json!({
+    // A message whose failure neither the error action nor the dead-letter queue took is
+    // not done with: 503 tells the client to send it again (the report says which failed).
+    let status = if messages.iter().any(|m| m.requeue) {
+        StatusCode::SERVICE_UNAVAILABLE
+    } else {
+        StatusCode::OK
+    };
+    let body = Json(json!({
         "accepted": messages.len() - rejected,
         "rejected": rejected,
         "messages": messages,
-    }))
-    .into_response()
+    }));
+    (status, body).into_response()
 }
 
 /// One envelope (a JSON object), or NDJSON. Errors name the line.

@@ -249,6 +249,30 @@ impl Spool {
             .map(|_| ())
     }
 
+    /// Dead letter `id` was replayed and failed again: it stays, with the new failure, one
+    /// more replay counted and the time of this failure. Waits for the commit.
+    pub async fn dead_letter_failed_again(
+        &self,
+        id: i64,
+        code: Code,
+        reason: &str,
+        attempts: u32,
+    ) -> Result<(), SpoolError> {
+        self.write(
+            "UPDATE dead_letters SET code = ?2, reason = ?3, attempts = ?4, \
+             replays = replays + 1, time_ms = ?5 WHERE id = ?1",
+            vec![
+                id.into(),
+                i64::from(code.as_u16()).into(),
+                reason.to_owned().into(),
+                i64::from(attempts).into(),
+                crate::message::now_ms().into(),
+            ],
+        )
+        .await
+        .map(|_| ())
+    }
+
     /// How many dead letters wait.
     pub async fn dead_letter_count(&self) -> Result<u64, SpoolError> {
         self.read(|spool, conn| {
@@ -369,5 +393,36 @@ mod tests {
         assert_eq!(first.to_json()["payload"], "{\"n\":1}");
         spool.remove_dead_letter(first.id).await.unwrap();
         assert_eq!(spool.dead_letter_count().await.unwrap(), 2);
+        let second = spool
+            .dead_letters(Filter {
+                limit: 1,
+                ..Filter::default()
+            })
+            .await
+            .unwrap()
+            .remove(0);
+        spool
+            .dead_letter_failed_again(second.id, Code::DestinationUnavailable, "still down", 3)
+            .await
+            .unwrap();
+        let again = spool
+            .dead_letters(Filter {
+                limit: 1,
+                ..Filter::default()
+            })
+            .await
+            .unwrap()
+            .remove(0);
+        assert_eq!(
+            (
+                again.id,
+                again.code,
+                again.reason.as_str(),
+                again.attempts,
+                again.replays
+            ),
+            (second.id, Code::DestinationUnavailable, "still down", 3, 1)
+        );
+        assert_eq!(again.payload, second.payload, "the message itself is kept");
     }
 }

@@ -213,11 +213,18 @@ impl Subject for Delivery {
     }
 }
 
-/// A rejected delivery on its way to the rule's error action.
+/// A delivery that ends here without a consumer accepting it, on its way to the rule's error
+/// action (a reject) and the dead-letter queue: rejected (9652), or released (9651) or timed
+/// out (9650) `max_redeliveries` times.
 pub struct RejectedDelivery {
     pub group: String,
     pub delivery: Arc<Delivery>,
+    /// The last outcome: 9652, 9651 or 9650.
+    pub code: crate::outcome::Code,
     pub reason: String,
-    /// Resolves with whether the error action took it (200).
+    /// Times it was handed to a consumer.
+    pub attempts: u32,
+    /// Resolves with whether it was taken: by the error action (200) or the dead-letter
+    /// queue. When it was not, the group delivers it again.
     pub done: tokio::sync::oneshot::Sender<bool>,
 }

@@ -12,7 +12,7 @@ use tokio::sync::{mpsc, watch};
 use super::backlog::Backend;
 use super::delivery::{Delivery, RejectedDelivery};
 use crate::config::subscription::GroupConfig;
-use crate::outcome::{Failure, GroupOutcome, Outcomes, Record};
+use crate::outcome::{Code, Failure, GroupOutcome, Outcomes, Record};
 use crate::telemetry::GroupMetrics;
 
 /// A delivery waiting for, or out with, a consumer.
@@ -347,7 +347,11 @@ impl Group {
                 s.outstanding = s.outstanding.saturating_sub(1);
             }
         }
-        let (outcome, redeliver) = match &how {
+        // A release or time-out that used up the group's max_redeliveries ends here: it is
+        // dead-lettered with that code instead of going round again.
+        let exhausted = matches!(how, Settlement::Released | Settlement::Timeout)
+            && p.attempts >= self.config.max_redeliveries;
+        let (outcome, mut redeliver) = match &how {
             Settlement::Accepted => (Some(("accepted", GroupOutcome::Accepted)), false),
             Settlement::Released => (
                 Some((
@@ -356,7 +360,7 @@ impl Group {
                         attempt: p.attempts,
                     },
                 )),
-                true,
+                !exhausted,
             ),
             Settlement::Timeout => (
                 Some((
@@ -366,7 +370,7 @@ impl Group {
                         attempt: p.attempts,
                     },
                 )),
-                true,
+                !exhausted,
             ),
             Settlement::Rejected(error) => {
                 (Some(("rejected", GroupOutcome::Rejected { error })), false)
@@ -378,11 +382,25 @@ impl Group {
                 .outcomes
                 .with_label_values(&[self.config.id.as_str(), name])
                 .inc();
-            let record = self.record(&p.delivery, outcome, client_id);
-            let reason = record.reason.clone();
+            let mut record = self.record(&p.delivery, outcome, client_id);
+            if exhausted {
+                let reason = record.reason.replace(
+                    "; redelivering",
+                    &format!(
+                        "; that is max_redeliveries ({}), so it is dead-lettered",
+                        self.config.max_redeliveries
+                    ),
+                );
+                record = record.with_reason(reason);
+            }
+            let (code, reason) = (record.code, record.reason.clone());
             self.outcomes.record(record).await;
-            if let Settlement::Rejected(_) = how {
-                self.dead_letter(&p.delivery, reason).await;
+            if matches!(how, Settlement::Rejected(_)) || exhausted {
+                // Not taken by the error action nor the dead-letter queue: delivered again,
+                // never acked away.
+                redeliver = !self
+                    .dead_letter(&p.delivery, code, reason, p.attempts)
+                    .await;
             }
         }
         if redeliver {
@@ -448,27 +466,38 @@ impl Group {
         Ok(restored)
     }
 
-    /// A rejected delivery goes to its rule's error action, else to the group's dead-letter
-    /// exchange; each attempt is recorded.
-    async fn dead_letter(&self, d: &Arc<Delivery>, reason: String) {
-        if (self.has_error_action)(&d.rule) {
-            let (done, taken) = tokio::sync::oneshot::channel();
-            let sent = self.rejects.send(RejectedDelivery {
-                group: self.config.id.clone(),
-                delivery: Arc::clone(d),
-                reason,
-                done,
-            });
-            if sent.is_ok() {
-                let _ = taken.await;
-            }
-            return;
-        }
-        if let Some(exchange) = &self.config.dead_letter_exchange
+    /// A delivery that ends without a consumer accepting it (`code`: 9652, or 9651 / 9650
+    /// after max_redeliveries): a reject whose rule has no error action goes to the group's
+    /// own `dead_letter_exchange` when it has one; everything else goes to whoever runs error
+    /// actions and the dead-letter queue (`action::group`). Whether it was taken.
+    async fn dead_letter(
+        &self,
+        d: &Arc<Delivery>,
+        code: Code,
+        reason: String,
+        attempts: u32,
+    ) -> bool {
+        if code == Code::Rejected
+            && !(self.has_error_action)(&d.rule)
+            && let Some(exchange) = &self.config.dead_letter_exchange
             && let Some(record) = self.backend.dead_letter(self, d, exchange, &reason).await
         {
+            let taken = record.code.is_success();
             self.outcomes.record(record).await;
+            if taken {
+                return true;
+            }
         }
+        let (done, taken) = tokio::sync::oneshot::channel();
+        let sent = self.rejects.send(RejectedDelivery {
+            group: self.config.id.clone(),
+            delivery: Arc::clone(d),
+            code,
+            reason,
+            attempts,
+            done,
+        });
+        sent.is_ok() && taken.await.unwrap_or(false)
     }
 
     /// Takes one forward into the backlog. 9203 is recorded when no consumer is online.
@@ -558,7 +587,6 @@ impl Drop for Storing<'_> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::outcome::Code;
     use crate::subscription::Hub;
     use bytes::Bytes;
 

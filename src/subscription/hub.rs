@@ -24,8 +24,10 @@ pub struct Hub {
 
 impl Hub {
     /// Builds the groups; their secrets are resolved now, so a missing one stops the start.
-    /// Rejected deliveries whose rule has an error action (`has_error_action(rule)`) are sent
-    /// to `rejects`. Backlogs live in `broker`'s queues, else in `spool`, else in memory.
+    /// Deliveries that end without a consumer accepting them are sent to `rejects` (a reject
+    /// of a rule without an error action, `has_error_action(rule)`, goes to the group's own
+    /// `dead_letter_exchange` first when it has one).
+    /// Backlogs live in `broker`'s queues, else in `spool`, else in memory.
     pub fn new(
         configs: &[GroupConfig],
         broker: Option<Arc<Broker>>,

@@ -9,9 +9,9 @@
 //! | consumer outcome | code | then |
 //! |---|---|---|
 //! | Accepted | 200 | done |
-//! | Released, Modified | 9651 | redelivered |
-//! | Rejected | 9652 | the rule's error action, else the group's dead-letter exchange |
-//! | none within `ack_timeout_ms` | 9650 | redelivered, to another consumer when there is one |
+//! | Released, Modified | 9651 | redelivered; after `max_redeliveries` hand-overs, dead-lettered |
+//! | Rejected | 9652 | the rule's error action, else the group's dead-letter exchange, else the dead-letter queue |
+//! | none within `ack_timeout_ms` | 9650 | redelivered, to another consumer when there is one; after `max_redeliveries`, dead-lettered |
 //! | consumer disconnects | — | redelivered |
 //!
 //! Every outcome is a `ServerSubscribe` record. A forward while no consumer is online is 9203
@@ -151,8 +151,9 @@ pub async fn start(
 }
 
 impl Running {
-    /// The deliveries consumers reject (9652) whose rule has an error action, for whoever runs
-    /// error actions (`action::group`). Taken once.
+    /// The deliveries that end without a consumer accepting them (rejected, or released or
+    /// timed out `max_redeliveries` times), for whoever runs error actions and the dead-letter
+    /// queue (`action::group`). Taken once.
     pub fn take_rejects(&mut self) -> Option<mpsc::UnboundedReceiver<RejectedDelivery>> {
         self.rejects.take()
     }

@@ -218,9 +218,15 @@ async fn unreachable_broker_is_9325_after_counted_retries() {
         c.broker.as_mut().unwrap().url = "amqp://guest:guest@127.0.0.1:1/%2f".into();
     })
     .await;
-    let body = d
-        .post(json!({"topic": "/p1/d1/post", "payload": {}}).to_string())
+    // The dead-letter queue is on the same unreachable broker: the message is not kept
+    // anywhere, so the client is told to send it again (503).
+    let (status, body) = d
+        .post_to(
+            "/api/v1/messages",
+            json!({"topic": "/p1/d1/post", "payload": {}}).to_string(),
+        )
         .await;
+    assert_eq!(status, 503, "{body}");
     let action = &body["messages"][0]["rules"][0]["actions"][0];
     assert_eq!(action["code"], 9325, "{body}");
     assert_eq!(action["attempts"], 4, "{body}");
@@ -288,9 +294,15 @@ async fn access_refused_is_9333() {
     );
     let url = format!("amqp://{user}:pw@127.0.0.1:5672/%2f");
     let d = Daemon::start(dir.path(), |c| c.broker.as_mut().unwrap().url = url).await;
-    let body = d
-        .post(json!({"topic": "/p1/d1/post", "payload": {}}).to_string())
+    // The dead-letter queue is on the same broker, which refuses this user there too: the
+    // message is not kept anywhere, so the client is told to send it again (503).
+    let (status, body) = d
+        .post_to(
+            "/api/v1/messages",
+            json!({"topic": "/p1/d1/post", "payload": {}}).to_string(),
+        )
         .await;
+    assert_eq!(status, 503, "{body}");
     let action = &body["messages"][0]["rules"][0]["actions"][0];
     assert_eq!(action["code"], 9333, "{body}");
     assert_eq!(action["attempts"], 1, "not retried: {body}");

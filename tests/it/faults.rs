@@ -683,7 +683,7 @@ async fn faults_consumers_that_never_settle_or_disconnect_with_a_full_window() {
     let config = format!(
         "{}[subscription]\nlisten = \"127.0.0.1:0\"\n\
          [[group]]\nid = \"g\"\naccess_key_id = \"ak-g\"\nsecret_file = {:?}\n\
-         create_secret = false\nack_timeout_ms = 1000\nwindow = 8\n",
+         create_secret = false\nack_timeout_ms = 1000\nwindow = 8\nmax_redeliveries = 1000\n",
         base_config(d),
         secret.display().to_string()
     );

@@ -629,8 +629,8 @@ async fn full_trace_of_a_message_matching_two_rules_one_failing() {
     d.post(json!({"topic": "/p1/dev8/post", "payload": {"t": 10}}))
         .await;
 
-    let records = d.wait_for(&[("traceId", "tr-trace-1")], 3).await;
-    // Newest first; the three steps of the one message.
+    let records = d.wait_for(&[("traceId", "tr-trace-1")], 4).await;
+    // Newest first; the four steps of the one message (the failed forward is dead-lettered).
     let steps: Vec<(String, String, u64)> = records
         .iter()
         .rev()
@@ -649,6 +649,7 @@ async fn full_trace_of_a_message_matching_two_rules_one_failing() {
         rule_steps,
         [
             ("ruleengine".into(), "failing/amqp:alerts".into(), 9325),
+            ("ruleengine".into(), "failing/dead-letter".into(), 200),
             ("ruleengine".into(), "fine".into(), 200),
         ]
     );
@@ -668,7 +669,7 @@ async fn full_trace_of_a_message_matching_two_rules_one_failing() {
         "the failure says why: {failing}"
     );
     // By messageId: the same records.
-    assert_eq!(d.wait_for(&[("messageId", "m-trace-1")], 3).await, records);
+    assert_eq!(d.wait_for(&[("messageId", "m-trace-1")], 4).await, records);
 
     // `iotfwd logs trace`, while the daemon runs, by either id.
     for id in ["m-trace-1", "tr-trace-1"] {
@@ -677,7 +678,7 @@ async fn full_trace_of_a_message_matching_two_rules_one_failing() {
         assert!(out.status.success(), "{}", text(&out.stderr));
         assert!(
             stdout.starts_with(
-                "message m-trace-1  trace tr-trace-1  device p1/dev7\n3 step(s), 1 failed\n"
+                "message m-trace-1  trace tr-trace-1  device p1/dev7\n4 step(s), 1 failed\n"
             ),
             "{stdout}"
         );
@@ -946,19 +947,19 @@ async fn records_survive_a_daemon_restart_and_go_out_as_json_lines() {
     let d = start(dir.path(), tweak).await;
     d.post(json!({"topic": "/p1/dev1/post", "payload": {"t": 40}, "messageId": "before"}))
         .await;
-    let before = d.wait_for(&[("messageId", "before")], 3).await;
+    let before = d.wait_for(&[("messageId", "before")], 4).await;
     d.stop().await;
 
     let d = start(dir.path(), tweak).await;
     assert_eq!(
-        d.wait_for(&[("messageId", "before")], 3).await,
+        d.wait_for(&[("messageId", "before")], 4).await,
         before,
         "the first run's records, after a restart"
     );
     d.post(json!({"topic": "/p1/dev1/post", "payload": {"t": 1}, "messageId": "after"}))
         .await;
     let after = d.wait_for(&[("messageId", "after")], 2).await;
-    let all = d.wait_for(&[("device", "dev1")], 5).await;
+    let all = d.wait_for(&[("device", "dev1")], 6).await;
     d.stop().await;
 
     // The JSON lines: one per record of both runs, the platform's field names in order, the
@@ -968,7 +969,7 @@ async fn records_survive_a_daemon_restart_and_go_out_as_json_lines() {
         .lines()
         .map(|l| serde_json::from_str(l).unwrap())
         .collect();
-    assert_eq!(lines.len(), 5, "{text}");
+    assert_eq!(lines.len(), 6, "{text}");
     for line in &lines {
         let keys: Vec<&str> = line
             .as_object()

@@ -10,6 +10,7 @@ mod cli;
 mod console;
 mod delivery;
 mod deploy;
+mod dlq;
 mod engine_batch;
 mod faults;
 mod golden;

@@ -1,6 +1,7 @@
 //! `to = "group"`: hand each output to a consumer group hosted by iotfwd's AMQP 1.0 endpoint
-//! ([`crate::subscription`]), and run the rule's error action for deliveries its consumers
-//! reject (9652).
+//! ([`crate::subscription`]); run the rule's error action for deliveries its consumers
+//! reject (9652), and dead-letter what the error action does not take and what was released
+//! or timed out `max_redeliveries` times.
 //!
 //! The action is terminal (200) once the group has the message in its backlog; what the
 //! consumer does with it later is recorded by the group as `ServerSubscribe` records.
@@ -9,6 +10,7 @@ use std::sync::Arc;
 
 use tokio::sync::mpsc;
 
+use super::dead_letter::Origin;
 use super::{ActionReport, Destination, Dispatcher, Job};
 use crate::engine::Output;
 use crate::outcome::{Code, Failure};
@@ -46,9 +48,12 @@ impl Destination for Groups {
     }
 }
 
-/// Runs the error action of each delivery a consumer rejected (9652), with the delivered body
-/// as payload and the rejection in the `failed*` headers, and answers each with whether the
-/// error action delivered it. Ends when the groups are gone.
+/// Settles each delivery that ended without a consumer accepting it: one a consumer
+/// rejected (9652) goes to the rule's error action, with the delivered body as payload and the
+/// rejection in the `failed*` headers; one the error action did not take, and one released or
+/// timed out `max_redeliveries` times (9651, 9650), goes to the dead-letter queue. Each is
+/// answered with whether it was taken (else the group delivers it again). Ends when the groups
+/// are gone.
 pub fn spawn_reject_handler(
     mut rejects: mpsc::UnboundedReceiver<RejectedDelivery>,
     dispatcher: Dispatcher,
@@ -61,30 +66,52 @@ pub fn spawn_reject_handler(
             .for_each_concurrent(REJECTS_AT_ONCE, |rejected| {
                 let (dispatcher, rules) = (dispatcher.clone(), Arc::clone(&rules));
                 async move {
-                    let taken = match rules(&rejected.delivery.rule) {
-                        Some(rule) => {
-                            let message = rejected.delivery.to_message();
-                            let output: Output =
-                                serde_json::from_slice(&rejected.delivery.body).unwrap_or_default();
-                            let failed = ActionReport {
-                                destination: format!("group:{}", rejected.group),
-                                code: Code::Rejected,
-                                reason: rejected.reason.clone(),
-                                attempts: 1,
-                                error_action: None,
-                            };
-                            dispatcher
-                                .run_error_action(&message, &rule, &output, &failed)
-                                .await
-                                .unwrap_or(false)
-                        }
-                        None => false,
-                    };
+                    let taken = settle(&dispatcher, &rules, &rejected).await;
                     let _ = rejected.done.send(taken);
                 }
             })
             .await;
     })
+}
+
+async fn settle(dispatcher: &Dispatcher, rules: &RuleLookup, rejected: &RejectedDelivery) -> bool {
+    let message = rejected.delivery.to_message();
+    let destination = format!("group:{}", rejected.group);
+    let mut reason = rejected.reason.clone();
+    if rejected.code == Code::Rejected
+        && let Some(rule) = rules(&rejected.delivery.rule)
+        && rule.error_action.is_some()
+    {
+        let output: Output = serde_json::from_slice(&rejected.delivery.body).unwrap_or_default();
+        let failed = ActionReport {
+            destination: destination.clone(),
+            code: Code::Rejected,
+            reason: rejected.reason.clone(),
+            attempts: rejected.attempts,
+            error_action: None,
+            dead_lettered: None,
+        };
+        match dispatcher
+            .run_error_action(&message, &rule, &output, &failed)
+            .await
+        {
+            Some(true) => return true,
+            Some(false) => reason.push_str("; the error action failed too"),
+            None => {}
+        }
+    }
+    dispatcher
+        .dead_letter(
+            &message,
+            Origin::Group,
+            &rejected.delivery.rule,
+            &destination,
+            rejected.code,
+            &reason,
+            rejected.attempts,
+        )
+        .await
+        .unwrap_or(false)
 }
 
 /// Rejected deliveries whose error actions run at once, across every group. Each consumer

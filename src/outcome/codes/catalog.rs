@@ -193,8 +193,9 @@ pub(super) static CATALOG: &[CodeInfo] = &[
          url (host, port, vhost). On the broker, `rabbitmq-diagnostics status` and \
          `rabbitmq-diagnostics alarms` show whether it is up and whether a resource alarm \
          blocks publishers. Check iotfwd's /readyz and its log for connection errors. Failed \
-         messages went to the rule's [error_action] if it has one; new messages flow again once \
-         the broker is back.",
+         messages went to the rule's [error_action] if it has one, else to the dead-letter \
+         queue (`iotfwd dlq list`); new messages flow again once the broker is back, and \
+         `iotfwd dlq replay` sends the dead-lettered ones.",
     ),
     entry(
         Code::InstanceSpecExceeded,
@@ -229,7 +230,8 @@ pub(super) static CATALOG: &[CodeInfo] = &[
          documentation (AMQP 0-9-1 reply codes such as 406 PRECONDITION_FAILED or 506 \
          RESOURCE_ERROR). Check the broker's log and the queues bound to the action's exchange: \
          `rabbitmqctl list_queues name messages consumers` and their policies (max-length, \
-         overflow). The message went to the rule's [error_action] if it has one.",
+         overflow). The message went to the rule's [error_action] if it has one, else to the \
+         dead-letter queue (`iotfwd dlq list`, `iotfwd dlq replay` after the fix).",
     ),
     entry(
         Code::DestinationMisconfigured,
@@ -360,8 +362,9 @@ pub(super) static CATALOG: &[CodeInfo] = &[
          semantics the message may be delivered again.",
         "Check why the consumer releases messages: find where its code settles a delivery as \
          released (e.g. Qpid Proton's release()) and on which errors or back-pressure it does \
-         so. A consumer that releases everything causes a redelivery loop: accept what it has \
-         processed and reject what it never can.",
+         so. A consumer that releases everything gets each message `max_redeliveries` times \
+         (default 16), after which it is dead-lettered with 9651 (`iotfwd dlq list --code \
+         9651`): accept what it has processed and reject what it never can.",
     ),
     entry(
         Code::Rejected,
