@@ -301,7 +301,7 @@ async fn without_a_broker_dead_letters_wait_in_the_spool_until_a_replay_delivers
         );
     }
     // The CLI lists them through the API.
-    let out = std::process::Command::new(env!("CARGO_BIN_EXE_iotfwd"))
+    let out = std::process::Command::new(super::harness::daemon_binary())
         .args([
             "dlq", "list", "--json", "--rule", "fwd", "--since", "1h", "--url",
         ])
@@ -341,7 +341,7 @@ async fn without_a_broker_dead_letters_wait_in_the_spool_until_a_replay_delivers
     write_rule(dir.path(), "fwd", &rule("g"));
     let (status, reload) = daemon.post_to("/api/v1/rules/reload", "").await;
     assert_eq!(status, 200, "{reload}");
-    let out = std::process::Command::new(env!("CARGO_BIN_EXE_iotfwd"))
+    let out = std::process::Command::new(super::harness::daemon_binary())
         .args(["dlq", "replay", "--url"])
         .arg(&daemon.base)
         .output()
@@ -382,7 +382,7 @@ async fn without_a_broker_dead_letters_wait_in_the_spool_until_a_replay_delivers
         r["bizCode"] == "ServerSubscribe" && r["code"] == 200
     })
     .await;
-    let out = std::process::Command::new(env!("CARGO_BIN_EXE_iotfwd"))
+    let out = std::process::Command::new(super::harness::daemon_binary())
         .args(["logs", "trace", &ids[0], "--db"])
         .arg(dir.path().join("data").join("outcomes.db"))
         .output()
