@@ -261,6 +261,10 @@ pub struct SendArgs {
     /// The daemon's base URL (its http.listen).
     #[arg(long, default_value = "http://127.0.0.1:8080")]
     pub url: String,
+    /// A bearer token with scope `ingest`, when the daemon has [[http.token]] entries
+    /// (docs/security.md). Prefer the environment variable: a flag shows in `ps`.
+    #[arg(long, env = "IOTFWD_TOKEN", hide_env_values = true)]
+    pub token: Option<String>,
     /// Also print each matched rule's output; --verbose false leaves the outputs out.
     #[arg(long, default_value_t = true, action = clap::ArgAction::Set)]
     pub verbose: bool,

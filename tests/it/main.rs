@@ -15,5 +15,6 @@ mod proptest_batch;
 mod rabbit;
 mod reload;
 mod resilience;
+mod security;
 mod shutdown;
 mod supervision;

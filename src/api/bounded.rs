@@ -1,0 +1,190 @@
+//! Bounded work per client: how many record-store reads run at once and for how long
+//! (`store.max_concurrent_queries`, `store.query_timeout_ms`), and how long a client may take
+//! to send a request body (`http.body_timeout_ms`).
+//!
+//! A keyword query may scan with several threads, so without a bound a few clients could hold
+//! every core. A read beyond the limit is refused at once with 429 rather than queued: a
+//! queue would only hide the overload from the client. A read that outlives its time-out is
+//! answered 503; SQLite cannot be stopped from another task here, so the read finishes in the
+//! background and keeps its slot until it does, which keeps the bound true.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::extract::{Request, State};
+use axum::http::StatusCode;
+use axum::middleware::Next;
+use axum::response::Response;
+use tokio::sync::Semaphore;
+
+use crate::config::store::StoreConfig;
+use crate::source::http::json_error;
+use crate::telemetry::Metrics;
+
+/// The slots of record-store reads.
+pub struct QueryGate {
+    slots: Arc<Semaphore>,
+    max: usize,
+    timeout: Duration,
+}
+
+impl QueryGate {
+    pub fn new(store: &StoreConfig) -> QueryGate {
+        QueryGate {
+            slots: Arc::new(Semaphore::new(store.max_concurrent_queries)),
+            max: store.max_concurrent_queries,
+            timeout: Duration::from_millis(store.query_timeout_ms),
+        }
+    }
+
+    /// Runs the blocking read `work` on the blocking pool when a slot is free: its result, or
+    /// the response to answer instead (429 no slot, 503 time-out, 500 the read panicked).
+    pub async fn run<T: Send + 'static>(
+        &self,
+        metrics: &Metrics,
+        work: impl FnOnce() -> T + Send + 'static,
+    ) -> Result<T, Response> {
+        let limited = |limit: &str| {
+            metrics.http_limited.with_label_values(&[limit]).inc();
+        };
+        let Ok(slot) = Arc::clone(&self.slots).try_acquire_owned() else {
+            limited("max_concurrent_queries");
+            return Err(json_error(
+                StatusCode::TOO_MANY_REQUESTS,
+                format!(
+                    "{} record-store queries are running, the most at once \
+                     (store.max_concurrent_queries); retry when one has finished",
+                    self.max
+                ),
+            ));
+        };
+        let task = tokio::task::spawn_blocking(move || {
+            let result = work();
+            drop(slot);
+            result
+        });
+        match tokio::time::timeout(self.timeout, task).await {
+            Ok(Ok(value)) => Ok(value),
+            Ok(Err(e)) => Err(json_error(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                format!("the query failed: {e}"),
+            )),
+            Err(_) => {
+                limited("query_timeout_ms");
+                Err(json_error(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    format!(
+                        "the query took longer than {} ms (store.query_timeout_ms); \
+                         narrow it (a shorter time range, a device or a trace id) and retry",
+                        self.timeout.as_millis()
+                    ),
+                ))
+            }
+        }
+    }
+}
+
+/// Reads the whole request body within `timeout` before the handler runs, so a client that
+/// sends its body slowly holds a connection for at most that long: 408, counted under
+/// `body_timeout_ms`. A body over `max_bytes` is 413 here already.
+pub async fn read_body_within(
+    State((metrics, timeout, max_bytes)): State<(Arc<Metrics>, Duration, usize)>,
+    request: Request,
+    next: Next,
+) -> Response {
+    let (parts, body) = request.into_parts();
+    match tokio::time::timeout(timeout, axum::body::to_bytes(body, max_bytes)).await {
+        Ok(Ok(bytes)) => {
+            next.run(Request::from_parts(parts, axum::body::Body::from(bytes)))
+                .await
+        }
+        Ok(Err(e)) => {
+            let too_large = std::error::Error::source(&e)
+                .is_some_and(|s| s.to_string().contains("length limit"))
+                || e.to_string().contains("length limit");
+            if too_large {
+                json_error(
+                    StatusCode::PAYLOAD_TOO_LARGE,
+                    format!("the body is larger than {max_bytes} bytes (http.max_body_bytes)"),
+                )
+            } else {
+                json_error(
+                    StatusCode::BAD_REQUEST,
+                    format!("could not read the request body: {e}"),
+                )
+            }
+        }
+        Err(_) => {
+            metrics
+                .http_limited
+                .with_label_values(&["body_timeout_ms"])
+                .inc();
+            let mut response = json_error(
+                StatusCode::REQUEST_TIMEOUT,
+                format!(
+                    "the request body did not arrive within {} ms (http.body_timeout_ms)",
+                    timeout.as_millis()
+                ),
+            );
+            response.headers_mut().insert(
+                axum::http::header::CONNECTION,
+                axum::http::HeaderValue::from_static("close"),
+            );
+            response
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn gate(max: usize, timeout_ms: u64) -> QueryGate {
+        QueryGate::new(&StoreConfig {
+            max_concurrent_queries: max,
+            query_timeout_ms: timeout_ms,
+            ..StoreConfig::default()
+        })
+    }
+
+    #[tokio::test]
+    async fn a_read_beyond_the_limit_is_429_and_a_slow_one_503() {
+        let metrics = Metrics::new();
+        let gate = Arc::new(gate(1, 100));
+        let (release, wait) = std::sync::mpsc::channel::<()>();
+        let g = Arc::clone(&gate);
+        let m = Arc::new(Metrics::new());
+        let m2 = Arc::clone(&m);
+        let slow = tokio::spawn(async move {
+            g.run(&m2, move || {
+                let _ = wait.recv();
+                7
+            })
+            .await
+        });
+        // The slow read holds the one slot.
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        let refused = gate.run(&metrics, || 1).await.unwrap_err();
+        assert_eq!(refused.status(), StatusCode::TOO_MANY_REQUESTS);
+        let timed_out = slow.await.unwrap().unwrap_err();
+        assert_eq!(timed_out.status(), StatusCode::SERVICE_UNAVAILABLE);
+        // Its slot is held until the read really ends.
+        assert_eq!(
+            gate.run(&metrics, || 1).await.unwrap_err().status(),
+            StatusCode::TOO_MANY_REQUESTS
+        );
+        release.send(()).unwrap();
+        let mut answered = None;
+        for _ in 0..100 {
+            if let Ok(v) = gate.run(&metrics, || 2).await {
+                answered = Some(v);
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        assert_eq!(answered, Some(2));
+        let count = |m: &Metrics, l: &str| m.http_limited.with_label_values(&[l]).get();
+        assert!(count(&metrics, "max_concurrent_queries") >= 2);
+        assert_eq!(count(&m, "query_timeout_ms"), 1);
+    }
+}
