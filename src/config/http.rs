@@ -45,9 +45,9 @@ pub struct HttpConfig {
     /// How long a client may take to send a request body, in milliseconds; a slower one gets
     /// 408 and the connection is closed. Range 100..=600000. Default `30000`.
     pub body_timeout_ms: u64,
-    /// How long a client may take to send a request's headers (from the connection's first
-    /// byte, or after the previous response), in milliseconds; a slower connection is closed.
-    /// Range 100..=600000. Default `10000`.
+    /// How long a client may take to send a request's headers, in milliseconds, counted from
+    /// when the connection opens or its previous response was sent; a slower connection is
+    /// closed (an idle keep-alive connection too). Range 100..=600000. Default `10000`.
     pub header_timeout_ms: u64,
     /// `[[http.token]]`: the bearer tokens the API accepts. With none (the default), every
     /// route is open, which `iotfwd check` and `iotfwd run` allow only on a loopback `listen`.

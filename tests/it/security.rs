@@ -558,6 +558,18 @@ async fn slow_clients_are_cut_off() {
         started.elapsed()
     );
 
+    // A connection that never sends anything is closed too.
+    let mut idle = tokio::net::TcpStream::connect(&addr).await.unwrap();
+    let started = Instant::now();
+    let read =
+        tokio::time::timeout(Duration::from_secs(5), idle.read_to_end(&mut Vec::new())).await;
+    assert!(read.is_ok(), "the idle connection stayed open");
+    assert!(
+        started.elapsed() < Duration::from_secs(3),
+        "{:?}",
+        started.elapsed()
+    );
+
     // A body that never arrives: 408.
     let mut slow = tokio::net::TcpStream::connect(&addr).await.unwrap();
     slow.write_all(
@@ -578,5 +590,91 @@ async fn slow_clients_are_cut_off() {
     assert_eq!(limited, 1.0);
     // A prompt client is served as before.
     assert_eq!(d.get("/healthz").await.0, 200);
+    d.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ingest_requests_beyond_the_limit_are_429() {
+    let dir = tempfile::tempdir().unwrap();
+    // A destination that cannot be reached holds each matching ingest request open while its
+    // action waits for the broker (up to the confirm time-out, then retries).
+    write_rule(
+        dir.path(),
+        "held",
+        "sql = '''SELECT * FROM \"/p1/+/post\"'''\n[[action]]\nto = \"amqp\"\nexchange = \"x\"\n",
+    );
+    let nowhere = format!("amqp://guest:guest@127.0.0.1:{}/%2f", free_port());
+    let d = Daemon::start_without_broker(dir.path(), |c| {
+        c.http.max_concurrent_ingest = 1;
+        c.shutdown.grace_ms = 1000;
+        c.broker = Some(iotfwd::config::broker::BrokerConfig {
+            confirm_timeout_ms: 5000,
+            ..iotfwd::config::broker::BrokerConfig::new(&nowhere)
+        });
+    })
+    .await;
+    let url = format!("{}/api/v1/messages", d.base);
+    let held = tokio::spawn({
+        let url = url.clone();
+        async move {
+            reqwest::Client::new()
+                .post(url)
+                .body(r#"{"topic":"/p1/d1/post","payload":{}}"#)
+                .send()
+                .await
+        }
+    });
+    // The held request has its slot once its message is recorded as received.
+    eventually("the held message", || async {
+        let scrape = d.metrics().await;
+        (metric(
+            &scrape,
+            "iotfwd_messages_received_total",
+            &[("source", "http")],
+        ) >= 1.0)
+            .then_some(())
+    })
+    .await;
+    let (s, body, _) = call(
+        &d,
+        "POST",
+        "/api/v1/messages",
+        None,
+        r#"{"topic":"/p2/d1/post","payload":{}}"#,
+    )
+    .await;
+    assert_eq!(s, 429, "{body}");
+    assert!(
+        body["error"]
+            .as_str()
+            .unwrap()
+            .contains("http.max_concurrent_ingest"),
+        "{body}"
+    );
+    assert_eq!(
+        metric(
+            &d.metrics().await,
+            "iotfwd_http_limited_total",
+            &[("limit", "max_concurrent_ingest")]
+        ),
+        1.0
+    );
+    // Other routes are not held up.
+    assert_eq!(d.get("/api/v1/health").await.0, 200);
+    held.abort();
+    let _ = held.await;
+    // Once the held request is gone, its slot is free again.
+    eventually("a free ingest slot", || async {
+        let (s, _, _) = call(
+            &d,
+            "POST",
+            "/api/v1/messages",
+            None,
+            r#"{"topic":"/p2/d1/post","payload":{}}"#,
+        )
+        .await;
+        (s == 200).then_some(())
+    })
+    .await;
     d.stop().await;
 }
