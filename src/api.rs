@@ -6,9 +6,10 @@
 //!
 //! Who may call what ([`auth`], docs/security.md): `/healthz`, `/readyz`, the console's page
 //! and assets, and `/metrics` (unless `http.metrics_auth`) are open; every other route is in
-//! the router of the scope it needs, in [`router`]: `ingest`, `read` or `admin`. **A new
-//! route goes into the router of its scope** (e.g. `GET /api/v1/dlq` into `read`,
-//! `POST /api/v1/dlq/replay` into `admin`); that is all it takes for it to ask for a token.
+//! the router of the scope it needs, in [`router`]: `ingest`, `read` or `admin`, each wrapped
+//! by [`guarded`]. **A new route goes into the router of its scope** (e.g. `GET /api/v1/dlq`
+//! into `read`, `POST /api/v1/dlq/replay` into `admin`); that is all it takes for it to ask
+//! for a token and to read its body within `http.body_timeout_ms`.
 //! Record-store reads go through [`AppState::queries`] ([`bounded::QueryGate`]).
 
 pub mod auth;
@@ -81,11 +82,10 @@ impl AppState {
     }
 }
 
-/// The daemon's router: every route, each behind the token scope it needs, with
+/// The daemon's router: every route, each behind the token scope it needs ([`guarded`]), with
 /// `http.max_body_bytes` as the body limit and `http.body_timeout_ms` to send it.
 pub fn router(state: Arc<AppState>) -> Router {
     let http = &state.config.http;
-    let auth = &state.auth;
     let ingest = Arc::new(Ingest::new(state.pipeline.clone(), http));
     // Scope `read`: everything that shows records, rules, health details or counts.
     let read = Router::new()
@@ -100,7 +100,7 @@ pub fn router(state: Arc<AppState>) -> Router {
     let admin = Router::new().route("/api/v1/rules/reload", post(reload_rules));
     let metrics_route = Router::new().route("/metrics", get(metrics));
     let metrics_route = if http.metrics_auth {
-        auth::scoped(metrics_route, Scope::Read, auth)
+        guarded(metrics_route, Scope::Read, &state)
     } else {
         metrics_route
     };
@@ -108,28 +108,39 @@ pub fn router(state: Arc<AppState>) -> Router {
     let open = Router::new()
         .route("/healthz", get(|| async { "ok\n" }))
         .route("/readyz", get(readyz));
+    Router::new()
+        .merge(guarded(read, Scope::Read, &state))
+        .merge(guarded(admin, Scope::Admin, &state))
+        .merge(metrics_route)
+        .merge(open)
+        .with_state(Arc::clone(&state))
+        .merge(console::routes())
+        .merge(guarded(
+            crate::source::http::routes(ingest),
+            Scope::Ingest,
+            &state,
+        ))
+        .layer(DefaultBodyLimit::max(http.max_body_bytes))
+}
+
+/// `router`'s routes behind a token with `scope` ([`auth::scoped`]), and then reading the
+/// request body within `http.body_timeout_ms` ([`bounded::read_body_within`]): the token is
+/// checked first, so a caller without one never gets a body buffered.
+fn guarded<S>(router: Router<S>, scope: Scope, state: &AppState) -> Router<S>
+where
+    S: Clone + Send + Sync + 'static,
+{
+    let http = &state.config.http;
     let body_read = (
         Arc::clone(&state.metrics),
         std::time::Duration::from_millis(http.body_timeout_ms),
         http.max_body_bytes,
     );
-    Router::new()
-        .merge(auth::scoped(read, Scope::Read, auth))
-        .merge(auth::scoped(admin, Scope::Admin, auth))
-        .merge(metrics_route)
-        .merge(open)
-        .with_state(Arc::clone(&state))
-        .merge(console::routes())
-        .merge(auth::scoped(
-            crate::source::http::routes(ingest),
-            Scope::Ingest,
-            auth,
-        ))
-        .layer(DefaultBodyLimit::max(http.max_body_bytes))
-        .layer(axum::middleware::from_fn_with_state(
-            body_read,
-            bounded::read_body_within,
-        ))
+    let router = router.route_layer(axum::middleware::from_fn_with_state(
+        body_read,
+        bounded::read_body_within,
+    ));
+    auth::scoped(router, scope, &state.auth)
 }
 
 /// Keeps a sample of the rules' counters every minute while the daemon runs (for the last

@@ -114,6 +114,20 @@ async fn each_route_answers_401_403_or_200_by_scope() {
     let (s, body, _) = call(&d, "POST", "/api/v1/messages", Some(GATEWAY), msg).await;
     assert_eq!(s, 200, "ingest:any-identity grants ingest: {body}");
 
+    // The token is checked before the body is read: no buffering for a caller without one.
+    let addr = d.base.trim_start_matches("http://").to_owned();
+    let mut raw = tokio::net::TcpStream::connect(&addr).await.unwrap();
+    raw.write_all(b"POST /api/v1/messages HTTP/1.1\r\nHost: x\r\nContent-Length: 1000000\r\n\r\n{")
+        .await
+        .unwrap();
+    let mut head = [0u8; 12];
+    tokio::time::timeout(Duration::from_secs(2), raw.read_exact(&mut head))
+        .await
+        .expect("answered before the body arrived")
+        .unwrap();
+    assert_eq!(&head, b"HTTP/1.1 401");
+    drop(raw);
+
     // Reading: logs, trace, stats, rules, health, codes need `read`.
     for path in [
         "/api/v1/logs?messageId=sec-m1",
@@ -166,7 +180,7 @@ async fn each_route_answers_401_403_or_200_by_scope() {
             &[("token", token), ("reason", reason)],
         )
     };
-    assert_eq!(refused("-", "missing"), 1.0 + 6.0 + 1.0);
+    assert_eq!(refused("-", "missing"), 1.0 + 1.0 + 6.0 + 1.0);
     assert_eq!(refused("-", "invalid"), 1.0);
     assert_eq!(refused("reader", "scope"), 2.0);
     assert_eq!(refused("ingest", "scope"), 6.0);
