@@ -187,7 +187,9 @@ async fn query_logs(
         };
     match state
         .queries
-        .run(&state.metrics, move || reader.query(&query))
+        .run(&state.metrics, move |cancel| {
+            reader.cancellable(cancel).query(&query)
+        })
         .await
     {
         Ok(Ok(page)) => Json(json!({

@@ -5,8 +5,10 @@
 //! A keyword query may scan with several threads, so without a bound a few clients could hold
 //! every core. A read beyond the limit is refused at once with 429 rather than queued: a
 //! queue would only hide the overload from the client. A read that outlives its time-out is
-//! answered 503; SQLite cannot be stopped from another task here, so the read finishes in the
-//! background and keeps its slot until it does, which keeps the bound true.
+//! answered 503 and cancelled ([`crate::outcome::store::Cancel`] interrupts the SQLite
+//! statements of a log query or a trace; a stats read, which opens its own connection, runs to
+//! its end). Either way it keeps its slot until it has really stopped, which keeps the bound
+//! true.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -18,6 +20,7 @@ use axum::response::Response;
 use tokio::sync::Semaphore;
 
 use crate::config::store::StoreConfig;
+use crate::outcome::store::Cancel;
 use crate::source::http::json_error;
 use crate::telemetry::Metrics;
 
@@ -39,10 +42,12 @@ impl QueryGate {
 
     /// Runs the blocking read `work` on the blocking pool when a slot is free: its result, or
     /// the response to answer instead (429 no slot, 503 time-out, 500 the read panicked).
+    /// `work` reads through a reader made [`crate::outcome::store::Reader::cancellable`] with
+    /// the [`Cancel`] it is given, which is cancelled at the time-out.
     pub async fn run<T: Send + 'static>(
         &self,
         metrics: &Metrics,
-        work: impl FnOnce() -> T + Send + 'static,
+        work: impl FnOnce(Cancel) -> T + Send + 'static,
     ) -> Result<T, Response> {
         let limited = |limit: &str| {
             metrics.http_limited.with_label_values(&[limit]).inc();
@@ -58,8 +63,10 @@ impl QueryGate {
                 ),
             ));
         };
+        let cancel = Cancel::default();
+        let stop = cancel.clone();
         let task = tokio::task::spawn_blocking(move || {
-            let result = work();
+            let result = work(cancel);
             drop(slot);
             result
         });
@@ -70,6 +77,7 @@ impl QueryGate {
                 format!("the query failed: {e}"),
             )),
             Err(_) => {
+                stop.cancel();
                 limited("query_timeout_ms");
                 Err(json_error(
                     StatusCode::SERVICE_UNAVAILABLE,
@@ -156,27 +164,29 @@ mod tests {
         let m = Arc::new(Metrics::new());
         let m2 = Arc::clone(&m);
         let slow = tokio::spawn(async move {
-            g.run(&m2, move || {
+            g.run(&m2, move |cancel| {
+                // Stands for a read that stops when cancelled: waits for the test's word.
                 let _ = wait.recv();
+                drop(cancel);
                 7
             })
             .await
         });
         // The slow read holds the one slot.
         tokio::time::sleep(Duration::from_millis(20)).await;
-        let refused = gate.run(&metrics, || 1).await.unwrap_err();
+        let refused = gate.run(&metrics, |_| 1).await.unwrap_err();
         assert_eq!(refused.status(), StatusCode::TOO_MANY_REQUESTS);
         let timed_out = slow.await.unwrap().unwrap_err();
         assert_eq!(timed_out.status(), StatusCode::SERVICE_UNAVAILABLE);
         // Its slot is held until the read really ends.
         assert_eq!(
-            gate.run(&metrics, || 1).await.unwrap_err().status(),
+            gate.run(&metrics, |_| 1).await.unwrap_err().status(),
             StatusCode::TOO_MANY_REQUESTS
         );
         release.send(()).unwrap();
         let mut answered = None;
         for _ in 0..100 {
-            if let Ok(v) = gate.run(&metrics, || 2).await {
+            if let Ok(v) = gate.run(&metrics, |_| 2).await {
                 answered = Some(v);
                 break;
             }

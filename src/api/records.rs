@@ -45,7 +45,9 @@ pub async fn trace(State(state): State<Arc<AppState>>, Path(id): Path<String>) -
     let lookup = id.clone();
     let trace = match state
         .queries
-        .run(&state.metrics, move || reader.trace(&lookup))
+        .run(&state.metrics, move |cancel| {
+            reader.cancellable(cancel).trace(&lookup)
+        })
         .await
     {
         Ok(Ok(t)) => t,
@@ -98,7 +100,8 @@ pub async fn stats(
     let console = Arc::clone(&state);
     let result = state
         .queries
-        .run(&state.metrics, move || {
+        .run(&state.metrics, move |cancel| {
+            let reader = reader.cancellable(cancel);
             crate::outcome::stats::stats(&reader, &query, Some(&console.console.stats_cache), now)
         })
         .await;

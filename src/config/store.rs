@@ -59,8 +59,8 @@ pub struct StoreConfig {
     /// is answered 429 at once. Each keyword query may use several scan threads, so this
     /// bounds the cores that readers can hold. Range 1..=256. Default `4`.
     pub max_concurrent_queries: usize,
-    /// How long a record-store read may take, in milliseconds; a slower one is stopped and
-    /// answered 503. Range 100..=600000. Default `10000`.
+    /// How long a record-store read may take, in milliseconds; a slower one is answered 503
+    /// (and a log query or trace is interrupted). Range 100..=600000. Default `10000`.
     pub query_timeout_ms: u64,
 }
 
