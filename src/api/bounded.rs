@@ -64,20 +64,25 @@ impl QueryGate {
             ));
         };
         let cancel = Cancel::default();
-        let stop = cancel.clone();
+        // Cancels the read unless it answered: at the time-out, and also when the request
+        // goes away first (its client hung up), so no read outlives the one who asked.
+        let mut stop = CancelOnDrop(Some(cancel.clone()));
         let task = tokio::task::spawn_blocking(move || {
             let result = work(cancel);
             drop(slot);
             result
         });
         match tokio::time::timeout(self.timeout, task).await {
-            Ok(Ok(value)) => Ok(value),
+            Ok(Ok(value)) => {
+                stop.0 = None;
+                Ok(value)
+            }
             Ok(Err(e)) => Err(json_error(
                 StatusCode::INTERNAL_SERVER_ERROR,
                 format!("the query failed: {e}"),
             )),
             Err(_) => {
-                stop.cancel();
+                drop(stop);
                 limited("query_timeout_ms");
                 Err(json_error(
                     StatusCode::SERVICE_UNAVAILABLE,
@@ -88,6 +93,17 @@ impl QueryGate {
                     ),
                 ))
             }
+        }
+    }
+}
+
+/// Cancels its read when dropped, unless disarmed (set to `None`).
+struct CancelOnDrop(Option<Cancel>);
+
+impl Drop for CancelOnDrop {
+    fn drop(&mut self) {
+        if let Some(cancel) = self.0.take() {
+            cancel.cancel();
         }
     }
 }
@@ -196,5 +212,40 @@ mod tests {
         let count = |m: &Metrics, l: &str| m.http_limited.with_label_values(&[l]).get();
         assert!(count(&metrics, "max_concurrent_queries") >= 2);
         assert_eq!(count(&m, "query_timeout_ms"), 1);
+    }
+
+    #[tokio::test]
+    async fn a_read_is_cancelled_at_the_time_out_and_when_its_request_goes_away() {
+        let metrics = Arc::new(Metrics::new());
+        // Stands for a store read: runs until cancelled.
+        let until_cancelled = |cancel: Cancel| {
+            while !cancel.is_cancelled() {
+                std::thread::sleep(Duration::from_millis(2));
+            }
+            "stopped"
+        };
+        let quick = gate(1, 100);
+        let answer = quick.run(&metrics, until_cancelled).await.unwrap_err();
+        assert_eq!(answer.status(), StatusCode::SERVICE_UNAVAILABLE);
+        // The request that asked goes away (its client hung up) before the time-out.
+        let slow = Arc::new(gate(1, 60_000));
+        let (g, m) = (Arc::clone(&slow), Arc::clone(&metrics));
+        let request = tokio::spawn(async move { g.run(&m, until_cancelled).await.is_ok() });
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        request.abort();
+        let _ = request.await;
+        // Its read stops and frees the slot.
+        let mut freed = false;
+        for _ in 0..200 {
+            if slow.run(&metrics, |_| ()).await.is_ok() {
+                freed = true;
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        assert!(
+            freed,
+            "the read of a request that went away still holds its slot"
+        );
     }
 }

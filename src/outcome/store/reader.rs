@@ -62,6 +62,11 @@ impl Cancel {
         }
     }
 
+    /// Whether [`Cancel::cancel`] was called.
+    pub fn is_cancelled(&self) -> bool {
+        self.0.lock().expect("cancel state").cancelled
+    }
+
     /// Registers a connection about to run; `None` once cancelled.
     fn enter(&self, conn: &Connection) -> Option<u64> {
         let mut state = self.0.lock().expect("cancel state");
