@@ -3,12 +3,23 @@
 //! `GET /api/v1/logs`, `GET /api/v1/trace/{id}`, `GET /api/v1/stats`, `GET /api/v1/codes`,
 //! `/metrics`, `/healthz` and `/readyz` (see docs/api.md); and the console in the browser,
 //! `GET /console` (see docs/console.md), which uses only those.
+//!
+//! Who may call what ([`auth`], docs/security.md): `/healthz`, `/readyz`, the console's page
+//! and assets, and `/metrics` (unless `http.metrics_auth`) are open; every other route is in
+//! the router of the scope it needs, in [`router`]: `ingest`, `read` or `admin`, each wrapped
+//! by [`guarded`]. **A new route goes into the router of its scope** (e.g. `GET /api/v1/dlq`
+//! into `read`, `POST /api/v1/dlq/replay` into `admin`); that is all it takes for it to ask
+//! for a token and to read its body within `http.body_timeout_ms`.
+//! Record-store reads go through [`AppState::queries`] ([`bounded::QueryGate`]).
 
+pub mod auth;
+pub mod bounded;
 mod console;
 pub mod dlq;
 mod records;
 pub mod rule_counts;
 mod rule_test;
+mod server;
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, OnceLock};
@@ -21,12 +32,14 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use serde_json::json;
 
-use crate::config::Config;
+use crate::config::{Config, Scope};
 use crate::control::health::{BrokerState, Health};
 use crate::control::reload::{Cause, Reloader};
 use crate::control::stages::Stages;
 use crate::pipeline::Pipeline;
 use crate::source::http::{Ingest, json_error as error};
+
+pub use self::server::serve;
 use crate::telemetry::Metrics;
 
 /// Shared state the HTTP server reads.
@@ -50,6 +63,10 @@ pub struct AppState {
     pub ready: AtomicBool,
     /// What the console's views keep between requests.
     pub console: ConsoleState,
+    /// The API's tokens ([`auth`]).
+    pub auth: Arc<auth::Auth>,
+    /// The slots of record-store reads (`store.max_concurrent_queries`).
+    pub queries: bounded::QueryGate,
 }
 
 /// What the console's views keep between requests: the counted buckets of `GET
@@ -68,31 +85,68 @@ impl AppState {
     }
 }
 
-/// The daemon's router: every route, with `http.max_body_bytes` as the body limit.
+/// The daemon's router: every route, each behind the token scope it needs ([`guarded`]), with
+/// `http.max_body_bytes` as the body limit and `http.body_timeout_ms` to send it.
 pub fn router(state: Arc<AppState>) -> Router {
-    let limit = state.config.http.max_body_bytes;
-    let ingest = Arc::new(Ingest {
-        pipeline: state.pipeline.clone(),
-        max_messages_per_request: state.config.http.max_messages_per_request,
-    });
-    Router::new()
+    let http = &state.config.http;
+    let ingest = Arc::new(Ingest::new(state.pipeline.clone(), http));
+    // Scope `read`: everything that shows records, rules, health details or counts.
+    let read = Router::new()
         .route("/api/v1/rules", get(list_rules))
-        .route("/api/v1/rules/reload", post(reload_rules))
         .route("/api/v1/rules/test", post(test_rule))
         .route("/api/v1/health", get(health))
         .route("/api/v1/logs", get(query_logs))
         .route("/api/v1/trace/{id}", get(records::trace))
         .route("/api/v1/stats", get(records::stats))
         .route("/api/v1/codes", get(records::list_codes))
-        .route("/api/v1/dlq", get(dlq::list))
-        .route("/api/v1/dlq/replay", post(dlq::replay))
-        .route("/metrics", get(metrics))
+        .route("/api/v1/dlq", get(dlq::list));
+    // Scope `admin`: what changes the running daemon.
+    let admin = Router::new()
+        .route("/api/v1/rules/reload", post(reload_rules))
+        .route("/api/v1/dlq/replay", post(dlq::replay));
+    let metrics_route = Router::new().route("/metrics", get(metrics));
+    let metrics_route = if http.metrics_auth {
+        guarded(metrics_route, Scope::Read, &state)
+    } else {
+        metrics_route
+    };
+    // Open: the probes.
+    let open = Router::new()
         .route("/healthz", get(|| async { "ok\n" }))
-        .route("/readyz", get(readyz))
+        .route("/readyz", get(readyz));
+    Router::new()
+        .merge(guarded(read, Scope::Read, &state))
+        .merge(guarded(admin, Scope::Admin, &state))
+        .merge(metrics_route)
+        .merge(open)
         .with_state(Arc::clone(&state))
         .merge(console::routes())
-        .merge(crate::source::http::routes(ingest))
-        .layer(DefaultBodyLimit::max(limit))
+        .merge(guarded(
+            crate::source::http::routes(ingest),
+            Scope::Ingest,
+            &state,
+        ))
+        .layer(DefaultBodyLimit::max(http.max_body_bytes))
+}
+
+/// `router`'s routes behind a token with `scope` ([`auth::scoped`]), and then reading the
+/// request body within `http.body_timeout_ms` ([`bounded::read_body_within`]): the token is
+/// checked first, so a caller without one never gets a body buffered.
+fn guarded<S>(router: Router<S>, scope: Scope, state: &AppState) -> Router<S>
+where
+    S: Clone + Send + Sync + 'static,
+{
+    let http = &state.config.http;
+    let body_read = (
+        Arc::clone(&state.metrics),
+        std::time::Duration::from_millis(http.body_timeout_ms),
+        http.max_body_bytes,
+    );
+    let router = router.route_layer(axum::middleware::from_fn_with_state(
+        body_read,
+        bounded::read_body_within,
+    ));
+    auth::scoped(router, scope, &state.auth)
 }
 
 /// Keeps a sample of the rules' counters every minute while the daemon runs (for the last
@@ -137,7 +191,13 @@ async fn query_logs(
             Ok(q) => q,
             Err(e) => return error(StatusCode::BAD_REQUEST, e.to_string()),
         };
-    match tokio::task::spawn_blocking(move || reader.query(&query)).await {
+    match state
+        .queries
+        .run(&state.metrics, move |cancel| {
+            reader.cancellable(cancel).query(&query)
+        })
+        .await
+    {
         Ok(Ok(page)) => Json(json!({
             "records": page.records,
             "count": page.records.len(),
@@ -145,10 +205,7 @@ async fn query_logs(
         }))
         .into_response(),
         Ok(Err(e)) => error(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()),
-        Err(e) => error(
-            StatusCode::INTERNAL_SERVER_ERROR,
-            format!("log query failed: {e}"),
-        ),
+        Err(refused) => refused,
     }
 }
 

@@ -89,6 +89,21 @@ pub async fn run_from_file(
         )
     })?;
     let metrics = Arc::new(Metrics::new());
+    // The API's tokens are read first: a daemon that could not check them must not start.
+    let auth = crate::api::auth::Auth::from_config(&config.http, Arc::clone(&metrics))
+        .map(Arc::new)
+        .map_err(|errors| {
+            anyhow::anyhow!(
+                "{} (the daemon reads each [[http.token]] at start; see docs/security.md)",
+                errors.join("; ")
+            )
+        })?;
+    if auth.enabled() {
+        tracing::info!(
+            tokens = config.http.token.len(),
+            "HTTP API: bearer tokens required"
+        );
+    }
     let stages = Arc::new(Stages::new());
     // outcome: the record store and the JSON lines ([store]), attached before the engine
     // starts, closed (everything queued written) after it drained.
@@ -236,6 +251,7 @@ pub async fn run_from_file(
         ))),
         _ => None,
     };
+    let queries = crate::api::bounded::QueryGate::new(&config.store);
     let state = Arc::new(AppState {
         pipeline,
         metrics,
@@ -249,6 +265,8 @@ pub async fn run_from_file(
         dead_letters: Some(dead_letters),
         ready: AtomicBool::new(false),
         console: Default::default(),
+        auth,
+        queries,
     });
     crate::api::spawn_rule_sampler(&state);
     // Rule reloads: on changes in the rules directory (rules.watch) and on SIGHUP.
@@ -266,13 +284,14 @@ pub async fn run_from_file(
     state.ready.store(true, Ordering::Relaxed);
     let (stop_tx, stop_rx) = oneshot::channel::<()>();
     let server_stages = Arc::clone(&stages);
-    let server = axum::serve(listeners.http, app).with_graceful_shutdown(async move {
+    let header_timeout = std::time::Duration::from_millis(state.config.http.header_timeout_ms);
+    let server = crate::api::serve(listeners.http, app, header_timeout, async move {
         shutdown.await;
         // Before the server can end: its end is not a failure now.
         server_stages.stopping();
         let _ = stop_tx.send(());
     });
-    let server_task = stages.supervise("http", tokio::spawn(async move { server.await }));
+    let server_task = stages.supervise("http", tokio::spawn(server));
 
     // Wait for the signal (or a stage that stopped), then give in-flight requests and
     // batches `grace` to finish.

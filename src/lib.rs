@@ -14,7 +14,7 @@
 //! ```
 //!
 //! Beside the path: [`config`] (the schema, no I/O), [`telemetry`] (every metric),
-//! [`control`] (health, reload, the check before a start), [`api`] (the HTTP router),
+//! [`control`] (health, reload, the check before a start), [`api`] (the HTTP router, its tokens and bounds),
 //! [`daemon`] (wiring only), [`client`] (the AMQP 1.0 consumer client), [`bench`], [`cli`],
 //! [`text`].
 //! docs/architecture.md draws the same map.

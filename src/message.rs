@@ -97,6 +97,23 @@ pub struct Identity {
     pub instance_id: Option<String>,
 }
 
+impl Identity {
+    /// Forgets the identity overrides (`productKey`, `deviceName`, `tenantId`, `instanceId`),
+    /// so the message takes its identity from its topic; ids and the timestamp stay. Returns
+    /// whether there was any (non-empty) override to forget: a source counts those.
+    pub fn drop_overrides(&mut self) -> bool {
+        [
+            &mut self.product_key,
+            &mut self.device_name,
+            &mut self.tenant_id,
+            &mut self.instance_id,
+        ]
+        .into_iter()
+        .map(|field| field.take().is_some_and(|v| !v.is_empty()))
+        .fold(false, |any, dropped| any | dropped)
+    }
+}
+
 impl Message {
     /// Builds a message from a topic and payload; productKey and deviceName come from topic levels
     /// 1 and 2 unless `identity` names them. A topic not of the form `/pk/dn/...` is rejected with
@@ -156,6 +173,13 @@ impl Envelope {
     /// Turns the envelope into a message. Exactly one of `payload` and `payload_base64` must be
     /// present; an invalid topic gets 1903.
     pub fn into_message(self) -> Result<Message, Rejection> {
+        self.into_message_trusting(true).map(|(m, _)| m)
+    }
+
+    /// [`Envelope::into_message`], taking the envelope's `productKey`, `deviceName`, `tenantId`
+    /// and `instanceId` only when `trust_identity`; otherwise the topic gives the identity, and
+    /// the second value says whether an override was there and ignored.
+    pub fn into_message_trusting(self, trust_identity: bool) -> Result<(Message, bool), Rejection> {
         let payload = match (self.payload, self.payload_base64) {
             (Some(_), Some(_)) => {
                 return Err(bad_envelope(
@@ -171,19 +195,17 @@ impl Envelope {
                 .map(Bytes::from)
                 .map_err(|e| bad_envelope(&format!("payload_base64 is not valid base64: {e}")))?,
         };
-        Message::new(
-            self.topic,
-            payload,
-            Identity {
-                message_id: self.message_id,
-                trace_id: self.trace_id,
-                timestamp_ms: self.timestamp,
-                product_key: self.product_key,
-                device_name: self.device_name,
-                tenant_id: self.tenant_id,
-                instance_id: self.instance_id,
-            },
-        )
+        let mut identity = Identity {
+            message_id: self.message_id,
+            trace_id: self.trace_id,
+            timestamp_ms: self.timestamp,
+            product_key: self.product_key,
+            device_name: self.device_name,
+            tenant_id: self.tenant_id,
+            instance_id: self.instance_id,
+        };
+        let ignored = !trust_identity && identity.drop_overrides();
+        Message::new(self.topic, payload, identity).map(|m| (m, ignored))
     }
 }
 
@@ -313,6 +335,33 @@ mod tests {
         assert_eq!(&m.payload[..], br#"{"a":1}"#);
         assert_eq!(m.message_id.len(), 19);
         assert_eq!(m.trace_id.len(), 32);
+    }
+
+    #[test]
+    fn untrusted_identity_overrides_are_dropped_and_reported() {
+        let json = r#"{"topic":"/pk1/dev1/up","payload":{},"productKey":"other","deviceName":"d9",
+            "tenantId":"t9","messageId":"m1"}"#;
+        let parse = || serde_json::from_str::<Envelope>(json).unwrap();
+        let (m, ignored) = parse().into_message_trusting(false).unwrap();
+        assert!(ignored);
+        assert_eq!(
+            (m.product_key.as_str(), m.device_name.as_str()),
+            ("pk1", "dev1")
+        );
+        assert_eq!((m.tenant_id, m.message_id.as_str()), (None, "m1"));
+        let (m, ignored) = parse().into_message_trusting(true).unwrap();
+        assert!(!ignored);
+        assert_eq!(
+            (m.product_key.as_str(), m.tenant_id.as_deref()),
+            ("other", Some("t9"))
+        );
+        // Nothing to ignore: not counted.
+        let plain = r#"{"topic":"/pk1/dev1/up","payload":{},"productKey":""}"#;
+        let (_, ignored) = serde_json::from_str::<Envelope>(plain)
+            .unwrap()
+            .into_message_trusting(false)
+            .unwrap();
+        assert!(!ignored);
     }
 
     #[test]

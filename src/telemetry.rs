@@ -79,6 +79,17 @@ pub struct Metrics {
     pub rules_last_reload_success: IntGauge,
     /// When the last load of the rules directory ran, in seconds since the Unix epoch.
     pub rules_last_reload_timestamp: Gauge,
+    /// Identity overrides a source did not trust and ignored (AMQP headers without
+    /// `source.amqp.trust_identity_headers`, HTTP envelope fields without the scope
+    /// `ingest:any-identity`), by source: the message went on with the topic's identity.
+    pub identity_override_ignored: IntCounterVec,
+    /// HTTP requests refused by the API's authentication, by token name (`-` when no token
+    /// was given or none matched) and reason (`missing`, `invalid`, `scope`). Never by value.
+    pub http_auth_refused: IntCounterVec,
+    /// HTTP requests refused by a bound on work per client, by the limit that refused them
+    /// (`max_concurrent_ingest`, `max_concurrent_queries`: 429; `query_timeout_ms`: 503;
+    /// `body_timeout_ms`: 408).
+    pub http_limited: IntCounterVec,
     /// The consumer groups' metrics (label `group`).
     pub groups: GroupMetrics,
     /// The record store's metrics.
@@ -242,6 +253,24 @@ impl Metrics {
                 "1 while the shared quota backend (Redis) answers, else 0 (forwards then follow [quota] on_backend_down).",
             )
             .expect("valid metric"),
+            identity_override_ignored: counter_vec(
+                r,
+                "iotfwd_identity_override_ignored_total",
+                "Identity overrides (productKey, deviceName, tenantId, instanceId) a source did not trust and ignored, by source.",
+                &["source"],
+            ),
+            http_auth_refused: counter_vec(
+                r,
+                "iotfwd_http_auth_refused_total",
+                "HTTP requests refused by authentication, by token name and reason (missing, invalid: 401; scope: 403).",
+                &["token", "reason"],
+            ),
+            http_limited: counter_vec(
+                r,
+                "iotfwd_http_limited_total",
+                "HTTP requests refused by a bound on work per client, by the config key of the limit.",
+                &["limit"],
+            ),
             groups: GroupMetrics::new(r),
             store: StoreMetrics::new(Some(r)),
             registry,

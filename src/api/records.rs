@@ -43,15 +43,16 @@ pub async fn trace(State(state): State<Arc<AppState>>, Path(id): Path<String>) -
         return error(StatusCode::BAD_REQUEST, "give a messageId or traceId");
     }
     let lookup = id.clone();
-    let trace = match tokio::task::spawn_blocking(move || reader.trace(&lookup)).await {
+    let trace = match state
+        .queries
+        .run(&state.metrics, move |cancel| {
+            reader.cancellable(cancel).trace(&lookup)
+        })
+        .await
+    {
         Ok(Ok(t)) => t,
         Ok(Err(e)) => return error(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()),
-        Err(e) => {
-            return error(
-                StatusCode::INTERNAL_SERVER_ERROR,
-                format!("trace query failed: {e}"),
-            );
-        }
+        Err(refused) => return refused,
     };
     let verdict = crate::outcome::trace::verdict(&trace.records);
     let status = if trace.records.is_empty() {
@@ -97,17 +98,17 @@ pub async fn stats(
         Err(problems) => return error(StatusCode::BAD_REQUEST, problems.join("; ")),
     };
     let console = Arc::clone(&state);
-    let result = tokio::task::spawn_blocking(move || {
-        crate::outcome::stats::stats(&reader, &query, Some(&console.console.stats_cache), now)
-    })
-    .await;
+    let result = state
+        .queries
+        .run(&state.metrics, move |cancel| {
+            let reader = reader.cancellable(cancel);
+            crate::outcome::stats::stats(&reader, &query, Some(&console.console.stats_cache), now)
+        })
+        .await;
     match result {
         Ok(Ok(stats)) => Json(stats).into_response(),
         Ok(Err(e)) => error(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()),
-        Err(e) => error(
-            StatusCode::INTERNAL_SERVER_ERROR,
-            format!("stats query failed: {e}"),
-        ),
+        Err(refused) => refused,
     }
 }
 

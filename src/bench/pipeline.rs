@@ -259,6 +259,7 @@ async fn start_daemon(
         prefetch: b.prefetch,
         declare: false,
         topic_from: TopicFrom::Header,
+        trust_identity_headers: false,
     });
     let listeners = crate::daemon::Listeners::loopback(&config).await?;
     let (stop, stopped) = tokio::sync::oneshot::channel::<()>();

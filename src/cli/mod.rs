@@ -58,8 +58,11 @@ pub enum Command {
     /// stops intake and lets in-flight work drain for up to shutdown.grace_ms
     /// (docs/operations.md).
     ///
+    /// An http.listen beyond loopback needs [[http.token]] entries (or http.allow_anonymous =
+    /// true); each token is read from its env variable or file at start (docs/security.md).
+    ///
     /// Exit status: 0 after a clean shutdown; 1 when the daemon cannot start or fails (a port
-    /// in use, a stage that died); 2 when the config does not load (every problem is printed
+    /// in use, a token that cannot be read, a stage that died); 2 when the config does not load (every problem is printed
     /// with its line, and nothing starts).
     Run {
         /// The config file (TOML); every setting is optional, unknown keys are errors
@@ -72,7 +75,8 @@ pub enum Command {
     /// Loads the config and every *.toml rule file of the rules directory as `iotfwd run`
     /// would, and reports every problem at once (docs/configuration.md,
     /// docs/rules-and-sql.md). It also warns about what loads but would fail at run time: a
-    /// group action naming no `[[group]]` of the config (its forwards would end in 9325).
+    /// group action naming no `[[group]]` of the config (its forwards would end in 9325), an
+    /// `[[http.token]]` whose value cannot be read here (docs/security.md).
     ///
     /// Exit status: 0 when nothing is wrong (a one-line summary on stdout: the config and the
     /// rules that loaded; warnings on stderr); 1 on any problem (each on stderr with its file
@@ -107,9 +111,12 @@ pub enum Command {
     /// (pretty-printed JSON): the message's ids and code, and each matched rule's result and
     /// its actions' outcomes.
     ///
+    /// A daemon with [[http.token]] entries needs a token with scope `ingest`: --token or
+    /// IOTFWD_TOKEN (docs/security.md).
+    ///
     /// Exit status: 0 when the daemon answers with a success status (the answer may still give
     /// the message a failure code, e.g. 1903); 1 when it cannot be reached or answers with an
-    /// error status; 2 when --payload @FILE cannot be read.
+    /// error status (401: no or a wrong token); 2 when --payload @FILE cannot be read.
     Send(SendArgs),
     /// Consume a consumer group from the AMQP 1.0 endpoint, as a platform consumer would.
     /// Prints one JSON line per message: its application properties and body. For debugging
@@ -270,6 +277,10 @@ pub struct SendArgs {
     /// The daemon's base URL (its http.listen).
     #[arg(long, default_value = "http://127.0.0.1:8080")]
     pub url: String,
+    /// A bearer token with scope `ingest`, when the daemon has [[http.token]] entries
+    /// (docs/security.md). Prefer the environment variable: a flag shows in `ps`.
+    #[arg(long, env = "IOTFWD_TOKEN", hide_env_values = true)]
+    pub token: Option<String>,
     /// Also print each matched rule's output; --verbose false leaves the outputs out.
     #[arg(long, default_value_t = true, action = clap::ArgAction::Set)]
     pub verbose: bool,

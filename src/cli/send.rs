@@ -27,7 +27,7 @@ pub(super) fn run(args: SendArgs) -> ExitCode {
         args.verbose
     );
     block_on(Runtime::CurrentThread, async {
-        match post(&endpoint, &envelope).await {
+        match post(&endpoint, &envelope, args.token.as_deref()).await {
             Ok((status, body)) => {
                 let pretty = serde_json::from_str::<serde_json::Value>(&body)
                     .map(|v| serde_json::to_string_pretty(&v).unwrap_or(body.clone()))
@@ -37,6 +37,11 @@ pub(super) fn run(args: SendArgs) -> ExitCode {
                     ExitCode::SUCCESS
                 } else {
                     eprintln!("error: the daemon answered {status}");
+                    if status == reqwest::StatusCode::UNAUTHORIZED {
+                        eprintln!(
+                            "hint: the daemon asks for a token: pass --token or set IOTFWD_TOKEN"
+                        );
+                    }
                     ExitCode::FAILURE
                 }
             }
@@ -52,12 +57,13 @@ pub(super) fn run(args: SendArgs) -> ExitCode {
 async fn post(
     endpoint: &str,
     envelope: &serde_json::Value,
+    token: Option<&str>,
 ) -> Result<(reqwest::StatusCode, String), reqwest::Error> {
-    let response = reqwest::Client::new()
-        .post(endpoint)
-        .json(envelope)
-        .send()
-        .await?;
+    let mut request = reqwest::Client::new().post(endpoint).json(envelope);
+    if let Some(token) = token {
+        request = request.bearer_auth(token);
+    }
+    let response = request.send().await?;
     let status = response.status();
     let body = response.text().await?;
     Ok((status, body))

@@ -102,6 +102,13 @@ pub struct AmqpSourceConfig {
     /// Where the topic comes from: `"header"` (default) or `"routing_key"`.
     #[serde(default)]
     pub topic_from: TopicFrom,
+    /// Take the headers `productKey`, `deviceName`, `tenantId` and `instanceId` as the
+    /// message's identity instead of the topic's. Only for a queue that nobody but trusted
+    /// publishers can write to: whoever can set headers could otherwise speak for any device
+    /// and spend another product's quota. When false, such headers are ignored and counted
+    /// (`iotfwd_identity_override_ignored_total`). Default false.
+    #[serde(default)]
+    pub trust_identity_headers: bool,
 }
 
 fn default_prefetch() -> u16 {

@@ -32,7 +32,7 @@ pub mod subscription;
 pub use self::engine::{
     DataConfig, EngineConfig, LogConfig, LogFormat, RulesConfig, ShutdownConfig,
 };
-pub use self::http::HttpConfig;
+pub use self::http::{HttpConfig, MIN_TOKEN_BYTES, Scope, TokenConfig};
 use self::report::Reporter;
 pub use self::report::{ConfigError, line_col};
 
@@ -418,6 +418,8 @@ grace_ms = 0
         config.engine.batch_max_wait_ms = 0;
         config.shutdown.grace_ms = 600_000;
         config.http.listen = "[::]:0".to_owned();
+        // Beyond loopback without a token: allowed only when said explicitly.
+        config.http.allow_anonymous = true;
         assert!(config.validate(None, None).is_empty());
     }
 

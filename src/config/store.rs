@@ -55,6 +55,13 @@ pub struct StoreConfig {
     /// field names): `"none"`, `"stdout"`, or a file path (appended to; created if missing,
     /// its directory must exist). Independent of `enabled`. Default `"none"`.
     pub jsonl: JsonlTarget,
+    /// Record-store reads (`GET /api/v1/logs`, `/trace/{id}`, `/stats`) run at once; one more
+    /// is answered 429 at once. Each keyword query may use several scan threads, so this
+    /// bounds the cores that readers can hold. Range 1..=256. Default `4`.
+    pub max_concurrent_queries: usize,
+    /// How long a record-store read may take, in milliseconds; a slower one is answered 503
+    /// (and a log query or trace is interrupted). Range 100..=600000. Default `10000`.
+    pub query_timeout_ms: u64,
 }
 
 impl Default for StoreConfig {
@@ -68,6 +75,8 @@ impl Default for StoreConfig {
             checkpoint_mib: 16,
             queue_capacity: 65_536,
             jsonl: JsonlTarget::None,
+            max_concurrent_queries: 4,
+            query_timeout_ms: 10_000,
         }
     }
 }
@@ -111,6 +120,18 @@ impl StoreConfig {
             " ms",
         );
         r.in_range(&at("checkpoint_mib"), self.checkpoint_mib, 1..=1024, " MiB");
+        r.in_range(
+            &at("max_concurrent_queries"),
+            self.max_concurrent_queries,
+            1..=256,
+            "",
+        );
+        r.in_range(
+            &at("query_timeout_ms"),
+            self.query_timeout_ms,
+            100..=600_000,
+            " ms",
+        );
         if self.queue_capacity > 10_000_000 {
             r.report(
                 &[&at("queue_capacity")],
@@ -247,6 +268,8 @@ mod tests {
             checkpoint_mib: 0,
             queue_capacity: 0,
             jsonl: JsonlTarget::File(PathBuf::new()),
+            max_concurrent_queries: 0,
+            query_timeout_ms: 0,
         };
         let problems = messages(|r| c.validate(r));
         let keys: Vec<&str> = problems
@@ -261,6 +284,8 @@ mod tests {
                 "store.batch_max_records",
                 "store.commit_interval_ms",
                 "store.checkpoint_mib",
+                "store.max_concurrent_queries",
+                "store.query_timeout_ms",
                 "store.queue_capacity",
                 "store.jsonl"
             ]

@@ -83,6 +83,10 @@ pub enum Warning {
         file: PathBuf,
         group: String,
     },
+    /// A `[[http.token]]` whose value cannot be read here (its env variable is not set, its
+    /// file is missing or too short): `iotfwd run` in the same environment would refuse to
+    /// start. A warning, not a problem: the check may run where the secrets are not.
+    TokenUnreadable(String),
 }
 
 impl fmt::Display for Warning {
@@ -93,6 +97,10 @@ impl fmt::Display for Warning {
                 "{}: group {group:?} is not a [[group]] of the config; its forwards will fail with {}",
                 file.display(),
                 Code::DestinationUnavailable
+            ),
+            Warning::TokenUnreadable(why) => write!(
+                f,
+                "{why}; `iotfwd run` here would not start (fine if the token exists only where it runs)"
             ),
         }
     }
@@ -121,7 +129,11 @@ pub fn check(config_file: Option<&Path>, rules_dir: Option<&Path>) -> CheckRepor
     let (rules, errors) = compiler.load_dir(&rules_dir);
     problems.extend(errors.into_iter().map(Problem::Rule));
     let warnings = match &config {
-        Some(config) => unknown_groups(config, &rules),
+        Some(config) => {
+            let mut warnings = unknown_groups(config, &rules);
+            warnings.extend(unreadable_tokens(config));
+            warnings
+        }
         None => Vec::new(),
     };
     CheckReport {
@@ -131,6 +143,14 @@ pub fn check(config_file: Option<&Path>, rules_dir: Option<&Path>) -> CheckRepor
         warnings,
         rules: rules.into_iter().map(|r| r.name).collect(),
     }
+}
+
+/// Each `[[http.token]]` whose value cannot be read in this environment.
+fn unreadable_tokens(config: &Config) -> Vec<Warning> {
+    (config.http.token.iter().enumerate())
+        .filter_map(|(i, t)| t.secret(i).err())
+        .map(Warning::TokenUnreadable)
+        .collect()
 }
 
 /// A group action (or error action) naming no `[[group]]` would end in 9325 at run time.
@@ -203,7 +223,10 @@ mod tests {
         let groups: Vec<&str> = report
             .warnings
             .iter()
-            .map(|Warning::UnknownGroup { group, .. }| group.as_str())
+            .filter_map(|w| match w {
+                Warning::UnknownGroup { group, .. } => Some(group.as_str()),
+                Warning::TokenUnreadable(_) => None,
+            })
             .collect();
         assert_eq!(groups, ["nosuch", "demo"]);
     }

@@ -131,6 +131,11 @@ impl Pipeline {
         self.outcomes.record(Record::replay(message, note)).await;
     }
 
+    /// The daemon's metrics, for what a source counts itself (ignored identity overrides).
+    pub fn metrics(&self) -> &crate::telemetry::Metrics {
+        self.outcomes.metrics()
+    }
+
     /// Records a message a source could not accept (1903 for a bad topic, 9321 for a bad
     /// envelope) and returns what to answer for it.
     pub async fn reject(&self, topic: &str, payload: &[u8], failure: &Failure) -> MessageReport {

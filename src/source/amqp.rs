@@ -6,8 +6,13 @@
 //! reconnects by itself and resumes; unacked deliveries are redelivered by the broker.
 //!
 //! The envelope: the body is the device payload; the AMQP `message_id` and `timestamp`
-//! properties are used when present; the headers `topic`, `productKey`, `deviceName`,
-//! `messageId`, `traceId`, `tenantId` and `instanceId` override what the topic gives.
+//! properties are used when present; the headers `topic`, `messageId` and `traceId` override
+//! them. The identity (`productKey`, `deviceName`) comes from the topic; the headers
+//! `productKey`, `deviceName`, `tenantId` and `instanceId` override it only with
+//! `source.amqp.trust_identity_headers = true`. Otherwise they are ignored and counted in
+//! `iotfwd_identity_override_ignored_total{source="amqp"}`: whoever can publish to the queue
+//! (RabbitMQ's MQTT plugin passes device-chosen properties on as headers) must not be able to
+//! speak for another device or spend another product's quota.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -95,8 +100,8 @@ async fn consume(
             next = consumer.next() => match next {
                 Some(Ok(delivery)) => {
                     let pipeline = pipeline.clone();
-                    let topic_from = config.topic_from;
-                    in_flight.spawn(async move { handle(delivery, topic_from, &pipeline).await });
+                    let (topic_from, trust) = (config.topic_from, config.trust_identity_headers);
+                    in_flight.spawn(async move { handle(delivery, topic_from, trust, &pipeline).await });
                 }
                 Some(Err(e)) => return Err(e),
                 None => return Err(lapin::Error::from(std::io::Error::other("the consumer was cancelled by the broker"))),
@@ -126,8 +131,8 @@ async fn consume(
     Ok(())
 }
 
-async fn handle(delivery: Delivery, topic_from: TopicFrom, pipeline: &Pipeline) {
-    let ack = match to_message(&delivery, topic_from) {
+async fn handle(delivery: Delivery, topic_from: TopicFrom, trust: bool, pipeline: &Pipeline) {
+    let ack = match to_message(&delivery, topic_from, trust) {
         Err((topic, rejection)) => {
             // Not processable, ever: record why and take it off the queue.
             pipeline
@@ -135,10 +140,19 @@ async fn handle(delivery: Delivery, topic_from: TopicFrom, pipeline: &Pipeline) 
                 .await;
             true
         }
-        Ok(message) => match pipeline.submit(vec![message], "amqp").await {
-            Ok(reports) => !reports.iter().any(|r| r.requeue),
-            Err(_) => false,
-        },
+        Ok((message, ignored)) => {
+            if ignored {
+                pipeline
+                    .metrics()
+                    .identity_override_ignored
+                    .with_label_values(&["amqp"])
+                    .inc();
+            }
+            match pipeline.submit(vec![message], "amqp").await {
+                Ok(reports) => !reports.iter().any(|r| r.requeue),
+                Err(_) => false,
+            }
+        }
     };
     let result = if ack {
         delivery.ack(BasicAckOptions::default()).await
@@ -176,7 +190,13 @@ pub fn topic_from_routing_key(key: &str) -> String {
     }
 }
 
-fn to_message(delivery: &Delivery, topic_from: TopicFrom) -> Result<Message, (String, Rejection)> {
+/// The message of a delivery, and whether it carried identity headers that were ignored
+/// (`trust` is `source.amqp.trust_identity_headers`).
+fn to_message(
+    delivery: &Delivery,
+    topic_from: TopicFrom,
+    trust: bool,
+) -> Result<(Message, bool), (String, Rejection)> {
     let headers = delivery.properties.headers().as_ref();
     let get = |name: &str| -> Option<String> {
         headers
@@ -198,7 +218,7 @@ fn to_message(delivery: &Delivery, topic_from: TopicFrom) -> Result<Message, (St
             ));
         }
     };
-    let identity = Identity {
+    let mut identity = Identity {
         message_id: get("messageId").or_else(|| {
             delivery
                 .properties
@@ -216,7 +236,10 @@ fn to_message(delivery: &Delivery, topic_from: TopicFrom) -> Result<Message, (St
         tenant_id: get("tenantId"),
         instance_id: get("instanceId"),
     };
-    Message::new(topic.clone(), delivery.data.clone().into(), identity).map_err(|r| (topic, r))
+    let ignored = !trust && identity.drop_overrides();
+    Message::new(topic.clone(), delivery.data.clone().into(), identity)
+        .map(|m| (m, ignored))
+        .map_err(|r| (topic, r))
 }
 
 #[cfg(test)]

@@ -1,12 +1,17 @@
 //! The HTTP ingest: `POST /api/v1/messages` takes one JSON envelope or NDJSON (one envelope
 //! per line) and answers with what became of each message (see docs/api.md).
+//!
+//! The identity of each message comes from its topic; the envelope's `productKey`,
+//! `deviceName`, `tenantId` and `instanceId` are taken only when the caller may speak for any
+//! device ([`TrustIdentity`], set by the API's token layer). Otherwise they are ignored and
+//! counted in `iotfwd_identity_override_ignored_total{source="http"}`.
 
 use std::sync::Arc;
 
 use axum::Json;
 use axum::Router;
 use axum::body::Bytes;
-use axum::extract::{Query, State};
+use axum::extract::{Extension, Query, State};
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use axum::routing::post;
@@ -22,7 +27,25 @@ pub struct Ingest {
     pub pipeline: Pipeline,
     /// `http.max_messages_per_request`.
     pub max_messages_per_request: usize,
+    /// One per request being handled: `http.max_concurrent_ingest` of them.
+    pub slots: Arc<tokio::sync::Semaphore>,
 }
+
+impl Ingest {
+    pub fn new(pipeline: Pipeline, http: &crate::config::HttpConfig) -> Ingest {
+        Ingest {
+            pipeline,
+            max_messages_per_request: http.max_messages_per_request,
+            slots: Arc::new(tokio::sync::Semaphore::new(http.max_concurrent_ingest)),
+        }
+    }
+}
+
+/// Whether the caller may set an envelope's identity fields (`productKey`, `deviceName`,
+/// `tenantId`, `instanceId`); put in the request's extensions by the API's token layer.
+/// Without it, they are not trusted.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct TrustIdentity(pub bool);
 
 /// The ingest route, ready to merge into the daemon's router.
 pub fn routes(ingest: Arc<Ingest>) -> Router {
@@ -48,9 +71,23 @@ pub fn json_error(status: StatusCode, message: impl Into<String>) -> Response {
 /// client never has to guess which messages went in.
 async fn ingest_messages(
     State(state): State<Arc<Ingest>>,
+    trust: Option<Extension<TrustIdentity>>,
     Query(params): Query<IngestParams>,
     body: Bytes,
 ) -> Response {
+    let Ok(_slot) = state.slots.try_acquire() else {
+        state
+            .pipeline
+            .metrics()
+            .http_limited
+            .with_label_values(&["max_concurrent_ingest"])
+            .inc();
+        return json_error(
+            StatusCode::TOO_MANY_REQUESTS,
+            "too many ingest requests at once (http.max_concurrent_ingest); retry shortly",
+        );
+    };
+    let trust = trust.is_some_and(|Extension(t)| t.0);
     let envelopes = match parse_body(&body) {
         Ok(e) => e,
         Err(message) => return json_error(StatusCode::BAD_REQUEST, message),
@@ -82,8 +119,16 @@ async fn ingest_messages(
             .as_ref()
             .map(|p| p.to_string())
             .unwrap_or_default();
-        match envelope.into_message() {
-            Ok(m) => {
+        match envelope.into_message_trusting(trust) {
+            Ok((m, ignored)) => {
+                if ignored {
+                    state
+                        .pipeline
+                        .metrics()
+                        .identity_override_ignored
+                        .with_label_values(&["http"])
+                        .inc();
+                }
                 accepted_slots.push(slots.len());
                 slots.push(None);
                 accepted.push(m);

@@ -54,6 +54,7 @@ async fn happy_path_10000_messages_through_the_amqp_source() {
             prefetch: 500,
             declare: true,
             topic_from: TopicFrom::Header,
+            trust_identity_headers: false,
         });
     })
     .await;

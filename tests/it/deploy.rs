@@ -281,6 +281,10 @@ fn example_config_is_a_production_config() {
     assert!(c.subscription.tls.is_some(), "[subscription.tls]");
     assert!(c.group.len() >= 2, "consumer groups");
     assert!(c.store.enabled, "the log store");
+    // Listening beyond loopback, the API asks for tokens, each read from the environment.
+    assert!(!c.http.is_loopback() && !c.http.allow_anonymous);
+    assert!(!c.http.token.is_empty(), "[[http.token]]");
+    assert!(c.http.token.iter().all(|t| t.token_env.is_some()));
     // Every group a deploy rule forwards to is declared.
     for rule in shipped_rules() {
         let doc: toml::Table = toml::from_str(&read(&rule)).unwrap();

@@ -610,6 +610,7 @@ async fn a_dead_letter_write_that_fails_redelivers_the_source_message() {
             prefetch: 10,
             declare: true,
             topic_from: TopicFrom::Header,
+            trust_identity_headers: false,
         });
     })
     .await;

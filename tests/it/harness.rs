@@ -334,7 +334,7 @@ pub fn tool_missing(why: &str) {
 pub fn daemon_binary() -> std::path::PathBuf {
     std::env::var_os("IOTFWD_BIN")
         .map(Into::into)
-        .unwrap_or_else(|| super::harness::daemon_binary().into())
+        .unwrap_or_else(|| env!("CARGO_BIN_EXE_iotfwd").into())
 }
 
 /// The real binary (`iotfwd run --config FILE`) as a child process with its own config file

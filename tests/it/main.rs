@@ -22,6 +22,7 @@ mod logs;
 mod rabbit;
 mod reload;
 mod restarts;
+mod security;
 mod shutdown;
 mod source_http;
 mod supervision;

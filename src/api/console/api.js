@@ -52,6 +52,41 @@ function askToken(rejected) {
   return pendingToken;
 }
 
+// The daemon runs at most store.max_concurrent_queries (default 4) record-store reads at once
+// and answers 429 beyond that, so the page keeps fewer requests than that in flight; a 429
+// that still comes (other clients) is tried again after a pause.
+const MAX_IN_FLIGHT = 2;
+let inFlight = 0;
+const waiting = [];
+
+async function slot() {
+  if (inFlight < MAX_IN_FLIGHT) {
+    inFlight += 1;
+    return;
+  }
+  await new Promise((resolve) => waiting.push(resolve));
+}
+
+function release() {
+  const next = waiting.shift();
+  if (next) next();
+  else inFlight -= 1;
+}
+
+async function limitedFetch(path, init) {
+  for (let attempt = 0; ; attempt += 1) {
+    await slot();
+    let res;
+    try {
+      res = await fetch(path, init);
+    } finally {
+      release();
+    }
+    if (res.status !== 429 || attempt >= 4) return res;
+    await new Promise((resolve) => setTimeout(resolve, 200 * 2 ** attempt));
+  }
+}
+
 // GETs or POSTs `path` (absolute, e.g. '/api/v1/logs?device=d1'). Resolves to
 // { status, body } (body parsed as JSON when it is JSON); throws ApiError for any status not
 // 2xx unless listed in `options.accept`.
@@ -64,7 +99,7 @@ export async function api(path, options = {}) {
     if (token) headers.set('Authorization', `Bearer ${token}`);
     let res;
     try {
-      res = await fetch(path, { ...init, headers });
+      res = await limitedFetch(path, { ...init, headers });
     } catch (e) {
       throw new ApiError(0, `the daemon did not answer (${e.message})`);
     }

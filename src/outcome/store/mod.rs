@@ -48,7 +48,7 @@ mod testing;
 mod writer;
 
 pub use functions::register_functions;
-pub use reader::{Page, Reader, SPLIT_AT, TRACE_MAX_RECORDS, Trace};
+pub use reader::{Cancel, Page, Reader, SPLIT_AT, TRACE_MAX_RECORDS, Trace};
 pub use sinks::RecordSinks;
 pub use writer::{PURGE_CHUNK, WriterStats};
 

@@ -8,7 +8,7 @@
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 
-use rusqlite::{Connection, OptionalExtension, params};
+use rusqlite::{Connection, InterruptHandle, OptionalExtension, params};
 
 use super::rows::{Stored, row_to_stored};
 use super::schema::open_reader;
@@ -39,6 +39,57 @@ pub struct Trace {
     pub truncated: bool,
 }
 
+/// Stops the queries of a reader made with [`Reader::cancellable`], from any thread (the API's
+/// query time-out): the statements running on its connections are interrupted, and the ones it
+/// would start fail at once. Cheap to clone.
+#[derive(Clone, Default)]
+pub struct Cancel(Arc<Mutex<CancelState>>);
+
+#[derive(Default)]
+struct CancelState {
+    cancelled: bool,
+    next_id: u64,
+    /// The connections in use by the reader's queries now.
+    running: Vec<(u64, InterruptHandle)>,
+}
+
+impl Cancel {
+    pub fn cancel(&self) {
+        let mut state = self.0.lock().expect("cancel state");
+        state.cancelled = true;
+        for (_, handle) in &state.running {
+            handle.interrupt();
+        }
+    }
+
+    /// Whether [`Cancel::cancel`] was called.
+    pub fn is_cancelled(&self) -> bool {
+        self.0.lock().expect("cancel state").cancelled
+    }
+
+    /// Registers a connection about to run; `None` once cancelled.
+    fn enter(&self, conn: &Connection) -> Option<u64> {
+        let mut state = self.0.lock().expect("cancel state");
+        if state.cancelled {
+            return None;
+        }
+        let id = state.next_id;
+        state.next_id += 1;
+        state.running.push((id, conn.get_interrupt_handle()));
+        Some(id)
+    }
+
+    /// The connection `id` is done: a later cancel must not interrupt it (it goes back to the
+    /// pool and may serve another query).
+    fn leave(&self, id: u64) {
+        self.0
+            .lock()
+            .expect("cancel state")
+            .running
+            .retain(|(i, _)| *i != id);
+    }
+}
+
 /// The read side: any number of readers, in any process, query while the daemon writes. Cheap to
 /// clone; keeps a few connections open for reuse. Queries block: call them from
 /// `spawn_blocking` in async code.
@@ -49,6 +100,8 @@ pub struct Reader {
     split_at: usize,
     /// Storage-order scans over fewer ids than this run in one thread.
     parallel_from: i64,
+    /// Set by [`Reader::cancellable`].
+    cancel: Option<Cancel>,
 }
 
 impl Reader {
@@ -63,6 +116,7 @@ impl Reader {
             pool: Arc::new(Mutex::new(Vec::new())),
             split_at: SPLIT_AT,
             parallel_from: 200_000,
+            cancel: None,
         };
         let conn = reader.connect()?;
         reader.release(conn);
@@ -80,6 +134,14 @@ impl Reader {
         self.split_at = records;
         self.parallel_from = 0;
         self
+    }
+
+    /// The same reader, whose queries `cancel` can stop.
+    pub fn cancellable(&self, cancel: Cancel) -> Reader {
+        Reader {
+            cancel: Some(cancel),
+            ..self.clone()
+        }
     }
 
     fn connect(&self) -> Result<Connection, StoreError> {
@@ -101,7 +163,26 @@ impl Reader {
         f: impl FnOnce(&Connection) -> Result<T, StoreError>,
     ) -> Result<T, StoreError> {
         let conn = self.connect()?;
+        let entered = match &self.cancel {
+            None => None,
+            Some(cancel) => match cancel.enter(&conn) {
+                Some(id) => Some(id),
+                None => {
+                    self.release(conn);
+                    return Err(StoreError::Sqlite {
+                        path: self.path.clone(),
+                        source: rusqlite::Error::SqliteFailure(
+                            rusqlite::ffi::Error::new(rusqlite::ffi::SQLITE_INTERRUPT),
+                            Some("the query was cancelled".into()),
+                        ),
+                    });
+                }
+            },
+        };
         let result = f(&conn);
+        if let (Some(cancel), Some(id)) = (&self.cancel, entered) {
+            cancel.leave(id);
+        }
         // A connection left inside a transaction by an error is not reused.
         if conn.is_autocommit() {
             self.release(conn);
@@ -399,6 +480,32 @@ mod tests {
     use super::super::testing::{base, filled};
     use super::*;
     use crate::outcome::query::{LogParams, Status};
+
+    #[tokio::test]
+    async fn a_cancelled_reader_stops_and_the_pool_is_unharmed() {
+        let dir = tempfile::tempdir().unwrap();
+        let (_store, reader) = filled(dir.path(), 25).await;
+        let cancel = Cancel::default();
+        let cancellable = reader.cancellable(cancel.clone());
+        assert_eq!(
+            cancellable
+                .query(&LogQuery::default())
+                .unwrap()
+                .records
+                .len(),
+            25
+        );
+        cancel.cancel();
+        let e = cancellable.query(&LogQuery::default()).unwrap_err();
+        assert!(e.to_string().contains("cancelled"), "{e}");
+        assert!(cancellable.trace("nope").is_err());
+        // The connections went back to the pool uninterrupted; the plain reader still reads.
+        assert_eq!(
+            reader.query(&LogQuery::default()).unwrap().records.len(),
+            25
+        );
+        assert_eq!(reader.count().unwrap(), 25);
+    }
 
     #[tokio::test]
     async fn writes_queries_and_pages() {
