@@ -23,6 +23,7 @@ use serde::{Deserialize, Serialize};
 pub mod broker;
 mod engine;
 mod http;
+pub mod mqtt;
 pub mod quota;
 mod report;
 pub mod store;
@@ -58,6 +59,8 @@ pub struct Config {
     /// `[broker]`: the RabbitMQ broker for `to = "amqp"` actions and `[source.amqp]`.
     /// Absent in the embedded default.
     pub broker: Option<broker::BrokerConfig>,
+    /// `[mqtt]`: the MQTT broker for `[source.mqtt]`. Absent in the embedded default.
+    pub mqtt: Option<mqtt::MqttConfig>,
     /// `[source]`: message sources besides the HTTP ingest.
     pub source: broker::SourceConfig,
     /// `[store]`: the embedded record store of outcome records (`iotfwd logs`,
@@ -131,6 +134,7 @@ impl Config {
         self.data.validate(&mut r);
         self.log.validate(&mut r);
         broker::validate(self, &mut r);
+        mqtt::validate(self, &mut r);
         self.shutdown.validate(&mut r);
         self.store.validate(&mut r);
         quota::validate(self, &mut r);
