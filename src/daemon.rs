@@ -197,6 +197,28 @@ pub async fn run_from_file(
         ))),
         _ => None,
     };
+    let mqtt_task = match (&config.mqtt, &config.source.mqtt) {
+        (Some(mqtt), Some(source)) => {
+            metrics.export_mqtt_gauge();
+            let link = Arc::new(crate::source::mqtt::MqttLink::new(
+                metrics.mqtt_connected.clone(),
+            ));
+            health.set_mqtt(Arc::clone(&link));
+            let source = crate::source::mqtt::MqttSource::new(mqtt, source, link)
+                .map_err(|e| anyhow::anyhow!(e))?;
+            tracing::info!(broker = %source.broker(), "MQTT source configured; connecting in the background");
+            Some(stages.supervise(
+                "source.mqtt",
+                tokio::spawn(crate::source::mqtt::run(
+                    source,
+                    pipeline.clone(),
+                    sources_stopped.clone(),
+                    grace,
+                )),
+            ))
+        }
+        _ => None,
+    };
     let state = Arc::new(AppState {
         pipeline,
         metrics,
@@ -253,6 +275,9 @@ pub async fn run_from_file(
     let drained = tokio::time::timeout(grace, async {
         let _ = reload_task.await;
         if let Some(source) = source_task {
+            let _ = source.await;
+        }
+        if let Some(source) = mqtt_task {
             let _ = source.await;
         }
         let _ = server_task.await;

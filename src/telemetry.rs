@@ -19,7 +19,7 @@ use prometheus::{
 /// The daemon's metrics. One instance per daemon (not a global), so tests can run several.
 pub struct Metrics {
     pub registry: Registry,
-    /// Messages taken in, by source (`http`, `amqp`).
+    /// Messages taken in, by source (`http`, `amqp`, `mqtt`).
     pub messages_received: IntCounterVec,
     /// Every outcome record, by service type and code.
     pub outcomes: IntCounterVec,
@@ -63,6 +63,9 @@ pub struct Metrics {
     /// 1 while the broker blocks publishers (connection.blocked: a memory or disk alarm).
     /// Exported with `broker_connected`.
     pub broker_blocked: IntGauge,
+    /// 1 while the MQTT broker of `[source.mqtt]` is connected, 0 otherwise. Absent without
+    /// `[source.mqtt]`: registered by [`Metrics::export_mqtt_gauge`].
+    pub mqtt_connected: IntGauge,
     /// Seconds from a message's receipt to each of its actions' delivery (200), error actions
     /// excluded.
     pub forward_latency: Histogram,
@@ -204,6 +207,12 @@ impl Metrics {
                 "1 while the RabbitMQ broker blocks publishers (connection.blocked: a memory or disk alarm), else 0.",
             )
             .expect("valid metric"),
+            // Registered by export_mqtt_gauge, only with a [source.mqtt].
+            mqtt_connected: IntGauge::new(
+                "iotfwd_mqtt_connected",
+                "1 while the MQTT broker of [source.mqtt] is connected, else 0.",
+            )
+            .expect("valid metric"),
             forward_latency: histogram(
                 r,
                 "iotfwd_forward_latency_seconds",
@@ -240,6 +249,18 @@ impl Metrics {
                 Ok(()) | Err(prometheus::Error::AlreadyReg) => {}
                 Err(e) => panic!("broker gauge: {e}"),
             }
+        }
+    }
+
+    /// Exports `iotfwd_mqtt_connected` (0 until the broker connects). Only for a daemon with a
+    /// `[source.mqtt]`. Calling it again does nothing.
+    pub fn export_mqtt_gauge(&self) {
+        match self
+            .registry
+            .register(Box::new(self.mqtt_connected.clone()))
+        {
+            Ok(()) | Err(prometheus::Error::AlreadyReg) => {}
+            Err(e) => panic!("mqtt gauge: {e}"),
         }
     }
 
