@@ -1,5 +1,5 @@
 //! Integration tests, in one binary so DataFusion is linked once. One file per capability:
-//! the sources (`source_http`, the AMQP source in `action_amqp`), the engine (`golden` SQL
+//! the sources (`source_http`, `source_mqtt`, the AMQP source in `action_amqp`), the engine (`golden` SQL
 //! cases, `engine_batch` properties), `limits`, the actions (`action_amqp`, `action_group`),
 //! `delivery` guarantees, `restarts` (broker restart, kill -9), `supervision`, `health`,
 //! `reload`, `logs`, the `console`, the `cli`, `shutdown` and the `deploy/` files.
@@ -21,4 +21,5 @@ mod reload;
 mod restarts;
 mod shutdown;
 mod source_http;
+mod source_mqtt;
 mod supervision;
