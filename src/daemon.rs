@@ -153,6 +153,10 @@ pub async fn run_from_file(
     if let Some(b) = &broker {
         dispatcher = dispatcher.with_broker(Arc::clone(b));
     }
+    if let Some(mqtt) = &config.mqtt {
+        dispatcher = dispatcher
+            .with_mqtt(crate::action::mqtt::Mqtt::start(mqtt).map_err(|e| anyhow::anyhow!(e))?);
+    }
     let rule_lookup: crate::subscription::RuleLookup = {
         // The running version of the rule: hot reload swaps rules.
         let rules = Arc::clone(&reloader);

@@ -59,7 +59,8 @@ pub struct Config {
     /// `[broker]`: the RabbitMQ broker for `to = "amqp"` actions and `[source.amqp]`.
     /// Absent in the embedded default.
     pub broker: Option<broker::BrokerConfig>,
-    /// `[mqtt]`: the MQTT broker for `[source.mqtt]`. Absent in the embedded default.
+    /// `[mqtt]`: the MQTT broker for `[source.mqtt]` and `to = "mqtt"` actions. Absent in the
+    /// embedded default.
     pub mqtt: Option<mqtt::MqttConfig>,
     /// `[source]`: message sources besides the HTTP ingest.
     pub source: broker::SourceConfig,

@@ -1,5 +1,5 @@
 //! `[mqtt]` and `[source.mqtt]`: an MQTT broker (Mosquitto, EMQX, RabbitMQ's MQTT plugin) as a
-//! source of device messages.
+//! source of device messages and the destination of `to = "mqtt"` actions.
 //!
 //! `[mqtt]` is the connection, like `[broker]` for RabbitMQ; `[source.mqtt]` says what to
 //! subscribe to. MQTT 3.1.1 only for now (`protocol = "3.1.1"`); plain `mqtt://` only (no TLS
@@ -15,7 +15,7 @@ use super::report::{Reporter, Seg};
 /// The MQTT protocol versions iotfwd speaks.
 pub const PROTOCOLS: &[&str] = &["3.1.1"];
 
-/// `[mqtt]`: the MQTT broker `[source.mqtt]` subscribes to.
+/// `[mqtt]`: the MQTT broker `[source.mqtt]` subscribes to and `to = "mqtt"` actions publish to.
 #[derive(Clone, Debug, PartialEq, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, expecting = "a table")]
 pub struct MqttConfig {
