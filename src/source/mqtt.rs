@@ -206,6 +206,10 @@ async fn connection(
         return (Ended::Failed(format!("cannot subscribe: {e}")), true);
     }
     let permits = Arc::new(Semaphore::new(usize::from(source.config.max_inflight)));
+    // False once this connection stops taking messages: a message still waiting for a permit
+    // then stays with the broker (redelivered later) instead of being processed and never
+    // acknowledged, which would only forward it twice.
+    let live = Arc::new(AtomicBool::new(true));
     let (requeue_tx, mut requeue_rx) = mpsc::unbounded_channel::<()>();
     let mut in_flight = JoinSet::new();
     let mut redeliver_at: Option<tokio::time::Instant> = None;
@@ -228,6 +232,7 @@ async fn connection(
                         client: client.clone(),
                         pipeline: pipeline.clone(),
                         permits: Arc::clone(&permits),
+                        live: Arc::clone(&live),
                         requeue: requeue_tx.clone(),
                     };
                     in_flight.spawn(task.run(publish));
@@ -245,7 +250,9 @@ async fn connection(
                 Ok(_) => {}
                 Err(e) => {
                     // The acks of what is in flight cannot reach the broker any more: it
-                    // redelivers those messages to the next connection.
+                    // redelivers those messages to the next connection. What is being
+                    // processed finishes (its records are written); what waits does not start.
+                    live.store(false, Ordering::Relaxed);
                     in_flight.detach_all();
                     return (Ended::Failed(describe(&e)), true);
                 }
@@ -253,8 +260,10 @@ async fn connection(
         }
         while in_flight.try_join_next().is_some() {}
     };
-    // Stop taking: messages that arrive from now on are not acknowledged, so the session keeps
-    // them. Keep polling, so the acknowledgements of what finishes reach the broker.
+    // Stop taking: messages that arrive from now on, or wait for a permit, are not processed nor
+    // acknowledged, so the session keeps them. Keep polling, so the acknowledgements of what
+    // finishes reach the broker.
+    live.store(false, Ordering::Relaxed);
     let pending = in_flight.len();
     if pending > 0 {
         tracing::info!(pending, "MQTT source: finishing in-flight messages");
@@ -291,6 +300,7 @@ struct Handle {
     client: AsyncClient,
     pipeline: Pipeline,
     permits: Arc<Semaphore>,
+    live: Arc<AtomicBool>,
     requeue: mpsc::UnboundedSender<()>,
 }
 
@@ -299,6 +309,9 @@ impl Handle {
         let Ok(_permit) = self.permits.acquire().await else {
             return;
         };
+        if !self.live.load(Ordering::Relaxed) {
+            return;
+        }
         let ack = match Message::new(
             publish.topic.clone(),
             publish.payload.clone(),

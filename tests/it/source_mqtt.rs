@@ -2,7 +2,8 @@
 //! `max_queued_messages 0`, so the broker itself drops nothing) and a real MQTT publisher
 //! (rumqttc): every QoS 1 message reaches a rule with no action and one forwarding to the
 //! shared RabbitMQ, a topic not of the platform's form is a 1903 record, and a kill -9 of the
-//! daemon mid-stream loses nothing (the persistent session redelivers what was not acked).
+//! daemon mid-stream loses nothing (the persistent session redelivers what was not acked), and
+//! neither does a restart of the broker mid-stream.
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -19,6 +20,8 @@ use super::rabbit::{BROKER, channel, cleanup, drain, exchange_with_queue, queue_
 pub struct Mosquitto {
     child: std::process::Child,
     pub port: u16,
+    binary: &'static str,
+    conf: PathBuf,
     _dir: tempfile::TempDir,
 }
 
@@ -56,19 +59,26 @@ impl Mosquitto {
             ),
         )
         .unwrap();
+        let child = Mosquitto::spawn(binary, &conf, port);
+        Some(Mosquitto {
+            child,
+            port,
+            binary,
+            conf,
+            _dir: dir,
+        })
+    }
+
+    /// Runs mosquitto with `conf`; returns once it listens on `port`.
+    fn spawn(binary: &str, conf: &Path, port: u16) -> std::process::Child {
         let child = Command::new(binary)
             .arg("-c")
-            .arg(&conf)
+            .arg(conf)
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .spawn()
             .expect("run mosquitto");
-        let m = Mosquitto {
-            child,
-            port,
-            _dir: dir,
-        };
         let deadline = Instant::now() + Duration::from_secs(10);
         while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
             assert!(
@@ -77,7 +87,16 @@ impl Mosquitto {
             );
             std::thread::sleep(Duration::from_millis(20));
         }
-        Some(m)
+        child
+    }
+
+    /// Stops the broker as its service manager would (SIGTERM: it writes its persistence
+    /// file, with the sessions and their queued messages) and starts it again on its port.
+    fn restart(&mut self) {
+        let pid = self.child.id().to_string();
+        let _ = Command::new("kill").args(["-TERM", &pid]).status();
+        let _ = self.child.wait();
+        self.child = Mosquitto::spawn(self.binary, &self.conf, self.port);
     }
 
     pub fn url(&self) -> String {
@@ -417,5 +436,85 @@ async fn kill_9_mid_stream_loses_nothing() {
         second.log_text()
     );
     drop(second);
+    let _ = conn.close(200, "".into()).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn broker_restart_mid_stream_loses_nothing() {
+    const N: usize = 5_000;
+    let Some(mut mosquitto) = Mosquitto::start() else {
+        return;
+    };
+    let exchange = unique("mqtt-restart");
+    let (conn, ch) = channel(BROKER).await;
+    let queue = exchange_with_queue(&ch, &exchange).await;
+    let _cleanup = Cleanup {
+        exchange: exchange.clone(),
+        queue: queue.clone(),
+    };
+    let dir = tempfile::tempdir().unwrap();
+    write_rules(&dir.path().join("rules"), &exchange);
+    let url = mosquitto.url();
+    let daemon = Daemon::start(&dir.path().join("rules"), |c| {
+        let mut mqtt = MqttConfig::new(url);
+        mqtt.client_id = unique("restart");
+        mqtt.reconnect_max_delay_ms = 200;
+        c.mqtt = Some(mqtt);
+        let mut source = MqttSourceConfig::new(&["/p1/#"]);
+        // A small window, so the stream is still flowing when the broker restarts.
+        source.max_inflight = 10;
+        c.source.mqtt = Some(source);
+    })
+    .await;
+    eventually("the MQTT source to subscribe", || async {
+        let health = daemon.get_json("/api/v1/health").await;
+        (health["mqtt"]["connected"] == true).then_some(())
+    })
+    .await;
+    // Every message is with the broker (acknowledged to the publisher) before it restarts.
+    publish_all(mosquitto.port, stream(N)).await;
+    eventually("a tenth forwarded", || async {
+        (queue_depth(&conn, &queue).await.unwrap_or(0) as usize >= N / 10).then_some(())
+    })
+    .await;
+    let at_restart = queue_depth(&conn, &queue).await.unwrap_or(0);
+    tokio::task::block_in_place(|| mosquitto.restart());
+    eventually("the source to reconnect", || async {
+        let health = daemon.get_json("/api/v1/health").await;
+        (health["mqtt"]["connected"] == true).then_some(())
+    })
+    .await;
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let mut last = None;
+    loop {
+        let depth = queue_depth(&conn, &queue).await;
+        if depth.is_some_and(|d| d as usize >= N) && depth == last || Instant::now() > deadline {
+            break;
+        }
+        last = depth;
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    let (missing, duplicates, total) = tally(&queue, N).await;
+    println!(
+        "mqtt broker restart: restarted after {at_restart} forwarded; {total} forwarded for {N} \
+         published: {} missing, {duplicates} duplicates",
+        missing.len()
+    );
+    assert!(
+        (at_restart as usize) < N,
+        "the stream had ended before the restart; the test proves nothing"
+    );
+    assert!(
+        missing.is_empty(),
+        "{} of {N} never reached RabbitMQ, e.g. {:?}",
+        missing.len(),
+        &missing[..missing.len().min(20)]
+    );
+    let health = daemon.get_json("/api/v1/health").await;
+    assert!(
+        health["mqtt"]["lastError"].is_string(),
+        "health names the lost connection: {health}"
+    );
+    daemon.stop().await;
     let _ = conn.close(200, "".into()).await;
 }
