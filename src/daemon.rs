@@ -206,6 +206,10 @@ pub async fn run_from_file(
         _ => unreachable!("a spool is opened whenever there is no broker"),
     };
     dispatcher = dispatcher.with_dead_letters(dead_letters.clone());
+    if let Some(mqtt) = &config.mqtt {
+        dispatcher = dispatcher
+            .with_mqtt(crate::action::mqtt::Mqtt::start(mqtt).map_err(|e| anyhow::anyhow!(e))?);
+    }
     let rule_lookup: crate::subscription::RuleLookup = {
         // The running version of the rule: hot reload swaps rules.
         let rules = Arc::clone(&reloader);
@@ -252,6 +256,28 @@ pub async fn run_from_file(
         _ => None,
     };
     let queries = crate::api::bounded::QueryGate::new(&config.store);
+    let mqtt_task = match (&config.mqtt, &config.source.mqtt) {
+        (Some(mqtt), Some(source)) => {
+            metrics.export_mqtt_gauge();
+            let link = Arc::new(crate::source::mqtt::MqttLink::new(
+                metrics.mqtt_connected.clone(),
+            ));
+            health.set_mqtt(Arc::clone(&link));
+            let source = crate::source::mqtt::MqttSource::new(mqtt, source, link)
+                .map_err(|e| anyhow::anyhow!(e))?;
+            tracing::info!(broker = %source.broker(), "MQTT source configured; connecting in the background");
+            Some(stages.supervise(
+                "source.mqtt",
+                tokio::spawn(crate::source::mqtt::run(
+                    source,
+                    pipeline.clone(),
+                    sources_stopped.clone(),
+                    grace,
+                )),
+            ))
+        }
+        _ => None,
+    };
     let state = Arc::new(AppState {
         pipeline,
         metrics,
@@ -312,6 +338,9 @@ pub async fn run_from_file(
     let drained = tokio::time::timeout(grace, async {
         let _ = reload_task.await;
         if let Some(source) = source_task {
+            let _ = source.await;
+        }
+        if let Some(source) = mqtt_task {
             let _ = source.await;
         }
         let _ = server_task.await;

@@ -19,7 +19,7 @@ use prometheus::{
 /// The daemon's metrics. One instance per daemon (not a global), so tests can run several.
 pub struct Metrics {
     pub registry: Registry,
-    /// Messages taken in, by source (`http`, `amqp`).
+    /// Messages taken in, by source (`http`, `amqp`, `mqtt`).
     pub messages_received: IntCounterVec,
     /// Every outcome record, by service type and code.
     pub outcomes: IntCounterVec,
@@ -70,6 +70,9 @@ pub struct Metrics {
     /// 1 while the shared quota backend (Redis) answers, 0 while it does not; exported only
     /// with `[quota] backend = "redis"` ([`Metrics::export_quota_backend_gauge`]).
     pub quota_backend_up: IntGauge,
+    /// 1 while the MQTT broker of `[source.mqtt]` is connected, 0 otherwise. Absent without
+    /// `[source.mqtt]`: registered by [`Metrics::export_mqtt_gauge`].
+    pub mqtt_connected: IntGauge,
     /// Seconds from a message's receipt to each of its actions' delivery (200), error actions
     /// excluded.
     pub forward_latency: Histogram,
@@ -228,6 +231,12 @@ impl Metrics {
                 "1 while the RabbitMQ broker blocks publishers (connection.blocked: a memory or disk alarm), else 0.",
             )
             .expect("valid metric"),
+            // Registered by export_mqtt_gauge, only with a [source.mqtt].
+            mqtt_connected: IntGauge::new(
+                "iotfwd_mqtt_connected",
+                "1 while the MQTT broker of [source.mqtt] is connected, else 0.",
+            )
+            .expect("valid metric"),
             forward_latency: histogram(
                 r,
                 "iotfwd_forward_latency_seconds",
@@ -300,6 +309,18 @@ impl Metrics {
         {
             Ok(()) | Err(prometheus::Error::AlreadyReg) => {}
             Err(e) => panic!("quota backend gauge: {e}"),
+        }
+    }
+
+    /// Exports `iotfwd_mqtt_connected` (0 until the broker connects). Only for a daemon with a
+    /// `[source.mqtt]`. Calling it again does nothing.
+    pub fn export_mqtt_gauge(&self) {
+        match self
+            .registry
+            .register(Box::new(self.mqtt_connected.clone()))
+        {
+            Ok(()) | Err(prometheus::Error::AlreadyReg) => {}
+            Err(e) => panic!("mqtt gauge: {e}"),
         }
     }
 

@@ -6,7 +6,7 @@
 //!
 //! 1. **quota**: the forward counts once against its device, instance and tenant
 //!    ([`Limiter::acquire`]); a refusal is 9324 / 9326 (or 9321 for an unmapped product);
-//! 2. **send**, through the destination of its kind (one folder each: [`amqp`], [`group`]);
+//! 2. **send**, through the destination of its kind (one folder each: [`amqp`], [`group`], [`mqtt`]);
 //!    a failure that may pass (broker down: 9325; nack or channel error: 9331) is retried with
 //!    exponential backoff and jitter under the action's `retry` policy; one that cannot (9321
 //!    invalid parameter, 9332 exchange missing, 9333 access refused, 9399) is final at once;
@@ -26,6 +26,7 @@ pub mod amqp;
 pub mod dead_letter;
 pub mod destinations;
 pub mod group;
+pub mod mqtt;
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU32, Ordering};
@@ -118,6 +119,7 @@ pub struct Dispatcher {
     /// Where final failures go; without one (benchmarks, unit tests) a failed error action
     /// makes the source redeliver the message.
     dead_letters: Option<DeadLetters>,
+    mqtt: mqtt::Mqtt,
 }
 
 impl Dispatcher {
@@ -129,6 +131,7 @@ impl Dispatcher {
             amqp: amqp::Amqp::default(),
             group: group::Groups::default(),
             dead_letters: None,
+            mqtt: mqtt::Mqtt::default(),
         }
     }
 
@@ -180,11 +183,18 @@ impl Dispatcher {
         self
     }
 
+    /// Publishes `to = "mqtt"` actions through this MQTT destination.
+    pub fn with_mqtt(mut self, mqtt: mqtt::Mqtt) -> Dispatcher {
+        self.mqtt = mqtt;
+        self
+    }
+
     /// The registry: which destination runs which kind of action.
     async fn send(&self, spec: &ActionSpec, job: &Job<'_>) -> Result<(), Failure> {
         match spec {
             ActionSpec::Amqp(s) => self.amqp.send(s, job).await,
             ActionSpec::Group(s) => self.group.send(s, job).await,
+            ActionSpec::Mqtt(s) => self.mqtt.send(s, job).await,
         }
     }
 

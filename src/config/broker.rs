@@ -70,6 +70,8 @@ fn default_reconnect_max_delay_ms() -> u64 {
 pub struct SourceConfig {
     /// `[source.amqp]`: consume device messages from a RabbitMQ queue (needs `[broker]`).
     pub amqp: Option<AmqpSourceConfig>,
+    /// `[source.mqtt]`: subscribe to device topics on the `[mqtt]` broker.
+    pub mqtt: Option<super::mqtt::MqttSourceConfig>,
 }
 
 /// How a consumed message's topic is found.

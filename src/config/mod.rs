@@ -23,6 +23,7 @@ use serde::{Deserialize, Serialize};
 pub mod broker;
 mod engine;
 mod http;
+pub mod mqtt;
 pub mod quota;
 pub mod redis;
 mod report;
@@ -59,6 +60,9 @@ pub struct Config {
     /// `[broker]`: the RabbitMQ broker for `to = "amqp"` actions and `[source.amqp]`.
     /// Absent in the embedded default.
     pub broker: Option<broker::BrokerConfig>,
+    /// `[mqtt]`: the MQTT broker for `[source.mqtt]` and `to = "mqtt"` actions. Absent in the
+    /// embedded default.
+    pub mqtt: Option<mqtt::MqttConfig>,
     /// `[source]`: message sources besides the HTTP ingest.
     pub source: broker::SourceConfig,
     /// `[store]`: the embedded record store of outcome records (`iotfwd logs`,
@@ -135,6 +139,7 @@ impl Config {
         self.data.validate(&mut r);
         self.log.validate(&mut r);
         broker::validate(self, &mut r);
+        mqtt::validate(self, &mut r);
         self.shutdown.validate(&mut r);
         self.store.validate(&mut r);
         quota::validate(self, &mut r);

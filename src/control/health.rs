@@ -6,10 +6,11 @@
 //! - **Rules**: how many are loaded, every rule file that does not load (with its 9307 and the
 //!   time), and the last reload ([`super::reload`] keeps these up to date).
 //! - **Consumer groups**: reported by whoever hosts them, through [`Health::set_groups`].
+//! - **MQTT**: the `[source.mqtt]` connection, through [`Health::set_mqtt`].
 //!
 //! The overall `status` is `ok` when everything is healthy and `degraded` otherwise: a
 //! destination not `healthy`, a rule file not loaded, the broker (when configured) not
-//! connected, or a consumer group whose `state` is not `healthy`.
+//! connected, the MQTT broker (when configured) not connected, or a consumer group whose `state` is not `healthy`.
 
 use std::sync::{Arc, Mutex, RwLock};
 
@@ -116,6 +117,7 @@ pub struct Health {
     destinations: Arc<Destinations>,
     rules: Mutex<RulesHealth>,
     groups: RwLock<Option<GroupsProbe>>,
+    mqtt: RwLock<Option<Arc<crate::source::mqtt::MqttLink>>>,
 }
 
 impl Health {
@@ -164,6 +166,13 @@ impl Health {
         *self.groups.write().unwrap_or_else(|p| p.into_inner()) = Some(probe);
     }
 
+    /// The MQTT connection of `[source.mqtt]`: the report's `mqtt` shows it, and a
+    /// disconnected one makes the status `degraded`. Without it, `mqtt` is
+    /// `{"configured": false}`.
+    pub fn set_mqtt(&self, link: Arc<crate::source::mqtt::MqttLink>) {
+        *self.mqtt.write().unwrap_or_else(|p| p.into_inner()) = Some(link);
+    }
+
     /// The whole report. `broker` is `None` without `[broker]`, else whether it is connected.
     pub fn report(&self, broker: Option<BrokerState>) -> Value {
         self.report_at(broker, crate::message::now_ms())
@@ -208,6 +217,17 @@ impl Health {
                     .is_some_and(|s| s != State::Healthy.as_str())
             });
         }
+        let mqtt = match &*self.mqtt.read().unwrap_or_else(|p| p.into_inner()) {
+            None => json!({ "configured": false }),
+            Some(link) => {
+                degraded |= !link.connected();
+                let mut v = json!({ "configured": true, "connected": link.connected() });
+                if let Some(e) = link.last_error() {
+                    v["lastError"] = Value::String(e);
+                }
+                v
+            }
+        };
         json!({
             "status": if degraded { "degraded" } else { "ok" },
             "broker": match broker {
@@ -219,6 +239,7 @@ impl Health {
                     json!({ "configured": true, "connected": connected, "blocked": reason })
                 }
             },
+            "mqtt": mqtt,
             "destinations": destinations,
             "rules": rules,
             "lastReload": last_reload,

@@ -1,5 +1,5 @@
 //! The `[[action]]` and `[error_action]` tables of a rule file: one variant of [`ActionSpec`]
-//! per kind of destination (`to = "amqp"`, `to = "group"`). This is the rule file's schema;
+//! per kind of destination (`to = "amqp"`, `to = "group"`, `to = "mqtt"`). This is the rule file's schema;
 //! what each kind does at run time lives in its folder under `src/action/`.
 
 use std::collections::BTreeMap;
@@ -17,6 +17,8 @@ pub enum ActionSpec {
     Amqp(AmqpAction),
     /// Enqueue for an AMQP 1.0 consumer group hosted by iotfwd.
     Group(GroupAction),
+    /// Publish to a topic of the `[mqtt]` broker.
+    Mqtt(MqttAction),
 }
 
 impl ActionSpec {
@@ -25,6 +27,7 @@ impl ActionSpec {
         match self {
             ActionSpec::Amqp(a) => format!("amqp:{}", a.exchange),
             ActionSpec::Group(g) => format!("group:{}", g.group),
+            ActionSpec::Mqtt(m) => format!("mqtt:{}", m.topic),
         }
     }
 
@@ -35,6 +38,7 @@ impl ActionSpec {
                 .chain(a.headers.iter().map(|(k, v)| (format!("headers.{k}"), v)))
                 .collect(),
             ActionSpec::Group(_) => Vec::new(),
+            ActionSpec::Mqtt(m) => vec![("topic".to_owned(), &m.topic)],
         }
     }
 }
@@ -114,4 +118,55 @@ fn empty_template() -> Template {
 pub struct GroupAction {
     /// The consumer group's id.
     pub group: String,
+}
+
+/// `to = "mqtt"`: publish each output to a topic of the `[mqtt]` broker (MQTT 3.1.1).
+#[derive(Clone, Debug, PartialEq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct MqttAction {
+    /// Topic template over the output's keys, e.g. `/${pk}/${device}/user/command`. A topic
+    /// that resolves to something invalid (empty, `+` or `#`, a leading `$`) is 9321.
+    pub topic: Template,
+    /// 1 (the default: wait for the broker's PUBACK) or 0 (fire and forget).
+    #[serde(default = "default_mqtt_qos")]
+    pub qos: MqttQos,
+    /// The broker keeps the last message of the topic for new subscribers. Default false.
+    #[serde(default)]
+    pub retain: bool,
+    /// How failures that may pass (broker down) are retried.
+    #[serde(default)]
+    pub retry: RetryPolicy,
+}
+
+/// The QoS of an MQTT publish: 0 or 1 (2 is not supported).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(try_from = "u8", into = "u8")]
+pub enum MqttQos {
+    AtMostOnce,
+    AtLeastOnce,
+}
+
+impl TryFrom<u8> for MqttQos {
+    type Error = String;
+
+    fn try_from(qos: u8) -> Result<MqttQos, String> {
+        match qos {
+            0 => Ok(MqttQos::AtMostOnce),
+            1 => Ok(MqttQos::AtLeastOnce),
+            other => Err(format!("qos {other} is not supported; use 1 or 0")),
+        }
+    }
+}
+
+impl From<MqttQos> for u8 {
+    fn from(qos: MqttQos) -> u8 {
+        match qos {
+            MqttQos::AtMostOnce => 0,
+            MqttQos::AtLeastOnce => 1,
+        }
+    }
+}
+
+fn default_mqtt_qos() -> MqttQos {
+    MqttQos::AtLeastOnce
 }

@@ -17,7 +17,7 @@ use datafusion::execution::context::{SessionContext, SessionState};
 
 use crate::config::line_col;
 use crate::outcome::Code;
-pub use action::{ActionSpec, AmqpAction, GroupAction, RetryPolicy};
+pub use action::{ActionSpec, AmqpAction, GroupAction, MqttAction, MqttQos, RetryPolicy};
 pub use compile::{Kind, Program};
 pub use file::RuleFile;
 pub use load::{read_rule_file, rule_files, rule_name};

@@ -1,11 +1,12 @@
 //! Integration tests, in one binary so DataFusion is linked once. One file per capability:
-//! the sources (`source_http`, the AMQP source in `action_amqp`), the engine (`golden` SQL
-//! cases, `engine_batch` properties), `limits`, the actions (`action_amqp`, `action_group`),
+//! the sources (`source_http`, `source_mqtt`, the AMQP source in `action_amqp`), the engine (`golden` SQL
+//! cases, `engine_batch` properties), `limits`, the actions (`action_amqp`, `action_group`, `action_mqtt`),
 //! `delivery` guarantees, `restarts` (broker restart, kill -9), `supervision`, `health`,
 //! `reload`, `logs`, the `console`, the `cli`, `shutdown` and the `deploy/` files.
 //! `harness` runs the daemon in-process; `rabbit` holds the RabbitMQ helpers.
 mod action_amqp;
 mod action_group;
+mod action_mqtt;
 mod cli;
 mod console;
 mod delivery;
@@ -25,4 +26,5 @@ mod restarts;
 mod security;
 mod shutdown;
 mod source_http;
+mod source_mqtt;
 mod supervision;

@@ -1,0 +1,520 @@
+//! The MQTT source against a real Mosquitto of the test's own (persistence in a temp dir,
+//! `max_queued_messages 0`, so the broker itself drops nothing) and a real MQTT publisher
+//! (rumqttc): every QoS 1 message reaches a rule with no action and one forwarding to the
+//! shared RabbitMQ, a topic not of the platform's form is a 1903 record, and a kill -9 of the
+//! daemon mid-stream loses nothing (the persistent session redelivers what was not acked), and
+//! neither does a restart of the broker mid-stream.
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use iotfwd::config::mqtt::{MqttConfig, MqttSourceConfig};
+use rumqttc::{AsyncClient, Event, MqttOptions, Packet, QoS};
+
+use super::harness::{Daemon, eventually, http_address_in_log, metric, tool_missing, unique};
+use super::rabbit::{BROKER, channel, cleanup, drain, exchange_with_queue, queue_depth};
+
+/// A Mosquitto of this test's own, stopped (SIGKILL) when dropped.
+pub struct Mosquitto {
+    child: std::process::Child,
+    pub port: u16,
+    binary: &'static str,
+    conf: PathBuf,
+    _dir: tempfile::TempDir,
+}
+
+impl Mosquitto {
+    /// Starts one on a port the kernel picked a moment ago; None (after `tool_missing`) when
+    /// mosquitto is not installed.
+    pub fn start() -> Option<Mosquitto> {
+        let binary = ["/usr/sbin/mosquitto", "/usr/bin/mosquitto"]
+            .into_iter()
+            .find(|p| Path::new(p).exists());
+        let Some(binary) = binary else {
+            tool_missing("mosquitto is not installed (scripts/test installs it)");
+            return None;
+        };
+        let dir = tempfile::Builder::new()
+            .prefix("iotfwd-mosquitto-")
+            .tempdir()
+            .unwrap();
+        // Mosquitto started as root drops to the `mosquitto` user: it must write here.
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o777)).unwrap();
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .and_then(|l| l.local_addr())
+            .map(|a| a.port())
+            .expect("a port for the test's Mosquitto");
+        let conf = dir.path().join("mosquitto.conf");
+        std::fs::write(
+            &conf,
+            format!(
+                "listener {port} 127.0.0.1\nallow_anonymous true\npersistence true\n\
+                 persistence_location {}/\nmax_queued_messages 0\nmax_inflight_messages 100\n\
+                 log_dest file {}\n",
+                dir.path().display(),
+                dir.path().join("mosquitto.log").display()
+            ),
+        )
+        .unwrap();
+        let child = Mosquitto::spawn(binary, &conf, port);
+        Some(Mosquitto {
+            child,
+            port,
+            binary,
+            conf,
+            _dir: dir,
+        })
+    }
+
+    /// Runs mosquitto with `conf`; returns once it listens on `port`.
+    fn spawn(binary: &str, conf: &Path, port: u16) -> std::process::Child {
+        let child = Command::new(binary)
+            .arg("-c")
+            .arg(conf)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("run mosquitto");
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+            assert!(
+                Instant::now() < deadline,
+                "the test's Mosquitto did not listen on {port} within 10 s"
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        child
+    }
+
+    /// Stops the broker as its service manager would (SIGTERM: it writes its persistence
+    /// file, with the sessions and their queued messages) and starts it again on its port.
+    fn restart(&mut self) {
+        let pid = self.child.id().to_string();
+        let _ = Command::new("kill").args(["-TERM", &pid]).status();
+        let _ = self.child.wait();
+        self.child = Mosquitto::spawn(self.binary, &self.conf, self.port);
+    }
+
+    pub fn url(&self) -> String {
+        format!("mqtt://127.0.0.1:{}", self.port)
+    }
+}
+
+impl Drop for Mosquitto {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Publishes every `(topic, payload)` at QoS 1 and returns once the broker acknowledged all.
+pub async fn publish_all(port: u16, messages: Vec<(String, Vec<u8>)>) {
+    let mut options = MqttOptions::new(
+        format!("pub-{}", uuid::Uuid::new_v4().simple()),
+        "127.0.0.1",
+        port,
+    );
+    options.set_inflight(100);
+    let (client, mut events) = AsyncClient::new(options, 100);
+    let total = messages.len();
+    let sender = tokio::spawn(async move {
+        for (topic, payload) in messages {
+            client
+                .publish(topic, QoS::AtLeastOnce, false, payload)
+                .await
+                .unwrap();
+        }
+        client
+    });
+    let mut acked = 0;
+    tokio::time::timeout(Duration::from_secs(120), async {
+        while acked < total {
+            match events.poll().await {
+                Ok(Event::Incoming(Packet::PubAck(_))) => acked += 1,
+                Ok(_) => {}
+                Err(e) => panic!("the test publisher lost its connection: {e}"),
+            }
+        }
+    })
+    .await
+    .unwrap_or_else(|_| panic!("only {acked} of {total} publishes were acknowledged"));
+    let client = sender.await.unwrap();
+    let _ = client.disconnect().await;
+    let _ = tokio::time::timeout(Duration::from_secs(1), async {
+        while events.poll().await.is_ok() {}
+    })
+    .await;
+}
+
+/// `n` messages `{"seq": i}` on `/p1/d<i % 7>/user/update`.
+pub fn stream(n: usize) -> Vec<(String, Vec<u8>)> {
+    (0..n)
+        .map(|i| {
+            (
+                format!("/p1/d{}/user/update", i % 7),
+                format!("{{\"seq\":{i}}}").into_bytes(),
+            )
+        })
+        .collect()
+}
+
+fn write_rules(dir: &Path, exchange: &str) {
+    std::fs::create_dir_all(dir).unwrap();
+    std::fs::write(
+        dir.join("count.toml"),
+        "sql = '''SELECT seq FROM \"/p1/#\"'''\n",
+    )
+    .unwrap();
+    std::fs::write(
+        dir.join("forward.toml"),
+        format!(
+            "sql = '''SELECT seq FROM \"/p1/#\"'''\n[[action]]\nto = \"amqp\"\nexchange = \"{exchange}\"\n"
+        ),
+    )
+    .unwrap();
+}
+
+/// Takes every message of `queue` and counts them by `seq`: (missing seqs, duplicates, total).
+async fn tally(queue: &str, n: usize) -> (Vec<usize>, usize, usize) {
+    let (conn, ch) = channel(BROKER).await;
+    let got = drain(&ch, queue, n, Duration::from_secs(1)).await;
+    let _ = conn.close(200, "".into()).await;
+    let mut seen: HashMap<u64, usize> = HashMap::new();
+    for d in &got {
+        let body: serde_json::Value = serde_json::from_slice(&d.data).unwrap();
+        *seen.entry(body["seq"].as_u64().unwrap()).or_default() += 1;
+    }
+    let missing = (0..n)
+        .filter(|i| !seen.contains_key(&(*i as u64)))
+        .collect();
+    (missing, got.len() - seen.len(), got.len())
+}
+
+struct Cleanup {
+    exchange: String,
+    queue: String,
+}
+
+impl Drop for Cleanup {
+    fn drop(&mut self) {
+        let (exchange, queue) = (self.exchange.clone(), self.queue.clone());
+        let _ = std::thread::spawn(move || {
+            tokio::runtime::Runtime::new().unwrap().block_on(async {
+                let (conn, ch) = channel(BROKER).await;
+                cleanup(&ch, &[&exchange], &[&queue]).await;
+                let _ = conn.close(200, "".into()).await;
+            })
+        })
+        .join();
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn qos1_messages_reach_every_rule_and_a_bad_topic_is_1903() {
+    const N: usize = 2_000;
+    let Some(mosquitto) = Mosquitto::start() else {
+        return;
+    };
+    let exchange = unique("mqtt-fwd");
+    let (conn, ch) = channel(BROKER).await;
+    let queue = exchange_with_queue(&ch, &exchange).await;
+    let _cleanup = Cleanup {
+        exchange: exchange.clone(),
+        queue: queue.clone(),
+    };
+    let dir = tempfile::tempdir().unwrap();
+    write_rules(&dir.path().join("rules"), &exchange);
+    let url = mosquitto.url();
+    let daemon = Daemon::start(&dir.path().join("rules"), |c| {
+        let mut mqtt = MqttConfig::new(url);
+        mqtt.client_id = unique("src");
+        c.mqtt = Some(mqtt);
+        c.source.mqtt = Some(MqttSourceConfig::new(&["/p1/#", "bad/#"]));
+    })
+    .await;
+    eventually("the MQTT source to subscribe", || async {
+        let health = daemon.get_json("/api/v1/health").await;
+        (health["mqtt"]["connected"] == true).then_some(())
+    })
+    .await;
+
+    let mut messages = stream(N);
+    messages.push(("bad/topic".into(), b"{\"seq\":-1}".to_vec()));
+    publish_all(mosquitto.port, messages).await;
+
+    eventually("every message forwarded", || async {
+        (queue_depth(&conn, &queue).await.unwrap_or(0) as usize >= N).then_some(())
+    })
+    .await;
+    let (missing, duplicates, total) = tally(&queue, N).await;
+    assert!(
+        missing.is_empty(),
+        "{} of {N} never reached RabbitMQ, e.g. {:?}",
+        missing.len(),
+        &missing[..missing.len().min(20)]
+    );
+    assert_eq!((duplicates, total), (0, N), "no redelivery happened here");
+
+    let scrape = daemon.metrics().await;
+    assert_eq!(
+        metric(
+            &scrape,
+            "iotfwd_messages_received_total",
+            &[("source", "mqtt")]
+        ),
+        N as f64
+    );
+    assert_eq!(
+        metric(&scrape, "iotfwd_rule_passed_total", &[("rule", "count")]),
+        N as f64
+    );
+    assert_eq!(metric(&scrape, "iotfwd_mqtt_connected", &[]), 1.0);
+    let rejected = daemon.get_json("/api/v1/logs?status=1903").await;
+    assert_eq!(rejected["count"], 1, "{rejected}");
+    assert!(
+        rejected.to_string().contains("bad/topic"),
+        "the 1903 record names the topic: {rejected}"
+    );
+    let device = daemon.get_json("/api/v1/logs?device=d3&limit=10").await;
+    assert!(
+        device["count"].as_u64().unwrap_or(0) >= 1,
+        "records of device d3: {device}"
+    );
+    daemon.stop().await;
+    let _ = conn.close(200, "".into()).await;
+}
+
+/// The real binary as a child process, SIGKILLed on drop.
+struct Child {
+    child: std::process::Child,
+    base: String,
+    log: PathBuf,
+}
+
+impl Child {
+    async fn start(dir: &Path, mqtt_url: &str, client_id: &str, run: usize) -> Child {
+        let config = dir.join(format!("iotfwd-{run}.toml"));
+        let quoted = |p: PathBuf| format!("{:?}", p.display().to_string());
+        std::fs::write(
+            &config,
+            format!(
+                "[http]\nlisten = \"127.0.0.1:0\"\n[rules]\ndir = {}\n[data]\ndir = {}\n\
+                 [subscription]\nenabled = false\n\
+                 [broker]\nurl = \"{BROKER}\"\n\
+                 [mqtt]\nurl = \"{mqtt_url}\"\nclient_id = \"{client_id}\"\n\
+                 [source.mqtt]\nsubscribe = [\"/p1/#\"]\nmax_inflight = 100\n",
+                quoted(dir.join("rules")),
+                quoted(dir.join("data")),
+            ),
+        )
+        .unwrap();
+        let log = dir.join(format!("iotfwd-{run}.log"));
+        let out = std::fs::File::create(&log).unwrap();
+        let child = Command::new(super::harness::daemon_binary())
+            .arg("run")
+            .arg("--config")
+            .arg(&config)
+            .env_remove("RUST_LOG")
+            .stdin(Stdio::null())
+            .stdout(out.try_clone().unwrap())
+            .stderr(out)
+            .spawn()
+            .expect("run iotfwd");
+        let Some(addr) = http_address_in_log(&log).await else {
+            let text = std::fs::read_to_string(&log).unwrap_or_default();
+            panic!("iotfwd (run {run}) did not say where it listens; its log:\n{text}");
+        };
+        let c = Child {
+            child,
+            base: format!("http://{addr}"),
+            log,
+        };
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            let health: serde_json::Value =
+                match reqwest::get(format!("{}/api/v1/health", c.base)).await {
+                    Ok(r) => r.json().await.unwrap_or_default(),
+                    Err(_) => serde_json::Value::Null,
+                };
+            if health["mqtt"]["connected"] == true {
+                break;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "iotfwd (run {run}) did not subscribe within 30 s; its log:\n{}",
+                c.log_text()
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        c
+    }
+
+    fn log_text(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+}
+
+impl Drop for Child {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kill_9_mid_stream_loses_nothing() {
+    const N: usize = 5_000;
+    let Some(mosquitto) = Mosquitto::start() else {
+        return;
+    };
+    let exchange = unique("mqtt-kill");
+    let (conn, ch) = channel(BROKER).await;
+    let queue = exchange_with_queue(&ch, &exchange).await;
+    let _cleanup = Cleanup {
+        exchange: exchange.clone(),
+        queue: queue.clone(),
+    };
+    let dir = tempfile::tempdir().unwrap();
+    write_rules(&dir.path().join("rules"), &exchange);
+    let client_id = format!("iotfwd-kill-{}", uuid::Uuid::new_v4().simple());
+    let url = mosquitto.url();
+    let mut first = Child::start(dir.path(), &url, &client_id, 1).await;
+
+    let publisher = tokio::spawn(publish_all(mosquitto.port, stream(N)));
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while (queue_depth(&conn, &queue).await.unwrap_or(0) as usize) < N / 4 {
+        assert!(
+            Instant::now() < deadline,
+            "not a quarter forwarded within 60 s; the daemon's log:\n{}",
+            first.log_text()
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    first.child.kill().unwrap(); // SIGKILL
+    let status = first.child.wait().unwrap();
+    {
+        use std::os::unix::process::ExitStatusExt;
+        assert_eq!(status.signal(), Some(9), "killed by SIGKILL: {status:?}");
+    }
+    let at_kill = queue_depth(&conn, &queue).await.unwrap_or(0);
+    drop(first);
+
+    let second = Child::start(dir.path(), &url, &client_id, 2).await;
+    tokio::time::timeout(Duration::from_secs(120), publisher)
+        .await
+        .expect("the publisher finishes")
+        .unwrap();
+    // Settled: at least N forwarded and no longer growing.
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let mut last = None;
+    loop {
+        let depth = queue_depth(&conn, &queue).await;
+        if depth.is_some_and(|d| d as usize >= N) && depth == last {
+            break;
+        }
+        if Instant::now() > deadline {
+            break;
+        }
+        last = depth;
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    let (missing, duplicates, total) = tally(&queue, N).await;
+    println!(
+        "mqtt kill -9: SIGKILL after {at_kill} forwarded; {total} forwarded for {N} published: \
+         {} missing, {duplicates} duplicates",
+        missing.len()
+    );
+    assert!(
+        missing.is_empty(),
+        "{} of {N} never reached RabbitMQ, e.g. {:?}; the second daemon's log:\n{}",
+        missing.len(),
+        &missing[..missing.len().min(20)],
+        second.log_text()
+    );
+    drop(second);
+    let _ = conn.close(200, "".into()).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn broker_restart_mid_stream_loses_nothing() {
+    const N: usize = 5_000;
+    let Some(mut mosquitto) = Mosquitto::start() else {
+        return;
+    };
+    let exchange = unique("mqtt-restart");
+    let (conn, ch) = channel(BROKER).await;
+    let queue = exchange_with_queue(&ch, &exchange).await;
+    let _cleanup = Cleanup {
+        exchange: exchange.clone(),
+        queue: queue.clone(),
+    };
+    let dir = tempfile::tempdir().unwrap();
+    write_rules(&dir.path().join("rules"), &exchange);
+    let url = mosquitto.url();
+    let daemon = Daemon::start(&dir.path().join("rules"), |c| {
+        let mut mqtt = MqttConfig::new(url);
+        mqtt.client_id = unique("restart");
+        mqtt.reconnect_max_delay_ms = 200;
+        c.mqtt = Some(mqtt);
+        let mut source = MqttSourceConfig::new(&["/p1/#"]);
+        // A small window, so the stream is still flowing when the broker restarts.
+        source.max_inflight = 10;
+        c.source.mqtt = Some(source);
+    })
+    .await;
+    eventually("the MQTT source to subscribe", || async {
+        let health = daemon.get_json("/api/v1/health").await;
+        (health["mqtt"]["connected"] == true).then_some(())
+    })
+    .await;
+    // Every message is with the broker (acknowledged to the publisher) before it restarts.
+    publish_all(mosquitto.port, stream(N)).await;
+    eventually("a tenth forwarded", || async {
+        (queue_depth(&conn, &queue).await.unwrap_or(0) as usize >= N / 10).then_some(())
+    })
+    .await;
+    let at_restart = queue_depth(&conn, &queue).await.unwrap_or(0);
+    tokio::task::block_in_place(|| mosquitto.restart());
+    eventually("the source to reconnect", || async {
+        let health = daemon.get_json("/api/v1/health").await;
+        (health["mqtt"]["connected"] == true).then_some(())
+    })
+    .await;
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let mut last = None;
+    loop {
+        let depth = queue_depth(&conn, &queue).await;
+        if depth.is_some_and(|d| d as usize >= N) && depth == last || Instant::now() > deadline {
+            break;
+        }
+        last = depth;
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    let (missing, duplicates, total) = tally(&queue, N).await;
+    println!(
+        "mqtt broker restart: restarted after {at_restart} forwarded; {total} forwarded for {N} \
+         published: {} missing, {duplicates} duplicates",
+        missing.len()
+    );
+    assert!(
+        (at_restart as usize) < N,
+        "the stream had ended before the restart; the test proves nothing"
+    );
+    assert!(
+        missing.is_empty(),
+        "{} of {N} never reached RabbitMQ, e.g. {:?}",
+        missing.len(),
+        &missing[..missing.len().min(20)]
+    );
+    let health = daemon.get_json("/api/v1/health").await;
+    assert!(
+        health["mqtt"]["lastError"].is_string(),
+        "health names the lost connection: {health}"
+    );
+    daemon.stop().await;
+    let _ = conn.close(200, "".into()).await;
+}
