@@ -55,6 +55,25 @@ pub struct StoreConfig {
     /// field names): `"none"`, `"stdout"`, or a file path (appended to; created if missing,
     /// its directory must exist). Independent of `enabled`. Default `"none"`.
     pub jsonl: JsonlTarget,
+    /// When a source message is acknowledged (the HTTP response, the AMQP ack) relative to its
+    /// records. `"acked"`: only after the records of its steps so far are committed to the
+    /// store (or, when the store is disabled, written and flushed to the `jsonl` file), so a
+    /// crash never loses the records of an acknowledged message; commits are shared by every
+    /// message waiting, so this adds at most one `commit_interval_ms` to the answer.
+    /// `"async"`: at once; the newest records (up to `queue_capacity` plus one batch) are lost
+    /// if the process crashes. Default `"acked"`.
+    pub durability: Durability,
+}
+
+/// `store.durability`: whether acknowledgements wait for the records' commit.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Durability {
+    /// A source message is acknowledged after its records are committed.
+    #[default]
+    Acked,
+    /// A source message is acknowledged without waiting for its records.
+    Async,
 }
 
 impl Default for StoreConfig {
@@ -68,6 +87,7 @@ impl Default for StoreConfig {
             checkpoint_mib: 16,
             queue_capacity: 65_536,
             jsonl: JsonlTarget::None,
+            durability: Durability::Acked,
         }
     }
 }
@@ -207,6 +227,7 @@ mod tests {
         assert!(c.enabled);
         assert_eq!(c.retention_days, 7);
         assert_eq!(c.jsonl, JsonlTarget::None);
+        assert_eq!(c.durability, Durability::Acked);
         assert_eq!(
             c.resolved_path(Path::new("data")),
             PathBuf::from("data/outcomes.db")
@@ -237,6 +258,36 @@ mod tests {
     }
 
     #[test]
+    fn durability_is_acked_or_async_and_a_typo_names_both() {
+        let parse = |text: &str| crate::config::Config::from_toml_str(text, None);
+        assert_eq!(
+            parse("[store]\ndurability = \"async\"\n")
+                .unwrap()
+                .store
+                .durability,
+            Durability::Async
+        );
+        assert_eq!(
+            parse("[store]\ndurability = \"acked\"\n")
+                .unwrap()
+                .store
+                .durability,
+            Durability::Acked
+        );
+        let errors = parse("[store]\ndurability = \"sync\"\n").unwrap_err();
+        let text = errors
+            .iter()
+            .map(ToString::to_string)
+            .collect::<Vec<_>>()
+            .join("\n");
+        assert!(
+            text.contains("durability") && text.contains("acked") && text.contains("async"),
+            "{text}"
+        );
+        assert!(text.starts_with("config:2:"), "{text}");
+    }
+
+    #[test]
     fn every_problem_is_reported() {
         let c = StoreConfig {
             enabled: true,
@@ -247,6 +298,7 @@ mod tests {
             checkpoint_mib: 0,
             queue_capacity: 0,
             jsonl: JsonlTarget::File(PathBuf::new()),
+            durability: Durability::Async,
         };
         let problems = messages(|r| c.validate(r));
         let keys: Vec<&str> = problems

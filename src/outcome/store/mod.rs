@@ -44,7 +44,7 @@ mod rows;
 mod schema;
 mod sinks;
 #[cfg(test)]
-mod testing;
+pub(crate) mod testing;
 mod writer;
 
 pub use functions::register_functions;
@@ -53,11 +53,12 @@ pub use sinks::RecordSinks;
 pub use writer::{PURGE_CHUNK, WriterStats};
 
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::time::Duration;
 
 use tokio::sync::{mpsc, oneshot};
 
-use super::Record;
+use super::commit::{CommitLog, RecordSender};
 use crate::config::store::StoreConfig;
 use crate::telemetry::StoreMetrics;
 use schema::SCHEMA_VERSION;
@@ -145,7 +146,7 @@ impl Default for StoreOptions {
 /// The writer side of the store: attach [`Store::sender`] to [`super::Outcomes::with_sink`].
 pub struct Store {
     path: PathBuf,
-    sender: mpsc::Sender<Record>,
+    sender: RecordSender,
     control: mpsc::UnboundedSender<Control>,
     drain: tokio::task::JoinHandle<()>,
     done: oneshot::Receiver<WriterStats>,
@@ -169,6 +170,8 @@ impl Store {
         let conn = schema::open_writer(path, options.checkpoint_pages)?;
         let metrics = metrics.unwrap_or_else(|| StoreMetrics::new(None));
         let (sender, records) = mpsc::channel(options.queue_capacity);
+        let log = Arc::new(CommitLog::default());
+        let sender = RecordSender::new(sender, Arc::clone(&log));
         let (control, control_rx) = mpsc::unbounded_channel();
         let (jobs, jobs_rx) = mpsc::channel(2);
         let (done_tx, done) = oneshot::channel();
@@ -177,7 +180,7 @@ impl Store {
         std::thread::Builder::new()
             .name("iotfwd-store".into())
             .spawn(move || {
-                let stats = writer_thread(conn, &thread_path, jobs_rx, &thread_metrics);
+                let stats = writer_thread(conn, &thread_path, jobs_rx, &thread_metrics, log);
                 let _ = done_tx.send(stats);
             })
             .map_err(|source| StoreError::Thread {
@@ -200,8 +203,13 @@ impl Store {
     }
 
     /// A sender for [`super::Outcomes::with_sink`].
-    pub fn sender(&self) -> mpsc::Sender<Record> {
+    pub fn sender(&self) -> RecordSender {
         self.sender.clone()
+    }
+
+    /// What the writer has committed, for [`super::Outcomes::acked_by`].
+    pub fn commit_log(&self) -> Arc<CommitLog> {
+        Arc::clone(self.sender.log())
     }
 
     /// A reader of the same file.

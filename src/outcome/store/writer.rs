@@ -9,6 +9,7 @@
 //! never stalls intake.
 
 use std::path::Path;
+use std::sync::Arc;
 use std::time::Duration;
 
 use rusqlite::{Connection, params};
@@ -17,6 +18,7 @@ use tokio::sync::{mpsc, oneshot};
 use super::StoreOptions;
 use super::schema::INSERT;
 use crate::outcome::Record;
+use crate::outcome::commit::{CommitLog, StopOnDrop};
 use crate::telemetry::StoreMetrics;
 
 /// Records deleted per retention transaction.
@@ -134,13 +136,16 @@ pub(super) async fn drain_task(
 }
 
 /// The writer thread: owns the connection, runs the jobs in order, and purges in chunks between
-/// them.
+/// them. Each batch, committed or given up on, advances `log` (the sources' acknowledgements
+/// wait on it); its end, by return or panic, stops it.
 pub(super) fn writer_thread(
     mut conn: Connection,
     path: &Path,
     mut jobs: mpsc::Receiver<Job>,
     metrics: &StoreMetrics,
+    log: Arc<CommitLog>,
 ) -> WriterStats {
+    let _stopped = StopOnDrop(Arc::clone(&log));
     let mut stats = WriterStats::default();
     // A purge in progress: cutoff, waiters, deleted so far.
     let mut purge: Option<(i64, Vec<oneshot::Sender<u64>>, u64)> = None;
@@ -165,8 +170,10 @@ pub(super) fn writer_thread(
                         stats.written += n;
                         stats.transactions += 1;
                         metrics.written.inc_by(n);
+                        log.advance(n, true);
                     }
                     Err(e) => {
+                        log.advance(n, false);
                         stats.failed += n;
                         metrics.failed.inc_by(n);
                         tracing::error!(
