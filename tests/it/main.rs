@@ -4,6 +4,7 @@ mod cli;
 mod console;
 mod delivery;
 mod deploy;
+mod durability;
 mod golden;
 mod groups;
 mod harness;
