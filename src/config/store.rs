@@ -42,6 +42,11 @@ pub struct StoreConfig {
     /// commits whatever is queued as soon as the writer is free. Range 0..=5000. Default
     /// `100`.
     pub commit_interval_ms: u64,
+    /// `commit_interval_ms` while a source waits for a commit to acknowledge a message
+    /// (`durability = "acked"`): the added answer time is at most about this plus one commit.
+    /// Shorter answers sooner but commits more often (more disk writes). Values above
+    /// `commit_interval_ms` act as `commit_interval_ms`. Range 0..=5000. Default `10`.
+    pub ack_commit_interval_ms: u64,
     /// The write-ahead log is copied into the store file once it holds this many MiB. Each
     /// copy ends with an fsync, and a broker on the same disk waits behind it (its publisher
     /// confirms slow down): smaller spreads the writes, larger copies each index page fewer
@@ -84,6 +89,7 @@ impl Default for StoreConfig {
             retention_days: 7,
             batch_max_records: 16_384,
             commit_interval_ms: 100,
+            ack_commit_interval_ms: 10,
             checkpoint_mib: 16,
             queue_capacity: 65_536,
             jsonl: JsonlTarget::None,
@@ -127,6 +133,12 @@ impl StoreConfig {
         r.in_range(
             &at("commit_interval_ms"),
             self.commit_interval_ms,
+            0..=5000,
+            " ms",
+        );
+        r.in_range(
+            &at("ack_commit_interval_ms"),
+            self.ack_commit_interval_ms,
             0..=5000,
             " ms",
         );
@@ -295,6 +307,7 @@ mod tests {
             retention_days: 0,
             batch_max_records: 0,
             commit_interval_ms: 5001,
+            ack_commit_interval_ms: 5001,
             checkpoint_mib: 0,
             queue_capacity: 0,
             jsonl: JsonlTarget::File(PathBuf::new()),
@@ -312,6 +325,7 @@ mod tests {
                 "store.retention_days",
                 "store.batch_max_records",
                 "store.commit_interval_ms",
+                "store.ack_commit_interval_ms",
                 "store.checkpoint_mib",
                 "store.queue_capacity",
                 "store.jsonl"

@@ -26,7 +26,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
-use tokio::sync::{mpsc, watch};
+use tokio::sync::{Notify, mpsc, watch};
 
 use super::Record;
 
@@ -52,6 +52,10 @@ pub struct CommitLog {
     pushed: AtomicU64,
     refused: AtomicU64,
     state: watch::Sender<Committed>,
+    /// Sources waiting for a commit right now, and a wake-up for the writer when one starts:
+    /// the store commits sooner while someone waits (`store.ack_commit_interval_ms`).
+    waiting: AtomicU64,
+    arrived: Notify,
 }
 
 impl Default for CommitLog {
@@ -60,7 +64,18 @@ impl Default for CommitLog {
             pushed: AtomicU64::new(0),
             refused: AtomicU64::new(0),
             state: watch::Sender::new(Committed::default()),
+            waiting: AtomicU64::new(0),
+            arrived: Notify::new(),
         }
+    }
+}
+
+/// Counts one waiter for as long as it lives.
+struct Waiting<'a>(&'a CommitLog);
+
+impl Drop for Waiting<'_> {
+    fn drop(&mut self) {
+        self.0.waiting.fetch_sub(1, Ordering::SeqCst);
     }
 }
 
@@ -78,6 +93,16 @@ impl CommitLog {
     /// The writer has ended. Called from a drop guard, so a panicking writer also reports it.
     pub fn stop(&self) {
         self.state.send_modify(|c| c.stopped = true);
+    }
+
+    /// Whether a source is waiting for a commit now.
+    pub fn has_waiters(&self) -> bool {
+        self.waiting.load(Ordering::SeqCst) > 0
+    }
+
+    /// Resolves when a source starts waiting (or has since the last call).
+    pub async fn waiter_arrived(&self) {
+        self.arrived.notified().await
     }
 
     /// What the writer has done so far.
@@ -98,6 +123,12 @@ impl CommitLog {
     pub async fn wait(&self, mark: Mark, timeout: Duration) -> Result<(), NotCommitted> {
         let ticket = self.pushed.load(Ordering::SeqCst);
         let mut rx = self.state.subscribe();
+        self.waiting.fetch_add(1, Ordering::SeqCst);
+        let _waiting = Waiting(self);
+        if rx.borrow().through < ticket {
+            // The writer may be holding a partial batch for the longer interval: hurry it.
+            self.arrived.notify_one();
+        }
         let state =
             match tokio::time::timeout(timeout, rx.wait_for(|c| c.through >= ticket || c.stopped))
                 .await

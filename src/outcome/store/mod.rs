@@ -114,6 +114,8 @@ pub struct StoreOptions {
     pub batch_max_records: usize,
     /// Fewest time between two commits of a partial batch (see `store.commit_interval_ms`).
     pub commit_interval: Duration,
+    /// The same while a source waits for a commit (see `store.ack_commit_interval_ms`).
+    pub ack_commit_interval: Duration,
     /// WAL pages (4 KiB) after which the WAL is checkpointed (see `store.checkpoint_mib`).
     pub checkpoint_pages: u32,
     /// Records that may wait for the writer (the backpressure bound).
@@ -129,6 +131,9 @@ impl StoreOptions {
         StoreOptions {
             batch_max_records: config.batch_max_records.max(1),
             commit_interval: Duration::from_millis(config.commit_interval_ms),
+            ack_commit_interval: Duration::from_millis(
+                config.ack_commit_interval_ms.min(config.commit_interval_ms),
+            ),
             checkpoint_pages: config.checkpoint_mib.max(1) * 256,
             queue_capacity: config.queue_capacity.max(1),
             retention: Duration::from_secs(u64::from(config.retention_days) * 86_400),
@@ -187,7 +192,14 @@ impl Store {
                 path: path.to_owned(),
                 source,
             })?;
-        let drain = tokio::spawn(drain_task(records, control_rx, jobs, options, metrics));
+        let drain = tokio::spawn(drain_task(
+            records,
+            control_rx,
+            jobs,
+            options,
+            metrics,
+            Arc::clone(sender.log()),
+        ));
         Ok(Store {
             path: path.to_owned(),
             sender,
