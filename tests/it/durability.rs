@@ -380,3 +380,44 @@ async fn amqp_async_mode_documents_what_kill_9_loses() {
         acked.len()
     );
 }
+
+/// A commit that cannot happen is an error the client sees: another process holds the store's
+/// write lock, so the writer cannot commit, and the request is answered 503 (counted) instead
+/// of 200 without its records. Once the lock is gone, requests are answered 200 again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn http_answers_503_when_the_records_cannot_be_committed() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("all.toml"), RULE).unwrap();
+    let d = super::harness::Daemon::start_without_broker(dir.path(), |_| {}).await;
+    let one = |id: &str| {
+        format!(
+            "{{\"topic\":\"/pk01/dev001/thing/event/property/post\",\"messageId\":\"{id}\",\
+             \"payload\":{{\"items\":{{\"temperature\":{{\"value\":30}}}}}}}}"
+        )
+    };
+    let (status, _) = d.post_to("/api/v1/messages", one("before")).await;
+    assert_eq!(status, 200);
+
+    let lock = rusqlite::Connection::open(dir.path().join("data/outcomes.db")).unwrap();
+    lock.execute_batch("BEGIN IMMEDIATE").unwrap();
+    let started = Instant::now();
+    let (status, body) = d.post_to("/api/v1/messages", one("locked")).await;
+    assert_eq!(status, 503, "{body}");
+    assert!(
+        body["error"]
+            .as_str()
+            .unwrap_or("")
+            .contains("send it again"),
+        "{body}"
+    );
+    println!("answered 503 after {:?}", started.elapsed());
+    let refused =
+        super::harness::metric(&d.metrics().await, "iotfwd_store_acks_refused_total", &[]);
+    assert!(refused >= 1.0, "acks refused: {refused}");
+
+    lock.execute_batch("ROLLBACK").unwrap();
+    drop(lock);
+    let (status, body) = d.post_to("/api/v1/messages", one("after")).await;
+    assert_eq!(status, 200, "{body}");
+    d.stop().await;
+}
