@@ -421,3 +421,86 @@ async fn http_answers_503_when_the_records_cannot_be_committed() {
     assert_eq!(status, 200, "{body}");
     d.stop().await;
 }
+
+/// The same on the RabbitMQ source: while the records cannot be committed the delivery is not
+/// acked but nacked back to the queue (counted); once the lock is gone it is acked, with its
+/// records.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn amqp_nacks_with_requeue_when_the_records_cannot_be_committed() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("all.toml"), RULE).unwrap();
+    let queue = unique("durability-nack");
+    let d = super::harness::Daemon::start(dir.path(), |c| {
+        c.source.amqp = Some(iotfwd::config::broker::AmqpSourceConfig {
+            queue: queue.clone(),
+            prefetch: 10,
+            declare: true,
+            topic_from: iotfwd::config::broker::TopicFrom::Header,
+        });
+    })
+    .await;
+    d.wait_ready().await;
+    let (conn, ch) = channel(BROKER).await;
+    let deadline = Instant::now() + Duration::from_secs(15);
+    while ch
+        .queue_declare(
+            queue.as_str().into(),
+            QueueDeclareOptions {
+                passive: true,
+                ..QueueDeclareOptions::default()
+            },
+            FieldTable::default(),
+        )
+        .await
+        .is_err()
+    {
+        assert!(
+            Instant::now() < deadline,
+            "the source queue was not declared"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let db = dir.path().join("data/outcomes.db");
+    let lock = rusqlite::Connection::open(&db).unwrap();
+    lock.execute_batch("BEGIN IMMEDIATE").unwrap();
+    let prefix = format!("n{}-", &queue[queue.len() - 8..]);
+    publish(&conn.create_channel().await.unwrap(), &queue, &prefix, 1).await;
+    let refused = super::harness::eventually("an ack refused", || async {
+        let n = super::harness::metric(&d.metrics().await, "iotfwd_store_acks_refused_total", &[]);
+        (n >= 1.0).then_some(n)
+    });
+    // The commit wait gives up after 30 s; `eventually` polls for 15 s, so wait first.
+    tokio::time::sleep(Duration::from_secs(30)).await;
+    refused.await;
+    lock.execute_batch("ROLLBACK").unwrap();
+    drop(lock);
+    // Redelivered, processed again, committed and acked: its records are in the store and,
+    // once the daemon stopped (which would requeue an unacked delivery), the queue is empty.
+    let id = format!("{prefix}0");
+    super::harness::eventually("the redelivered message's records", || async {
+        let records = records_by_message(&db);
+        (records.contains_key(&(id.clone(), "uplink".to_owned()))
+            && records.contains_key(&(id.clone(), "ruleengine".to_owned())))
+        .then_some(())
+    })
+    .await;
+    // The nacked delivery came back and was taken again.
+    super::harness::eventually("the redelivery", || async {
+        let received = super::harness::metric(
+            &d.metrics().await,
+            "iotfwd_messages_received_total",
+            &[("source", "amqp")],
+        );
+        (received >= 2.0).then_some(())
+    })
+    .await;
+    d.stop().await;
+    let (ready, _) = depth(&ch, &queue).await;
+    assert_eq!(
+        ready, 0,
+        "the delivery was not acked after the lock was gone"
+    );
+    let _ = ch
+        .queue_delete(queue.as_str().into(), QueueDeleteOptions::default())
+        .await;
+}
