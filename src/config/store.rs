@@ -64,7 +64,8 @@ pub struct StoreConfig {
     /// records. `"acked"`: only after the records of its steps so far are committed to the
     /// store (or, when the store is disabled, written and flushed to the `jsonl` file), so a
     /// crash never loses the records of an acknowledged message; commits are shared by every
-    /// message waiting, so this adds at most one `commit_interval_ms` to the answer.
+    /// message waiting, so this adds about `ack_commit_interval_ms` plus one commit to the
+    /// answer. A commit that fails is answered 503 (HTTP) or nacked with requeue (RabbitMQ).
     /// `"async"`: at once; the newest records (up to `queue_capacity` plus one batch) are lost
     /// if the process crashes. Default `"acked"`.
     pub durability: Durability,

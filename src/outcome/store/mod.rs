@@ -26,9 +26,14 @@
 //! purge never stalls intake. Durability: `synchronous = NORMAL` in WAL mode, so a process crash
 //! loses nothing that was committed; a power loss may lose the last few commits.
 //!
+//! Each batch the writer commits (or gives up on) advances the store's
+//! [`CommitLog`]: with `store.durability = "acked"` the sources wait
+//! on it before they acknowledge a message, so an acknowledged message's records are committed.
+//!
 //! Disk writes are shaped for a store that shares its disk with a broker. A partial batch
 //! commits at most once per `store.commit_interval_ms`, so each index page is rewritten once per
-//! commit, not once per handful of records. The WAL is checkpointed every `store.checkpoint_mib`
+//! commit, not once per handful of records; while a source waits for a commit, at most once per
+//! the shorter `store.ack_commit_interval_ms`, so an acknowledgement waits little. The WAL is checkpointed every `store.checkpoint_mib`
 //! (16 MiB): each checkpoint ends with an fsync of what it copied, and RabbitMQ's own fsyncs
 //! (publisher confirms) wait behind it, so larger checkpoints mean fewer page copies but
 //! longer stalls for the broker next door.

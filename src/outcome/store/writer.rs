@@ -4,7 +4,8 @@
 //! Two halves, because SQLite blocks: the drain task lives on the runtime, where senders wait on
 //! its bounded channel (backpressure instead of lost records), and hands whole batches to one OS
 //! thread that owns the connection, so no commit ever blocks a runtime worker. The drain task
-//! shapes the commits (at most one partial batch per `store.commit_interval_ms`); the thread
+//! shapes the commits (at most one partial batch per `store.commit_interval_ms`, or per
+//! `store.ack_commit_interval_ms` while a source waits for a commit); the thread
 //! retries a refused batch and purges old records in chunks between batches, so a large purge
 //! never stalls intake.
 
