@@ -10,7 +10,8 @@
 //!   limits    device / instance / tenant quotas        (9324, 9326)
 //!   action    dispatcher: quota, retry, error action, dead letter; destinations amqp/, group/
 //!             (broker: RabbitMQ; subscription: AMQP 1.0 consumer groups)
-//!   outcome   one record per step, the code catalog, the record store, queries
+//!   outcome   one record per step, the code catalog, the record store and the commit
+//!             tickets the sources wait for before they ack, queries
 //! ```
 //!
 //! Beside the path: [`config`] (the schema, no I/O), [`telemetry`] (every metric),

@@ -466,6 +466,11 @@ pub struct StoreMetrics {
     pub purged: IntCounter,
     /// Records waiting for the writer.
     pub queued: IntGauge,
+    /// How long a source message waited for its records' commit before its acknowledgement
+    /// (`store.durability = "acked"`).
+    pub ack_wait_seconds: Histogram,
+    /// Source messages not acknowledged because their records could not be committed.
+    pub acks_refused: IntCounter,
 }
 
 impl StoreMetrics {
@@ -483,7 +488,25 @@ impl StoreMetrics {
             "Outcome records waiting for the record store writer (bounded by store.queue_capacity).",
         )
         .expect("valid metric");
+        let ack_wait_seconds = Histogram::with_opts(
+            HistogramOpts::new(
+                "iotfwd_store_ack_wait_seconds",
+                "How long a source message waited for its outcome records' commit before it was \
+                 acknowledged (store.durability = \"acked\").",
+            )
+            .buckets(prometheus::exponential_buckets(0.0005, 2.0, 14).expect("valid buckets")),
+        )
+        .expect("valid metric");
         StoreMetrics {
+            ack_wait_seconds: match registry {
+                Some(r) => register(r, ack_wait_seconds),
+                None => ack_wait_seconds,
+            },
+            acks_refused: counter(
+                "iotfwd_store_acks_refused_total",
+                "Source messages answered with an error (HTTP 503, AMQP nack with requeue) because \
+                 their outcome records could not be committed (store.durability = \"acked\").",
+            ),
             written: counter(
                 "iotfwd_store_records_written_total",
                 "Outcome records committed to the record store.",

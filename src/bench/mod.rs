@@ -6,6 +6,7 @@
 
 pub mod engine;
 pub mod groups;
+pub mod ingest;
 pub mod logs;
 pub mod pipeline;
 

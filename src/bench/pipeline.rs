@@ -5,6 +5,10 @@
 //! Each run pre-loads the source queue, then times until the destination queue has received
 //! every message. The latency run publishes at half the measured iotfwd rate with the send
 //! time in the payload and reads it back at the destination.
+//!
+//! iotfwd runs twice, with `store.durability = "acked"` and `"async"`, and the HTTP ingest
+//! path ([`super::ingest`]) is measured the same way, so the cost of acknowledging only after
+//! the records' commit is a ratio from one run.
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -18,6 +22,7 @@ use lapin::{BasicProperties, Channel, Connection, ConnectionProperties, Exchange
 
 use crate::config::Config;
 use crate::config::broker::{AmqpSourceConfig, BrokerConfig, TopicFrom};
+use crate::config::store::Durability;
 
 /// Settings of one benchmark run.
 pub struct PipelineBench {
@@ -243,6 +248,7 @@ async fn start_daemon(
     b: &PipelineBench,
     n: &Names,
     dir: &std::path::Path,
+    durability: Durability,
 ) -> anyhow::Result<(
     tokio::sync::oneshot::Sender<()>,
     tokio::task::JoinHandle<anyhow::Result<()>>,
@@ -250,6 +256,7 @@ async fn start_daemon(
     let mut config = b.base.clone();
     config.rules.dir = dir.to_owned();
     config.data.dir = dir.join("data");
+    config.store.durability = durability;
     config.broker = Some(BrokerConfig {
         confirm_window: b.confirm_window,
         ..BrokerConfig::new(b.url.clone())
@@ -269,7 +276,7 @@ async fn start_daemon(
     Ok((stop, task))
 }
 
-fn percentile(sorted: &[Duration], p: f64) -> Duration {
+pub(crate) fn percentile(sorted: &[Duration], p: f64) -> Duration {
     if sorted.is_empty() {
         return Duration::ZERO;
     }
@@ -317,18 +324,52 @@ pub async fn run(b: PipelineBench) -> anyhow::Result<()> {
     teardown(&ch, &n).await;
     println!("relay baseline:   {relay_rate:>10.0} msg/s");
 
-    // iotfwd at full speed.
+    // iotfwd, acknowledging after the records' commit and without waiting for it.
+    let acked = iotfwd(&b, &conn, &ch, Durability::Acked).await?;
+    let asynchronous = iotfwd(&b, &conn, &ch, Durability::Async).await?;
+    println!(
+        "ratio iotfwd (acked) / relay: {:.3}; iotfwd (async) / relay: {:.3}",
+        acked.0 / relay_rate,
+        asynchronous.0 / relay_rate
+    );
+    println!(
+        "ratio acked / async: throughput {:.3}, p99 {:+.2} ms",
+        acked.0 / asynchronous.0,
+        (acked.2.as_secs_f64() - asynchronous.2.as_secs_f64()) * 1e3
+    );
+
+    // The HTTP ingest path, both modes.
+    super::ingest::run(&super::ingest::IngestBench {
+        messages: b.messages,
+        per_request: 1000,
+        concurrency: 4,
+        rules: b.rules,
+        base: b.base.clone(),
+    })
+    .await
+}
+
+/// iotfwd with `durability`: its rate at full speed, then p50 and p99 at half that rate.
+async fn iotfwd(
+    b: &PipelineBench,
+    conn: &Connection,
+    ch: &Channel,
+    durability: Durability,
+) -> anyhow::Result<(f64, Duration, Duration)> {
+    let mode = match durability {
+        Durability::Acked => "acked",
+        Durability::Async => "async",
+    };
     let n = Names::new("iotfwd");
-    setup(&ch, &n).await?;
+    setup(ch, &n).await?;
     let dir = tempfile_dir()?;
     rule_files(&dir, &n.exchange, b.rules)?;
     load(&conn.create_channel().await?, &n.source, b.messages, None).await?;
     let started = Instant::now();
-    let (stop_daemon, daemon) = start_daemon(&b, &n, &dir).await?;
+    let (stop_daemon, daemon) = start_daemon(b, &n, &dir, durability).await?;
     collect(&conn.create_channel().await?, &n.dest, b.messages).await?;
     let iotfwd_rate = b.messages as f64 / started.elapsed().as_secs_f64();
-    println!("iotfwd:           {iotfwd_rate:>10.0} msg/s");
-    println!("ratio iotfwd / relay: {:.3}", iotfwd_rate / relay_rate);
+    println!("iotfwd ({mode}):   {iotfwd_rate:>10.0} msg/s");
 
     // Latency at half the iotfwd rate, with the daemon warm.
     let half = iotfwd_rate / 2.0;
@@ -340,16 +381,17 @@ pub async fn run(b: PipelineBench) -> anyhow::Result<()> {
     let mut latencies = collect(&conn.create_channel().await?, &n.dest, count).await?;
     publisher.await??;
     latencies.sort();
+    let (p50, p99) = (percentile(&latencies, 0.50), percentile(&latencies, 0.99));
     println!(
-        "latency at {half:.0} msg/s ({count} messages): p50 {:.2} ms, p99 {:.2} ms",
-        percentile(&latencies, 0.50).as_secs_f64() * 1e3,
-        percentile(&latencies, 0.99).as_secs_f64() * 1e3
+        "latency ({mode}) at {half:.0} msg/s ({count} messages): p50 {:.2} ms, p99 {:.2} ms",
+        p50.as_secs_f64() * 1e3,
+        p99.as_secs_f64() * 1e3
     );
     let _ = stop_daemon.send(());
     let _ = daemon.await;
-    teardown(&ch, &n).await;
+    teardown(ch, &n).await;
     let _ = std::fs::remove_dir_all(&dir);
-    Ok(())
+    Ok((iotfwd_rate, p50, p99))
 }
 
 async fn relay_owned(

@@ -238,7 +238,10 @@ pub enum BenchCommand {
     },
     /// RabbitMQ -> iotfwd (10 rules) -> RabbitMQ with confirms, against a bare lapin relay
     /// (consume -> publish -> ack, same prefetch and confirm window) in the same run; then the
-    /// end-to-end latency at half the measured rate. Needs a broker.
+    /// end-to-end latency at half the measured rate. iotfwd runs with store.durability =
+    /// "acked" and "async", and the HTTP ingest path (NDJSON requests of 1000 messages, 4
+    /// clients, rules without actions) is measured in both modes too: each pair is printed as
+    /// a ratio. Needs a broker.
     ///
     /// Method and figures: docs/benchmarks.md, "Pipeline".
     Pipeline {

@@ -42,6 +42,11 @@ pub struct StoreConfig {
     /// commits whatever is queued as soon as the writer is free. Range 0..=5000. Default
     /// `100`.
     pub commit_interval_ms: u64,
+    /// `commit_interval_ms` while a source waits for a commit to acknowledge a message
+    /// (`durability = "acked"`): the added answer time is at most about this plus one commit.
+    /// Shorter answers sooner but commits more often (more disk writes). Values above
+    /// `commit_interval_ms` act as `commit_interval_ms`. Range 0..=5000. Default `10`.
+    pub ack_commit_interval_ms: u64,
     /// The write-ahead log is copied into the store file once it holds this many MiB. Each
     /// copy ends with an fsync, and a broker on the same disk waits behind it (its publisher
     /// confirms slow down): smaller spreads the writes, larger copies each index page fewer
@@ -62,6 +67,26 @@ pub struct StoreConfig {
     /// How long a record-store read may take, in milliseconds; a slower one is answered 503
     /// (and a log query or trace is interrupted). Range 100..=600000. Default `10000`.
     pub query_timeout_ms: u64,
+    /// When a source message is acknowledged (the HTTP response, the AMQP ack) relative to its
+    /// records. `"acked"`: only after the records of its steps so far are committed to the
+    /// store (or, when the store is disabled, written and flushed to the `jsonl` file), so a
+    /// crash never loses the records of an acknowledged message; commits are shared by every
+    /// message waiting, so this adds about `ack_commit_interval_ms` plus one commit to the
+    /// answer. A commit that fails is answered 503 (HTTP) or nacked with requeue (RabbitMQ).
+    /// `"async"`: at once; the newest records (up to `queue_capacity` plus one batch) are lost
+    /// if the process crashes. Default `"acked"`.
+    pub durability: Durability,
+}
+
+/// `store.durability`: whether acknowledgements wait for the records' commit.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Durability {
+    /// A source message is acknowledged after its records are committed.
+    #[default]
+    Acked,
+    /// A source message is acknowledged without waiting for its records.
+    Async,
 }
 
 impl Default for StoreConfig {
@@ -72,11 +97,13 @@ impl Default for StoreConfig {
             retention_days: 7,
             batch_max_records: 16_384,
             commit_interval_ms: 100,
+            ack_commit_interval_ms: 10,
             checkpoint_mib: 16,
             queue_capacity: 65_536,
             jsonl: JsonlTarget::None,
             max_concurrent_queries: 4,
             query_timeout_ms: 10_000,
+            durability: Durability::Acked,
         }
     }
 }
@@ -116,6 +143,12 @@ impl StoreConfig {
         r.in_range(
             &at("commit_interval_ms"),
             self.commit_interval_ms,
+            0..=5000,
+            " ms",
+        );
+        r.in_range(
+            &at("ack_commit_interval_ms"),
+            self.ack_commit_interval_ms,
             0..=5000,
             " ms",
         );
@@ -228,6 +261,7 @@ mod tests {
         assert!(c.enabled);
         assert_eq!(c.retention_days, 7);
         assert_eq!(c.jsonl, JsonlTarget::None);
+        assert_eq!(c.durability, Durability::Acked);
         assert_eq!(
             c.resolved_path(Path::new("data")),
             PathBuf::from("data/outcomes.db")
@@ -258,6 +292,36 @@ mod tests {
     }
 
     #[test]
+    fn durability_is_acked_or_async_and_a_typo_names_both() {
+        let parse = |text: &str| crate::config::Config::from_toml_str(text, None);
+        assert_eq!(
+            parse("[store]\ndurability = \"async\"\n")
+                .unwrap()
+                .store
+                .durability,
+            Durability::Async
+        );
+        assert_eq!(
+            parse("[store]\ndurability = \"acked\"\n")
+                .unwrap()
+                .store
+                .durability,
+            Durability::Acked
+        );
+        let errors = parse("[store]\ndurability = \"sync\"\n").unwrap_err();
+        let text = errors
+            .iter()
+            .map(ToString::to_string)
+            .collect::<Vec<_>>()
+            .join("\n");
+        assert!(
+            text.contains("durability") && text.contains("acked") && text.contains("async"),
+            "{text}"
+        );
+        assert!(text.starts_with("config:2:"), "{text}");
+    }
+
+    #[test]
     fn every_problem_is_reported() {
         let c = StoreConfig {
             enabled: true,
@@ -265,11 +329,13 @@ mod tests {
             retention_days: 0,
             batch_max_records: 0,
             commit_interval_ms: 5001,
+            ack_commit_interval_ms: 5001,
             checkpoint_mib: 0,
             queue_capacity: 0,
             jsonl: JsonlTarget::File(PathBuf::new()),
             max_concurrent_queries: 0,
             query_timeout_ms: 0,
+            durability: Durability::Async,
         };
         let problems = messages(|r| c.validate(r));
         let keys: Vec<&str> = problems
@@ -283,6 +349,7 @@ mod tests {
                 "store.retention_days",
                 "store.batch_max_records",
                 "store.commit_interval_ms",
+                "store.ack_commit_interval_ms",
                 "store.checkpoint_mib",
                 "store.max_concurrent_queries",
                 "store.query_timeout_ms",

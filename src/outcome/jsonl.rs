@@ -8,14 +8,19 @@
 //!
 //! Like the store, the writer is fed by a bounded channel: a slow disk or a stalled stdout reader
 //! slows intake instead of losing lines. A write error is logged (the records are still in the
-//! store) and the writer goes on with the next batch.
+//! store) and the writer goes on with the next batch. Each batch is written and flushed (handed
+//! to the operating system, which keeps it through a crash of the process) before the writer
+//! reports it in its [`CommitLog`]: when the JSON lines are the only sink, acknowledgements wait
+//! for that (`store.durability = "acked"`).
 
 use std::path::PathBuf;
+use std::sync::Arc;
 
 use tokio::io::{AsyncWrite, AsyncWriteExt, BufWriter};
 use tokio::sync::{mpsc, oneshot};
 
 use super::Record;
+use super::commit::{CommitLog, RecordSender, StopOnDrop};
 use crate::config::store::JsonlTarget;
 
 /// One record as one JSON line, without the newline.
@@ -35,7 +40,7 @@ pub fn write_lines(out: &mut impl std::io::Write, records: &[Record]) -> std::io
 /// The daemon's JSON-lines writer: attach [`JsonlSink::sender`] to
 /// [`super::Outcomes::with_sink`].
 pub struct JsonlSink {
-    sender: mpsc::Sender<Record>,
+    sender: RecordSender,
     stop: oneshot::Sender<()>,
     task: tokio::task::JoinHandle<u64>,
 }
@@ -74,6 +79,8 @@ impl JsonlSink {
             ),
         };
         let (sender, records) = mpsc::channel(capacity.max(1));
+        let log = Arc::new(CommitLog::default());
+        let sender = RecordSender::new(sender, Arc::clone(&log));
         let (stop, stopped) = oneshot::channel();
         let task = tokio::spawn(writer(
             records,
@@ -81,13 +88,19 @@ impl JsonlSink {
             BufWriter::with_capacity(256 * 1024, out),
             batch_max.max(1),
             target.to_string(),
+            log,
         ));
         Ok(Some(JsonlSink { sender, stop, task }))
     }
 
     /// A sender for [`super::Outcomes::with_sink`].
-    pub fn sender(&self) -> mpsc::Sender<Record> {
+    pub fn sender(&self) -> RecordSender {
         self.sender.clone()
+    }
+
+    /// What the writer has written and flushed, for [`super::Outcomes::acked_by`].
+    pub fn commit_log(&self) -> Arc<CommitLog> {
+        Arc::clone(self.sender.log())
     }
 
     /// Stops taking records, writes and flushes what is queued; returns the lines written.
@@ -104,7 +117,9 @@ async fn writer(
     mut out: BufWriter<Box<dyn AsyncWrite + Send + Unpin>>,
     batch_max: usize,
     target: String,
+    log: Arc<CommitLog>,
 ) -> u64 {
+    let _stopped = StopOnDrop(Arc::clone(&log));
     let mut written = 0u64;
     let mut batch = Vec::with_capacity(batch_max);
     let mut bytes = Vec::with_capacity(64 * 1024);
@@ -127,6 +142,7 @@ async fn writer(
                     out.flush().await
                 }
                 .await;
+                log.advance(n as u64, result.is_ok());
                 match result {
                     Ok(()) => written += n as u64,
                     Err(e) => tracing::error!(

@@ -10,6 +10,12 @@
 //! rule and action of every message has reached its outcome. The queue is bounded: capacity
 //! is held until a submission's messages are all terminal, so a slow engine or a slow
 //! destination slows the sources rather than growing memory.
+//!
+//! With `store.durability = "acked"`, `submit` then waits until the records of those steps
+//! (each message's uplink, its rules' records, its actions' records) are committed, so the
+//! source acknowledges only messages whose records survive a crash; a commit that fails is
+//! [`SubmitError::NotRecorded`]. A source that records rejections itself brackets them with
+//! [`Pipeline::mark`] and [`Pipeline::committed`].
 
 mod batcher;
 mod report;
@@ -24,7 +30,7 @@ use crate::action::Dispatcher;
 use crate::config::Config;
 use crate::engine::Engine;
 use crate::message::Message;
-use crate::outcome::{Failure, Outcomes, Record};
+use crate::outcome::{Failure, Mark, NotCommitted, Outcomes, Record};
 
 /// Messages of one submission on their way to the engine.
 struct Submission {
@@ -53,11 +59,15 @@ pub enum SubmitError {
     ShuttingDown,
     #[error("{0} messages exceed the engine queue ({1}); send fewer per request")]
     TooMany(usize, usize),
+    /// Processed, but their records may not be committed: do not acknowledge them.
+    #[error("{0}")]
+    NotRecorded(#[from] NotCommitted),
 }
 
 impl Pipeline {
     /// Records the uplink of each message, then evaluates them; resolves when every rule and
-    /// action of every message has reached its outcome. Waits while the engine queue is full.
+    /// action of every message has reached its outcome and, with `store.durability = "acked"`,
+    /// their records are committed. Waits while the engine queue is full.
     pub async fn submit(
         &self,
         messages: Vec<Message>,
@@ -73,6 +83,7 @@ impl Pipeline {
             .acquire_many_owned(messages.len() as u32)
             .await
             .map_err(|_| SubmitError::ShuttingDown)?;
+        let mark = self.outcomes.mark();
         self.outcomes
             .metrics()
             .messages_received
@@ -90,7 +101,21 @@ impl Pipeline {
                 replay: None,
             })
             .map_err(|_| SubmitError::ShuttingDown)?;
-        rx.await.map_err(|_| SubmitError::ShuttingDown)
+        let reports = rx.await.map_err(|_| SubmitError::ShuttingDown)?;
+        self.outcomes.committed(mark).await?;
+        Ok(reports)
+    }
+
+    /// Where a source's wait for the records it is about to write starts (see
+    /// [`Pipeline::committed`]).
+    pub fn mark(&self) -> Mark {
+        self.outcomes.mark()
+    }
+
+    /// Resolves once every record written since `mark` is committed (at once with
+    /// `store.durability = "async"`); an error means the source must not acknowledge.
+    pub async fn committed(&self, mark: Mark) -> Result<(), NotCommitted> {
+        self.outcomes.committed(mark).await
     }
 
     /// Runs `message` (from the dead-letter queue, under its original ids) through the

@@ -1,9 +1,11 @@
 //! `[source.amqp]`: consume device messages from a RabbitMQ queue, at least once.
 //!
 //! A delivery is acked only after every action of every rule it matched reached a terminal
-//! outcome; if an action and its error action both failed it is nacked with requeue, so it
-//! comes back later. Prefetch bounds what is in flight. When the broker goes away the source
-//! reconnects by itself and resumes; unacked deliveries are redelivered by the broker.
+//! outcome and, with `store.durability = "acked"`, the records of those steps are committed.
+//! If an action and its error action both failed, or the records could not be committed, it
+//! is nacked with requeue, so it comes back later. Prefetch bounds what is in flight. When the
+//! broker goes away the source reconnects by itself and resumes; unacked deliveries are
+//! redelivered by the broker.
 //!
 //! The envelope: the body is the device payload; the AMQP `message_id` and `timestamp`
 //! properties are used when present; the headers `topic`, `messageId` and `traceId` override
@@ -134,11 +136,13 @@ async fn consume(
 async fn handle(delivery: Delivery, topic_from: TopicFrom, trust: bool, pipeline: &Pipeline) {
     let ack = match to_message(&delivery, topic_from, trust) {
         Err((topic, rejection)) => {
-            // Not processable, ever: record why and take it off the queue.
+            // Not processable, ever: record why and take it off the queue once that record is
+            // committed.
+            let mark = pipeline.mark();
             pipeline
                 .reject(&topic, &delivery.data, &Failure::rejected(&rejection))
                 .await;
-            true
+            pipeline.committed(mark).await.is_ok()
         }
         Ok((message, ignored)) => {
             if ignored {

@@ -108,6 +108,8 @@ async fn ingest_messages(
             "the body holds no message envelope",
         );
     }
+    // Before the first record: the answer waits for the records' commit (store.durability).
+    let mark = state.pipeline.mark();
     // Keep each envelope's slot so the response lists messages in request order.
     let mut slots: Vec<Option<MessageReport>> = Vec::with_capacity(envelopes.len());
     let mut accepted: Vec<Message> = Vec::new();
@@ -150,7 +152,14 @@ async fn ingest_messages(
         Err(e @ SubmitError::TooMany(..)) => {
             return json_error(StatusCode::PAYLOAD_TOO_LARGE, e.to_string());
         }
+        Err(e @ SubmitError::NotRecorded(_)) => {
+            return json_error(StatusCode::SERVICE_UNAVAILABLE, e.to_string());
+        }
     };
+    // The rejections' records (submit has already waited for those of the accepted messages).
+    if let Err(e) = state.pipeline.committed(mark).await {
+        return json_error(StatusCode::SERVICE_UNAVAILABLE, e.to_string());
+    }
     for (slot, mut report) in accepted_slots.into_iter().zip(reports) {
         if !params.verbose {
             report.rules.iter_mut().for_each(|r| r.output = None);

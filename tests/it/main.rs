@@ -12,6 +12,7 @@ mod console;
 mod delivery;
 mod deploy;
 mod dlq;
+mod durability;
 mod engine_batch;
 mod faults;
 mod golden;

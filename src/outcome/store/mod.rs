@@ -26,9 +26,14 @@
 //! purge never stalls intake. Durability: `synchronous = NORMAL` in WAL mode, so a process crash
 //! loses nothing that was committed; a power loss may lose the last few commits.
 //!
+//! Each batch the writer commits (or gives up on) advances the store's
+//! [`CommitLog`]: with `store.durability = "acked"` the sources wait
+//! on it before they acknowledge a message, so an acknowledged message's records are committed.
+//!
 //! Disk writes are shaped for a store that shares its disk with a broker. A partial batch
 //! commits at most once per `store.commit_interval_ms`, so each index page is rewritten once per
-//! commit, not once per handful of records. The WAL is checkpointed every `store.checkpoint_mib`
+//! commit, not once per handful of records; while a source waits for a commit, at most once per
+//! the shorter `store.ack_commit_interval_ms`, so an acknowledgement waits little. The WAL is checkpointed every `store.checkpoint_mib`
 //! (16 MiB): each checkpoint ends with an fsync of what it copied, and RabbitMQ's own fsyncs
 //! (publisher confirms) wait behind it, so larger checkpoints mean fewer page copies but
 //! longer stalls for the broker next door.
@@ -44,7 +49,7 @@ mod rows;
 mod schema;
 mod sinks;
 #[cfg(test)]
-mod testing;
+pub(crate) mod testing;
 mod writer;
 
 pub use functions::register_functions;
@@ -53,11 +58,12 @@ pub use sinks::RecordSinks;
 pub use writer::{PURGE_CHUNK, WriterStats};
 
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::time::Duration;
 
 use tokio::sync::{mpsc, oneshot};
 
-use super::Record;
+use super::commit::{CommitLog, RecordSender};
 use crate::config::store::StoreConfig;
 use crate::telemetry::StoreMetrics;
 use schema::SCHEMA_VERSION;
@@ -113,6 +119,8 @@ pub struct StoreOptions {
     pub batch_max_records: usize,
     /// Fewest time between two commits of a partial batch (see `store.commit_interval_ms`).
     pub commit_interval: Duration,
+    /// The same while a source waits for a commit (see `store.ack_commit_interval_ms`).
+    pub ack_commit_interval: Duration,
     /// WAL pages (4 KiB) after which the WAL is checkpointed (see `store.checkpoint_mib`).
     pub checkpoint_pages: u32,
     /// Records that may wait for the writer (the backpressure bound).
@@ -128,6 +136,9 @@ impl StoreOptions {
         StoreOptions {
             batch_max_records: config.batch_max_records.max(1),
             commit_interval: Duration::from_millis(config.commit_interval_ms),
+            ack_commit_interval: Duration::from_millis(
+                config.ack_commit_interval_ms.min(config.commit_interval_ms),
+            ),
             checkpoint_pages: config.checkpoint_mib.max(1) * 256,
             queue_capacity: config.queue_capacity.max(1),
             retention: Duration::from_secs(u64::from(config.retention_days) * 86_400),
@@ -145,7 +156,7 @@ impl Default for StoreOptions {
 /// The writer side of the store: attach [`Store::sender`] to [`super::Outcomes::with_sink`].
 pub struct Store {
     path: PathBuf,
-    sender: mpsc::Sender<Record>,
+    sender: RecordSender,
     control: mpsc::UnboundedSender<Control>,
     drain: tokio::task::JoinHandle<()>,
     done: oneshot::Receiver<WriterStats>,
@@ -169,6 +180,8 @@ impl Store {
         let conn = schema::open_writer(path, options.checkpoint_pages)?;
         let metrics = metrics.unwrap_or_else(|| StoreMetrics::new(None));
         let (sender, records) = mpsc::channel(options.queue_capacity);
+        let log = Arc::new(CommitLog::default());
+        let sender = RecordSender::new(sender, Arc::clone(&log));
         let (control, control_rx) = mpsc::unbounded_channel();
         let (jobs, jobs_rx) = mpsc::channel(2);
         let (done_tx, done) = oneshot::channel();
@@ -177,14 +190,21 @@ impl Store {
         std::thread::Builder::new()
             .name("iotfwd-store".into())
             .spawn(move || {
-                let stats = writer_thread(conn, &thread_path, jobs_rx, &thread_metrics);
+                let stats = writer_thread(conn, &thread_path, jobs_rx, &thread_metrics, log);
                 let _ = done_tx.send(stats);
             })
             .map_err(|source| StoreError::Thread {
                 path: path.to_owned(),
                 source,
             })?;
-        let drain = tokio::spawn(drain_task(records, control_rx, jobs, options, metrics));
+        let drain = tokio::spawn(drain_task(
+            records,
+            control_rx,
+            jobs,
+            options,
+            metrics,
+            Arc::clone(sender.log()),
+        ));
         Ok(Store {
             path: path.to_owned(),
             sender,
@@ -200,8 +220,13 @@ impl Store {
     }
 
     /// A sender for [`super::Outcomes::with_sink`].
-    pub fn sender(&self) -> mpsc::Sender<Record> {
+    pub fn sender(&self) -> RecordSender {
         self.sender.clone()
+    }
+
+    /// What the writer has committed, for [`super::Outcomes::acked_by`].
+    pub fn commit_log(&self) -> Arc<CommitLog> {
+        Arc::clone(self.sender.log())
     }
 
     /// A reader of the same file.

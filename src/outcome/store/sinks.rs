@@ -3,8 +3,13 @@
 //!
 //! One type for the pair, so the daemon wires its sinks with one call each (open, attach,
 //! shut down) and `daemon.rs` stays wiring only.
+//!
+//! With `store.durability = "acked"` acknowledgements wait for one sink: the store when it is
+//! enabled, else the JSON lines when they go somewhere, else none (then only the diagnostic
+//! log has the records, and nothing is waited for).
 
 use super::{Reader, Store, StoreOptions};
+use crate::config::store::Durability;
 use crate::outcome::Outcomes;
 use crate::outcome::jsonl::JsonlSink;
 
@@ -13,6 +18,7 @@ pub struct RecordSinks {
     store: Option<Store>,
     reader: Option<Reader>,
     jsonl: Option<JsonlSink>,
+    durability: Durability,
 }
 
 impl RecordSinks {
@@ -49,10 +55,29 @@ impl RecordSinks {
         if jsonl.is_some() {
             tracing::info!(jsonl = %store_config.jsonl, "outcome records also as JSON lines");
         }
+        let durability = store_config.durability;
+        match (durability, &store, &jsonl) {
+            (Durability::Async, ..) => tracing::info!(
+                "store.durability = \"async\": sources acknowledge without waiting for their \
+                 records; a crash loses the newest ones"
+            ),
+            (Durability::Acked, None, None) => tracing::info!(
+                "store.durability = \"acked\" has no sink to wait for (store disabled, no jsonl)"
+            ),
+            (Durability::Acked, None, Some(_)) => tracing::info!(
+                "store.durability = \"acked\": sources acknowledge once their records are \
+                 written to the JSON lines"
+            ),
+            (Durability::Acked, Some(_), _) => tracing::info!(
+                "store.durability = \"acked\": sources acknowledge once their records are \
+                 committed to the record store"
+            ),
+        }
         Ok(RecordSinks {
             store,
             reader,
             jsonl,
+            durability,
         })
     }
 
@@ -63,6 +88,16 @@ impl RecordSinks {
         }
         if let Some(jsonl) = &self.jsonl {
             outcomes = outcomes.with_sink(jsonl.sender());
+        }
+        if self.durability == Durability::Acked {
+            let log = match (&self.store, &self.jsonl) {
+                (Some(store), _) => Some(store.commit_log()),
+                (None, Some(jsonl)) => Some(jsonl.commit_log()),
+                (None, None) => None,
+            };
+            if let Some(log) = log {
+                outcomes = outcomes.acked_by(log);
+            }
         }
         outcomes
     }

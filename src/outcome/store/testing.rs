@@ -12,7 +12,7 @@ use crate::outcome::{BizCode, Code, Record};
 
 /// Record `i` at `time_ms`: two products, three devices, and a service type that follows the
 /// code.
-pub(super) fn record(i: usize, time_ms: i64, code: Code) -> Record {
+pub(crate) fn record(i: usize, time_ms: i64, code: Code) -> Record {
     Record {
         time_ms,
         trace_id: format!("t{i}"),

@@ -4,11 +4,13 @@
 //! Two halves, because SQLite blocks: the drain task lives on the runtime, where senders wait on
 //! its bounded channel (backpressure instead of lost records), and hands whole batches to one OS
 //! thread that owns the connection, so no commit ever blocks a runtime worker. The drain task
-//! shapes the commits (at most one partial batch per `store.commit_interval_ms`); the thread
+//! shapes the commits (at most one partial batch per `store.commit_interval_ms`, or per
+//! `store.ack_commit_interval_ms` while a source waits for a commit); the thread
 //! retries a refused batch and purges old records in chunks between batches, so a large purge
 //! never stalls intake.
 
 use std::path::Path;
+use std::sync::Arc;
 use std::time::Duration;
 
 use rusqlite::{Connection, params};
@@ -17,6 +19,7 @@ use tokio::sync::{mpsc, oneshot};
 use super::StoreOptions;
 use super::schema::INSERT;
 use crate::outcome::Record;
+use crate::outcome::commit::{CommitLog, StopOnDrop};
 use crate::telemetry::StoreMetrics;
 
 /// Records deleted per retention transaction.
@@ -56,10 +59,11 @@ pub(super) async fn drain_task(
     jobs: mpsc::Sender<Job>,
     options: StoreOptions,
     metrics: StoreMetrics,
+    log: Arc<CommitLog>,
 ) {
     use tokio::time::Instant;
     let batch_max = options.batch_max_records;
-    let interval = options.commit_interval;
+    let (slow, fast) = (options.commit_interval, options.ack_commit_interval);
     let retention_ms = i64::try_from(options.retention.as_millis()).unwrap_or(i64::MAX);
     let mut retention = tokio::time::interval(options.retention_interval);
     retention.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -68,9 +72,11 @@ pub(super) async fn drain_task(
     let mut buf: Vec<Record> = Vec::with_capacity(batch_max);
     // When the last batch went to the writer: a partial batch waits until `interval` after it.
     let mut last_sent = Instant::now()
-        .checked_sub(interval)
+        .checked_sub(slow)
         .unwrap_or_else(Instant::now);
     loop {
+        // While a source waits for a commit (store.durability = "acked"), the shorter interval.
+        let interval = if log.has_waiters() { fast } else { slow };
         let due = last_sent + interval;
         if !buf.is_empty() && (buf.len() >= batch_max || !records_open || Instant::now() >= due) {
             metrics.queued.set((records.len() + buf.len()) as i64);
@@ -122,6 +128,8 @@ pub(super) async fn drain_task(
             }
             // A partial batch's commit is due.
             _ = tokio::time::sleep_until(due), if !buf.is_empty() => {}
+            // A source started waiting: the shorter interval may apply now.
+            _ = log.waiter_arrived(), if !buf.is_empty() && interval > fast => {}
             n = records.recv_many(&mut buf, room) => {
                 if n == 0 {
                     records_open = false;
@@ -134,13 +142,16 @@ pub(super) async fn drain_task(
 }
 
 /// The writer thread: owns the connection, runs the jobs in order, and purges in chunks between
-/// them.
+/// them. Each batch, committed or given up on, advances `log` (the sources' acknowledgements
+/// wait on it); its end, by return or panic, stops it.
 pub(super) fn writer_thread(
     mut conn: Connection,
     path: &Path,
     mut jobs: mpsc::Receiver<Job>,
     metrics: &StoreMetrics,
+    log: Arc<CommitLog>,
 ) -> WriterStats {
+    let _stopped = StopOnDrop(Arc::clone(&log));
     let mut stats = WriterStats::default();
     // A purge in progress: cutoff, waiters, deleted so far.
     let mut purge: Option<(i64, Vec<oneshot::Sender<u64>>, u64)> = None;
@@ -165,8 +176,10 @@ pub(super) fn writer_thread(
                         stats.written += n;
                         stats.transactions += 1;
                         metrics.written.inc_by(n);
+                        log.advance(n, true);
                     }
                     Err(e) => {
+                        log.advance(n, false);
                         stats.failed += n;
                         metrics.failed.inc_by(n);
                         tracing::error!(
@@ -316,6 +329,42 @@ mod tests {
         assert_eq!(reader.count().unwrap(), 1001);
         let stats = store.shutdown().await;
         assert_eq!((stats.written, stats.transactions), (1001, 2));
+    }
+
+    /// A source waiting for a commit (store.durability = "acked") does not wait out a long
+    /// commit interval: the shorter ack interval applies while it waits.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_waiting_source_hurries_the_commit() {
+        let dir = tempfile::tempdir().unwrap();
+        let options = StoreOptions {
+            commit_interval: Duration::from_secs(10),
+            ack_commit_interval: Duration::from_millis(5),
+            ..StoreOptions::default()
+        };
+        let store = Store::open(&dir.path().join("o.db"), options, None).unwrap();
+        let reader = store.reader().unwrap();
+        let (tx, log) = (store.sender(), store.commit_log());
+        // The first record commits at once; the next ones would wait for the 10 s interval.
+        tx.send(record(0, base(), Code::Ok)).await.unwrap();
+        while reader.count().unwrap() < 1 {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        let mark = log.mark();
+        for i in 1..=100 {
+            tx.send(record(i, base() + i as i64, Code::Ok))
+                .await
+                .unwrap();
+        }
+        let started = std::time::Instant::now();
+        log.wait(mark, Duration::from_secs(5)).await.unwrap();
+        assert!(
+            started.elapsed() < Duration::from_secs(2),
+            "the waiter waited {:?}",
+            started.elapsed()
+        );
+        assert_eq!(reader.count().unwrap(), 101);
+        assert_eq!(log.committed().through, 101);
+        store.shutdown().await;
     }
 
     #[tokio::test]
