@@ -755,7 +755,13 @@ mod tests {
 
         // A restart: the backlog comes back from the file, in order, with its fields.
         let spool = crate::spool::Spool::open(&path).unwrap();
-        let (hub, _rx) = hub_in(Some(&spool), |_| {});
+        let (hub, mut rejects) = hub_in(Some(&spool), |_| {});
+        // Stands for the dead-letter queue: takes every rejected delivery.
+        tokio::spawn(async move {
+            while let Some(r) = rejects.recv().await {
+                let _ = r.done.send(true);
+            }
+        });
         assert_eq!(hub.restore().await.unwrap(), 4);
         let g = Arc::clone(hub.group("g").unwrap());
         assert_eq!(ready(&g), ["0", "1", "2", "3"]);
