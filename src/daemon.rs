@@ -172,6 +172,7 @@ pub async fn run_from_file(
         None => std::time::Duration::from_secs(60),
     };
     limiter.spawn_pruner(every);
+    health.set_quotas(limiter.clone());
     if limiter.is_enabled() {
         tracing::info!(
             tenants = config.tenant.len(),

@@ -7,10 +7,13 @@
 //!   time), and the last reload ([`super::reload`] keeps these up to date).
 //! - **Consumer groups**: reported by whoever hosts them, through [`Health::set_groups`].
 //! - **MQTT**: the `[source.mqtt]` connection, through [`Health::set_mqtt`].
+//! - **Quotas**: where the buckets live, and with `[quota] backend = "redis"` whether Redis
+//!   answered the last call, through [`Health::set_quotas`].
 //!
 //! The overall `status` is `ok` when everything is healthy and `degraded` otherwise: a
 //! destination not `healthy`, a rule file not loaded, the broker (when configured) not
-//! connected, the MQTT broker (when configured) not connected, or a consumer group whose `state` is not `healthy`.
+//! connected, the MQTT broker (when configured) not connected, the shared quota backend (when
+//! configured) not answering, or a consumer group whose `state` is not `healthy`.
 
 use std::sync::{Arc, Mutex, RwLock};
 
@@ -118,6 +121,7 @@ pub struct Health {
     rules: Mutex<RulesHealth>,
     groups: RwLock<Option<GroupsProbe>>,
     mqtt: RwLock<Option<Arc<crate::source::mqtt::MqttLink>>>,
+    quotas: RwLock<Option<crate::limits::Limiter>>,
 }
 
 impl Health {
@@ -171,6 +175,12 @@ impl Health {
     /// `{"configured": false}`.
     pub fn set_mqtt(&self, link: Arc<crate::source::mqtt::MqttLink>) {
         *self.mqtt.write().unwrap_or_else(|p| p.into_inner()) = Some(link);
+    }
+
+    /// The quota limiter: the report's `quotas` says where its buckets live; a shared backend
+    /// (Redis) that did not answer its last call makes the status `degraded`.
+    pub fn set_quotas(&self, limiter: crate::limits::Limiter) {
+        *self.quotas.write().unwrap_or_else(|p| p.into_inner()) = Some(limiter);
     }
 
     /// The whole report. `broker` is `None` without `[broker]`, else whether it is connected.
@@ -228,6 +238,16 @@ impl Health {
                 v
             }
         };
+        let quotas = match &*self.quotas.read().unwrap_or_else(|p| p.into_inner()) {
+            Some(limiter) => match limiter.backend() {
+                Some((url, up)) => {
+                    degraded |= !up;
+                    json!({ "enabled": limiter.is_enabled(), "backend": "redis", "url": url, "up": up })
+                }
+                None => json!({ "enabled": limiter.is_enabled(), "backend": "local" }),
+            },
+            None => json!({ "enabled": false, "backend": "local" }),
+        };
         json!({
             "status": if degraded { "degraded" } else { "ok" },
             "broker": match broker {
@@ -240,6 +260,7 @@ impl Health {
                 }
             },
             "mqtt": mqtt,
+            "quotas": quotas,
             "destinations": destinations,
             "rules": rules,
             "lastReload": last_reload,

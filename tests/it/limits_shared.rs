@@ -186,3 +186,33 @@ fn a_redis_backend_without_a_redis_section_is_a_config_error() {
     let errs = Config::from_toml_str("[redis]\nurl = \"http://x\"\n", None).unwrap_err();
     assert!(errs[0].to_string().contains("redis.url"), "{}", errs[0]);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn health_shows_an_unreachable_quota_backend_and_forwards_are_refused_as_told() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(
+        dir.path().join("fwd.toml"),
+        "sql = '''SELECT * FROM \"/pk1/+/post\"'''\n[[action]]\nto = \"amqp\"\nexchange = \"x\"\n",
+    )
+    .unwrap();
+    let quota = shared_config(
+        &tenant_quota(100, 100, 10, "on_backend_down = \"refuse\"\n"),
+        "redis://127.0.0.1:1/0",
+    );
+    let d = super::harness::Daemon::start_without_broker(dir.path(), move |c| {
+        c.tenant = quota.tenant.clone();
+        c.instance = quota.instance.clone();
+        c.quota = quota.quota.clone();
+        c.redis = quota.redis.clone();
+    })
+    .await;
+    let health = d.get_json("/api/v1/health").await;
+    assert_eq!(health["quotas"]["backend"], "redis", "{health}");
+    let report = d.post(r#"{"topic": "/pk1/dev/post", "payload": {}}"#).await;
+    let action = &report["messages"][0]["rules"][0]["actions"][0];
+    assert_eq!(action["code"], 9324, "{report}");
+    let health = d.get_json("/api/v1/health").await;
+    assert_eq!(health["quotas"]["up"], false, "{health}");
+    assert_eq!(health["status"], "degraded", "{health}");
+    d.stop().await;
+}
