@@ -435,6 +435,28 @@ async fn kill_9_mid_stream_loses_nothing() {
         &missing[..missing.len().min(20)],
         second.log_text()
     );
+    // Records survive too (store.durability = "acked"): every message was PUBACKed only after
+    // its records were committed, so each seq has the output record of the rule `count`.
+    let db = dir.path().join("data").join("outcomes.db");
+    let store = rusqlite::Connection::open(&db).unwrap();
+    let mut stmt = store
+        .prepare(
+            "SELECT content FROM records WHERE biz_code = 'ruleengine' AND operation = 'count'",
+        )
+        .unwrap();
+    let recorded: std::collections::BTreeSet<u64> = stmt
+        .query_map([], |row| row.get::<_, String>(0))
+        .unwrap()
+        .filter_map(|c| serde_json::from_str::<serde_json::Value>(&c.unwrap()).ok())
+        .filter_map(|v| v["seq"].as_u64())
+        .collect();
+    let unrecorded: Vec<u64> = (0..N as u64).filter(|n| !recorded.contains(n)).collect();
+    assert!(
+        unrecorded.is_empty(),
+        "{} of {N} have no record of the rule count, e.g. {:?}",
+        unrecorded.len(),
+        &unrecorded[..unrecorded.len().min(20)]
+    );
     drop(second);
     let _ = conn.close(200, "".into()).await;
 }
