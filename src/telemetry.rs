@@ -404,7 +404,24 @@ pub struct GroupMetrics {
     pub outcomes: IntCounterVec,
     pub auth_failures: IntCounterVec,
     pub refused: IntCounterVec,
+    /// Sockets the AMQP 1.0 endpoint closed before or at login, by reason
+    /// ([`ENDPOINT_REFUSALS`]).
+    pub endpoint_refused: IntCounterVec,
 }
+
+/// The reasons of `iotfwd_endpoint_refused_total`: `pending_full` (max_pending_connections
+/// sockets already in their handshake), `pending_per_ip` (max_pending_per_ip from that IP),
+/// `handshake_timeout` (handshake_timeout_ms passed), `auth_rate_limited` (that IP failed
+/// max_auth_failures_per_ip logins within the minute), `replayed` (a login whose signature was
+/// already used in the window), `max_connections` (a login beyond max_connections).
+pub const ENDPOINT_REFUSALS: [&str; 6] = [
+    "pending_full",
+    "pending_per_ip",
+    "handshake_timeout",
+    "auth_rate_limited",
+    "replayed",
+    "max_connections",
+];
 
 impl GroupMetrics {
     fn new(r: &Registry) -> GroupMetrics {
@@ -451,6 +468,18 @@ impl GroupMetrics {
                 "Connections refused after login, by code (9600 connection limit, 9601 idle time-out).",
                 &["group", "code"],
             ),
+            endpoint_refused: {
+                let c = counter_vec(
+                    r,
+                    "iotfwd_endpoint_refused_total",
+                    "Sockets the AMQP 1.0 endpoint closed before or at login, by reason: pending_full, pending_per_ip, handshake_timeout, auth_rate_limited, replayed, max_connections.",
+                    &["reason"],
+                );
+                for reason in ENDPOINT_REFUSALS {
+                    c.with_label_values(&[reason]);
+                }
+                c
+            },
         }
     }
 }

@@ -28,7 +28,8 @@ pub struct ConsumerOptions {
     pub idle_timeout_ms: u32,
     /// Link credit kept topped up.
     pub credit: u32,
-    /// Signing time; `None` = now.
+    /// Signing time; `None` = now (made unique within this process, since the endpoint
+    /// accepts each signature once).
     pub timestamp_ms: Option<i64>,
     /// For `amqps://`: the PEM file of the CA (or self-signed certificate) to trust.
     pub ca: Option<std::path::PathBuf>,
@@ -56,13 +57,28 @@ impl ConsumerOptions {
         let user = SignedUser {
             client_id: self.client_id.clone(),
             sign_method: self.sign_method,
-            timestamp_ms: self.timestamp_ms.unwrap_or_else(crate::message::now_ms),
+            timestamp_ms: self.timestamp_ms.unwrap_or_else(fresh_timestamp),
             access_key_id: self.access_key_id.clone(),
             instance_id: self.instance.clone(),
             group: self.group.clone(),
         };
         (user.username(), user.password(&self.secret))
     }
+}
+
+/// Now in ms, but later than any timestamp this process signed before: two logins signed in
+/// the same millisecond with one AccessKey would carry the same signature, and the endpoint
+/// accepts a signature once.
+fn fresh_timestamp() -> i64 {
+    use std::sync::atomic::{AtomicI64, Ordering};
+    static LAST: AtomicI64 = AtomicI64::new(0);
+    let now = crate::message::now_ms();
+    let prev = LAST
+        .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |last| {
+            Some(now.max(last.saturating_add(1)))
+        })
+        .expect("the update always succeeds");
+    now.max(prev.saturating_add(1))
 }
 
 /// An open consumer: connection, session and receiving link.

@@ -23,9 +23,26 @@ pub struct SubscriptionConfig {
     /// Socket address (`ip:port`) of the endpoint. Default `"127.0.0.1:5673"` (5672 is
     /// RabbitMQ's). Production TLS endpoints usually use 5671.
     pub listen: String,
-    /// Connections open at once over all groups; further sockets are closed at once.
-    /// Default 1024.
+    /// Logged-in connections open at once over all groups; a login beyond it is closed
+    /// (`amqp:resource-limit-exceeded`). Sockets still in their handshake do not count here
+    /// (see `max_pending_connections`). Default 1024.
     pub max_connections: usize,
+    /// Sockets still in their handshake (protocol header, TLS, SASL) at once, over all
+    /// peers; a socket beyond it is closed at once. Never takes a `max_connections` slot.
+    /// Default 64.
+    pub max_pending_connections: usize,
+    /// Sockets in their handshake at once from one source IP; one more is closed at once.
+    /// Default 8.
+    pub max_pending_per_ip: usize,
+    /// A socket must finish the protocol header, TLS and SASL (and its Open) within this many
+    /// ms of being accepted, or it is closed. Default 5000.
+    pub handshake_timeout_ms: u64,
+    /// A signed login's timestamp may be at most this many ms from the server's clock (either
+    /// way); within it, each signature is accepted once. Default 300000 (5 minutes).
+    pub auth_window_ms: u64,
+    /// Failed logins from one source IP within a minute before further sockets from that IP
+    /// are closed at once, until the minute is over. Default 10.
+    pub max_auth_failures_per_ip: u32,
     /// A connection must attach its receiver link within this many ms of connecting, or it
     /// is closed. Default 15000.
     pub attach_timeout_ms: u64,
@@ -39,6 +56,11 @@ impl Default for SubscriptionConfig {
             enabled: true,
             listen: "127.0.0.1:5673".to_owned(),
             max_connections: 1024,
+            max_pending_connections: 64,
+            max_pending_per_ip: 8,
+            handshake_timeout_ms: 5_000,
+            auth_window_ms: 300_000,
+            max_auth_failures_per_ip: 10,
             attach_timeout_ms: 15_000,
             tls: None,
         }
@@ -232,6 +254,26 @@ pub(super) fn validate(config: &Config, r: &mut Reporter<'_>) {
         );
     }
     r.at_least_one(&key("max_connections"), s.max_connections);
+    r.at_least_one(&key("max_pending_connections"), s.max_pending_connections);
+    r.at_least_one(&key("max_pending_per_ip"), s.max_pending_per_ip);
+    r.in_range(
+        &key("handshake_timeout_ms"),
+        s.handshake_timeout_ms,
+        100..=600_000,
+        " milliseconds",
+    );
+    r.in_range(
+        &key("auth_window_ms"),
+        s.auth_window_ms,
+        1_000..=3_600_000,
+        " milliseconds",
+    );
+    r.in_range(
+        &key("max_auth_failures_per_ip"),
+        s.max_auth_failures_per_ip,
+        1..=1_000_000,
+        " failed logins per minute",
+    );
     r.in_range(
         &key("attach_timeout_ms"),
         s.attach_timeout_ms,
@@ -385,6 +427,34 @@ max_redeliveries = 0
             assert!(joined.contains(needle), "missing {needle:?} in\n{joined}");
         }
         assert_eq!(e.len(), 8, "{joined}");
+    }
+
+    #[test]
+    fn the_handshake_budget_and_window_are_checked() {
+        let e = errors(
+            "[subscription]\nmax_pending_connections = 0\nmax_pending_per_ip = 0\n\
+             handshake_timeout_ms = 10\nauth_window_ms = 99999999999\nmax_auth_failures_per_ip = 0\n",
+        )
+        .join("\n");
+        for needle in [
+            "config:2:27: subscription.max_pending_connections: must be at least 1",
+            "config:3:22: subscription.max_pending_per_ip: must be at least 1",
+            "config:4:24: subscription.handshake_timeout_ms: 10 is out of range",
+            "config:5:18: subscription.auth_window_ms",
+            "config:6:28: subscription.max_auth_failures_per_ip",
+        ] {
+            assert!(e.contains(needle), "missing {needle:?} in\n{e}");
+        }
+        let d = SubscriptionConfig::default();
+        assert_eq!(
+            (
+                d.max_pending_connections,
+                d.max_pending_per_ip,
+                d.handshake_timeout_ms,
+                d.auth_window_ms
+            ),
+            (64, 8, 5_000, 300_000)
+        );
     }
 
     #[test]

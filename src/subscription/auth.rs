@@ -2,8 +2,16 @@
 //!
 //! Username: `${clientId}|authMode=aksign,signMethod=hmacsha1,timestamp=<ms>,authId=<accessKeyId>,iotInstanceId=<id or empty>,consumerGroupId=<group>|`.
 //! Password: `base64(HMAC(secret, "authId=<accessKeyId>&timestamp=<ms>"))` with SHA-1
-//! (`hmacsha1`) or SHA-256 (`hmacsha256`). A timestamp more than 15 minutes from now is
-//! refused, so a captured password cannot be replayed later.
+//! (`hmacsha1`) or SHA-256 (`hmacsha256`).
+//!
+//! Replay: a timestamp more than `subscription.auth_window_ms` (default 5 minutes) from the
+//! server's clock is refused, and within that window each signature is accepted once: the
+//! [`Verifier`] keeps the signatures of the logins it accepted until their timestamp leaves
+//! the window (at most [`MAX_USED_SIGNATURES`]; when that many unexpired logins are held, new
+//! logins are refused rather than forgotten). So a captured username and password cannot
+//! open a second connection to this process. The cache is per process: with several iotfwd
+//! processes behind one address, a captured login can be used once on each of the others
+//! within the window.
 
 use std::collections::HashMap;
 use std::sync::{Arc, OnceLock};
@@ -15,8 +23,14 @@ use fe2o3_amqp::types::primitives::{Array, Symbol};
 use fe2o3_amqp::types::sasl::{SaslCode, SaslInit, SaslOutcome, SaslResponse};
 use hmac::{Hmac, Mac};
 
-/// How far a signed timestamp may be from now.
-pub const MAX_SKEW_MS: i64 = 15 * 60 * 1000;
+/// How far a signed timestamp may be from now unless the verifier is told otherwise
+/// (`subscription.auth_window_ms`).
+pub const DEFAULT_WINDOW_MS: i64 = 5 * 60 * 1000;
+
+/// Most accepted logins remembered at once (each for its window): about 100 bytes each.
+/// Only logins with a valid signature are stored, so no one without a group's secret can
+/// fill it.
+pub const MAX_USED_SIGNATURES: usize = 100_000;
 
 /// The signature algorithm a client names in `signMethod=`.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -162,17 +176,27 @@ pub struct AuthFailure {
     pub group: Option<String>,
     pub client_id: Option<String>,
     pub reason: String,
+    /// The signature was valid but already used inside the window.
+    pub replayed: bool,
 }
 
 /// Checks signed logins against the configured groups.
 pub struct Verifier {
     groups: std::sync::RwLock<HashMap<String, GroupCredentials>>,
+    window_ms: std::sync::atomic::AtomicI64,
+    used: std::sync::Mutex<UsedSignatures>,
 }
 
 impl Verifier {
     pub fn new(groups: HashMap<String, GroupCredentials>) -> Verifier {
+        Verifier::with_capacity(groups, MAX_USED_SIGNATURES)
+    }
+
+    fn with_capacity(groups: HashMap<String, GroupCredentials>, capacity: usize) -> Verifier {
         Verifier {
             groups: std::sync::RwLock::new(groups),
+            window_ms: std::sync::atomic::AtomicI64::new(DEFAULT_WINDOW_MS),
+            used: std::sync::Mutex::new(UsedSignatures::new(capacity)),
         }
     }
 
@@ -203,11 +227,13 @@ impl Verifier {
             group: None,
             client_id: None,
             reason: format!("malformed username: {reason}"),
+            replayed: false,
         })?;
         let fail = |reason: String| AuthFailure {
             group: Some(user.group.clone()),
             client_id: Some(user.client_id.clone()),
             reason,
+            replayed: false,
         };
         let groups = self
             .groups
@@ -228,25 +254,109 @@ impl Verifier {
                 user.instance_id, creds.instance_id
             )));
         }
-        let skew = (now_ms - user.timestamp_ms).abs();
-        if skew > MAX_SKEW_MS {
+        let window = self.window_ms();
+        let skew = now_ms
+            .checked_sub(user.timestamp_ms)
+            .and_then(i64::checked_abs);
+        let expires = user.timestamp_ms.checked_add(window);
+        let (Some(skew), Some(expires)) = (skew, expires) else {
+            return Err(fail(format!(
+                "timestamp {} is out of range",
+                user.timestamp_ms
+            )));
+        };
+        if skew > window {
             return Err(fail(format!(
                 "timestamp {} is {} s from the server's clock (at most {} s allowed)",
                 user.timestamp_ms,
                 skew / 1000,
-                MAX_SKEW_MS / 1000
+                window / 1000
             )));
         }
         let given = base64::engine::general_purpose::STANDARD
             .decode(password.trim())
             .map_err(|_| fail("the password is not base64".into()))?;
-        if !constant_time_eq(&given, &user.signature(&creds.secret)) {
+        let expected = user.signature(&creds.secret);
+        if !constant_time_eq(&given, &expected) {
             return Err(fail(format!(
                 "the signature does not match ({}; check the AccessKey secret)",
                 user.sign_method.as_str()
             )));
         }
-        Ok(user)
+        drop(groups);
+        let mut used = self
+            .used
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        match used.claim((user.group.clone(), expected), expires, now_ms) {
+            Claim::Fresh => Ok(user),
+            Claim::Replayed => Err(AuthFailure {
+                replayed: true,
+                ..fail(format!(
+                    "replayed login: the signature for timestamp {} was already used (sign each connection with a fresh timestamp)",
+                    user.timestamp_ms
+                ))
+            }),
+            Claim::Full => Err(fail(format!(
+                "{MAX_USED_SIGNATURES} logins are already held for the {} s window; try again later",
+                window / 1000
+            ))),
+        }
+    }
+
+    /// How far a timestamp may be from the clock, in ms.
+    pub fn window_ms(&self) -> i64 {
+        self.window_ms.load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    /// Sets `subscription.auth_window_ms` (at start; the default is [`DEFAULT_WINDOW_MS`]).
+    pub fn set_window_ms(&self, ms: u64) {
+        let ms = i64::try_from(ms).unwrap_or(i64::MAX);
+        self.window_ms
+            .store(ms, std::sync::atomic::Ordering::Relaxed);
+    }
+}
+
+/// The signatures of accepted logins, each kept until its timestamp leaves the window.
+struct UsedSignatures {
+    /// (group, signature) -> the ms after which the timestamp is refused anyway.
+    expires: HashMap<(String, Vec<u8>), i64>,
+    capacity: usize,
+    /// Claims since the last sweep of expired entries.
+    since_sweep: usize,
+}
+
+enum Claim {
+    Fresh,
+    Replayed,
+    Full,
+}
+
+impl UsedSignatures {
+    fn new(capacity: usize) -> UsedSignatures {
+        UsedSignatures {
+            expires: HashMap::new(),
+            capacity,
+            since_sweep: 0,
+        }
+    }
+
+    /// Records `key` as used until `expires`, unless it is already held.
+    fn claim(&mut self, key: (String, Vec<u8>), expires: i64, now_ms: i64) -> Claim {
+        self.since_sweep += 1;
+        if self.expires.len() >= self.capacity || self.since_sweep >= 1024 {
+            self.expires.retain(|_, e| *e >= now_ms);
+            self.since_sweep = 0;
+        }
+        match self.expires.get(&key) {
+            Some(e) if *e >= now_ms => return Claim::Replayed,
+            _ => {}
+        }
+        if self.expires.len() >= self.capacity {
+            return Claim::Full;
+        }
+        self.expires.insert(key, expires);
+        Claim::Fresh
     }
 }
 
@@ -288,6 +398,7 @@ impl SaslAcceptor for SignedPlain {
             group: None,
             client_id: None,
             reason: reason.to_owned(),
+            replayed: false,
         };
         if init.mechanism.as_str() != "PLAIN" {
             return self.outcome(Err(failure(&format!(
@@ -373,7 +484,7 @@ mod tests {
             .unwrap_err();
         assert!(e.reason.contains("signature does not match"), "{e:?}");
         assert!(!e.reason.contains("s3cret") && !e.reason.contains("wrong"));
-        let old = user(now - MAX_SKEW_MS - 1, SignMethod::HmacSha1);
+        let old = user(now - DEFAULT_WINDOW_MS - 1, SignMethod::HmacSha1);
         let e = v
             .verify(&old.username(), &old.password("s3cret"), now)
             .unwrap_err();
@@ -385,6 +496,83 @@ mod tests {
             .unwrap_err();
         assert_eq!(e.group.as_deref(), Some("nope"));
         assert!(e.reason.contains("no consumer group"), "{e:?}");
+    }
+
+    #[test]
+    fn a_signature_is_accepted_once_within_the_window() {
+        let v = verifier();
+        let now = 1_800_000_000_000;
+        let u = user(now - 1_000, SignMethod::HmacSha1);
+        let pass = u.password("s3cret");
+        assert!(v.verify(&u.username(), &pass, now).is_ok());
+        let e = v.verify(&u.username(), &pass, now + 10).unwrap_err();
+        assert!(e.replayed && e.reason.contains("replayed login"), "{e:?}");
+        // Another client id with the captured password is the same signature.
+        let mut other = u.clone();
+        other.client_id = "client-2".into();
+        let e = v.verify(&other.username(), &pass, now + 20).unwrap_err();
+        assert!(e.replayed, "{e:?}");
+        // Once the timestamp has left the window it is refused for its age, not remembered.
+        let late = now - 1_000 + DEFAULT_WINDOW_MS + 1;
+        let e = v.verify(&u.username(), &pass, late).unwrap_err();
+        assert!(
+            !e.replayed && e.reason.contains("from the server's clock"),
+            "{e:?}"
+        );
+        // A wrong password is not remembered: the right one still logs in once.
+        let fresh = user(now, SignMethod::HmacSha256);
+        assert!(v.verify(&fresh.username(), "AAAA", now).is_err());
+        assert!(
+            v.verify(&fresh.username(), &fresh.password("s3cret"), now)
+                .is_ok()
+        );
+    }
+
+    #[test]
+    fn the_window_is_configurable_and_extreme_timestamps_do_not_overflow() {
+        let v = verifier();
+        v.set_window_ms(1_000);
+        let now = 1_800_000_000_000;
+        let ok = user(now - 1_000, SignMethod::HmacSha1);
+        assert!(
+            v.verify(&ok.username(), &ok.password("s3cret"), now)
+                .is_ok()
+        );
+        let old = user(now - 1_001, SignMethod::HmacSha1);
+        let e = v
+            .verify(&old.username(), &old.password("s3cret"), now)
+            .unwrap_err();
+        assert!(e.reason.contains("at most 1 s"), "{e:?}");
+        v.set_window_ms(u64::MAX);
+        for ts in [i64::MIN, i64::MAX] {
+            let u = user(ts, SignMethod::HmacSha1);
+            let e = v
+                .verify(&u.username(), &u.password("s3cret"), now)
+                .unwrap_err();
+            assert!(e.reason.contains("out of range"), "{ts}: {e:?}");
+        }
+    }
+
+    #[test]
+    fn a_full_cache_refuses_new_logins_instead_of_forgetting() {
+        let v = Verifier::with_capacity(verifier().groups.into_inner().unwrap(), 2);
+        let now = 1_800_000_000_000;
+        for ts in [now - 2, now - 1] {
+            let u = user(ts, SignMethod::HmacSha1);
+            assert!(v.verify(&u.username(), &u.password("s3cret"), now).is_ok());
+        }
+        let third = user(now, SignMethod::HmacSha1);
+        let e = v
+            .verify(&third.username(), &third.password("s3cret"), now)
+            .unwrap_err();
+        assert!(e.reason.contains("already held"), "{e:?}");
+        // Once the first two expire, there is room again.
+        let later = now - 2 + DEFAULT_WINDOW_MS + 1;
+        let u = user(later, SignMethod::HmacSha1);
+        assert!(
+            v.verify(&u.username(), &u.password("s3cret"), later)
+                .is_ok()
+        );
     }
 
     #[test]

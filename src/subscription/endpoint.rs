@@ -1,6 +1,9 @@
 //! The AMQP 1.0 endpoint consumer groups connect to (fe2o3-amqp's acceptor).
 //!
-//! Per socket: TLS when configured, then SASL PLAIN in the platform's signed format, then the
+//! Per socket: a pending slot ([`super::gate`]: `max_pending_connections`, `max_pending_per_ip`,
+//! the per-IP failed-login limit), then within `subscription.handshake_timeout_ms` TLS when
+//! configured, the protocol header, SASL PLAIN in the platform's signed format and the Open;
+//! only then a `max_connections` slot, and the pending slot is given back. Then the
 //! connection rules — the client's idle time-out must be 30–300 s (else 9601), its group must
 //! have room (else 9600), and it must attach one receiving link within
 //! `subscription.attach_timeout_ms`. The link then receives the group's deliveries until the
@@ -27,6 +30,7 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc, watch};
 
 use super::auth::SignedPlain;
+use super::gate::{Gate, PendingSlot};
 use super::{Group, Hub, Membership, Pending, Settlement};
 use crate::config::subscription::SubscriptionConfig;
 use crate::outcome::{ConnectionEvent, Outcomes, Record};
@@ -76,7 +80,9 @@ pub async fn serve(
     stop: watch::Receiver<bool>,
 ) {
     let slots = Arc::new(Semaphore::new(config.max_connections));
+    let gate = Gate::new(&config);
     let attach_timeout = Duration::from_millis(config.attach_timeout_ms);
+    let handshake_timeout = Duration::from_millis(config.handshake_timeout_ms);
     let mut connections = tokio::task::JoinSet::new();
     let mut stopping = stop.clone();
     loop {
@@ -91,22 +97,30 @@ pub async fn serve(
                         continue;
                     }
                 };
-                let Ok(permit) = Arc::clone(&slots).try_acquire_owned() else {
-                    tracing::warn!(%peer, max = config.max_connections, "AMQP 1.0 connection refused: subscription.max_connections reached");
-                    continue;
+                let now = tokio::time::Instant::now();
+                let pending = match gate.admit(peer.ip(), now.into_std()) {
+                    Ok(p) => p,
+                    Err(refusal) => {
+                        hub.metrics.endpoint_refused.with_label_values(&[refusal.label()]).inc();
+                        // Logged at DEBUG only: a flood must not flood the log too.
+                        tracing::debug!(%peer, reason = refusal.label(), "AMQP 1.0 socket closed before its handshake");
+                        drop(socket);
+                        continue;
+                    }
                 };
                 let conn = Connection {
                     hub: Arc::clone(&hub),
                     outcomes: outcomes.clone(),
                     tls: tls.clone(),
                     attach_timeout,
+                    handshake_due: now + handshake_timeout,
+                    gate: Arc::clone(&gate),
+                    slots: Arc::clone(&slots),
                     stop: stop.clone(),
+                    ip: peer.ip(),
                     peer: peer.to_string(),
                 };
-                connections.spawn(async move {
-                    conn.run(socket).await;
-                    drop(permit);
-                });
+                connections.spawn(conn.run(socket, pending));
             }
         }
         while connections.try_join_next().is_some() {}
@@ -120,7 +134,13 @@ struct Connection {
     outcomes: Outcomes,
     tls: Option<tokio_rustls::TlsAcceptor>,
     attach_timeout: Duration,
+    /// When the handshake (TLS, protocol header, SASL, Open) must be over.
+    handshake_due: tokio::time::Instant,
+    gate: Arc<Gate>,
+    /// The `max_connections` slots of logged-in connections.
+    slots: Arc<Semaphore>,
     stop: watch::Receiver<bool>,
+    ip: std::net::IpAddr,
     peer: String,
 }
 
@@ -222,25 +242,36 @@ impl Connection {
         )
     }
 
-    async fn run(self, socket: TcpStream) {
+    fn refused(&self, reason: &str) {
+        self.hub
+            .metrics
+            .endpoint_refused
+            .with_label_values(&[reason])
+            .inc();
+    }
+
+    async fn run(self, socket: TcpStream, pending: PendingSlot) {
         let _ = socket.set_nodelay(true);
         let keepalive = socket2::TcpKeepalive::new()
             .with_time(Duration::from_secs(30))
             .with_interval(Duration::from_secs(10));
         let _ = socket2::SockRef::from(&socket).set_tcp_keepalive(&keepalive);
         match self.tls.clone() {
-            None => self.serve(socket).await,
+            None => self.serve(socket, pending).await,
             Some(tls) => {
-                match tokio::time::timeout(self.attach_timeout, tls.accept(socket)).await {
-                    Ok(Ok(stream)) => self.serve(stream).await,
+                match tokio::time::timeout_at(self.handshake_due, tls.accept(socket)).await {
+                    Ok(Ok(stream)) => self.serve(stream, pending).await,
                     Ok(Err(e)) => tracing::info!(peer = %self.peer, "TLS handshake failed: {e}"),
-                    Err(_) => tracing::info!(peer = %self.peer, "TLS handshake timed out"),
+                    Err(_) => {
+                        self.refused("handshake_timeout");
+                        tracing::info!(peer = %self.peer, "TLS handshake timed out (subscription.handshake_timeout_ms)");
+                    }
                 }
             }
         }
     }
 
-    async fn serve<S>(self, stream: S)
+    async fn serve<S>(self, stream: S, pending: PendingSlot)
     where
         S: AsyncRead + AsyncWrite + std::fmt::Debug + Send + Unpin + 'static,
     {
@@ -257,10 +288,15 @@ impl Connection {
                 result: Arc::clone(&result),
             })
             .build();
-        let accepted = tokio::time::timeout(self.attach_timeout, acceptor.accept(tap)).await;
+        let accepted = tokio::time::timeout_at(self.handshake_due, acceptor.accept(tap)).await;
         let auth = result.get().cloned();
         let mut connection = match (accepted, auth) {
             (_, Some(Err(failure))) => {
+                self.gate
+                    .login_failed(self.ip, tokio::time::Instant::now().into_std());
+                if failure.replayed {
+                    self.refused("replayed");
+                }
                 let group = failure
                     .group
                     .as_deref()
@@ -290,10 +326,27 @@ impl Connection {
                 return;
             }
             (Err(_), _) => {
-                tracing::info!(peer = %self.peer, "AMQP 1.0 handshake timed out");
+                self.refused("handshake_timeout");
+                tracing::info!(peer = %self.peer, "AMQP 1.0 handshake timed out (subscription.handshake_timeout_ms)");
                 return;
             }
         };
+        // Logged in: from here the connection holds a max_connections slot, not a pending one.
+        let Ok(_slot) = Arc::clone(&self.slots).try_acquire_owned() else {
+            drop(pending);
+            self.refused("max_connections");
+            tracing::warn!(peer = %self.peer, "AMQP 1.0 login refused: subscription.max_connections reached");
+            let _ = tokio::time::timeout(
+                Duration::from_secs(2),
+                connection.close_with_error(error(
+                    AmqpError::ResourceLimitExceeded,
+                    "subscription.max_connections reached: try again later".into(),
+                )),
+            )
+            .await;
+            return;
+        };
+        drop(pending);
         let Some(Ok(user)) = result.get().cloned() else {
             unreachable!("matched above")
         };

@@ -21,6 +21,7 @@ pub mod auth;
 mod backlog;
 mod delivery;
 pub mod endpoint;
+pub mod gate;
 mod group;
 mod hub;
 
@@ -95,6 +96,7 @@ pub async fn start(
         Arc::new(move |rule: &str| lookup(rule).is_some_and(|r| r.error_action.is_some())),
     )
     .map_err(|e| anyhow::anyhow!(e))?;
+    hub.verifier.set_window_ms(sub.auth_window_ms);
     let hub = Arc::new(hub);
     if broker.is_none() {
         hub.restore().await.map_err(|e| anyhow::anyhow!(e))?;

@@ -13,6 +13,7 @@ mod delivery;
 mod deploy;
 mod dlq;
 mod durability;
+mod endpoint;
 mod engine_batch;
 mod faults;
 mod golden;
