@@ -917,3 +917,96 @@ async fn faults_exchange_deleted_mid_stream() {
         started,
     );
 }
+
+/// A consumer that rejects everything (9652) on a group whose rule's error action fails too
+/// (an amqp action with no broker: 9325): every message answered 200 ends in the dead-letter
+/// queue (the spool), none is acked away.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn faults_a_consumer_rejects_everything_and_the_error_action_fails() {
+    let started = Instant::now();
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    write_rule(
+        d,
+        "[[action]]\nto = \"group\"\ngroup = \"g\"\n\
+         [error_action]\nto = \"amqp\"\nexchange = \"nowhere\"\n",
+    );
+    let secret = d.join("g.secret");
+    std::fs::write(&secret, format!("{SECRET}\n")).unwrap();
+    let config = format!(
+        "{}[subscription]\nlisten = \"127.0.0.1:0\"\n\
+         [[group]]\nid = \"g\"\naccess_key_id = \"ak-g\"\nsecret_file = {:?}\n\
+         create_secret = false\n",
+        base_config(d),
+        secret.display().to_string()
+    );
+    let daemon = ChildDaemon::start(d, 1, &config).await;
+    let url = format!("amqp://{}", daemon.amqp.unwrap());
+    let stop = Arc::new(AtomicBool::new(false));
+    let rejected = Arc::new(AtomicUsize::new(0));
+    let consumer = {
+        let (stop, rejected) = (Arc::clone(&stop), Arc::clone(&rejected));
+        tokio::spawn(async move {
+            let mut o = ConsumerOptions::new(&url, "g", "ak-g", SECRET);
+            o.client_id = unique("faults-rejecter");
+            let mut c = Consumer::connect(&o).await.unwrap();
+            while !stop.load(Ordering::Relaxed) {
+                if let Ok(Ok(d)) = tokio::time::timeout(
+                    Duration::from_millis(200),
+                    c.receiver.recv::<Body<Value>>(),
+                )
+                .await
+                {
+                    c.receiver.reject(&d, None).await.unwrap();
+                    rejected.fetch_add(1, Ordering::Relaxed);
+                }
+            }
+            c.close().await;
+        })
+    };
+    let sent = Arc::new(Sent::default());
+    send_all(
+        address(daemon.base.clone()),
+        Arc::clone(&sent),
+        Duration::from_secs(60),
+    )
+    .await;
+    // Every forward answered 200 is rejected, its error action fails, and it is dead-lettered.
+    let client = reqwest::Client::new();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let dead: Vec<String> = loop {
+        let v: Json = client
+            .get(format!("{}/api/v1/dlq?limit=10000", daemon.base))
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+        let ids: Vec<String> = v["deadLetters"]
+            .as_array()
+            .cloned()
+            .unwrap_or_default()
+            .iter()
+            .filter_map(|l| l["messageId"].as_str().map(str::to_owned))
+            .collect();
+        if ids.len() >= N || Instant::now() > deadline {
+            break ids;
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    };
+    stop.store(true, Ordering::Relaxed);
+    consumer.await.unwrap();
+    let rejected = rejected.load(Ordering::Relaxed);
+    assert!(rejected >= N, "the consumer rejected {rejected}");
+    count(
+        d,
+        &format!(
+            "a consumer rejects everything, the error action fails ({rejected} rejected, {} dead-lettered)",
+            dead.len()
+        ),
+        &sent,
+        &dead,
+        started,
+    );
+}
