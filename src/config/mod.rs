@@ -31,7 +31,7 @@ pub mod store;
 pub mod subscription;
 
 pub use self::engine::{
-    DataConfig, EngineConfig, LogConfig, LogFormat, RulesConfig, ShutdownConfig,
+    DataConfig, EngineConfig, LogConfig, LogFormat, Ordering, RulesConfig, ShutdownConfig,
 };
 pub use self::http::{HttpConfig, MIN_TOKEN_BYTES, Scope, TokenConfig};
 use self::report::Reporter;
