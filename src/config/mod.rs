@@ -278,6 +278,16 @@ mod tests {
     }
 
     #[test]
+    fn an_unknown_ordering_names_the_key_and_the_choices() {
+        let errs = errors("[engine]\nordering = \"fifo\"\n");
+        assert_eq!(errs.len(), 1);
+        assert_eq!(errs[0].line, Some(2));
+        let m = &errs[0].message;
+        assert!(m.starts_with("engine.ordering: "), "{m}");
+        assert!(m.contains("device") && m.contains("none"), "{m}");
+    }
+
+    #[test]
     fn dotted_and_inline_keys_get_paths_too() {
         let errs = errors("engine.batch_max_wait_ms = -1\n");
         assert!(
