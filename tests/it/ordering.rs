@@ -341,3 +341,136 @@ async fn the_mqtt_source_of_3_devices_keeps_device_order() {
         "per-device inversions through the MQTT source"
     );
 }
+
+/// Random interleavings of devices, cut into requests of random sizes that one client sends
+/// one after another, through small batches (so a device's messages span batches), into a
+/// destination queue of random small length that refuses publishes while full (a failure
+/// point that moves with the case): the queue sees 0 inversions in every case.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn proptest_random_interleavings_and_failure_points_keep_device_order() {
+    use proptest::prelude::*;
+    use proptest::test_runner::{Config as PropConfig, TestCaseError, TestRunner};
+
+    let (_conn, ch) = channel(BROKER).await;
+    let exchange = unique("order-prop");
+    ch.exchange_declare(
+        exchange.as_str().into(),
+        lapin::ExchangeKind::Topic,
+        ExchangeDeclareOptions::default(),
+        FieldTable::default(),
+    )
+    .await
+    .unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    forward_rule(
+        dir.path(),
+        &exchange,
+        "retry = { max_retries = 1000, initial_delay_ms = 2, factor = 1.5, max_delay_ms = 20, deadline_ms = 120000 }\n",
+    );
+    let d = Daemon::start(dir.path(), |c| {
+        c.engine.batch_max_messages = 16;
+        c.engine.batch_max_wait_ms = 0;
+    })
+    .await;
+    d.wait_ready().await;
+    let base = d.base.clone();
+
+    // (device of each message, sizes of the requests, the queue's max length, how long the
+    // consumer stays away while the queue fills)
+    let strategy = (1usize..12)
+        .prop_flat_map(|devices| prop::collection::vec(0..devices, 20..300))
+        .prop_flat_map(|interleaving| {
+            let n = interleaving.len();
+            (
+                Just(interleaving),
+                prop::collection::vec(1usize..=n, 1..6),
+                5i32..60,
+                0u64..300,
+            )
+        });
+    let mut runner = TestRunner::new(PropConfig {
+        cases: 12,
+        failure_persistence: None,
+        ..PropConfig::default()
+    });
+    let rt = tokio::runtime::Handle::current();
+    let case = std::sync::atomic::AtomicUsize::new(0);
+    let result = tokio::task::block_in_place(|| {
+        runner.run(&strategy, |(interleaving, cuts, max_length, away_ms)| {
+            let id = case.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            let (ch, exchange, base, sent) = (&ch, &exchange, &base, &interleaving);
+            let arrived = rt.block_on(async move {
+                // This case's queue, the only one bound to the exchange.
+                let queue = format!("{exchange}.{id}");
+                let mut args = FieldTable::default();
+                args.insert("x-max-length".into(), AMQPValue::LongInt(max_length));
+                args.insert(
+                    "x-overflow".into(),
+                    AMQPValue::LongString("reject-publish".into()),
+                );
+                ch.queue_declare(queue.as_str().into(), QueueDeclareOptions::default(), args)
+                    .await
+                    .unwrap();
+                ch.queue_bind(
+                    queue.as_str().into(),
+                    exchange.as_str().into(),
+                    "#".into(),
+                    QueueBindOptions::default(),
+                    FieldTable::default(),
+                )
+                .await
+                .unwrap();
+                // Requests cut at the sorted cut points, sent one after another.
+                let mut bounds: Vec<usize> = cuts.clone();
+                bounds.push(sent.len());
+                bounds.sort_unstable();
+                bounds.dedup();
+                let lines: Vec<String> = sent
+                    .iter()
+                    .enumerate()
+                    .map(|(n, dev)| {
+                        json!({"topic": format!("/p1/c{id}d{dev}/post"), "payload": {"n": n}})
+                            .to_string()
+                    })
+                    .collect();
+                let base = base.clone();
+                let sender = tokio::spawn(async move {
+                    let client = reqwest::Client::new();
+                    let mut from = 0;
+                    for to in bounds {
+                        let r = client
+                            .post(format!("{base}/api/v1/messages"))
+                            .body(lines[from..to].join("\n"))
+                            .send()
+                            .await
+                            .unwrap();
+                        assert_eq!(r.status().as_u16(), 200);
+                        from = to;
+                    }
+                });
+                tokio::time::sleep(Duration::from_millis(away_ms)).await;
+                let got = drain(ch, &queue, sent.len(), Duration::from_millis(300)).await;
+                sender.await.unwrap();
+                let _ = ch
+                    .queue_delete(queue.as_str().into(), QueueDeleteOptions::default())
+                    .await;
+                arrivals(&got)
+            });
+            prop_assert_eq!(
+                arrived.len(),
+                interleaving.len(),
+                "every message arrives once"
+            );
+            let inverted = inversions(&arrived);
+            if inverted != 0 {
+                return Err(TestCaseError::fail(format!(
+                    "{inverted} per-device inversions"
+                )));
+            }
+            Ok(())
+        })
+    });
+    d.stop().await;
+    cleanup(&ch, &[&exchange], &[]).await;
+    result.unwrap();
+}
