@@ -13,7 +13,7 @@ use super::order::{Lanes, Slot};
 use super::report::{Evaluated, MessageReport, finish_message};
 use crate::action::Dispatcher;
 use crate::config::Ordering;
-use crate::engine::Engine;
+use crate::engine::{Engine, RuleOutcome};
 use crate::message::Message;
 use crate::outcome::Outcomes;
 
@@ -81,15 +81,7 @@ impl Batcher {
                 let res: Vec<Evaluated> = results.by_ref().take(n).collect();
                 let dispatcher = self.dispatcher.clone();
                 let outcomes = self.outcomes.clone();
-                let groups: Groups = match self.ordering {
-                    Ordering::Device => by_device(&mut self.lanes, &msgs, res),
-                    // Every message of the submission at once, as one-message groups.
-                    Ordering::None => res
-                        .into_iter()
-                        .enumerate()
-                        .map(|(i, r)| (None, vec![(i, r)]))
-                        .collect(),
-                };
+                let groups = by_device(&mut self.lanes, self.ordering, &msgs, res);
                 in_flight.spawn(async move {
                     // Each group is one device's messages (or one message, without order):
                     // groups run concurrently, the messages of a group one after another once
@@ -143,13 +135,23 @@ impl Batcher {
 }
 
 /// A submission's messages grouped by device, in input order within each group, each group
-/// with its slot in the device's lane (behind the device's messages of earlier submissions).
+/// with its slot in the device's lane (behind the device's messages of earlier submissions);
+/// a message no rule keeps in order is a group of its own, without a slot.
 type Groups = Vec<(Option<Slot>, Vec<(usize, Evaluated)>)>;
 
-fn by_device(lanes: &mut Lanes, msgs: &[Message], results: Vec<Evaluated>) -> Groups {
+fn by_device(
+    lanes: &mut Lanes,
+    default: Ordering,
+    msgs: &[Message],
+    results: Vec<Evaluated>,
+) -> Groups {
     let mut index: std::collections::HashMap<(&str, &str), usize> = Default::default();
     let mut groups: Groups = Vec::new();
     for (i, (m, r)) in msgs.iter().zip(results).enumerate() {
+        if !keeps_order(&r, default) {
+            groups.push((None, vec![(i, r)]));
+            continue;
+        }
         let key = (m.product_key.as_str(), m.device_name.as_str());
         let g = *index.entry(key).or_insert_with(|| {
             groups.push((Some(lanes.take(key.0, key.1)), Vec::new()));
@@ -158,6 +160,19 @@ fn by_device(lanes: &mut Lanes, msgs: &[Message], results: Vec<Evaluated>) -> Gr
         groups[g].1.push((i, r));
     }
     groups
+}
+
+/// Whether a message takes its place in its device's lane: a rule it passed keeps order (the
+/// rule's `ordering`, else `engine.ordering`). The others (no rule passed, or only rules with
+/// `ordering = "none"`) run at once.
+fn keeps_order(evaluated: &Evaluated, default: Ordering) -> bool {
+    match evaluated {
+        Evaluated::Rules(results) => results.iter().any(|r| {
+            matches!(r.outcome, RuleOutcome::Passed(_))
+                && r.rule.ordering.unwrap_or(default) == Ordering::Device
+        }),
+        Evaluated::Panicked(_) => false,
+    }
 }
 
 /// Evaluates `chunk`; a panic inside the engine does not end the batcher. The batch is then
