@@ -5,7 +5,7 @@
 //!
 //! ```text
 //! source      http ingest, RabbitMQ queue              -> message::Message
-//!   pipeline  bounded queue, batcher, per-message report
+//!   pipeline  bounded queue, batcher, per-device order, per-message report
 //!   engine    topic index -> compiled SQL rules (rules/) on Arrow batches
 //!   limits    device / instance / tenant quotas        (9324, 9326)
 //!   action    dispatcher: quota, retry, error action, dead letter; destinations amqp/, group/

@@ -1,6 +1,7 @@
 //! `iotfwd bench pipeline`: RabbitMQ -> iotfwd (10 rules) -> RabbitMQ, against a bare relay
 //! (lapin consume -> publish with the same prefetch and confirm window, no rules) measured in
-//! the same run on the same broker.
+//! the same run on the same broker, and iotfwd again with `engine.ordering` "device" and
+//! "none" (1000 devices, then one) for the cost of per-device order.
 //!
 //! Each run pre-loads the source queue, then times until the destination queue has received
 //! every message. The latency run publishes at half the measured iotfwd rate with the send
@@ -11,7 +12,8 @@
 //! the records' commit is a ratio from one run.
 
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::AtomicBool;
+use std::sync::atomic::Ordering::Relaxed;
 use std::time::{Duration, Instant};
 
 use anyhow::Context as _;
@@ -20,9 +22,9 @@ use lapin::options::*;
 use lapin::types::FieldTable;
 use lapin::{BasicProperties, Channel, Connection, ConnectionProperties, ExchangeKind};
 
-use crate::config::Config;
 use crate::config::broker::{AmqpSourceConfig, BrokerConfig, TopicFrom};
 use crate::config::store::Durability;
+use crate::config::{Config, Ordering};
 
 /// Settings of one benchmark run.
 pub struct PipelineBench {
@@ -34,6 +36,9 @@ pub struct PipelineBench {
     /// The daemon's config before the benchmark sets its broker, source and directories.
     pub base: Config,
 }
+
+/// Devices the messages come from, unless a run says otherwise.
+const DEVICES: usize = 1000;
 
 fn now_ns() -> u128 {
     std::time::SystemTime::now()
@@ -109,12 +114,14 @@ fn payload(i: usize, sent_ns: u128) -> Vec<u8> {
     .into_bytes()
 }
 
-fn properties(i: usize) -> BasicProperties {
+/// Message `i` comes from device `i % devices` (of product `pk0<device % 10>`).
+fn properties(i: usize, devices: usize) -> BasicProperties {
     let mut headers = FieldTable::default();
+    let device = i % devices.max(1);
     let topic = format!(
         "/pk{:02}/dev{:04}/thing/event/property/post",
-        i % 10,
-        i % 1000
+        device % 10,
+        device
     );
     headers.insert("topic".into(), crate::broker::header(&topic));
     BasicProperties::default()
@@ -128,6 +135,7 @@ async fn load(
     queue: &str,
     count: usize,
     pace: Option<Duration>,
+    devices: usize,
 ) -> anyhow::Result<()> {
     ch.confirm_select(ConfirmSelectOptions::default()).await?;
     let started = Instant::now();
@@ -141,7 +149,7 @@ async fn load(
             queue.into(),
             BasicPublishOptions::default(),
             &payload(i, now_ns()),
-            properties(i),
+            properties(i, devices),
         )
         .await?;
         if i % 1000 == 999 {
@@ -207,7 +215,7 @@ async fn relay(
             FieldTable::default(),
         )
         .await?;
-    while !stop.load(Ordering::Relaxed) {
+    while !stop.load(Relaxed) {
         let Ok(Some(Ok(d))) =
             tokio::time::timeout(Duration::from_millis(200), consumer.next()).await
         else {
@@ -249,6 +257,7 @@ async fn start_daemon(
     n: &Names,
     dir: &std::path::Path,
     durability: Durability,
+    ordering: Option<Ordering>,
 ) -> anyhow::Result<(
     tokio::sync::oneshot::Sender<()>,
     tokio::task::JoinHandle<anyhow::Result<()>>,
@@ -257,6 +266,9 @@ async fn start_daemon(
     config.rules.dir = dir.to_owned();
     config.data.dir = dir.join("data");
     config.store.durability = durability;
+    if let Some(ordering) = ordering {
+        config.engine.ordering = ordering;
+    }
     config.broker = Some(BrokerConfig {
         confirm_window: b.confirm_window,
         ..BrokerConfig::new(b.url.clone())
@@ -306,7 +318,14 @@ pub async fn run(b: PipelineBench) -> anyhow::Result<()> {
     // Baseline relay.
     let n = Names::new("relay");
     setup(&ch, &n).await?;
-    load(&conn.create_channel().await?, &n.source, b.messages, None).await?;
+    load(
+        &conn.create_channel().await?,
+        &n.source,
+        b.messages,
+        None,
+        DEVICES,
+    )
+    .await?;
     let stop = Arc::new(AtomicBool::new(false));
     let started = Instant::now();
     let relay_task = tokio::spawn(relay_owned(
@@ -319,7 +338,7 @@ pub async fn run(b: PipelineBench) -> anyhow::Result<()> {
     ));
     collect(&conn.create_channel().await?, &n.dest, b.messages).await?;
     let relay_rate = b.messages as f64 / started.elapsed().as_secs_f64();
-    stop.store(true, Ordering::Relaxed);
+    stop.store(true, Relaxed);
     let _ = relay_task.await;
     teardown(&ch, &n).await;
     println!("relay baseline:   {relay_rate:>10.0} msg/s");
@@ -337,6 +356,16 @@ pub async fn run(b: PipelineBench) -> anyhow::Result<()> {
         acked.0 / asynchronous.0,
         (acked.2.as_secs_f64() - asynchronous.2.as_secs_f64()) * 1e3
     );
+
+    // Per-device order on and off (acked), with many devices and with one.
+    for devices in [DEVICES, 1] {
+        let on = ordered_rate(&b, &conn, &ch, Ordering::Device, devices).await?;
+        let off = ordered_rate(&b, &conn, &ch, Ordering::None, devices).await?;
+        println!(
+            "ordering with {devices} device(s): device {on:>10.0} msg/s, none {off:>10.0} msg/s, ratio device / none {:.3}",
+            on / off
+        );
+    }
 
     // The HTTP ingest path, both modes.
     super::ingest::run(&super::ingest::IngestBench {
@@ -364,9 +393,16 @@ async fn iotfwd(
     setup(ch, &n).await?;
     let dir = tempfile_dir()?;
     rule_files(&dir, &n.exchange, b.rules)?;
-    load(&conn.create_channel().await?, &n.source, b.messages, None).await?;
+    load(
+        &conn.create_channel().await?,
+        &n.source,
+        b.messages,
+        None,
+        DEVICES,
+    )
+    .await?;
     let started = Instant::now();
-    let (stop_daemon, daemon) = start_daemon(b, &n, &dir, durability).await?;
+    let (stop_daemon, daemon) = start_daemon(b, &n, &dir, durability, None).await?;
     collect(&conn.create_channel().await?, &n.dest, b.messages).await?;
     let iotfwd_rate = b.messages as f64 / started.elapsed().as_secs_f64();
     println!("iotfwd ({mode}):   {iotfwd_rate:>10.0} msg/s");
@@ -377,7 +413,8 @@ async fn iotfwd(
     let pace = Duration::from_secs_f64(1.0 / half);
     let loader = conn.create_channel().await?;
     let source = n.source.clone();
-    let publisher = tokio::spawn(async move { load(&loader, &source, count, Some(pace)).await });
+    let publisher =
+        tokio::spawn(async move { load(&loader, &source, count, Some(pace), DEVICES).await });
     let mut latencies = collect(&conn.create_channel().await?, &n.dest, count).await?;
     publisher.await??;
     latencies.sort();
@@ -392,6 +429,33 @@ async fn iotfwd(
     teardown(ch, &n).await;
     let _ = std::fs::remove_dir_all(&dir);
     Ok((iotfwd_rate, p50, p99))
+}
+
+/// iotfwd's rate (acked) with `engine.ordering = ordering`, its messages from `devices`
+/// devices.
+async fn ordered_rate(
+    b: &PipelineBench,
+    conn: &Connection,
+    ch: &Channel,
+    ordering: Ordering,
+    devices: usize,
+) -> anyhow::Result<f64> {
+    let n = Names::new("order");
+    setup(ch, &n).await?;
+    let dir = tempfile_dir()?;
+    rule_files(&dir, &n.exchange, b.rules)?;
+    let loader = conn.create_channel().await?;
+    load(&loader, &n.source, b.messages, None, devices).await?;
+    let started = Instant::now();
+    let (stop_daemon, daemon) =
+        start_daemon(b, &n, &dir, Durability::Acked, Some(ordering)).await?;
+    collect(&conn.create_channel().await?, &n.dest, b.messages).await?;
+    let rate = b.messages as f64 / started.elapsed().as_secs_f64();
+    let _ = stop_daemon.send(());
+    let _ = daemon.await;
+    teardown(ch, &n).await;
+    let _ = std::fs::remove_dir_all(&dir);
+    Ok(rate)
 }
 
 async fn relay_owned(

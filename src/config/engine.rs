@@ -53,6 +53,23 @@ pub struct EngineConfig {
     /// for each batch that needs them and not kept, so memory stays bounded.
     /// At least 1. Default `32`.
     pub max_variants_per_rule: usize,
+    /// `"device"`: the messages of one device (productKey + deviceName) that pass a rule
+    /// reach each destination in the order they were received, while different devices
+    /// proceed in parallel; a message waiting for a retry holds the device's later messages.
+    /// `"none"`: every message runs at once (the last bit of throughput, no order).
+    /// See docs/ordering.md. Default `"device"`.
+    pub ordering: Ordering,
+}
+
+/// Whether the messages of one device keep their order on their way to the destinations.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Ordering {
+    /// One device's messages are finished one after another, in the order received.
+    #[default]
+    Device,
+    /// No order: every message of a batch is finished concurrently.
+    None,
 }
 
 impl Default for EngineConfig {
@@ -62,6 +79,7 @@ impl Default for EngineConfig {
             batch_max_wait_ms: 2,
             queue_capacity: 8192,
             max_variants_per_rule: 32,
+            ordering: Ordering::Device,
         }
     }
 }

@@ -31,7 +31,7 @@ pub mod store;
 pub mod subscription;
 
 pub use self::engine::{
-    DataConfig, EngineConfig, LogConfig, LogFormat, RulesConfig, ShutdownConfig,
+    DataConfig, EngineConfig, LogConfig, LogFormat, Ordering, RulesConfig, ShutdownConfig,
 };
 pub use self::http::{HttpConfig, MIN_TOKEN_BYTES, Scope, TokenConfig};
 use self::report::Reporter;
@@ -275,6 +275,16 @@ mod tests {
             "{}",
             errs[0]
         );
+    }
+
+    #[test]
+    fn an_unknown_ordering_names_the_key_and_the_choices() {
+        let errs = errors("[engine]\nordering = \"fifo\"\n");
+        assert_eq!(errs.len(), 1);
+        assert_eq!(errs[0].line, Some(2));
+        let m = &errs[0].message;
+        assert!(m.starts_with("engine.ordering: "), "{m}");
+        assert!(m.contains("device") && m.contains("none"), "{m}");
     }
 
     #[test]

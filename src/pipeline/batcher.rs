@@ -9,9 +9,11 @@ use futures::FutureExt;
 use tokio::sync::mpsc;
 
 use super::Submission;
+use super::order::{Lanes, Slot};
 use super::report::{Evaluated, MessageReport, finish_message};
 use crate::action::Dispatcher;
-use crate::engine::Engine;
+use crate::config::Ordering;
+use crate::engine::{Engine, RuleOutcome};
 use crate::message::Message;
 use crate::outcome::Outcomes;
 
@@ -23,6 +25,10 @@ pub(super) struct Batcher {
     pub batch_max: usize,
     /// How long a batch waits for more after its first message (`engine.batch_max_wait_ms`).
     pub wait: Duration,
+    /// `engine.ordering`: whether one device's messages are finished in order.
+    pub ordering: Ordering,
+    /// Each device's messages in flight, with `Ordering::Device`.
+    pub lanes: Lanes,
 }
 
 impl Batcher {
@@ -75,10 +81,36 @@ impl Batcher {
                 let res: Vec<Evaluated> = results.by_ref().take(n).collect();
                 let dispatcher = self.dispatcher.clone();
                 let outcomes = self.outcomes.clone();
+                let groups = by_device(&mut self.lanes, self.ordering, &msgs, res);
                 in_flight.spawn(async move {
-                    let finish = futures::future::join_all(msgs.iter().zip(res).map(|(m, r)| {
-                        finish_message(&dispatcher, &outcomes, m, r, replay.as_ref())
-                    }));
+                    // Each group is one device's messages (or one message, without order):
+                    // groups run concurrently, the messages of a group one after another once
+                    // the device's earlier messages are terminal.
+                    let runs = groups.into_iter().map(|(slot, group)| {
+                        let (dispatcher, outcomes, msgs) = (&dispatcher, &outcomes, &msgs);
+                        let replay = replay.as_ref();
+                        async move {
+                            let mut slot: Option<Slot> = slot;
+                            if let Some(slot) = &mut slot {
+                                slot.wait().await;
+                            }
+                            let mut reports = Vec::with_capacity(group.len());
+                            for (i, r) in group {
+                                let report =
+                                    finish_message(dispatcher, outcomes, &msgs[i], r, replay).await;
+                                reports.push((i, report));
+                            }
+                            // Dropping the slot lets the device's next messages go.
+                            drop(slot);
+                            reports
+                        }
+                    });
+                    let finish = futures::future::join_all(runs).map(|groups| {
+                        let mut reports: Vec<(usize, MessageReport)> =
+                            groups.into_iter().flatten().collect();
+                        reports.sort_unstable_by_key(|(i, _)| *i);
+                        reports.into_iter().map(|(_, r)| r).collect::<Vec<_>>()
+                    });
                     // A panic while running actions must not lose the submission's answer:
                     // its messages are reported as 9399 and redelivered by their source.
                     let reports = match AssertUnwindSafe(finish).catch_unwind().await {
@@ -96,8 +128,50 @@ impl Batcher {
                 });
             }
             while in_flight.try_join_next().is_some() {}
+            self.lanes.prune();
         }
         while in_flight.join_next().await.is_some() {}
+    }
+}
+
+/// A submission's messages grouped by device, in input order within each group, each group
+/// with its slot in the device's lane (behind the device's messages of earlier submissions);
+/// a message no rule keeps in order is a group of its own, without a slot.
+type Groups = Vec<(Option<Slot>, Vec<(usize, Evaluated)>)>;
+
+fn by_device(
+    lanes: &mut Lanes,
+    default: Ordering,
+    msgs: &[Message],
+    results: Vec<Evaluated>,
+) -> Groups {
+    let mut index: std::collections::HashMap<(&str, &str), usize> = Default::default();
+    let mut groups: Groups = Vec::new();
+    for (i, (m, r)) in msgs.iter().zip(results).enumerate() {
+        if !keeps_order(&r, default) {
+            groups.push((None, vec![(i, r)]));
+            continue;
+        }
+        let key = (m.product_key.as_str(), m.device_name.as_str());
+        let g = *index.entry(key).or_insert_with(|| {
+            groups.push((Some(lanes.take(key.0, key.1)), Vec::new()));
+            groups.len() - 1
+        });
+        groups[g].1.push((i, r));
+    }
+    groups
+}
+
+/// Whether a message takes its place in its device's lane: a rule it passed keeps order (the
+/// rule's `ordering`, else `engine.ordering`). The others (no rule passed, or only rules with
+/// `ordering = "none"`) run at once.
+fn keeps_order(evaluated: &Evaluated, default: Ordering) -> bool {
+    match evaluated {
+        Evaluated::Rules(results) => results.iter().any(|r| {
+            matches!(r.outcome, RuleOutcome::Passed(_))
+                && r.rule.ordering.unwrap_or(default) == Ordering::Device
+        }),
+        Evaluated::Panicked(_) => false,
     }
 }
 

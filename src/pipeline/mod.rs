@@ -18,8 +18,10 @@
 //! [`Pipeline::mark`] and [`Pipeline::committed`].
 
 mod batcher;
+mod order;
 mod report;
 
+pub use order::{Turn, Turns};
 pub use report::{MessageReport, ReplayOf, RuleReport};
 
 use std::sync::Arc;
@@ -73,6 +75,20 @@ impl Pipeline {
         messages: Vec<Message>,
         source: &str,
     ) -> Result<Vec<MessageReport>, SubmitError> {
+        self.submit_in_turn(messages, source, Turn::free()).await
+    }
+
+    /// [`Pipeline::submit`] for a source that submits from many tasks at once: the messages
+    /// enter the engine queue only after those of every earlier `turn` of its [`Turns`] did,
+    /// so they are evaluated, and (with `engine.ordering = "device"`) finished per device, in
+    /// the order the source received them.
+    pub async fn submit_in_turn(
+        &self,
+        messages: Vec<Message>,
+        source: &str,
+        mut turn: Turn,
+    ) -> Result<Vec<MessageReport>, SubmitError> {
+        turn.wait().await;
         if messages.is_empty() {
             return Ok(Vec::new());
         }
@@ -101,6 +117,7 @@ impl Pipeline {
                 replay: None,
             })
             .map_err(|_| SubmitError::ShuttingDown)?;
+        turn.entered();
         let reports = rx.await.map_err(|_| SubmitError::ShuttingDown)?;
         self.outcomes.committed(mark).await?;
         Ok(reports)
@@ -193,6 +210,8 @@ pub fn start(
         outcomes,
         batch_max: config.engine.batch_max_messages,
         wait: config.batch_max_wait(),
+        ordering: config.engine.ordering,
+        lanes: order::Lanes::default(),
     };
     let task = tokio::spawn(batcher.run(rx));
     (pipeline, task)

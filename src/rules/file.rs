@@ -40,6 +40,10 @@ pub struct RuleFile {
     /// Where a message goes when one of its actions fails for good.
     #[serde(default)]
     pub error_action: Option<ActionSpec>,
+    /// `"device"`: the rule's outputs of one device reach its destinations in the order
+    /// received; `"none"`: no order is promised for this rule. Default: `engine.ordering`.
+    #[serde(default)]
+    pub ordering: Option<crate::config::Ordering>,
 }
 
 pub(super) fn yes() -> bool {

@@ -35,6 +35,8 @@ pub struct Rule {
     pub program: Program,
     pub actions: Vec<ActionSpec>,
     pub error_action: Option<ActionSpec>,
+    /// The rule file's `ordering`; `None` follows `engine.ordering`.
+    pub ordering: Option<crate::config::Ordering>,
 }
 
 impl fmt::Debug for Rule {
@@ -208,6 +210,7 @@ impl Compiler {
                 program,
                 actions: doc.actions,
                 error_action: doc.error_action,
+                ordering: doc.ordering,
             }),
             _ => Err(errors),
         }

@@ -33,7 +33,7 @@ use crate::broker::{Broker, header_text};
 use crate::config::broker::{AmqpSourceConfig, TopicFrom};
 use crate::message::{Identity, Message, Rejection, RejectionKind};
 use crate::outcome::Failure;
-use crate::pipeline::Pipeline;
+use crate::pipeline::{Pipeline, Turn, Turns};
 
 /// How long a message whose error action failed waits before it is nacked back to the queue,
 /// so a destination that is down for good does not become a hot redelivery loop.
@@ -96,6 +96,8 @@ async fn consume(
         .await?;
     tracing::info!(queue = %config.queue, prefetch = config.prefetch, "consuming");
     let mut in_flight = JoinSet::new();
+    // Deliveries enter the pipeline in the order the queue delivered them (per-device order).
+    let mut turns = Turns::default();
     loop {
         tokio::select! {
             _ = stop.wait_for(|s| *s) => break,
@@ -103,7 +105,8 @@ async fn consume(
                 Some(Ok(delivery)) => {
                     let pipeline = pipeline.clone();
                     let (topic_from, trust) = (config.topic_from, config.trust_identity_headers);
-                    in_flight.spawn(async move { handle(delivery, topic_from, trust, &pipeline).await });
+                    let turn = turns.take();
+                    in_flight.spawn(async move { handle(delivery, topic_from, trust, &pipeline, turn).await });
                 }
                 Some(Err(e)) => return Err(e),
                 None => return Err(lapin::Error::from(std::io::Error::other("the consumer was cancelled by the broker"))),
@@ -133,9 +136,19 @@ async fn consume(
     Ok(())
 }
 
-async fn handle(delivery: Delivery, topic_from: TopicFrom, trust: bool, pipeline: &Pipeline) {
+async fn handle(
+    delivery: Delivery,
+    topic_from: TopicFrom,
+    trust: bool,
+    pipeline: &Pipeline,
+    turn: Turn,
+) {
     let ack = match to_message(&delivery, topic_from, trust) {
         Err((topic, rejection)) => {
+            // Its turn passes only once the deliveries before it entered the pipeline.
+            let mut turn = turn;
+            turn.wait().await;
+            drop(turn);
             // Not processable, ever: record why and take it off the queue once that record is
             // committed.
             let mark = pipeline.mark();
@@ -152,7 +165,7 @@ async fn handle(delivery: Delivery, topic_from: TopicFrom, trust: bool, pipeline
                     .with_label_values(&["amqp"])
                     .inc();
             }
-            match pipeline.submit(vec![message], "amqp").await {
+            match pipeline.submit_in_turn(vec![message], "amqp", turn).await {
                 Ok(reports) => !reports.iter().any(|r| r.requeue),
                 Err(_) => false,
             }

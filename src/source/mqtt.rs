@@ -26,7 +26,7 @@ use tokio::task::JoinSet;
 use crate::config::mqtt::{MqttConfig, MqttSourceConfig};
 use crate::message::{Identity, Message};
 use crate::outcome::Failure;
-use crate::pipeline::Pipeline;
+use crate::pipeline::{Pipeline, Turn, Turns};
 
 /// How long after a message that must be redelivered the source reconnects, so a destination
 /// that is down for good does not become a hot redelivery loop.
@@ -212,6 +212,8 @@ async fn connection(
     let live = Arc::new(AtomicBool::new(true));
     let (requeue_tx, mut requeue_rx) = mpsc::unbounded_channel::<()>();
     let mut in_flight = JoinSet::new();
+    // Publishes enter the pipeline in the order they were received (per-device order).
+    let mut turns = Turns::default();
     let mut redeliver_at: Option<tokio::time::Instant> = None;
     let ended = loop {
         let redeliver = async {
@@ -235,7 +237,7 @@ async fn connection(
                         live: Arc::clone(&live),
                         requeue: requeue_tx.clone(),
                     };
-                    in_flight.spawn(task.run(publish));
+                    in_flight.spawn(task.run(publish, turns.take()));
                 }
                 Ok(Event::Incoming(Packet::SubAck(ack))) => {
                     // Connected, in health's sense, once the broker took the subscriptions.
@@ -305,7 +307,11 @@ struct Handle {
 }
 
 impl Handle {
-    async fn run(self, publish: Publish) {
+    /// Handles one publish; it enters the pipeline in its `turn`, after the publishes received
+    /// before it (per-device order), and takes a permit only then, so publishes waiting for
+    /// their turn hold none.
+    async fn run(self, publish: Publish, mut turn: Turn) {
+        turn.wait().await;
         let Ok(_permit) = self.permits.acquire().await else {
             return;
         };
@@ -328,7 +334,11 @@ impl Handle {
                     .await;
                 true
             }
-            Ok(message) => match self.pipeline.submit(vec![message], "mqtt").await {
+            Ok(message) => match self
+                .pipeline
+                .submit_in_turn(vec![message], "mqtt", turn)
+                .await
+            {
                 Ok(reports) => !reports.iter().any(|r| r.requeue),
                 Err(_) => false,
             },

@@ -1,7 +1,7 @@
 //! Integration tests, in one binary so DataFusion is linked once. One file per capability:
 //! the sources (`source_http`, `source_mqtt`, the AMQP source in `action_amqp`), the engine (`golden` SQL
 //! cases, `engine_batch` properties), `limits`, the actions (`action_amqp`, `action_group`, `action_mqtt`),
-//! `delivery` guarantees, `restarts` (broker restart, kill -9), `supervision`, `health`,
+//! `delivery` guarantees, per-device `ordering`, `restarts` (broker restart, kill -9), `supervision`, `health`,
 //! `reload`, `logs`, the `console`, the `cli`, `shutdown` and the `deploy/` files.
 //! `harness` runs the daemon in-process; `rabbit` holds the RabbitMQ helpers.
 mod action_amqp;
@@ -22,6 +22,7 @@ mod health;
 mod limits;
 mod limits_shared;
 mod logs;
+mod ordering;
 mod rabbit;
 mod reload;
 mod restarts;

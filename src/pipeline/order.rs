@@ -1,0 +1,178 @@
+//! Per-device order (`engine.ordering = "device"`, docs/ordering.md).
+//!
+//! Two links keep it, one at each end of the pipeline's queue:
+//!
+//! - [`Turns`]: a source that hands each message in from its own task (the RabbitMQ source
+//!   spawns one per delivery) takes a [`Turn`] in delivery order; a submission enters the
+//!   queue only after the one before it did, so the queue holds messages in the order the
+//!   source received them.
+//! - [`Lanes`]: the batcher finishes the messages of one device one after another, in queue
+//!   order, within a batch and across batches (a device's messages of the next batch wait for
+//!   its messages of this one); different devices run concurrently. A message waiting for a
+//!   retry therefore holds its device's later messages until it is terminal (delivered, or
+//!   failed to its error action or the dead-letter queue), and no other device's.
+
+use std::collections::HashMap;
+
+use tokio::sync::oneshot;
+
+/// Hands out [`Turn`]s in the order they are asked for.
+#[derive(Default)]
+pub struct Turns {
+    last: Option<oneshot::Receiver<()>>,
+}
+
+impl Turns {
+    /// The next turn: it may enter the queue once every turn handed out before it did (or was
+    /// dropped: a message rejected before it reached the queue does not hold the others).
+    pub fn take(&mut self) -> Turn {
+        let (done, rx) = oneshot::channel();
+        Turn {
+            after: self.last.replace(rx),
+            done: Some(done),
+        }
+    }
+}
+
+/// One submission's place in its source's order; see [`Turns`].
+pub struct Turn {
+    after: Option<oneshot::Receiver<()>>,
+    done: Option<oneshot::Sender<()>>,
+}
+
+impl Turn {
+    /// A turn that waits for nobody (a source without order to keep).
+    pub fn free() -> Turn {
+        Turn {
+            after: None,
+            done: None,
+        }
+    }
+
+    /// Waits until the turn before this one entered the queue (or was dropped).
+    pub async fn wait(&mut self) {
+        if let Some(after) = &mut self.after {
+            // An error means the sender was dropped: that turn is over either way.
+            let _ = after.await;
+            self.after = None;
+        }
+    }
+
+    /// This submission is in the queue: the next turn may go.
+    pub(super) fn entered(&mut self) {
+        self.done.take();
+    }
+}
+
+/// A device: product key and device name.
+type Device = (String, String);
+
+/// For each device with messages in flight, the signal that its latest group of messages is
+/// terminal; see the module docs.
+#[derive(Default)]
+pub(super) struct Lanes {
+    tails: HashMap<Device, oneshot::Receiver<()>>,
+    /// Finished lanes are dropped when the map grows past this.
+    prune_at: usize,
+}
+
+/// A group of one device's messages: it starts after `after` and signals its end by dropping
+/// `done`.
+pub(super) struct Slot {
+    after: Option<oneshot::Receiver<()>>,
+    /// Never sent on: dropping it (with the slot) is the signal.
+    _done: oneshot::Sender<()>,
+}
+
+impl Slot {
+    /// Waits until the device's earlier messages are terminal.
+    pub async fn wait(&mut self) {
+        if let Some(after) = &mut self.after {
+            let _ = after.await;
+            self.after = None;
+        }
+    }
+}
+
+impl Lanes {
+    /// The slot of the next group of `device`'s messages, behind every group taken before.
+    pub fn take(&mut self, product_key: &str, device_name: &str) -> Slot {
+        let (done, rx) = oneshot::channel();
+        let key = (product_key.to_owned(), device_name.to_owned());
+        let after = self.tails.insert(key, rx);
+        Slot { after, _done: done }
+    }
+
+    /// Drops the lanes of devices with nothing in flight, once the map has grown.
+    pub fn prune(&mut self) {
+        if self.tails.len() <= self.prune_at.max(1024) {
+            return;
+        }
+        self.tails
+            .retain(|_, rx| matches!(rx.try_recv(), Err(oneshot::error::TryRecvError::Empty)));
+        self.prune_at = self.tails.len() * 2;
+    }
+
+    #[cfg(test)]
+    pub fn len(&self) -> usize {
+        self.tails.len()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn a_device_waits_for_its_earlier_group_only() {
+        let mut lanes = Lanes::default();
+        let first = lanes.take("pk", "a");
+        let mut second = lanes.take("pk", "a");
+        let mut other = lanes.take("pk", "b");
+        // Another device does not wait.
+        tokio::time::timeout(std::time::Duration::from_millis(100), other.wait())
+            .await
+            .expect("device b has nothing before it");
+        // The same device waits until the first group is done.
+        let waited =
+            tokio::time::timeout(std::time::Duration::from_millis(50), second.wait()).await;
+        assert!(
+            waited.is_err(),
+            "the second group went before the first ended"
+        );
+        drop(first);
+        tokio::time::timeout(std::time::Duration::from_millis(100), second.wait())
+            .await
+            .expect("the second group goes once the first ended");
+    }
+
+    #[tokio::test]
+    async fn prune_keeps_the_lanes_in_flight() {
+        let mut lanes = Lanes::default();
+        let mut held = Vec::new();
+        for i in 0..2000 {
+            let slot = lanes.take("pk", &format!("d{i}"));
+            if i % 2 == 0 {
+                held.push(slot);
+            }
+        }
+        lanes.prune();
+        assert_eq!(lanes.len(), 1000);
+        drop(held);
+    }
+
+    #[tokio::test]
+    async fn turns_enter_in_order() {
+        let mut turns = Turns::default();
+        let mut first = turns.take();
+        let mut second = turns.take();
+        let blocked =
+            tokio::time::timeout(std::time::Duration::from_millis(50), second.wait()).await;
+        assert!(blocked.is_err(), "the second turn went before the first");
+        first.wait().await;
+        first.entered();
+        tokio::time::timeout(std::time::Duration::from_millis(100), second.wait())
+            .await
+            .expect("the second turn goes once the first entered");
+    }
+}
