@@ -266,14 +266,8 @@ impl HttpConfig {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::config::Config;
 
-    fn errors(text: &str) -> Vec<String> {
-        match Config::from_toml_str(text, None) {
-            Ok(_) => Vec::new(),
-            Err(e) => e.into_iter().map(|e| e.to_string()).collect(),
-        }
-    }
+    use crate::config::errors_of as errors;
 
     #[test]
     fn a_public_listener_needs_a_token_or_an_explicit_anonymous() {

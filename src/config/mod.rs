@@ -191,6 +191,16 @@ impl Config {
     }
 }
 
+/// Every problem `text` has as a config, each as `iotfwd check` prints it (none: it loads).
+/// For the section files' tests.
+#[cfg(test)]
+pub(crate) fn errors_of(text: &str) -> Vec<String> {
+    match Config::from_toml_str(text, None) {
+        Ok(_) => Vec::new(),
+        Err(e) => e.into_iter().map(|e| e.to_string()).collect(),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use std::path::PathBuf;

@@ -371,12 +371,7 @@ pub(super) fn validate(config: &Config, r: &mut Reporter<'_>) {
 mod tests {
     use super::*;
 
-    fn errors(text: &str) -> Vec<String> {
-        match Config::from_toml_str(text, None) {
-            Ok(_) => Vec::new(),
-            Err(e) => e.into_iter().map(|e| e.to_string()).collect(),
-        }
-    }
+    use crate::config::errors_of as errors;
 
     #[test]
     fn a_group_needs_exactly_one_secret_source() {
