@@ -279,6 +279,7 @@ async fn start_daemon(
         declare: false,
         topic_from: TopicFrom::Header,
         trust_identity_headers: false,
+        queue_type: Default::default(),
     });
     let listeners = crate::daemon::Listeners::loopback(&config).await?;
     let (stop, stopped) = tokio::sync::oneshot::channel::<()>();

@@ -111,6 +111,32 @@ pub struct AmqpSourceConfig {
     /// (`iotfwd_identity_override_ignored_total`). Default false.
     #[serde(default)]
     pub trust_identity_headers: bool,
+    /// With `declare`: `"classic"` (default) or `"quorum"` (replicated, for a cluster of
+    /// RabbitMQ nodes; `x-queue-type = quorum`). A queue that exists is never changed: a
+    /// different type there is an error at start that names the queue.
+    #[serde(default)]
+    pub queue_type: QueueType,
+}
+
+/// The RabbitMQ queue type iotfwd declares a queue with.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum QueueType {
+    /// RabbitMQ's default queue type.
+    #[default]
+    Classic,
+    /// A replicated quorum queue (`x-queue-type = quorum`).
+    Quorum,
+}
+
+impl QueueType {
+    /// The `x-queue-type` argument to declare with, if any (`classic` needs none).
+    pub fn argument(self) -> Option<&'static str> {
+        match self {
+            QueueType::Classic => None,
+            QueueType::Quorum => Some("quorum"),
+        }
+    }
 }
 
 fn default_prefetch() -> u16 {

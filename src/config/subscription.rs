@@ -132,6 +132,11 @@ pub struct GroupConfig {
     /// its last code instead of being redelivered again (docs/dead-letters.md). Default 16.
     #[serde(default = "default_max_redeliveries")]
     pub max_redeliveries: u32,
+    /// With `[broker]`: the type of the backlog queue `iotfwd.group.<id>`, `"classic"`
+    /// (default) or `"quorum"` (replicated across a RabbitMQ cluster). Changing it for a queue
+    /// that exists needs the queue deleted first (its declare fails otherwise, naming it).
+    #[serde(default)]
+    pub queue_type: super::broker::QueueType,
 }
 
 fn default_max_redeliveries() -> u32 {
@@ -174,6 +179,7 @@ impl GroupConfig {
             window: default_window(),
             dead_letter_exchange: None,
             max_redeliveries: default_max_redeliveries(),
+            queue_type: super::broker::QueueType::Classic,
         }
     }
 

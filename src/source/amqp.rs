@@ -81,7 +81,7 @@ async fn consume(
                     durable: true,
                     ..QueueDeclareOptions::default()
                 },
-                FieldTable::default(),
+                queue_arguments(config),
             )
             .await?;
     }
@@ -272,4 +272,16 @@ mod tests {
             "/pk/dev.1/user/update"
         );
     }
+}
+
+/// The arguments the source queue is declared with: its type, when not classic.
+fn queue_arguments(config: &AmqpSourceConfig) -> FieldTable {
+    let mut args = FieldTable::default();
+    if let Some(kind) = config.queue_type.argument() {
+        args.insert(
+            "x-queue-type".into(),
+            lapin::types::AMQPValue::LongString(kind.into()),
+        );
+    }
+    args
 }

@@ -190,6 +190,9 @@ impl Group {
             "x-overflow".into(),
             AMQPValue::LongString("reject-publish".into()),
         );
+        if let Some(kind) = self.config.queue_type.argument() {
+            args.insert("x-queue-type".into(), AMQPValue::LongString(kind.into()));
+        }
         args
     }
 

@@ -55,6 +55,7 @@ async fn happy_path_10000_messages_through_the_amqp_source() {
             declare: true,
             topic_from: TopicFrom::Header,
             trust_identity_headers: false,
+            queue_type: Default::default(),
         });
     })
     .await;
@@ -402,4 +403,102 @@ async fn throttled_forwards_go_to_the_error_action_with_9324() {
     );
     d.stop().await;
     cleanup(&ch, &[&out, &failed], &[&out_q, &failed_q]).await;
+}
+
+/// The queue types `rabbitmqctl list_queues` shows, by queue name.
+fn queue_types() -> HashMap<String, String> {
+    let out = std::process::Command::new("rabbitmqctl")
+        .args([
+            "list_queues",
+            "--quiet",
+            "--no-table-headers",
+            "name",
+            "type",
+        ])
+        .output()
+        .expect("rabbitmqctl");
+    assert!(out.status.success(), "{out:?}");
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .filter_map(|l| {
+            let mut parts = l.split_whitespace();
+            Some((parts.next()?.to_owned(), parts.next()?.to_owned()))
+        })
+        .collect()
+}
+
+/// `queue_type = "quorum"`: the source queue and a group's backlog queue are declared as
+/// replicated quorum queues (for a RabbitMQ cluster), and messages go through both.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn quorum_queues_for_the_source_and_a_group_backlog() {
+    let (_conn, ch) = channel(BROKER).await;
+    let source = unique("src-quorum");
+    let group = unique("grp-quorum");
+    let dir = tempfile::tempdir().unwrap();
+    write_rule(
+        dir.path(),
+        "fwd",
+        &format!(
+            "sql = '''SELECT * FROM \"/p1/#\"'''\n[[action]]\nto = \"group\"\ngroup = \"{group}\"\n"
+        ),
+    );
+    let secret = dir.path().join("g.secret");
+    std::fs::write(&secret, "s3cret-s3cret\n").unwrap();
+    let (src, grp) = (source.clone(), group.clone());
+    let d = Daemon::start(dir.path(), move |c| {
+        c.source.amqp = Some(AmqpSourceConfig {
+            queue: src,
+            prefetch: 10,
+            declare: true,
+            topic_from: TopicFrom::Header,
+            trust_identity_headers: false,
+            queue_type: iotfwd::config::broker::QueueType::Quorum,
+        });
+        c.subscription.listen = "127.0.0.1:0".into();
+        let mut g = iotfwd::config::subscription::GroupConfig::demo(&c.data.dir);
+        g.id = grp;
+        g.access_key_id = "ak-q".into();
+        g.secret_file = Some(secret);
+        g.create_secret = false;
+        g.queue_type = iotfwd::config::broker::QueueType::Quorum;
+        c.group.push(g);
+    })
+    .await;
+    d.wait_ready().await;
+    let mut headers = FieldTable::default();
+    headers.insert("topic".into(), AMQPValue::LongString("/p1/d1/post".into()));
+    for n in 0..5 {
+        ch.basic_publish(
+            "".into(),
+            source.as_str().into(),
+            BasicPublishOptions::default(),
+            json!({ "n": n }).to_string().as_bytes(),
+            BasicProperties::default().with_headers(headers.clone()),
+        )
+        .await
+        .unwrap()
+        .await
+        .unwrap();
+    }
+    let backlog = format!("iotfwd.group.{group}");
+    let conn = lapin::Connection::connect(BROKER, lapin::ConnectionProperties::default())
+        .await
+        .unwrap();
+    super::harness::eventually("the 5 forwards in the group's backlog queue", || async {
+        (queue_depth(&conn, &backlog).await == Some(5)).then_some(())
+    })
+    .await;
+    let types = queue_types();
+    assert_eq!(
+        types.get(&source).map(String::as_str),
+        Some("quorum"),
+        "{types:?}"
+    );
+    assert_eq!(
+        types.get(&backlog).map(String::as_str),
+        Some("quorum"),
+        "{types:?}"
+    );
+    d.stop().await;
+    cleanup(&ch, &[], &[&source, &backlog]).await;
 }

@@ -611,6 +611,7 @@ async fn a_dead_letter_write_that_fails_redelivers_the_source_message() {
             declare: true,
             topic_from: TopicFrom::Header,
             trust_identity_headers: false,
+            queue_type: Default::default(),
         });
     })
     .await;

@@ -441,6 +441,7 @@ async fn amqp_nacks_with_requeue_when_the_records_cannot_be_committed() {
             declare: true,
             topic_from: iotfwd::config::broker::TopicFrom::Header,
             trust_identity_headers: false,
+            queue_type: Default::default(),
         });
     })
     .await;

@@ -208,6 +208,7 @@ async fn source_run(count: usize, devices: usize, prefetch: u16) -> (usize, usiz
             declare: false,
             topic_from: TopicFrom::Header,
             trust_identity_headers: false,
+            queue_type: Default::default(),
         });
     })
     .await;

@@ -490,6 +490,7 @@ async fn broker_restart_mid_stream_loses_nothing_and_resumes_within_5_s() {
             declare: true,
             topic_from: TopicFrom::Header,
             trust_identity_headers: false,
+            queue_type: Default::default(),
         });
     })
     .await;

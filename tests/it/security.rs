@@ -423,6 +423,7 @@ async fn amqp_identity_headers_are_ignored_and_counted_unless_trusted() {
                 declare: true,
                 topic_from: iotfwd::config::broker::TopicFrom::Header,
                 trust_identity_headers: trust,
+                queue_type: Default::default(),
             });
         })
         .await;
