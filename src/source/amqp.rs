@@ -259,6 +259,18 @@ fn to_message(
         .map_err(|r| (topic, r))
 }
 
+/// The arguments the source queue is declared with: its type, when not classic.
+fn queue_arguments(config: &AmqpSourceConfig) -> FieldTable {
+    let mut args = FieldTable::default();
+    if let Some(kind) = config.queue_type.argument() {
+        args.insert(
+            "x-queue-type".into(),
+            lapin::types::AMQPValue::LongString(kind.into()),
+        );
+    }
+    args
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -272,16 +284,4 @@ mod tests {
             "/pk/dev.1/user/update"
         );
     }
-}
-
-/// The arguments the source queue is declared with: its type, when not classic.
-fn queue_arguments(config: &AmqpSourceConfig) -> FieldTable {
-    let mut args = FieldTable::default();
-    if let Some(kind) = config.queue_type.argument() {
-        args.insert(
-            "x-queue-type".into(),
-            lapin::types::AMQPValue::LongString(kind.into()),
-        );
-    }
-    args
 }
