@@ -465,6 +465,15 @@ async fn quorum_queues_for_the_source_and_a_group_backlog() {
     })
     .await;
     d.wait_ready().await;
+    // Until the daemon has declared the source queue: a publish to a queue that does not exist
+    // yet would be dropped by the default exchange.
+    let conn = lapin::Connection::connect(BROKER, lapin::ConnectionProperties::default())
+        .await
+        .unwrap();
+    super::harness::eventually("the source queue declared", || async {
+        queue_depth(&conn, &source).await.map(|_| ())
+    })
+    .await;
     let mut headers = FieldTable::default();
     headers.insert("topic".into(), AMQPValue::LongString("/p1/d1/post".into()));
     for n in 0..5 {
@@ -481,9 +490,6 @@ async fn quorum_queues_for_the_source_and_a_group_backlog() {
         .unwrap();
     }
     let backlog = format!("iotfwd.group.{group}");
-    let conn = lapin::Connection::connect(BROKER, lapin::ConnectionProperties::default())
-        .await
-        .unwrap();
     super::harness::eventually("the 5 forwards in the group's backlog queue", || async {
         (queue_depth(&conn, &backlog).await == Some(5)).then_some(())
     })
