@@ -9,99 +9,31 @@
 
 use std::collections::{HashMap, HashSet};
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use lapin::options::*;
 use lapin::types::FieldTable;
 use lapin::{BasicProperties, Channel};
 
-use super::harness::{BROKER, daemon_binary, http_address_in_log, unique};
+use super::harness::{BROKER, ChildDaemon, unique};
 use super::rabbit::channel;
 
 /// The one rule: no WHERE, no action, so each message gets exactly one `ruleengine` record.
 const RULE: &str = "sql = '''SELECT deviceName() AS device, items.temperature.value AS t \
                     FROM \"/+/+/thing/event/property/post\"'''\n";
 
-/// The real binary as a child process, SIGKILLed on drop.
-struct Child9 {
-    child: Child,
-    base: String,
-    log: PathBuf,
-}
-
-impl Child9 {
-    /// Starts `iotfwd run` in `dir` with `extra` appended to a minimal config (listen port,
-    /// rules, data), and waits until it answers `/readyz`.
-    async fn start(dir: &Path, extra: &str) -> Child9 {
-        std::fs::create_dir_all(dir.join("rules")).unwrap();
-        std::fs::write(dir.join("rules/all.toml"), RULE).unwrap();
-        let config = dir.join("iotfwd.toml");
-        std::fs::write(
-            &config,
-            format!(
-                "[http]\nlisten = \"127.0.0.1:0\"\n[rules]\ndir = \"rules\"\n\
-                 [data]\ndir = \"data\"\n{extra}"
-            ),
-        )
-        .unwrap();
-        let log = dir.join("iotfwd.log");
-        let out = std::fs::File::create(&log).unwrap();
-        let child = Command::new(daemon_binary())
-            .args(["run", "--config"])
-            .arg(&config)
-            .current_dir(dir)
-            .env_remove("RUST_LOG")
-            .stdin(Stdio::null())
-            .stdout(out.try_clone().unwrap())
-            .stderr(out)
-            .spawn()
-            .expect("run iotfwd");
-        let addr = http_address_in_log(&log).await;
-        let mut d = Child9 {
-            child,
-            base: String::new(),
-            log,
-        };
-        match addr {
-            Some(addr) => d.base = format!("http://{addr}"),
-            None => panic!("iotfwd did not say where it listens:\n{}", d.log_text()),
-        }
-        let deadline = Instant::now() + Duration::from_secs(30);
-        loop {
-            if let Ok(r) = reqwest::get(format!("{}/readyz", d.base)).await
-                && r.status().is_success()
-            {
-                return d;
-            }
-            if let Some(status) = d.child.try_wait().unwrap() {
-                panic!("iotfwd exited ({status}) while starting:\n{}", d.log_text());
-            }
-            assert!(
-                Instant::now() < deadline,
-                "iotfwd not ready within 30 s:\n{}",
-                d.log_text()
-            );
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
-    }
-
-    fn log_text(&self) -> String {
-        std::fs::read_to_string(&self.log).unwrap_or_default()
-    }
-
-    /// SIGKILL, now.
-    fn kill_9(&mut self) {
-        self.child.kill().unwrap();
-        self.child.wait().unwrap();
-    }
-}
-
-impl Drop for Child9 {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
+/// The real binary as a child process in `dir` (rules and data under it) with `extra` appended
+/// to a minimal config; returns once it answers `/readyz`.
+async fn start(dir: &Path, extra: &str) -> ChildDaemon {
+    std::fs::create_dir_all(dir.join("rules")).unwrap();
+    std::fs::write(dir.join("rules/all.toml"), RULE).unwrap();
+    let quoted = |p: PathBuf| format!("{:?}", p.display().to_string());
+    let config = format!(
+        "[http]\nlisten = \"127.0.0.1:0\"\n[rules]\ndir = {}\n[data]\ndir = {}\n{extra}",
+        quoted(dir.join("rules")),
+        quoted(dir.join("data")),
+    );
+    ChildDaemon::start(dir, 1, &config).await
 }
 
 /// Records per message id and service type in the store file as the killed daemon left it
@@ -151,7 +83,7 @@ fn ndjson(request: usize) -> String {
 
 /// Sends `REQUESTS` NDJSON requests, four at a time, and SIGKILLs the daemon right after the
 /// `KILL_AFTER`th 200; returns the ids of every message of every request answered 200.
-async fn http_traffic_then_kill_9(d: &mut Child9) -> Vec<String> {
+async fn http_traffic_then_kill_9(d: &mut ChildDaemon) -> Vec<String> {
     let client = reqwest::Client::new();
     let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
     let gate = std::sync::Arc::new(tokio::sync::Semaphore::new(4));
@@ -199,7 +131,7 @@ async fn http_traffic_then_kill_9(d: &mut Child9) -> Vec<String> {
 async fn http_acked_messages_keep_their_records_through_kill_9() {
     let dir = tempfile::tempdir().unwrap();
     // No [store] section: "acked" is the default.
-    let mut d = Child9::start(dir.path(), "").await;
+    let mut d = start(dir.path(), "").await;
     let acked = http_traffic_then_kill_9(&mut d).await;
     let (no_uplink, no_rule, examples) = missing(&dir.path().join("data/outcomes.db"), &acked);
     println!(
@@ -217,7 +149,7 @@ async fn http_acked_messages_keep_their_records_through_kill_9() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn http_async_mode_documents_what_kill_9_loses() {
     let dir = tempfile::tempdir().unwrap();
-    let mut d = Child9::start(dir.path(), "[store]\ndurability = \"async\"\n").await;
+    let mut d = start(dir.path(), "[store]\ndurability = \"async\"\n").await;
     let acked = http_traffic_then_kill_9(&mut d).await;
     let (no_uplink, no_rule, _) = missing(&dir.path().join("data/outcomes.db"), &acked);
     // Not asserted: how much is lost depends on timing. This is what "async" may cost.
@@ -313,7 +245,7 @@ async fn amqp_traffic_then_kill_9(dir: &Path, durability: &str, n: usize) -> Vec
     .unwrap();
     let prefix = format!("a{}-", &queue[queue.len() - 8..]);
     publish(&conn.create_channel().await.unwrap(), &queue, &prefix, n).await;
-    let mut d = Child9::start(
+    let mut d = start(
         dir,
         &format!(
             "[store]\ndurability = \"{durability}\"\n[broker]\nurl = \"{BROKER}\"\n\

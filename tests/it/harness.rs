@@ -267,22 +267,6 @@ pub fn listening(
     (http.expect("an HTTP address"), endpoint)
 }
 
-/// The HTTP address a daemon started as a child process logs to the file `log` (its
-/// stdout and stderr), waiting up to 30 s for it; None when it does not come.
-pub async fn http_address_in_log(log: &Path) -> Option<std::net::SocketAddr> {
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while Instant::now() < deadline {
-        let text = std::fs::read_to_string(log).unwrap_or_default();
-        for line in text.lines() {
-            if let Some(Listening::Http(a)) = listening_line(&strip_ansi(line)) {
-                return Some(a);
-            }
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-    None
-}
-
 enum Listening {
     Http(std::net::SocketAddr),
     Amqp(std::net::SocketAddr),
@@ -419,6 +403,16 @@ impl ChildDaemon {
 
     pub fn log_text(&self) -> String {
         std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// Its `/metrics` scrape.
+    pub async fn metrics(&self) -> String {
+        reqwest::get(format!("{}/metrics", self.base))
+            .await
+            .unwrap()
+            .text()
+            .await
+            .unwrap()
     }
 
     /// SIGKILL, and waits for it to be gone.

@@ -15,6 +15,7 @@ use lapin::options::*;
 use lapin::types::{AMQPValue, FieldTable};
 use lapin::{BasicProperties, Channel, Connection, ConnectionProperties, ExchangeKind};
 
+use super::harness::ChildDaemon;
 use super::rabbit::*;
 
 /// Messages in each stream.
@@ -629,84 +630,20 @@ async fn broker_restart_mid_stream_loses_nothing_and_resumes_within_5_s() {
     tokio::task::block_in_place(|| node.stop());
 }
 
-/// The real binary as a child process, SIGKILLed on drop.
-struct DaemonProcess {
-    child: std::process::Child,
-    base: String,
-    log: PathBuf,
-}
-
-impl DaemonProcess {
-    async fn start(dir: &Path, source: &str, prefetch: u16, run: usize) -> DaemonProcess {
-        let config = dir.join(format!("iotfwd-{run}.toml"));
-        let toml_str = |p: PathBuf| format!("{:?}", p.display().to_string());
-        std::fs::write(
-            &config,
-            format!(
-                "[http]\nlisten = \"127.0.0.1:0\"\n\
-                 [rules]\ndir = {}\n\
-                 [data]\ndir = {}\n\
-                 [broker]\nurl = \"{BROKER}\"\n\
-                 [source.amqp]\nqueue = \"{source}\"\nprefetch = {prefetch}\n",
-                toml_str(dir.join("rules")),
-                toml_str(dir.join("data")),
-            ),
-        )
-        .unwrap();
-        let log = dir.join(format!("iotfwd-{run}.log"));
-        let out = std::fs::File::create(&log).unwrap();
-        let child = Command::new(super::harness::daemon_binary())
-            .arg("run")
-            .arg("--config")
-            .arg(&config)
-            .env_remove("RUST_LOG")
-            .stdin(Stdio::null())
-            .stdout(out.try_clone().unwrap())
-            .stderr(out)
-            .spawn()
-            .expect("run iotfwd");
-        let Some(addr) = super::harness::http_address_in_log(&log).await else {
-            let text = std::fs::read_to_string(&log).unwrap_or_default();
-            panic!("iotfwd (run {run}) did not say where it listens within 30 s; its log:\n{text}");
-        };
-        let mut d = DaemonProcess {
-            child,
-            base: format!("http://{addr}"),
-            log,
-        };
-        let ready = time_until(Duration::from_secs(30), async || {
-            readyz(&d.base).await == Some(200)
-        })
-        .await;
-        if ready.is_none() {
-            let exited = d.child.try_wait().unwrap();
-            panic!(
-                "iotfwd (run {run}) not ready within 30 s (exited: {exited:?}); its log:\n{}",
-                d.log_text()
-            );
-        }
-        d
-    }
-
-    fn log_text(&self) -> String {
-        std::fs::read_to_string(&self.log).unwrap_or_default()
-    }
-
-    async fn metrics(&self) -> String {
-        reqwest::get(format!("{}/metrics", self.base))
-            .await
-            .unwrap()
-            .text()
-            .await
-            .unwrap()
-    }
-}
-
-impl Drop for DaemonProcess {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
+/// The real binary on the shared broker, consuming `source` with `prefetch`: the `run`-th
+/// start in `dir`.
+async fn start_daemon(dir: &Path, source: &str, prefetch: u16, run: usize) -> ChildDaemon {
+    let toml_str = |p: PathBuf| format!("{:?}", p.display().to_string());
+    let config = format!(
+        "[http]\nlisten = \"127.0.0.1:0\"\n\
+         [rules]\ndir = {}\n\
+         [data]\ndir = {}\n\
+         [broker]\nurl = \"{BROKER}\"\n\
+         [source.amqp]\nqueue = \"{source}\"\nprefetch = {prefetch}\n",
+        toml_str(dir.join("rules")),
+        toml_str(dir.join("data")),
+    );
+    ChildDaemon::start(dir, run, &config).await
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -736,7 +673,7 @@ async fn daemon_kill_9_mid_stream_loses_nothing_and_duplicates_at_most_prefetch(
     let dir = tempfile::tempdir().unwrap();
     std::fs::create_dir(dir.path().join("rules")).unwrap();
     write_forward_rule(&dir.path().join("rules"), &dest);
-    let first = DaemonProcess::start(dir.path(), &source, PREFETCH, 1).await;
+    let first = start_daemon(dir.path(), &source, PREFETCH, 1).await;
 
     let progress = Arc::new(Progress::default());
     let publisher = tokio::spawn(publish_stream(
@@ -779,7 +716,7 @@ async fn daemon_kill_9_mid_stream_loses_nothing_and_duplicates_at_most_prefetch(
     );
     drop(first);
 
-    let second = DaemonProcess::start(dir.path(), &source, PREFETCH, 2).await;
+    let second = start_daemon(dir.path(), &source, PREFETCH, 2).await;
     let published = tokio::time::timeout(Duration::from_secs(70), publisher)
         .await
         .expect("the publisher finishes")

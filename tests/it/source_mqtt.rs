@@ -13,7 +13,7 @@ use std::time::{Duration, Instant};
 use iotfwd::config::mqtt::{MqttConfig, MqttSourceConfig};
 use rumqttc::{AsyncClient, Event, MqttOptions, Packet, QoS};
 
-use super::harness::{Daemon, eventually, http_address_in_log, metric, tool_missing, unique};
+use super::harness::{ChildDaemon, Daemon, eventually, metric, tool_missing, unique};
 use super::rabbit::{BROKER, channel, cleanup, drain, exchange_with_queue, queue_depth};
 
 /// A Mosquitto of this test's own, stopped (SIGKILL) when dropped.
@@ -288,80 +288,37 @@ async fn qos1_messages_reach_every_rule_and_a_bad_topic_is_1903() {
     let _ = conn.close(200, "".into()).await;
 }
 
-/// The real binary as a child process, SIGKILLed on drop.
-struct Child {
-    child: std::process::Child,
-    base: String,
-    log: PathBuf,
-}
-
-impl Child {
-    async fn start(dir: &Path, mqtt_url: &str, client_id: &str, run: usize) -> Child {
-        let config = dir.join(format!("iotfwd-{run}.toml"));
-        let quoted = |p: PathBuf| format!("{:?}", p.display().to_string());
-        std::fs::write(
-            &config,
-            format!(
-                "[http]\nlisten = \"127.0.0.1:0\"\n[rules]\ndir = {}\n[data]\ndir = {}\n\
-                 [subscription]\nenabled = false\n\
-                 [broker]\nurl = \"{BROKER}\"\n\
-                 [mqtt]\nurl = \"{mqtt_url}\"\nclient_id = \"{client_id}\"\n\
-                 [source.mqtt]\nsubscribe = [\"/p1/#\"]\nmax_inflight = 100\n",
-                quoted(dir.join("rules")),
-                quoted(dir.join("data")),
-            ),
-        )
-        .unwrap();
-        let log = dir.join(format!("iotfwd-{run}.log"));
-        let out = std::fs::File::create(&log).unwrap();
-        let child = Command::new(super::harness::daemon_binary())
-            .arg("run")
-            .arg("--config")
-            .arg(&config)
-            .env_remove("RUST_LOG")
-            .stdin(Stdio::null())
-            .stdout(out.try_clone().unwrap())
-            .stderr(out)
-            .spawn()
-            .expect("run iotfwd");
-        let Some(addr) = http_address_in_log(&log).await else {
-            let text = std::fs::read_to_string(&log).unwrap_or_default();
-            panic!("iotfwd (run {run}) did not say where it listens; its log:\n{text}");
-        };
-        let c = Child {
-            child,
-            base: format!("http://{addr}"),
-            log,
-        };
-        let deadline = Instant::now() + Duration::from_secs(30);
-        loop {
-            let health: serde_json::Value =
-                match reqwest::get(format!("{}/api/v1/health", c.base)).await {
-                    Ok(r) => r.json().await.unwrap_or_default(),
-                    Err(_) => serde_json::Value::Null,
-                };
-            if health["mqtt"]["connected"] == true {
-                break;
-            }
-            assert!(
-                Instant::now() < deadline,
-                "iotfwd (run {run}) did not subscribe within 30 s; its log:\n{}",
-                c.log_text()
-            );
-            tokio::time::sleep(Duration::from_millis(50)).await;
+/// The real binary on `dir`'s rules, subscribed to `mqtt_url` as `client_id` and forwarding
+/// to the shared RabbitMQ: the `run`-th start in `dir`; returns once its MQTT source is
+/// connected (at most 30 s).
+async fn start_daemon(dir: &Path, mqtt_url: &str, client_id: &str, run: usize) -> ChildDaemon {
+    let quoted = |p: PathBuf| format!("{:?}", p.display().to_string());
+    let config = format!(
+        "[http]\nlisten = \"127.0.0.1:0\"\n[rules]\ndir = {}\n[data]\ndir = {}\n\
+         [subscription]\nenabled = false\n\
+         [broker]\nurl = \"{BROKER}\"\n\
+         [mqtt]\nurl = \"{mqtt_url}\"\nclient_id = \"{client_id}\"\n\
+         [source.mqtt]\nsubscribe = [\"/p1/#\"]\nmax_inflight = 100\n",
+        quoted(dir.join("rules")),
+        quoted(dir.join("data")),
+    );
+    let c = ChildDaemon::start(dir, run, &config).await;
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let health: serde_json::Value =
+            match reqwest::get(format!("{}/api/v1/health", c.base)).await {
+                Ok(r) => r.json().await.unwrap_or_default(),
+                Err(_) => serde_json::Value::Null,
+            };
+        if health["mqtt"]["connected"] == true {
+            return c;
         }
-        c
-    }
-
-    fn log_text(&self) -> String {
-        std::fs::read_to_string(&self.log).unwrap_or_default()
-    }
-}
-
-impl Drop for Child {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
+        assert!(
+            Instant::now() < deadline,
+            "iotfwd (run {run}) did not subscribe within 30 s; its log:\n{}",
+            c.log_text()
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
     }
 }
 
@@ -382,7 +339,7 @@ async fn kill_9_mid_stream_loses_nothing() {
     write_rules(&dir.path().join("rules"), &exchange);
     let client_id = format!("iotfwd-kill-{}", uuid::Uuid::new_v4().simple());
     let url = mosquitto.url();
-    let mut first = Child::start(dir.path(), &url, &client_id, 1).await;
+    let mut first = start_daemon(dir.path(), &url, &client_id, 1).await;
 
     let publisher = tokio::spawn(publish_all(mosquitto.port, stream(N)));
     let deadline = Instant::now() + Duration::from_secs(60);
@@ -403,7 +360,7 @@ async fn kill_9_mid_stream_loses_nothing() {
     let at_kill = queue_depth(&conn, &queue).await.unwrap_or(0);
     drop(first);
 
-    let second = Child::start(dir.path(), &url, &client_id, 2).await;
+    let second = start_daemon(dir.path(), &url, &client_id, 2).await;
     tokio::time::timeout(Duration::from_secs(120), publisher)
         .await
         .expect("the publisher finishes")
