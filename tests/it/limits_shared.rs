@@ -216,3 +216,28 @@ async fn health_shows_an_unreachable_quota_backend_and_forwards_are_refused_as_t
     assert_eq!(health["status"], "degraded", "{health}");
     d.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_lease_left_unspent_goes_back_to_the_bucket_when_it_expires() {
+    // One token a second, a bucket of 10: process a leases all 10 for one forward.
+    let config = shared_config(&tenant_quota(1, 10, 10, "lease_ttl_ms = 100\n"), REDIS);
+    let (a, b) = (limiter(&config, None), limiter(&config, None));
+    a.acquire("pk1", "d", None, None).await.unwrap();
+    let refused = b.acquire("pk1", "d", None, None).await.unwrap_err();
+    assert_eq!(
+        refused.scope,
+        Scope::Tenant,
+        "a holds the rest of the bucket"
+    );
+    // Once a's lease has expired, its pruner hands the 9 unspent tokens back.
+    let pruner = a.spawn_pruner(Duration::from_millis(100));
+    tokio::time::sleep(Duration::from_millis(400)).await;
+    let mut allowed = 0;
+    for _ in 0..9 {
+        if b.acquire("pk1", "d", None, None).await.is_ok() {
+            allowed += 1;
+        }
+    }
+    pruner.abort();
+    assert!(allowed >= 8, "b got {allowed} of the 9 a handed back");
+}
