@@ -2,25 +2,16 @@
 //! is recorded as delivered.
 
 use iotfwd::config::subscription::GroupConfig;
-use lapin::ExchangeKind;
-use lapin::options::{ExchangeDeclareOptions, QueueDeleteOptions};
-use lapin::types::FieldTable;
+use lapin::options::QueueDeleteOptions;
 
 use super::harness::{BROKER, Daemon, metric, unique};
-use super::rabbit::{channel, cleanup, queue_depth};
+use super::rabbit::{channel, cleanup, declare_topic_exchange, queue_depth};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_unroutable_publish_is_9332_never_200() {
     let (_conn, ch) = channel(BROKER).await;
     let exchange = unique("unbound");
-    ch.exchange_declare(
-        exchange.as_str().into(),
-        ExchangeKind::Topic,
-        ExchangeDeclareOptions::default(),
-        FieldTable::default(),
-    )
-    .await
-    .unwrap();
+    declare_topic_exchange(&ch, &exchange).await;
     let dir = tempfile::tempdir().unwrap();
     std::fs::write(
         dir.path().join("fwd.toml"),

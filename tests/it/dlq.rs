@@ -11,16 +11,13 @@ use fe2o3_amqp::types::primitives::Value as AmqpValue;
 use iotfwd::client::{Consumer, ConsumerOptions, describe};
 use iotfwd::config::broker::{AmqpSourceConfig, TopicFrom};
 use iotfwd::config::subscription::GroupConfig;
-use lapin::options::{
-    BasicPublishOptions, ConfirmSelectOptions, ExchangeDeclareOptions, QueueBindOptions,
-    QueueDeclareOptions,
-};
+use lapin::options::{BasicPublishOptions, ConfirmSelectOptions, ExchangeDeclareOptions};
 use lapin::types::{AMQPValue, FieldTable};
 use lapin::{BasicProperties, ExchangeKind};
 use serde_json::{Value, json};
 
 use super::harness::{BROKER, Daemon, eventually, metric, unique};
-use super::rabbit::{channel, cleanup, drain, queue_depth};
+use super::rabbit::{bind_new_queue, channel, cleanup, declare_topic_exchange, drain, queue_depth};
 
 /// What a test saw become of its messages. `lost` is what is neither delivered nor waiting in
 /// the dead-letter queue.
@@ -80,38 +77,6 @@ async fn trace(daemon: &Daemon, id: &str, want: impl Fn(&Value) -> bool) -> Vec<
         },
     )
     .await
-}
-
-async fn declare_topic_exchange(ch: &lapin::Channel, name: &str) {
-    ch.exchange_declare(
-        name.into(),
-        ExchangeKind::Topic,
-        ExchangeDeclareOptions::default(),
-        FieldTable::default(),
-    )
-    .await
-    .unwrap();
-}
-
-async fn bind_new_queue(ch: &lapin::Channel, exchange: &str, key: &str) -> String {
-    let q = unique("q");
-    ch.queue_declare(
-        q.as_str().into(),
-        QueueDeclareOptions::default(),
-        FieldTable::default(),
-    )
-    .await
-    .unwrap();
-    ch.queue_bind(
-        q.as_str().into(),
-        exchange.into(),
-        key.into(),
-        QueueBindOptions::default(),
-        FieldTable::default(),
-    )
-    .await
-    .unwrap();
-    q
 }
 
 fn write_rule(dir: &Path, name: &str, text: &str) {

@@ -21,6 +21,14 @@ pub async fn channel(url: &str) -> (Connection, Channel) {
 
 /// Declares a fanout-free topic exchange bound to a fresh queue with routing key `#`.
 pub async fn exchange_with_queue(ch: &Channel, name: &str) -> String {
+    declare_topic_exchange(ch, name).await;
+    let queue = format!("{name}.q");
+    declare_bound_queue(ch, &queue, name, "#").await;
+    queue
+}
+
+/// A (non-durable) topic exchange `name`.
+pub async fn declare_topic_exchange(ch: &Channel, name: &str) {
     ch.exchange_declare(
         name.into(),
         ExchangeKind::Topic,
@@ -29,24 +37,32 @@ pub async fn exchange_with_queue(ch: &Channel, name: &str) -> String {
     )
     .await
     .unwrap();
-    let queue = format!("{name}.q");
+}
+
+/// A new uniquely named queue bound to `exchange` with `key`; its name.
+pub async fn bind_new_queue(ch: &Channel, exchange: &str, key: &str) -> String {
+    let queue = super::harness::unique("q");
+    declare_bound_queue(ch, &queue, exchange, key).await;
+    queue
+}
+
+async fn declare_bound_queue(ch: &Channel, queue: &str, exchange: &str, key: &str) {
     ch.queue_declare(
-        queue.as_str().into(),
+        queue.into(),
         QueueDeclareOptions::default(),
         FieldTable::default(),
     )
     .await
     .unwrap();
     ch.queue_bind(
-        queue.as_str().into(),
-        name.into(),
-        "#".into(),
+        queue.into(),
+        exchange.into(),
+        key.into(),
         QueueBindOptions::default(),
         FieldTable::default(),
     )
     .await
     .unwrap();
-    queue
 }
 
 pub async fn cleanup(ch: &Channel, exchanges: &[&str], queues: &[&str]) {
