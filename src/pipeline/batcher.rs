@@ -9,7 +9,7 @@ use futures::FutureExt;
 use tokio::sync::mpsc;
 
 use super::Submission;
-use super::order::{Lanes, Slot};
+use super::order::{Lanes, Turn};
 use super::report::{Evaluated, MessageReport, finish_message};
 use crate::action::Dispatcher;
 use crate::config::Ordering;
@@ -86,13 +86,13 @@ impl Batcher {
                     // Each group is one device's messages (or one message, without order):
                     // groups run concurrently, the messages of a group one after another once
                     // the device's earlier messages are terminal.
-                    let runs = groups.into_iter().map(|(slot, group)| {
+                    let runs = groups.into_iter().map(|(turn, group)| {
                         let (dispatcher, outcomes, msgs) = (&dispatcher, &outcomes, &msgs);
                         let replay = replay.as_ref();
                         async move {
-                            let mut slot: Option<Slot> = slot;
-                            if let Some(slot) = &mut slot {
-                                slot.wait().await;
+                            let mut turn: Option<Turn> = turn;
+                            if let Some(turn) = &mut turn {
+                                turn.wait().await;
                             }
                             let mut reports = Vec::with_capacity(group.len());
                             for (i, r) in group {
@@ -100,8 +100,8 @@ impl Batcher {
                                     finish_message(dispatcher, outcomes, &msgs[i], r, replay).await;
                                 reports.push((i, report));
                             }
-                            // Dropping the slot lets the device's next messages go.
-                            drop(slot);
+                            // Dropping the turn lets the device's next messages go.
+                            drop(turn);
                             reports
                         }
                     });
@@ -135,9 +135,9 @@ impl Batcher {
 }
 
 /// A submission's messages grouped by device, in input order within each group, each group
-/// with its slot in the device's lane (behind the device's messages of earlier submissions);
-/// a message no rule keeps in order is a group of its own, without a slot.
-type Groups = Vec<(Option<Slot>, Vec<(usize, Evaluated)>)>;
+/// with its turn in the device's lane (behind the device's messages of earlier submissions);
+/// a message no rule keeps in order is a group of its own, without a turn.
+type Groups = Vec<(Option<Turn>, Vec<(usize, Evaluated)>)>;
 
 fn by_device(
     lanes: &mut Lanes,

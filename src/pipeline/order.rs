@@ -34,7 +34,9 @@ impl Turns {
     }
 }
 
-/// One submission's place in its source's order; see [`Turns`].
+/// A place in an order: one submission's in its source's order (see [`Turns`]), or one
+/// group of a device's messages in that device's lane (see [`Lanes`]). It goes after the turn
+/// before it, and the turn after it may go once it is [`Turn::entered`] or dropped.
 pub struct Turn {
     after: Option<oneshot::Receiver<()>>,
     done: Option<oneshot::Sender<()>>,
@@ -49,7 +51,7 @@ impl Turn {
         }
     }
 
-    /// Waits until the turn before this one entered the queue (or was dropped).
+    /// Waits until the turn before this one is over (entered, or dropped).
     pub async fn wait(&mut self) {
         if let Some(after) = &mut self.after {
             // An error means the sender was dropped: that turn is over either way.
@@ -76,31 +78,17 @@ pub(super) struct Lanes {
     prune_at: usize,
 }
 
-/// A group of one device's messages: it starts after `after` and signals its end by dropping
-/// `done`.
-pub(super) struct Slot {
-    after: Option<oneshot::Receiver<()>>,
-    /// Never sent on: dropping it (with the slot) is the signal.
-    _done: oneshot::Sender<()>,
-}
-
-impl Slot {
-    /// Waits until the device's earlier messages are terminal.
-    pub async fn wait(&mut self) {
-        if let Some(after) = &mut self.after {
-            let _ = after.await;
-            self.after = None;
-        }
-    }
-}
-
 impl Lanes {
-    /// The slot of the next group of `device`'s messages, behind every group taken before.
-    pub fn take(&mut self, product_key: &str, device_name: &str) -> Slot {
+    /// The turn of the next group of `device`'s messages, behind every group taken before; the
+    /// group ends (and the next may go) when the turn is dropped.
+    pub fn take(&mut self, product_key: &str, device_name: &str) -> Turn {
         let (done, rx) = oneshot::channel();
         let key = (product_key.to_owned(), device_name.to_owned());
         let after = self.tails.insert(key, rx);
-        Slot { after, _done: done }
+        Turn {
+            after,
+            done: Some(done),
+        }
     }
 
     /// Drops the lanes of devices with nothing in flight, once the map has grown.
@@ -151,9 +139,9 @@ mod tests {
         let mut lanes = Lanes::default();
         let mut held = Vec::new();
         for i in 0..2000 {
-            let slot = lanes.take("pk", &format!("d{i}"));
+            let turn = lanes.take("pk", &format!("d{i}"));
             if i % 2 == 0 {
-                held.push(slot);
+                held.push(turn);
             }
         }
         lanes.prune();
