@@ -189,22 +189,22 @@ pub async fn run_from_file(
     }
     // Without a broker, the spool on disk keeps the dead-letter queue and the consumer-group
     // backlogs (one handle, one writer thread).
-    let spool = match &broker {
-        None => Some(crate::spool::Spool::open(&crate::spool::Spool::path_in(
-            &config.data.dir,
-        ))?),
-        Some(_) => None,
-    };
-    let dead_letters = match (&broker, &config.broker, &spool) {
-        (Some(b), Some(bc), _) => crate::action::dead_letter::DeadLetters::on_broker(
-            Arc::clone(b),
-            &bc.dead_letter_exchange,
-            outcomes.clone(),
+    let (spool, dead_letters) = match (&broker, &config.broker) {
+        (Some(b), Some(bc)) => (
+            None,
+            crate::action::dead_letter::DeadLetters::on_broker(
+                Arc::clone(b),
+                &bc.dead_letter_exchange,
+                outcomes.clone(),
+            ),
         ),
-        (_, _, Some(spool)) => {
-            crate::action::dead_letter::DeadLetters::in_spool(spool.clone(), outcomes.clone())
+        _ => {
+            let path = crate::spool::Spool::path_in(&config.data.dir);
+            let spool = crate::spool::Spool::open(&path)?;
+            let dead_letters =
+                crate::action::dead_letter::DeadLetters::in_spool(spool.clone(), outcomes.clone());
+            (Some(spool), dead_letters)
         }
-        _ => unreachable!("a spool is opened whenever there is no broker"),
     };
     dispatcher = dispatcher.with_dead_letters(dead_letters.clone());
     if let Some(mqtt) = &config.mqtt {
