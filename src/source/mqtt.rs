@@ -19,10 +19,11 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
-use rumqttc::{AsyncClient, ConnectionError, Event, MqttOptions, Packet, Publish, QoS};
+use rumqttc::{AsyncClient, Event, MqttOptions, Packet, Publish, QoS};
 use tokio::sync::{Semaphore, mpsc, watch};
 use tokio::task::JoinSet;
 
+use crate::action::mqtt::describe;
 use crate::config::mqtt::{MqttConfig, MqttSourceConfig};
 use crate::message::{Identity, Message};
 use crate::outcome::Failure;
@@ -353,23 +354,5 @@ impl Handle {
         } else {
             let _ = self.requeue.send(());
         }
-    }
-}
-
-/// A connection error as an operator reads it.
-fn describe(e: &ConnectionError) -> String {
-    use rumqttc::ConnectReturnCode as C;
-    match e {
-        ConnectionError::ConnectionRefused(C::BadUserNamePassword) => {
-            "the broker refused the login: bad user name or password (mqtt.username, mqtt.password_env / password_file)".into()
-        }
-        ConnectionError::ConnectionRefused(C::NotAuthorized) => {
-            "the broker refused the connection: not authorized".into()
-        }
-        ConnectionError::ConnectionRefused(C::BadClientId) => {
-            "the broker refused the client id (mqtt.client_id)".into()
-        }
-        ConnectionError::ConnectionRefused(code) => format!("the broker refused the connection: {code:?}"),
-        other => format!("connection lost or refused: {other}"),
     }
 }

@@ -22,6 +22,7 @@ mod health;
 mod limits;
 mod limits_shared;
 mod logs;
+mod mqtt_auth;
 mod ordering;
 mod rabbit;
 mod reload;

@@ -29,6 +29,12 @@ impl Mosquitto {
     /// Starts one on a port the kernel picked a moment ago; None (after `tool_missing`) when
     /// mosquitto is not installed.
     pub fn start() -> Option<Mosquitto> {
+        Mosquitto::start_with(|_| "allow_anonymous true\n".into())
+    }
+
+    /// [`Mosquitto::start`] with the access settings `access` returns, given the broker's own
+    /// directory (where it may write a password or ACL file).
+    pub fn start_with(access: impl FnOnce(&Path) -> String) -> Option<Mosquitto> {
         let binary = ["/usr/sbin/mosquitto", "/usr/bin/mosquitto"]
             .into_iter()
             .find(|p| Path::new(p).exists());
@@ -48,10 +54,11 @@ impl Mosquitto {
             .map(|a| a.port())
             .expect("a port for the test's Mosquitto");
         let conf = dir.path().join("mosquitto.conf");
+        let access = access(dir.path());
         std::fs::write(
             &conf,
             format!(
-                "listener {port} 127.0.0.1\nallow_anonymous true\npersistence true\n\
+                "listener {port} 127.0.0.1\n{access}persistence true\n\
                  persistence_location {}/\nmax_queued_messages 0\nmax_inflight_messages 100\n\
                  log_dest file {}\n",
                 dir.path().display(),
@@ -113,12 +120,24 @@ impl Drop for Mosquitto {
 
 /// Publishes every `(topic, payload)` at QoS 1 and returns once the broker acknowledged all.
 pub async fn publish_all(port: u16, messages: Vec<(String, Vec<u8>)>) {
+    publish_all_as(port, None, messages).await
+}
+
+/// [`publish_all`] logged in with `credentials` (user name, password).
+pub async fn publish_all_as(
+    port: u16,
+    credentials: Option<(&str, &str)>,
+    messages: Vec<(String, Vec<u8>)>,
+) {
     let mut options = MqttOptions::new(
         format!("pub-{}", uuid::Uuid::new_v4().simple()),
         "127.0.0.1",
         port,
     );
     options.set_inflight(100);
+    if let Some((user, password)) = credentials {
+        options.set_credentials(user, password);
+    }
     let (client, mut events) = AsyncClient::new(options, 100);
     let total = messages.len();
     let sender = tokio::spawn(async move {

@@ -5,15 +5,17 @@
 //! PUBACK; publishes are pipelined under the client's window (`source.mqtt`-independent: the
 //! publisher has its own connection, client id `<mqtt.client_id>-out`, clean session), opened
 //! at the first publish and kept. Failures: a topic that resolves to something a publish
-//! cannot carry is 9321; the broker unreachable, or the connection lost before the PUBACK, is
-//! 9325 and retried under the action's `retry` (so a message may arrive twice, never lost).
+//! cannot carry is 9321; a login the broker refuses (bad user name or password, not
+//! authorized) is 9333, not retried; the broker unreachable, or the connection lost before the
+//! PUBACK, is 9325 and retried under the action's `retry` (so a message may arrive twice, never
+//! lost).
 
 use std::collections::{HashMap, VecDeque};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use backon::Retryable;
-use rumqttc::{AsyncClient, Event, MqttOptions, Outgoing, Packet, QoS};
+use rumqttc::{AsyncClient, ConnectionError, Event, MqttOptions, Outgoing, Packet, QoS};
 use tokio::sync::{mpsc, oneshot};
 
 use super::{Body, Destination, Job};
@@ -61,6 +63,38 @@ impl Mqtt {
         Ok(Mqtt {
             publisher: Some(tx),
         })
+    }
+}
+
+/// A connection error as an operator reads it (the source's and the publisher's).
+pub fn describe(e: &ConnectionError) -> String {
+    use rumqttc::ConnectReturnCode as C;
+    match e {
+        ConnectionError::ConnectionRefused(C::BadUserNamePassword) => {
+            "the broker refused the login: bad user name or password (mqtt.username, mqtt.password_env / password_file)".into()
+        }
+        // Mosquitto answers a wrong password so too.
+        ConnectionError::ConnectionRefused(C::NotAuthorized) => {
+            "the broker refused the login: not authorized (check mqtt.username, the password in mqtt.password_env / password_file, and the broker's access rules)".into()
+        }
+        ConnectionError::ConnectionRefused(C::BadClientId) => {
+            "the broker refused the client id (mqtt.client_id)".into()
+        }
+        ConnectionError::ConnectionRefused(code) => format!("the broker refused the connection: {code:?}"),
+        other => format!("connection lost or refused: {other}"),
+    }
+}
+
+/// The failure of the publishes a connection ending with `e` leaves unanswered: a login the
+/// broker refused is 9333 and final (a retry cannot fix the credentials), anything else 9325.
+fn connection_failure(e: &ConnectionError) -> Failure {
+    use rumqttc::ConnectReturnCode as C;
+    let reason = format!("MQTT publisher: {}", describe(e));
+    match e {
+        ConnectionError::ConnectionRefused(C::BadUserNamePassword | C::NotAuthorized) => {
+            Failure::access_refused(reason)
+        }
+        _ => Failure::unreachable(reason),
     }
 }
 
@@ -163,14 +197,14 @@ impl Waiting {
         self.queued.len() + self.by_pkid.values().map(VecDeque::len).sum::<usize>()
     }
 
-    fn fail_all(&mut self, reason: &str) {
+    fn fail_all(&mut self, failure: &Failure) {
         let waiters = self
             .queued
             .drain(..)
             .map(|(_, w)| w)
             .chain(self.by_pkid.drain().flat_map(|(_, q)| q));
         for w in waiters {
-            let _ = w.send(Err(Failure::unreachable(reason.to_owned())));
+            let _ = w.send(Err(failure.clone()));
         }
     }
 }
@@ -191,7 +225,7 @@ async fn connection_task(
         let waiting = Arc::new(Mutex::new(Waiting::default()));
         let mut pending = Some(first);
         let mut connected = false;
-        let reason = loop {
+        let failure = loop {
             if connected && let Some(p) = pending.take() {
                 waiting
                     .lock()
@@ -199,7 +233,9 @@ async fn connection_task(
                     .queued
                     .push_back((p.qos, p.done));
                 if let Err(e) = client.try_publish(p.topic, p.qos, p.retain, p.payload) {
-                    break format!("cannot hand the publish to the MQTT client: {e}");
+                    break Failure::unreachable(format!(
+                        "cannot hand the publish to the MQTT client: {e}"
+                    ));
                 }
             }
             // Take the next publish only while the client's request channel has room.
@@ -235,23 +271,23 @@ async fn connection_task(
                         }
                     }
                     Ok(_) => {}
-                    Err(e) => break format!("MQTT broker unreachable: {e}"),
+                    Err(e) => break connection_failure(&e),
                 },
             }
         };
-        tracing::warn!("MQTT publisher: {reason}; reconnecting at the next publish");
+        tracing::warn!("{}; reconnecting at the next publish", failure.reason());
         waiting
             .lock()
             .unwrap_or_else(|e| e.into_inner())
-            .fail_all(&reason);
+            .fail_all(&failure);
         if let Some(p) = pending.take() {
-            let _ = p.done.send(Err(Failure::unreachable(reason.clone())));
+            let _ = p.done.send(Err(failure.clone()));
         }
         // Fail what queued up meanwhile (the callers retry), after a pause.
         tokio::time::sleep(delay).await;
         delay = (delay * 2).min(max_delay);
         while let Ok(p) = rx.try_recv() {
-            let _ = p.done.send(Err(Failure::unreachable(reason.clone())));
+            let _ = p.done.send(Err(failure.clone()));
         }
         next = rx.recv().await;
     }
