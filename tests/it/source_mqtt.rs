@@ -311,13 +311,24 @@ async fn qos1_messages_reach_every_rule_and_a_bad_topic_is_1903() {
 /// to the shared RabbitMQ: the `run`-th start in `dir`; returns once its MQTT source is
 /// connected (at most 30 s).
 async fn start_daemon(dir: &Path, mqtt_url: &str, client_id: &str, run: usize) -> ChildDaemon {
+    start_daemon_with(dir, mqtt_url, client_id, run, "").await
+}
+
+/// [`start_daemon`] with `more` added to its `[source.mqtt]`.
+async fn start_daemon_with(
+    dir: &Path,
+    mqtt_url: &str,
+    client_id: &str,
+    run: usize,
+    more: &str,
+) -> ChildDaemon {
     let quoted = |p: PathBuf| format!("{:?}", p.display().to_string());
     let config = format!(
         "[http]\nlisten = \"127.0.0.1:0\"\n[rules]\ndir = {}\n[data]\ndir = {}\n\
          [subscription]\nenabled = false\n\
          [broker]\nurl = \"{BROKER}\"\n\
          [mqtt]\nurl = \"{mqtt_url}\"\nclient_id = \"{client_id}\"\n\
-         [source.mqtt]\nsubscribe = [\"/p1/#\"]\nmax_inflight = 100\n",
+         [source.mqtt]\nsubscribe = [\"/p1/#\"]\nmax_inflight = 100\n{more}",
         quoted(dir.join("rules")),
         quoted(dir.join("data")),
     );
@@ -339,6 +350,82 @@ async fn start_daemon(dir: &Path, mqtt_url: &str, client_id: &str, run: usize) -
         );
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
+}
+
+/// Two iotfwd processes in one shared subscription (`share_group`: `$share/<group>/<filter>`)
+/// split the stream: every message reaches RabbitMQ exactly once (no fault, so no
+/// redelivery), and both processes take part.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_processes_in_one_share_group_split_the_stream() {
+    const N: usize = 4_000;
+    let Some(mosquitto) = Mosquitto::start() else {
+        return;
+    };
+    let exchange = unique("mqtt-share");
+    let (conn, ch) = channel(BROKER).await;
+    let queue = exchange_with_queue(&ch, &exchange).await;
+    let _cleanup = Cleanup {
+        exchange: exchange.clone(),
+        queue: queue.clone(),
+    };
+    let url = mosquitto.url();
+    let group = format!("share_group = \"{}\"\n", unique("iotfwd"));
+    let (a, b) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    let mut daemons = Vec::new();
+    for (i, dir) in [&a, &b].into_iter().enumerate() {
+        write_rules(&dir.path().join("rules"), &exchange);
+        let client_id = format!("iotfwd-share-{i}-{}", uuid::Uuid::new_v4().simple());
+        daemons.push(start_daemon_with(dir.path(), &url, &client_id, 1, &group).await);
+    }
+    publish_all(mosquitto.port, stream(N)).await;
+    // Each process's share, once both are done.
+    let matched =
+        |scrape: &str| metric(scrape, "iotfwd_rule_matched_total", &[("rule", "forward")]);
+    let delivered = |scrape: &str| {
+        metric(
+            scrape,
+            "iotfwd_action_success_total",
+            &[("rule", "forward")],
+        )
+    };
+    let shares = eventually(
+        "both processes to have forwarded all N between them",
+        || async {
+            let mut shares = Vec::new();
+            let mut done = 0.0;
+            for d in &daemons {
+                let scrape = d.metrics().await;
+                shares.push(matched(&scrape));
+                done += delivered(&scrape);
+            }
+            (done >= N as f64).then_some(shares)
+        },
+    )
+    .await;
+    let (missing, duplicates, total) = tally(&queue, N).await;
+    println!(
+        "mqtt share group: {N} published, {total} forwarded ({} + {} per process), {} missing, \
+         {duplicates} duplicates",
+        shares[0],
+        shares[1],
+        missing.len()
+    );
+    assert!(
+        missing.is_empty(),
+        "{} never reached RabbitMQ",
+        missing.len()
+    );
+    assert_eq!(duplicates, 0, "nothing doubled without a fault");
+    assert_eq!(
+        shares[0] + shares[1],
+        N as f64,
+        "each message taken by one process"
+    );
+    assert!(
+        shares.iter().all(|&s| s > 0.0),
+        "both processes take part: {shares:?}"
+    );
+    let _ = conn.close(200, "".into()).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
