@@ -560,3 +560,286 @@ max_wait_ms = 10000
         "per-device inversions under a waiting quota"
     );
 }
+
+/// How one consumer of a group behaves in the group tests.
+#[derive(Clone, Copy)]
+struct Behaviour {
+    /// Releases every `release_every`-th delivery it receives (0: none).
+    release_every: usize,
+    /// Once it has accepted this many, it closes its connection with the delivery in hand
+    /// unsettled.
+    leave_after: Option<usize>,
+}
+
+const ACCEPTS: Behaviour = Behaviour {
+    release_every: 0,
+    leave_after: None,
+};
+
+/// What one consumer did.
+#[derive(Debug, Default)]
+struct Tally {
+    accepted: usize,
+    released: usize,
+    left: bool,
+}
+
+/// Every accepted delivery, in the order the consumers accepted them (each consumer logs a
+/// delivery just before it sends its Accepted): `(device, n, consumer)`.
+type SettleLog = std::sync::Arc<std::sync::Mutex<Vec<(String, i64, usize)>>>;
+
+async fn consume(
+    mut c: iotfwd::client::Consumer,
+    me: usize,
+    how: Behaviour,
+    log: SettleLog,
+    done: tokio::sync::watch::Receiver<bool>,
+) -> Tally {
+    use fe2o3_amqp::types::messaging::Body;
+    use fe2o3_amqp::types::primitives::Value as AmqpValue;
+    let mut tally = Tally::default();
+    let mut received = 0;
+    while !*done.borrow() {
+        let next = tokio::time::timeout(
+            Duration::from_millis(100),
+            c.receiver.recv::<Body<AmqpValue>>(),
+        )
+        .await;
+        let d = match next {
+            Err(_) => continue,
+            Ok(Ok(d)) => d,
+            Ok(Err(e)) => panic!("consumer {me}: receive failed: {e}"),
+        };
+        received += 1;
+        if how.leave_after.is_some_and(|n| tally.accepted >= n) {
+            // Leaves with `d` unsettled: the group must redeliver it before the device's next.
+            tally.left = true;
+            break;
+        }
+        if how.release_every > 0 && received % how.release_every == 0 {
+            c.receiver.release(&d).await.unwrap();
+            tally.released += 1;
+            continue;
+        }
+        let body = iotfwd::client::body_json(&d);
+        let device = body["device"].as_str().expect("device").to_owned();
+        let n = body["n"].as_i64().expect("n");
+        log.lock().unwrap().push((device, n, me));
+        c.receiver.accept(&d).await.unwrap();
+        tally.accepted += 1;
+    }
+    c.close().await;
+    tally
+}
+
+/// One run of a consumer group fed by one NDJSON request of `count` messages of `devices`
+/// devices: the accepted order over all consumers, and what each consumer did.
+struct GroupRun {
+    log: Vec<(String, i64, usize)>,
+    tallies: Vec<Tally>,
+    count: usize,
+}
+
+impl GroupRun {
+    /// Distinct messages accepted (a message whose Accepted was lost with its connection may
+    /// be accepted twice).
+    fn arrived(&self) -> usize {
+        let distinct: std::collections::HashSet<(&str, i64)> =
+            self.log.iter().map(|(d, n, _)| (d.as_str(), *n)).collect();
+        distinct.len()
+    }
+
+    fn inversions(&self) -> usize {
+        let order: Vec<(String, i64)> = self.log.iter().map(|(d, n, _)| (d.clone(), *n)).collect();
+        inversions(&order)
+    }
+}
+
+/// A daemon whose rule forwards `/p1/+/post` to a group with `ordering` (its backlog in
+/// RabbitMQ with `broker`, else in the spool), one consumer per `consumers` entry connected
+/// before the messages come, until every message was accepted (at most 60 s).
+async fn group_run(
+    ordering: iotfwd::config::subscription::GroupOrdering,
+    broker: bool,
+    count: usize,
+    devices: usize,
+    consumers: &[Behaviour],
+) -> GroupRun {
+    let dir = tempfile::tempdir().unwrap();
+    // A group id of this run's own: with a broker, its backlog queue is on the shared RabbitMQ.
+    let id = unique("ord").replace("iotfwd-test-", "");
+    std::fs::write(
+        dir.path().join("to_group.toml"),
+        format!(
+            "sql = '''SELECT deviceName() AS device, n FROM \"/p1/+/post\"'''\n\
+             [[action]]\nto = \"group\"\ngroup = \"{id}\"\n"
+        ),
+    )
+    .unwrap();
+    let d = dir.path().to_owned();
+    let tweak = |c: &mut iotfwd::config::Config| {
+        c.subscription.listen = "127.0.0.1:0".into();
+        let mut g = super::action_group::group(&d, &id);
+        g.ordering = ordering;
+        g.ack_timeout_ms = 5_000;
+        c.group.push(g);
+    };
+    let daemon = if broker {
+        Daemon::start(dir.path(), tweak).await
+    } else {
+        Daemon::start_without_broker(dir.path(), tweak).await
+    };
+    daemon.wait_ready().await;
+    let url = format!("amqp://{}", daemon.amqp.expect("the endpoint listens"));
+    let log = SettleLog::default();
+    let (done_tx, done) = tokio::sync::watch::channel(false);
+    let mut tasks = Vec::new();
+    for (me, how) in consumers.iter().enumerate() {
+        let c = iotfwd::client::Consumer::connect(&super::action_group::options(&url, &id))
+            .await
+            .unwrap_or_else(|e| panic!("consumer {me} cannot connect: {e:#}"));
+        tasks.push(tokio::spawn(consume(
+            c,
+            me,
+            *how,
+            log.clone(),
+            done.clone(),
+        )));
+    }
+    let (status, report) = daemon
+        .post_to("/api/v1/messages", ndjson(count, devices))
+        .await;
+    assert_eq!(status, 200, "{report}");
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    loop {
+        let arrived = GroupRun {
+            log: log.lock().unwrap().clone(),
+            tallies: Vec::new(),
+            count,
+        }
+        .arrived();
+        if arrived >= count || std::time::Instant::now() > deadline {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    done_tx.send_replace(true);
+    let mut tallies = Vec::new();
+    for t in tasks {
+        tallies.push(t.await.unwrap());
+    }
+    daemon.stop().await;
+    if broker {
+        let (_conn, ch) = channel(BROKER).await;
+        cleanup(&ch, &[], &[&format!("iotfwd.group.{id}")]).await;
+    }
+    let log = log.lock().unwrap().clone();
+    GroupRun {
+        log,
+        tallies,
+        count,
+    }
+}
+
+/// Three consumers that release some deliveries (every 5th, 7th and 11th they receive), one
+/// of which leaves mid-stream with a delivery unsettled.
+const RELEASING_AND_LEAVING: [Behaviour; 3] = [
+    Behaviour {
+        release_every: 5,
+        leave_after: None,
+    },
+    Behaviour {
+        release_every: 7,
+        leave_after: None,
+    },
+    Behaviour {
+        release_every: 11,
+        leave_after: Some(150),
+    },
+];
+
+/// `[[group]] ordering = "device"`: 3 devices over 3 consumers that release and leave, with
+/// the backlog in the spool; each device's messages are accepted in order (0 inversions by
+/// accept order over all consumers). The same run with the default spreading prints its
+/// inversions: the count is able to see reordering.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_ordered_group_of_3_devices_keeps_order_over_consumers_that_release_and_leave() {
+    use iotfwd::config::subscription::GroupOrdering;
+    let run = group_run(
+        GroupOrdering::Device,
+        false,
+        3000,
+        3,
+        &RELEASING_AND_LEAVING,
+    )
+    .await;
+    println!("ordering = device: {:?}", run.tallies);
+    assert_eq!(run.arrived(), run.count, "every message is accepted");
+    assert!(
+        run.tallies.iter().map(|t| t.released).sum::<usize>() > 0,
+        "consumers released deliveries"
+    );
+    assert_eq!(run.inversions(), 0, "per-device inversions in accept order");
+
+    let run = group_run(
+        GroupOrdering::Spread,
+        false,
+        3000,
+        3,
+        &RELEASING_AND_LEAVING,
+    )
+    .await;
+    assert_eq!(run.arrived(), run.count, "every message is accepted");
+    println!(
+        "ordering = spread: {} per-device inversions in 3000 messages of 3 devices over 3 consumers ({:?})",
+        run.inversions(),
+        run.tallies
+    );
+}
+
+/// The same with 1000 devices interleaved and the backlog in a RabbitMQ queue: the leaving
+/// consumer's devices move to the others and continue in order.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_ordered_group_of_1000_devices_keeps_order_with_a_rabbitmq_backlog() {
+    use iotfwd::config::subscription::GroupOrdering;
+    let run = group_run(
+        GroupOrdering::Device,
+        true,
+        5000,
+        1000,
+        &RELEASING_AND_LEAVING,
+    )
+    .await;
+    println!("ordering = device: {:?}", run.tallies);
+    assert_eq!(run.arrived(), run.count, "every message is accepted");
+    assert!(run.tallies[2].left, "the third consumer left mid-stream");
+    assert!(
+        run.tallies.iter().all(|t| t.released > 0),
+        "{:?}",
+        run.tallies
+    );
+    assert_eq!(run.inversions(), 0, "per-device inversions in accept order");
+}
+
+/// With consumers that accept everything, each device stays on one consumer connection, and
+/// the devices are spread over all of them.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_ordered_group_keeps_each_device_on_one_consumer() {
+    use iotfwd::config::subscription::GroupOrdering;
+    let run = group_run(GroupOrdering::Device, false, 2000, 200, &[ACCEPTS; 3]).await;
+    assert_eq!(run.arrived(), run.count, "every message is accepted");
+    assert_eq!(run.inversions(), 0);
+    let mut consumer_of: HashMap<&str, std::collections::HashSet<usize>> = HashMap::new();
+    for (device, _, consumer) in &run.log {
+        consumer_of.entry(device).or_default().insert(*consumer);
+    }
+    let moved: Vec<_> = consumer_of.iter().filter(|(_, c)| c.len() > 1).collect();
+    assert!(moved.is_empty(), "devices on several consumers: {moved:?}");
+    for (me, t) in run.tallies.iter().enumerate() {
+        assert!(
+            t.accepted > 0,
+            "consumer {me} got no device: {:?}",
+            run.tallies
+        );
+    }
+}
