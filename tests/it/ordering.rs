@@ -843,3 +843,105 @@ async fn an_ordered_group_keeps_each_device_on_one_consumer() {
         );
     }
 }
+
+/// Head-of-line is per device and destination: a rule with two actions, one to an exchange
+/// whose queue refuses publishes while full (its consumer away, so its messages are retried)
+/// and one to a healthy exchange. The healthy destination receives every message while the
+/// other one is still retrying; once its consumer comes, the full one receives them all too,
+/// and both in device order. (With one lane per device, the healthy destination would stop
+/// at the full queue's length.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_retry_on_one_destination_does_not_hold_the_devices_messages_to_another() {
+    const COUNT: usize = 600;
+    let (conn, ch) = channel(BROKER).await;
+    let stuck = unique("order-stuck");
+    let healthy = unique("order-healthy");
+    declare_topic_exchange(&ch, &stuck).await;
+    let stuck_queue = format!("{stuck}.q");
+    let mut args = FieldTable::default();
+    args.insert("x-max-length".into(), AMQPValue::LongInt(20));
+    args.insert(
+        "x-overflow".into(),
+        AMQPValue::LongString("reject-publish".into()),
+    );
+    ch.queue_declare(
+        stuck_queue.as_str().into(),
+        QueueDeclareOptions::default(),
+        args,
+    )
+    .await
+    .unwrap();
+    ch.queue_bind(
+        stuck_queue.as_str().into(),
+        stuck.as_str().into(),
+        "#".into(),
+        QueueBindOptions::default(),
+        FieldTable::default(),
+    )
+    .await
+    .unwrap();
+    let healthy_queue = exchange_with_queue(&ch, &healthy).await;
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(
+        dir.path().join("fwd.toml"),
+        format!(
+            "sql = '''SELECT deviceName() AS device, n FROM \"/p1/+/post\"'''\n\
+             [[action]]\nto = \"amqp\"\nexchange = \"{stuck}\"\nrouting_key = \"o\"\n\
+             retry = {{ max_retries = 1000, initial_delay_ms = 5, factor = 1.5, max_delay_ms = 50, deadline_ms = 120000 }}\n\
+             [[action]]\nto = \"amqp\"\nexchange = \"{healthy}\"\nrouting_key = \"o\"\n"
+        ),
+    )
+    .unwrap();
+    let d = Daemon::start(dir.path(), |_| {}).await;
+    d.wait_ready().await;
+    let post = {
+        let body = ndjson(COUNT, 3);
+        let base = d.base.clone();
+        tokio::spawn(async move {
+            let r = reqwest::Client::new()
+                .post(format!("{base}/api/v1/messages"))
+                .body(body)
+                .send()
+                .await
+                .unwrap();
+            r.status().as_u16()
+        })
+    };
+    eventually("the stuck destination's queue to fill up", || async {
+        (queue_depth(&conn, &stuck_queue).await == Some(20)).then_some(())
+    })
+    .await;
+    let healthy_depth = eventually("every message at the healthy destination", || async {
+        let n = queue_depth(&conn, &healthy_queue).await?;
+        (n as usize == COUNT).then_some(n)
+    })
+    .await;
+    // The other destination is still held: full, its publishes being retried.
+    assert_eq!(queue_depth(&conn, &stuck_queue).await, Some(20));
+    assert!(
+        !post.is_finished(),
+        "the request waits for the stuck destination"
+    );
+    let got_healthy = drain(&ch, &healthy_queue, COUNT, Duration::from_millis(300)).await;
+    let got_stuck = drain(&ch, &stuck_queue, COUNT, Duration::from_millis(500)).await;
+    assert_eq!(post.await.unwrap(), 200);
+    d.stop().await;
+    cleanup(&ch, &[&stuck, &healthy], &[&stuck_queue, &healthy_queue]).await;
+    let (healthy, stuck) = (arrivals(&got_healthy), arrivals(&got_stuck));
+    assert_eq!(healthy_depth as usize, COUNT);
+    assert_eq!(
+        (healthy.len(), stuck.len()),
+        (COUNT, COUNT),
+        "every message arrives once at each"
+    );
+    assert_eq!(
+        inversions(&healthy),
+        0,
+        "inversions at the healthy destination"
+    );
+    assert_eq!(
+        inversions(&stuck),
+        0,
+        "inversions at the retried destination"
+    );
+}
