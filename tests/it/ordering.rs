@@ -945,3 +945,87 @@ async fn a_retry_on_one_destination_does_not_hold_the_devices_messages_to_anothe
         "inversions at the retried destination"
     );
 }
+
+/// One NDJSON request of `count` messages of `devices` devices through a rule that publishes
+/// each output at QoS 1 to `<prefix>/out/<device>` on the machine's Mosquitto
+/// (127.0.0.1:1883), read by a real subscriber: (arrived, inversions).
+async fn mqtt_run(ordering: Ordering, count: usize, devices: usize) -> (usize, usize) {
+    use iotfwd::config::mqtt::MqttConfig;
+    use rumqttc::{AsyncClient, Event, MqttOptions, Packet, QoS};
+    let prefix = unique("order-mqtt-out");
+    let mut options = MqttOptions::new(format!("sub-{prefix}"), "127.0.0.1", 1883);
+    options.set_keep_alive(Duration::from_secs(30));
+    let (subscriber, mut events) = AsyncClient::new(options, 1000);
+    subscriber
+        .subscribe(format!("{prefix}/#"), QoS::AtLeastOnce)
+        .await
+        .unwrap();
+    loop {
+        match events
+            .poll()
+            .await
+            .expect("the subscriber connects to 127.0.0.1:1883")
+        {
+            Event::Incoming(Packet::SubAck(_)) => break,
+            _ => continue,
+        }
+    }
+    // Read while the daemon publishes: a subscriber that falls behind loses messages.
+    let topics = prefix.clone();
+    let reader = tokio::spawn(async move {
+        let mut arrived = Vec::with_capacity(count);
+        let _ = tokio::time::timeout(Duration::from_secs(60), async {
+            while arrived.len() < count {
+                match events.poll().await.expect("the subscriber stays connected") {
+                    Event::Incoming(Packet::Publish(p)) => {
+                        let v: Value = serde_json::from_slice(&p.payload).unwrap();
+                        let device = v["device"].as_str().expect("device").to_owned();
+                        assert_eq!(p.topic, format!("{topics}/out/{device}"));
+                        arrived.push((device, v["n"].as_i64().expect("n")));
+                    }
+                    _ => continue,
+                }
+            }
+        })
+        .await;
+        (arrived, subscriber)
+    });
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(
+        dir.path().join("fwd.toml"),
+        format!(
+            "sql = '''SELECT deviceName() AS device, n FROM \"/p1/+/post\"'''\n\
+             [[action]]\nto = \"mqtt\"\ntopic = \"{prefix}/out/${{device}}\"\nqos = 1\n"
+        ),
+    )
+    .unwrap();
+    let d = Daemon::start_without_broker(dir.path(), |c| {
+        c.engine.ordering = ordering;
+        c.subscription.enabled = false;
+        let mut mqtt = MqttConfig::new("mqtt://127.0.0.1:1883");
+        mqtt.client_id = unique("out");
+        c.mqtt = Some(mqtt);
+    })
+    .await;
+    d.wait_ready().await;
+    let (status, report) = d.post_to("/api/v1/messages", ndjson(count, devices)).await;
+    assert_eq!(status, 200, "{report}");
+    let (arrived, subscriber) = reader.await.unwrap();
+    let _ = subscriber.disconnect().await;
+    d.stop().await;
+    (arrived.len(), inversions(&arrived))
+}
+
+/// Into an MQTT topic: 3000 messages of 3 devices reach a real subscriber on the machine's
+/// Mosquitto in device order; without order the same run prints its inversions.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn into_an_mqtt_topic_3_devices_arrive_in_device_order() {
+    let (arrived, inverted) = mqtt_run(Ordering::Device, 3000, 3).await;
+    assert_eq!(arrived, 3000, "every message arrives once");
+    assert_eq!(inverted, 0, "per-device inversions at the MQTT subscriber");
+    let (arrived, inverted) = mqtt_run(Ordering::None, 3000, 3).await;
+    assert_eq!(arrived, 3000);
+    println!(
+        "ordering = none: {inverted} per-device inversions in 3000 messages of 3 devices into MQTT"
+    );
+}
