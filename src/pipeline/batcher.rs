@@ -25,7 +25,7 @@ pub(super) struct Batcher {
     pub batch_max: usize,
     /// How long a batch waits for more after its first message (`engine.batch_max_wait_ms`).
     pub wait: Duration,
-    /// `engine.ordering`: whether one device's messages are finished in order.
+    /// `engine.ordering`: whether one device's actions to each destination run in order.
     pub ordering: Ordering,
     /// Each device's actions in flight per destination, for the rules that keep order.
     pub lanes: Lanes,
