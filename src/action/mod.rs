@@ -41,6 +41,9 @@ use crate::rules::{ActionSpec, Rule};
 use dead_letter::{DeadLetter, DeadLetters, Origin};
 use destinations::Destinations;
 
+/// No turns to wait for: every action starts at once.
+const NO_TURNS: Vec<Option<std::future::Ready<()>>> = Vec::new();
+
 /// The terminal outcome of one action for one message, as the HTTP API reports it.
 #[derive(Clone, Debug, PartialEq, Serialize)]
 pub struct ActionReport {
@@ -206,7 +209,24 @@ impl Dispatcher {
         rule: &Rule,
         output: &Output,
     ) -> DispatchReport {
-        self.dispatch_to(message, rule, output, None).await
+        self.dispatch_to(message, rule, output, None, NO_TURNS)
+            .await
+    }
+
+    /// [`Dispatcher::dispatch`], or with `only` [`Dispatcher::replay`], in turn: action `i`
+    /// of `rule.actions` starts once `turns[i]` (when given) resolves, and holds what it
+    /// resolved to until the action is terminal (delivered, or taken by the error action or
+    /// the dead-letter queue). Whoever hands out the turns keeps an order per destination
+    /// with them (the pipeline's per-device order).
+    pub async fn dispatch_in_turn<F: Future>(
+        &self,
+        message: &Message,
+        rule: &Rule,
+        output: &Output,
+        only: Option<&str>,
+        turns: Vec<Option<F>>,
+    ) -> DispatchReport {
+        self.dispatch_to(message, rule, output, only, turns).await
     }
 
     /// A replay from the dead-letter queue: runs only the actions of `rule` whose destination
@@ -220,16 +240,17 @@ impl Dispatcher {
         output: &Output,
         destination: &str,
     ) -> DispatchReport {
-        self.dispatch_to(message, rule, output, Some(destination))
+        self.dispatch_to(message, rule, output, Some(destination), NO_TURNS)
             .await
     }
 
-    async fn dispatch_to(
+    async fn dispatch_to<F: Future>(
         &self,
         message: &Message,
         rule: &Rule,
         output: &Output,
         only: Option<&str>,
+        turns: Vec<Option<F>>,
     ) -> DispatchReport {
         if rule.actions.is_empty() {
             let content = serde_json::to_string(output).unwrap_or_default();
@@ -242,11 +263,18 @@ impl Dispatcher {
         // more (the fix was to change it), it runs the rule's actions as they are now.
         let replaying = only.is_some();
         let only = only.filter(|d| rule.actions.iter().any(|a| a.destination() == *d));
+        let mut turns = turns.into_iter();
         let actions = rule
             .actions
             .iter()
-            .filter(|a| only.is_none_or(|d| a.destination() == d));
-        let runs = actions.map(|action| async move {
+            .map(|a| (a, turns.next().flatten()))
+            .filter(|(a, _)| only.is_none_or(|d| a.destination() == d));
+        let runs = actions.map(|(action, turn)| async move {
+            // Held until this action is terminal, however it ends.
+            let _turn = match turn {
+                Some(turn) => Some(turn.await),
+                None => None,
+            };
             let mut report = self
                 .execute(message, rule, action, output, Body::Output)
                 .await;

@@ -55,7 +55,8 @@ pub struct EngineConfig {
     pub max_variants_per_rule: usize,
     /// `"device"`: the messages of one device (productKey + deviceName) that pass a rule
     /// reach each destination in the order they were received, while different devices
-    /// proceed in parallel; a message waiting for a retry holds the device's later messages.
+    /// proceed in parallel; a message waiting for a retry holds the device's later messages
+    /// to that destination.
     /// `"none"`: every message runs at once (the last bit of throughput, no order).
     /// See docs/ordering.md. Default `"device"`.
     pub ordering: Ordering,
@@ -65,7 +66,7 @@ pub struct EngineConfig {
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Deserialize, Serialize)]
 #[serde(rename_all = "lowercase")]
 pub enum Ordering {
-    /// One device's messages are finished one after another, in the order received.
+    /// One device's actions to each destination run one after another, in the order received.
     #[default]
     Device,
     /// No order: every message of a batch is finished concurrently.

@@ -172,6 +172,18 @@ fn key_path_at(table: &DeTable<'_>, offset: usize) -> Vec<String> {
                 return inner_path;
             }
         }
+        // An array of tables (`[[group]]`): the element, as `group[0]`.
+        if let DeValue::Array(items) = value.get_ref() {
+            for (i, item) in items.iter().enumerate() {
+                if let DeValue::Table(inner) = item.get_ref() {
+                    let mut inner_path = key_path_at(inner, offset);
+                    if !inner_path.is_empty() {
+                        inner_path.insert(0, format!("{}[{i}]", key.get_ref()));
+                        return inner_path;
+                    }
+                }
+            }
+        }
         if key.span().contains(&offset) || value.span().contains(&offset) {
             return vec![key.get_ref().to_string()];
         }

@@ -137,6 +137,25 @@ pub struct GroupConfig {
     /// that exists needs the queue deleted first (its declare fails otherwise, naming it).
     #[serde(default)]
     pub queue_type: super::broker::QueueType,
+    /// How deliveries are spread over the group's consumer connections: `"spread"` (default)
+    /// hands each message to any consumer with room, so one device's messages may be
+    /// processed out of order; `"device"` keeps each device (productKey + deviceName) on one
+    /// consumer connection and hands a device's next message out only once its earlier one
+    /// is settled (docs/ordering.md).
+    #[serde(default)]
+    pub ordering: GroupOrdering,
+}
+
+/// `[[group]] ordering`: how a group hands one device's messages to its consumers.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum GroupOrdering {
+    /// Each message to any consumer with room (round robin): the most parallelism, no order
+    /// within a device once there are several consumers.
+    #[default]
+    Spread,
+    /// One unsettled message per device at a time, on the device's own consumer connection.
+    Device,
 }
 
 fn default_max_redeliveries() -> u32 {
@@ -180,6 +199,7 @@ impl GroupConfig {
             dead_letter_exchange: None,
             max_redeliveries: default_max_redeliveries(),
             queue_type: super::broker::QueueType::Classic,
+            ordering: GroupOrdering::Spread,
         }
     }
 
@@ -428,6 +448,22 @@ max_redeliveries = 0
             assert!(joined.contains(needle), "missing {needle:?} in\n{joined}");
         }
         assert_eq!(e.len(), 8, "{joined}");
+    }
+
+    #[test]
+    fn a_groups_ordering_is_spread_or_device_and_a_bad_one_is_placed() {
+        let group = "[[group]]\nid = \"a\"\naccess_key_id = \"k\"\nsecret_env = \"S\"\n";
+        let parsed = |extra: &str| {
+            Config::from_toml_str(&format!("{group}{extra}"), None)
+                .map(|c| c.group[0].ordering)
+                .map_err(|e| e[0].to_string())
+        };
+        assert_eq!(parsed(""), Ok(GroupOrdering::Spread), "the default");
+        assert_eq!(parsed("ordering = \"device\"\n"), Ok(GroupOrdering::Device));
+        assert_eq!(parsed("ordering = \"spread\"\n"), Ok(GroupOrdering::Spread));
+        let e = errors(&format!("{group}ordering = \"sticky\"\n")).join("\n");
+        assert!(e.starts_with("config:5:12: group[0].ordering: "), "{e}");
+        assert!(e.contains("spread") && e.contains("device"), "{e}");
     }
 
     #[test]

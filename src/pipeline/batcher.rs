@@ -9,8 +9,8 @@ use futures::FutureExt;
 use tokio::sync::mpsc;
 
 use super::Submission;
-use super::order::{Lanes, Turn};
-use super::report::{Evaluated, MessageReport, finish_message};
+use super::order::Lanes;
+use super::report::{Evaluated, MessageReport, RuleTurns, finish_message};
 use crate::action::Dispatcher;
 use crate::config::Ordering;
 use crate::engine::{Engine, RuleOutcome};
@@ -25,9 +25,9 @@ pub(super) struct Batcher {
     pub batch_max: usize,
     /// How long a batch waits for more after its first message (`engine.batch_max_wait_ms`).
     pub wait: Duration,
-    /// `engine.ordering`: whether one device's messages are finished in order.
+    /// `engine.ordering`: whether one device's actions to each destination run in order.
     pub ordering: Ordering,
-    /// Each device's messages in flight, with `Ordering::Device`.
+    /// Each device's actions in flight per destination, for the rules that keep order.
     pub lanes: Lanes,
 }
 
@@ -81,36 +81,18 @@ impl Batcher {
                 let res: Vec<Evaluated> = results.by_ref().take(n).collect();
                 let dispatcher = self.dispatcher.clone();
                 let outcomes = self.outcomes.clone();
-                let groups = by_device(&mut self.lanes, self.ordering, &msgs, res);
+                let turns: Vec<RuleTurns> = msgs
+                    .iter()
+                    .zip(&res)
+                    .map(|(m, r)| turns_of(&mut self.lanes, self.ordering, m, r))
+                    .collect();
                 in_flight.spawn(async move {
-                    // Each group is one device's messages (or one message, without order):
-                    // groups run concurrently, the messages of a group one after another once
-                    // the device's earlier messages are terminal.
-                    let runs = groups.into_iter().map(|(turn, group)| {
-                        let (dispatcher, outcomes, msgs) = (&dispatcher, &outcomes, &msgs);
-                        let replay = replay.as_ref();
-                        async move {
-                            let mut turn: Option<Turn> = turn;
-                            if let Some(turn) = &mut turn {
-                                turn.wait().await;
-                            }
-                            let mut reports = Vec::with_capacity(group.len());
-                            for (i, r) in group {
-                                let report =
-                                    finish_message(dispatcher, outcomes, &msgs[i], r, replay).await;
-                                reports.push((i, report));
-                            }
-                            // Dropping the turn lets the device's next messages go.
-                            drop(turn);
-                            reports
-                        }
+                    // The messages run concurrently; each action of a rule that keeps order
+                    // waits for the device's earlier action to the same destination.
+                    let runs = msgs.iter().zip(res).zip(turns).map(|((m, r), turns)| {
+                        finish_message(&dispatcher, &outcomes, m, r, turns, replay.as_ref())
                     });
-                    let finish = futures::future::join_all(runs).map(|groups| {
-                        let mut reports: Vec<(usize, MessageReport)> =
-                            groups.into_iter().flatten().collect();
-                        reports.sort_unstable_by_key(|(i, _)| *i);
-                        reports.into_iter().map(|(_, r)| r).collect::<Vec<_>>()
-                    });
+                    let finish = futures::future::join_all(runs);
                     // A panic while running actions must not lose the submission's answer:
                     // its messages are reported as 9399 and redelivered by their source.
                     let reports = match AssertUnwindSafe(finish).catch_unwind().await {
@@ -134,45 +116,29 @@ impl Batcher {
     }
 }
 
-/// A submission's messages grouped by device, in input order within each group, each group
-/// with its turn in the device's lane (behind the device's messages of earlier submissions);
-/// a message no rule keeps in order is a group of its own, without a turn.
-type Groups = Vec<(Option<Turn>, Vec<(usize, Evaluated)>)>;
-
-fn by_device(
-    lanes: &mut Lanes,
-    default: Ordering,
-    msgs: &[Message],
-    results: Vec<Evaluated>,
-) -> Groups {
-    let mut index: std::collections::HashMap<(&str, &str), usize> = Default::default();
-    let mut groups: Groups = Vec::new();
-    for (i, (m, r)) in msgs.iter().zip(results).enumerate() {
-        if !keeps_order(&r, default) {
-            groups.push((None, vec![(i, r)]));
-            continue;
-        }
-        let key = (m.product_key.as_str(), m.device_name.as_str());
-        let g = *index.entry(key).or_insert_with(|| {
-            groups.push((Some(lanes.take(key.0, key.1)), Vec::new()));
-            groups.len() - 1
-        });
-        groups[g].1.push((i, r));
-    }
-    groups
-}
-
-/// Whether a message takes its place in its device's lane: a rule it passed keeps order (the
-/// rule's `ordering`, else `engine.ordering`). The others (no rule passed, or only rules with
-/// `ordering = "none"`) run at once.
-fn keeps_order(evaluated: &Evaluated, default: Ordering) -> bool {
-    match evaluated {
-        Evaluated::Rules(results) => results.iter().any(|r| {
-            matches!(r.outcome, RuleOutcome::Passed(_))
-                && r.rule.ordering.unwrap_or(default) == Ordering::Device
-        }),
-        Evaluated::Panicked(_) => false,
-    }
+/// The turns of one message's actions, taken now (in queue order) in the lanes of its device
+/// and each action's destination: for each rule it passed that keeps order (the rule's
+/// `ordering`, else `engine.ordering`), one turn per action. The actions of the other rules
+/// (`ordering = "none"`) run at once.
+fn turns_of(lanes: &mut Lanes, default: Ordering, m: &Message, evaluated: &Evaluated) -> RuleTurns {
+    let Evaluated::Rules(results) = evaluated else {
+        return Vec::new();
+    };
+    results
+        .iter()
+        .map(|r| {
+            let keeps = matches!(r.outcome, RuleOutcome::Passed(_))
+                && r.rule.ordering.unwrap_or(default) == Ordering::Device;
+            if !keeps {
+                return Vec::new();
+            }
+            r.rule
+                .actions
+                .iter()
+                .map(|a| lanes.take(&m.product_key, &m.device_name, &a.destination()))
+                .collect()
+        })
+        .collect()
 }
 
 /// Evaluates `chunk`; a panic inside the engine does not end the batcher. The batch is then

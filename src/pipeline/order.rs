@@ -6,11 +6,13 @@
 //!   spawns one per delivery) takes a [`Turn`] in delivery order; a submission enters the
 //!   queue only after the one before it did, so the queue holds messages in the order the
 //!   source received them.
-//! - [`Lanes`]: the batcher finishes the messages of one device one after another, in queue
-//!   order, within a batch and across batches (a device's messages of the next batch wait for
-//!   its messages of this one); different devices run concurrently. A message waiting for a
-//!   retry therefore holds its device's later messages until it is terminal (delivered, or
-//!   failed to its error action or the dead-letter queue), and no other device's.
+//! - [`Lanes`]: one lane per device and destination. The batcher takes a [`Turn`] in its lane
+//!   for each action of each message, in queue order (within a batch and across batches); an
+//!   action starts once the same device's action to the same destination before it is
+//!   terminal. Different devices, and one device's different destinations, run concurrently.
+//!   A message waiting for a retry therefore holds its device's later messages to that
+//!   destination until it is terminal (delivered, or failed to its error action or the
+//!   dead-letter queue), and nothing else.
 
 use std::collections::HashMap;
 
@@ -35,7 +37,7 @@ impl Turns {
 }
 
 /// A place in an order: one submission's in its source's order (see [`Turns`]), or one
-/// group of a device's messages in that device's lane (see [`Lanes`]). It goes after the turn
+/// action of a device's message in the lane of that device and destination (see [`Lanes`]). It goes after the turn
 /// before it, and the turn after it may go once it is [`Turn::entered`] or dropped.
 pub struct Turn {
     after: Option<oneshot::Receiver<()>>,
@@ -66,24 +68,28 @@ impl Turn {
     }
 }
 
-/// A device: product key and device name.
-type Device = (String, String);
+/// A lane: product key, device name and destination (`amqp:<exchange>`, ...).
+type Lane = (String, String, String);
 
-/// For each device with messages in flight, the signal that its latest group of messages is
-/// terminal; see the module docs.
+/// For each device and destination with an action in flight, the signal that its latest
+/// action is terminal; see the module docs.
 #[derive(Default)]
 pub(super) struct Lanes {
-    tails: HashMap<Device, oneshot::Receiver<()>>,
+    tails: HashMap<Lane, oneshot::Receiver<()>>,
     /// Finished lanes are dropped when the map grows past this.
     prune_at: usize,
 }
 
 impl Lanes {
-    /// The turn of the next group of `device`'s messages, behind every group taken before; the
-    /// group ends (and the next may go) when the turn is dropped.
-    pub fn take(&mut self, product_key: &str, device_name: &str) -> Turn {
+    /// The turn of the device's next action to `destination`, behind every one taken before;
+    /// the action ends (and the next may go) when the turn is dropped.
+    pub fn take(&mut self, product_key: &str, device_name: &str, destination: &str) -> Turn {
         let (done, rx) = oneshot::channel();
-        let key = (product_key.to_owned(), device_name.to_owned());
+        let key = (
+            product_key.to_owned(),
+            device_name.to_owned(),
+            destination.to_owned(),
+        );
         let after = self.tails.insert(key, rx);
         Turn {
             after,
@@ -91,7 +97,7 @@ impl Lanes {
         }
     }
 
-    /// Drops the lanes of devices with nothing in flight, once the map has grown.
+    /// Drops the lanes with nothing in flight, once the map has grown.
     pub fn prune(&mut self) {
         if self.tails.len() <= self.prune_at.max(1024) {
             return;
@@ -112,26 +118,30 @@ mod tests {
     use super::*;
 
     #[tokio::test]
-    async fn a_device_waits_for_its_earlier_group_only() {
+    async fn a_device_waits_for_its_earlier_action_to_the_same_destination_only() {
         let mut lanes = Lanes::default();
-        let first = lanes.take("pk", "a");
-        let mut second = lanes.take("pk", "a");
-        let mut other = lanes.take("pk", "b");
-        // Another device does not wait.
+        let first = lanes.take("pk", "a", "amqp:x");
+        let mut second = lanes.take("pk", "a", "amqp:x");
+        let mut other = lanes.take("pk", "b", "amqp:x");
+        let mut elsewhere = lanes.take("pk", "a", "mqtt:t");
+        // Another device does not wait, nor the same device's action to another destination.
         tokio::time::timeout(std::time::Duration::from_millis(100), other.wait())
             .await
             .expect("device b has nothing before it");
-        // The same device waits until the first group is done.
+        tokio::time::timeout(std::time::Duration::from_millis(100), elsewhere.wait())
+            .await
+            .expect("device a has nothing before it at mqtt:t");
+        // The same device waits until the first action is done.
         let waited =
             tokio::time::timeout(std::time::Duration::from_millis(50), second.wait()).await;
         assert!(
             waited.is_err(),
-            "the second group went before the first ended"
+            "the second action went before the first ended"
         );
         drop(first);
         tokio::time::timeout(std::time::Duration::from_millis(100), second.wait())
             .await
-            .expect("the second group goes once the first ended");
+            .expect("the second action goes once the first ended");
     }
 
     #[tokio::test]
@@ -139,7 +149,7 @@ mod tests {
         let mut lanes = Lanes::default();
         let mut held = Vec::new();
         for i in 0..2000 {
-            let turn = lanes.take("pk", &format!("d{i}"));
+            let turn = lanes.take("pk", &format!("d{i}"), "amqp:x");
             if i % 2 == 0 {
                 held.push(turn);
             }

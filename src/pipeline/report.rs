@@ -4,6 +4,7 @@
 use serde::Serialize;
 use serde_json::Value;
 
+use super::order::Turn;
 use crate::action::{ActionReport, Dispatcher};
 use crate::engine::{RuleOutcome, RuleResult};
 use crate::message::Message;
@@ -85,12 +86,18 @@ pub struct ReplayOf {
 /// The operation of the record of a message the engine could not evaluate.
 pub const ENGINE_OPERATION: &str = "engine";
 
-/// Counts and records one message's rule outcomes and runs the actions of the rules it passed.
+/// Each candidate rule's turns for its actions (see [`super::order::Lanes`]), in the order of
+/// the rules' results; a rule without turns (it does not keep order, or did not pass) has none.
+pub(super) type RuleTurns = Vec<Vec<Turn>>;
+
+/// Counts and records one message's rule outcomes and runs the actions of the rules it passed
+/// (the rules concurrently), each action in its turn when `turns` holds one for it.
 pub(super) async fn finish_message(
     dispatcher: &Dispatcher,
     outcomes: &Outcomes,
     message: &Message,
     evaluated: Evaluated,
+    turns: RuleTurns,
     replay: Option<&ReplayOf>,
 ) -> MessageReport {
     let results = match evaluated {
@@ -107,60 +114,16 @@ pub(super) async fn finish_message(
             return report;
         }
     };
-    let metrics = outcomes.metrics();
-    let mut rules = Vec::with_capacity(results.len());
+    let mut turns = turns.into_iter();
+    let runs = results.into_iter().map(|result| {
+        let turns = turns.next().unwrap_or_default();
+        finish_rule(dispatcher, outcomes, message, result, turns, replay)
+    });
+    let mut rules = Vec::new();
     let mut requeue = false;
-    for result in results {
-        let rule = &result.rule;
-        if replay.is_some_and(|r| r.rule != rule.name) {
-            // A replay runs the rule that failed, not the others that took it already.
-            continue;
-        }
-        metrics.rule_matched.with_label_values(&[&rule.name]).inc();
-        let mut report = RuleReport {
-            rule: rule.name.clone(),
-            result: "passed",
-            code: None,
-            reason: String::new(),
-            output: None,
-            actions: Vec::new(),
-        };
-        match result.outcome {
-            RuleOutcome::Passed(output) => {
-                metrics.rule_passed.with_label_values(&[&rule.name]).inc();
-                let dispatched = match replay {
-                    None => dispatcher.dispatch(message, rule, &output).await,
-                    Some(r) => {
-                        dispatcher
-                            .replay(message, rule, &output, &r.destination)
-                            .await
-                    }
-                };
-                requeue |= dispatched.requeue;
-                report.actions = dispatched.actions;
-                report.output = Some(output);
-            }
-            RuleOutcome::NoResult => {
-                metrics
-                    .rule_no_result
-                    .with_label_values(&[&rule.name])
-                    .inc();
-                report.result = "no_result";
-            }
-            RuleOutcome::Failed(failure) => {
-                metrics
-                    .rule_failed
-                    .with_label_values(&[&rule.name, &failure.code().to_string()])
-                    .inc();
-                outcomes
-                    .record(Record::rule_failed(message, &rule.name, &failure))
-                    .await;
-                report.result = "failed";
-                report.code = Some(failure.code());
-                report.reason = failure.reason().to_owned();
-            }
-        }
+    for (report, again) in futures::future::join_all(runs).await.into_iter().flatten() {
         rules.push(report);
+        requeue |= again;
     }
     MessageReport {
         message_id: message.message_id.clone(),
@@ -170,4 +133,74 @@ pub(super) async fn finish_message(
         rules,
         requeue,
     }
+}
+
+/// One rule's result for one message: counted, recorded, its actions run (each in its turn
+/// when `turns` has one for it). `None` for a rule a replay does not run; else the rule's
+/// report and whether the source must redeliver the message.
+async fn finish_rule(
+    dispatcher: &Dispatcher,
+    outcomes: &Outcomes,
+    message: &Message,
+    result: RuleResult,
+    turns: Vec<Turn>,
+    replay: Option<&ReplayOf>,
+) -> Option<(RuleReport, bool)> {
+    let metrics = outcomes.metrics();
+    let mut requeue = false;
+    let rule = &result.rule;
+    if replay.is_some_and(|r| r.rule != rule.name) {
+        // A replay runs the rule that failed, not the others that took it already.
+        return None;
+    }
+    metrics.rule_matched.with_label_values(&[&rule.name]).inc();
+    let mut report = RuleReport {
+        rule: rule.name.clone(),
+        result: "passed",
+        code: None,
+        reason: String::new(),
+        output: None,
+        actions: Vec::new(),
+    };
+    match result.outcome {
+        RuleOutcome::Passed(output) => {
+            metrics.rule_passed.with_label_values(&[&rule.name]).inc();
+            let turns = turns
+                .into_iter()
+                .map(|mut turn| {
+                    Some(async move {
+                        turn.wait().await;
+                        turn
+                    })
+                })
+                .collect();
+            let only = replay.map(|r| r.destination.as_str());
+            let dispatched = dispatcher
+                .dispatch_in_turn(message, rule, &output, only, turns)
+                .await;
+            requeue |= dispatched.requeue;
+            report.actions = dispatched.actions;
+            report.output = Some(output);
+        }
+        RuleOutcome::NoResult => {
+            metrics
+                .rule_no_result
+                .with_label_values(&[&rule.name])
+                .inc();
+            report.result = "no_result";
+        }
+        RuleOutcome::Failed(failure) => {
+            metrics
+                .rule_failed
+                .with_label_values(&[&rule.name, &failure.code().to_string()])
+                .inc();
+            outcomes
+                .record(Record::rule_failed(message, &rule.name, &failure))
+                .await;
+            report.result = "failed";
+            report.code = Some(failure.code());
+            report.reason = failure.reason().to_owned();
+        }
+    }
+    Some((report, requeue))
 }

@@ -296,7 +296,7 @@ impl Group {
                         Some(Err(_)) | None => {
                             tracing::warn!(group = %self.config.id, "the backlog consumer stopped; reconnecting");
                             // Their acks died with the channel; RabbitMQ redelivers them.
-                            self.lock().ready.retain(|p| p.ack.is_none());
+                            self.lock().drop_broker_held();
                             continue 'reconnect;
                         }
                     },

@@ -11,7 +11,8 @@ use tokio::sync::{mpsc, watch};
 
 use super::backlog::Backend;
 use super::delivery::{Delivery, RejectedDelivery};
-use crate::config::subscription::GroupConfig;
+use super::device_order::{ByDevice, Pick, device_of, preferred};
+use crate::config::subscription::{GroupConfig, GroupOrdering};
 use crate::outcome::{Code, Failure, GroupOutcome, Outcomes, Record};
 use crate::telemetry::GroupMetrics;
 
@@ -61,7 +62,13 @@ struct Slot {
 
 #[derive(Default)]
 pub(super) struct State {
+    /// What waits for a consumer, in backlog order (with `ordering = "device"`, only until
+    /// the next [`Group::pump`] moves it into `by_device`).
     pub(super) ready: VecDeque<Pending>,
+    /// `ordering = "device"`: what waits for a consumer, per device.
+    by_device: ByDevice,
+    /// When `by_device` was last swept for messages past the retention.
+    swept: Option<Instant>,
     /// Forwards being written to the spool: they count against `max_backlog` already.
     storing: usize,
     consumers: Vec<Slot>,
@@ -69,6 +76,20 @@ pub(super) struct State {
     /// Stops the broker consumer feeding `ready` (broker-backed groups, while consumers are
     /// online).
     pub(super) feed: Option<watch::Sender<bool>>,
+}
+
+impl State {
+    /// Messages waiting for a consumer (not out with one), held here.
+    fn waiting(&self) -> usize {
+        self.ready.len() + self.by_device.len()
+    }
+
+    /// Forgets the waiting copies of broker-held messages: their RabbitMQ channel is gone
+    /// (or being closed), so RabbitMQ delivers them again.
+    pub(super) fn drop_broker_held(&mut self) {
+        self.ready.retain(|p| p.ack.is_none());
+        self.by_device.remove_unless(|p| p.ack.is_none());
+    }
 }
 
 /// One consumer group.
@@ -136,7 +157,7 @@ impl Group {
     pub fn status(&self) -> serde_json::Value {
         let st = self.lock();
         let unsettled: usize = st.consumers.iter().map(|s| s.outstanding).sum();
-        let waiting = st.ready.len() as u64 + self.backend.depth();
+        let waiting = st.waiting() as u64 + self.backend.depth();
         // Messages waiting with nobody to take them is the 9203 situation.
         let state = if st.consumers.is_empty() && waiting > 0 {
             "unhealthy"
@@ -218,14 +239,14 @@ impl Group {
             .with_label_values(&self.labels())
             .set(st.consumers.len() as i64);
         for p in returned.into_iter().rev() {
-            st.ready.push_front(p);
+            self.give_back(&mut st, p);
         }
         if st.consumers.is_empty() {
             // Nobody here to deliver to: hand broker-held messages back to the queue (the
             // channel closes, so RabbitMQ requeues them) for another process or later.
             if let Some(stop) = st.feed.take() {
                 let _ = stop.send(true);
-                st.ready.retain(|p| p.ack.is_none());
+                st.drop_broker_held();
             }
         }
         self.update_gauges(&st);
@@ -243,13 +264,53 @@ impl Group {
         self.metrics
             .backlog
             .with_label_values(&self.labels())
-            .set((st.ready.len() as u64 + depth) as i64);
+            .set((st.waiting() as u64 + depth) as i64);
+    }
+
+    fn by_device(&self) -> bool {
+        self.config.ordering == GroupOrdering::Device
+    }
+
+    /// A delivery that was handed out comes back to be handed out again, before what came
+    /// after it (of its device, with `ordering = "device"`).
+    fn give_back(&self, st: &mut State, p: Pending) {
+        if self.by_device() {
+            st.by_device.put_back(p);
+        } else {
+            st.ready.push_front(p);
+        }
+    }
+
+    /// Hands `p` to consumer `i`; a consumer on its way out is dropped and `p` given back.
+    fn hand_over(&self, st: &mut State, i: usize, mut p: Pending) {
+        p.attempts += 1;
+        p.last_consumer = Some(st.consumers[i].id);
+        p.handed_at = Instant::now();
+        match st.consumers[i].tx.send(p) {
+            Ok(()) => {
+                st.consumers[i].outstanding += 1;
+                st.next = i + 1;
+            }
+            Err(mpsc::error::SendError(mut p)) => {
+                // The connection is on its way out; leave() removes it.
+                p.attempts -= 1;
+                self.give_back(st, p);
+                let id = st.consumers[i].id;
+                st.consumers.retain(|s| s.id != id);
+            }
+        }
     }
 
     /// Hands ready deliveries to consumers with room, round robin; a redelivery goes to
-    /// another consumer than the last one when one has room.
+    /// another consumer than the last one when one has room. With `ordering = "device"`, see
+    /// [`Group::pump_by_device`].
     pub(super) fn pump(&self) {
         let mut st = self.lock();
+        if self.by_device() {
+            self.pump_by_device(&mut st);
+            self.update_gauges(&st);
+            return;
+        }
         self.expire(&mut st);
         let window = self.config.window;
         while !st.ready.is_empty() && !st.consumers.is_empty() {
@@ -269,25 +330,60 @@ impl Group {
                 }
             }
             let Some(i) = pick else { break };
-            let mut p = st.ready.pop_front().expect("not empty");
-            p.attempts += 1;
-            p.last_consumer = Some(st.consumers[i].id);
-            p.handed_at = Instant::now();
-            match st.consumers[i].tx.send(p) {
-                Ok(()) => {
-                    st.consumers[i].outstanding += 1;
-                    st.next = i + 1;
-                }
-                Err(mpsc::error::SendError(mut p)) => {
-                    // The connection is on its way out; leave() removes it.
-                    p.attempts -= 1;
-                    st.ready.push_front(p);
-                    let id = st.consumers[i].id;
-                    st.consumers.retain(|s| s.id != id);
-                }
-            }
+            let p = st.ready.pop_front().expect("not empty");
+            self.hand_over(&mut st, i, p);
         }
         self.update_gauges(&st);
+    }
+
+    /// `ordering = "device"`: each device's first waiting message goes to the device's own
+    /// consumer ([`preferred`]) when that one has room and none of the device's messages is out
+    /// (a redelivery goes to its second choice); a device whose consumer is full waits, the
+    /// others go on.
+    fn pump_by_device(&self, st: &mut State) {
+        while let Some(p) = st.ready.pop_front() {
+            st.by_device.push_back(p);
+        }
+        self.expire_by_device(st);
+        let window = self.config.window;
+        while st.consumers.iter().any(|s| s.outstanding < window) {
+            let State {
+                by_device,
+                consumers,
+                ..
+            } = &mut *st;
+            let next = by_device.take(|device, p| {
+                let avoid = p.last_consumer.filter(|_| p.attempts > 0);
+                let to = preferred(device, consumers.iter().map(|s| s.id), avoid)
+                    .and_then(|id| consumers.iter().position(|s| s.id == id));
+                match to {
+                    Some(i) if consumers[i].outstanding < window => Pick::To(i),
+                    _ => Pick::Wait,
+                }
+            });
+            let Some((p, i)) = next else { break };
+            self.hand_over(st, i, p);
+        }
+    }
+
+    /// `ordering = "device"`: drops waiting deliveries older than the retention (9203), at
+    /// most once a second (it looks at every device).
+    fn expire_by_device(&self, st: &mut State) {
+        let now = Instant::now();
+        if st
+            .swept
+            .is_some_and(|t| now.duration_since(t) < Duration::from_secs(1))
+        {
+            return;
+        }
+        st.swept = Some(now);
+        let retention = Duration::from_secs(self.config.retention_s);
+        for p in st
+            .by_device
+            .expire(|p| p.ack.is_none() && p.since.elapsed() >= retention)
+        {
+            self.expired(p);
+        }
     }
 
     /// Drops in-memory deliveries older than the retention (9203: nobody took them).
@@ -298,17 +394,22 @@ impl Group {
                 break;
             }
             let p = st.ready.pop_front().expect("front exists");
-            self.forget(&p);
-            let record = self.record(
-                &p.delivery,
-                GroupOutcome::Expired {
-                    retention_s: self.config.retention_s,
-                },
-                "",
-            );
-            let outcomes = self.outcomes.clone();
-            tokio::spawn(async move { outcomes.record(record).await });
+            self.expired(p);
         }
+    }
+
+    /// Records a delivery nobody took within the retention (9203) and forgets it.
+    fn expired(&self, p: Pending) {
+        self.forget(&p);
+        let record = self.record(
+            &p.delivery,
+            GroupOutcome::Expired {
+                retention_s: self.config.retention_s,
+            },
+            "",
+        );
+        let outcomes = self.outcomes.clone();
+        tokio::spawn(async move { outcomes.record(record).await });
     }
 
     /// The `ServerSubscribe` record of one delivery; `client` is empty when no consumer had it.
@@ -408,9 +509,15 @@ impl Group {
             // A broker-held copy whose consumer channel is gone comes back from RabbitMQ
             // itself; keeping it too would deliver it twice.
             if p.ack.is_none() || st.feed.is_some() {
-                st.ready.push_front(p);
+                self.give_back(&mut st, p);
+            } else if self.by_device() {
+                st.by_device.settled(&device_of(&p));
             }
         } else {
+            if self.by_device() {
+                // Terminal here: the device's next message may go.
+                self.lock().by_device.settled(&device_of(&p));
+            }
             self.forget(&p);
             if let Some(ack) = p.ack.take()
                 && let Err(e) = ack.ack(BasicAckOptions::default()).await
@@ -531,7 +638,7 @@ impl Group {
                 slot.place(p);
             } else {
                 let mut st = self.lock();
-                if st.ready.len() >= self.config.max_backlog {
+                if st.waiting() >= self.config.max_backlog {
                     return Err(full());
                 }
                 st.ready.push_back(p);
@@ -560,7 +667,7 @@ impl<'a> Storing<'a> {
     /// A place, unless the backlog is full (`max_backlog`, counting rows being written).
     fn take(group: &'a Group) -> Option<Storing<'a>> {
         let mut st = group.lock();
-        if st.ready.len() + st.storing >= group.config.max_backlog {
+        if st.waiting() + st.storing >= group.config.max_backlog {
             return None;
         }
         st.storing += 1;
@@ -665,6 +772,91 @@ mod tests {
             2,
             "the rest waits for room"
         );
+    }
+
+    fn of(device: &str, n: usize) -> Delivery {
+        Delivery {
+            device_name: device.into(),
+            ..delivery(n)
+        }
+    }
+
+    /// `(device, message id)` of what a consumer was handed, in order.
+    fn handed(m: &mut Membership) -> Vec<Pending> {
+        let mut out = Vec::new();
+        while let Ok(p) = m.rx.try_recv() {
+            out.push(p);
+        }
+        out
+    }
+
+    #[tokio::test]
+    async fn an_ordered_group_hands_out_one_message_per_device_and_redelivers_it_first() {
+        let (hub, _rx) = hub(|g| g.ordering = GroupOrdering::Device);
+        let g = Arc::clone(hub.group("g").unwrap());
+        let mut a = g.join("a").unwrap();
+        let mut b = g.join("b").unwrap();
+        // 3 messages each of 20 devices, interleaved.
+        for n in 0..60 {
+            hub.enqueue("g", of(&format!("d{}", n % 20), n))
+                .await
+                .unwrap();
+        }
+        let (first_a, first_b) = (handed(&mut a), handed(&mut b));
+        let ids = |ps: &[Pending]| {
+            let mut v: Vec<usize> = ps
+                .iter()
+                .map(|p| p.delivery.message_id.parse().unwrap())
+                .collect();
+            v.sort_unstable();
+            v
+        };
+        // Each device's first message, and only that, is out; the devices are spread over
+        // both consumers (rendezvous hashing over 20 devices).
+        let mut all = [ids(&first_a), ids(&first_b)].concat();
+        all.sort_unstable();
+        assert_eq!(all, (0..20).collect::<Vec<_>>());
+        assert!(
+            !first_a.is_empty() && !first_b.is_empty(),
+            "both consumers get devices"
+        );
+        assert_eq!(g.lock().waiting(), 40);
+
+        // a releases all it has: each goes to b (its second choice) before the device's next.
+        let released: Vec<usize> = ids(&first_a);
+        for p in first_a {
+            g.settle(a.id, "a", p, Settlement::Released).await;
+        }
+        let again = handed(&mut b);
+        assert_eq!(
+            ids(&again),
+            released,
+            "the released ones, and nothing later"
+        );
+        assert!(handed(&mut a).is_empty());
+        // Accepting them lets each device's second message go, back to its own consumer a.
+        for p in again {
+            g.settle(b.id, "b", p, Settlement::Accepted).await;
+        }
+        let second: Vec<usize> = ids(&handed(&mut a));
+        assert_eq!(second, released.iter().map(|n| n + 20).collect::<Vec<_>>());
+
+        // b leaves with its devices' messages out: they are redelivered to a, in order.
+        let out_b = handed(&mut b);
+        assert!(out_b.is_empty(), "b's first messages are still out with it");
+        for p in first_b {
+            g.settle(b.id, "b", p, Settlement::Lost).await;
+        }
+        g.leave(&mut b);
+        let moved = handed(&mut a);
+        assert!(!moved.is_empty());
+        for p in &moved {
+            let n: usize = p.delivery.message_id.parse().unwrap();
+            assert!(
+                n < 20,
+                "a device of b continues with its first message, not {n}"
+            );
+        }
     }
 
     #[tokio::test]

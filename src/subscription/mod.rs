@@ -4,7 +4,9 @@
 //! keeps a backlog (bounded, on disk in the spool, or a durable RabbitMQ queue when
 //! `[broker]` is set) and
 //! pushes each message to exactly one of its consumer connections, round robin over those
-//! with room in their window. A delivery stays unsettled until the consumer settles it:
+//! with room in their window; with `ordering = "device"` a device's messages go one at a time
+//! to the device's own connection ([`device_order`]). A delivery stays unsettled until the
+//! consumer settles it:
 //!
 //! | consumer outcome | code | then |
 //! |---|---|---|
@@ -20,6 +22,7 @@
 pub mod auth;
 mod backlog;
 mod delivery;
+mod device_order;
 pub mod endpoint;
 pub mod gate;
 mod group;

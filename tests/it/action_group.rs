@@ -14,9 +14,9 @@ use serde_json::{Value as Json, json};
 use super::harness::eventually;
 use super::rabbit::{Daemon, metric, unique};
 
-const SECRET: &str = "group-secret-for-tests";
+pub(super) const SECRET: &str = "group-secret-for-tests";
 
-fn group(dir: &Path, id: &str) -> GroupConfig {
+pub(super) fn group(dir: &Path, id: &str) -> GroupConfig {
     let file = dir.join(format!("{id}.secret"));
     std::fs::write(&file, format!("{SECRET}\n")).unwrap();
     let mut g = GroupConfig::demo(dir);
@@ -70,7 +70,7 @@ async fn setup(tweak: impl FnOnce(&mut Config, &Path)) -> Setup {
     }
 }
 
-fn options(url: &str, group: &str) -> ConsumerOptions {
+pub(super) fn options(url: &str, group: &str) -> ConsumerOptions {
     let mut o = ConsumerOptions::new(url, group, &format!("ak-{group}"), SECRET);
     o.client_id = unique("client");
     o

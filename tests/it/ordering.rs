@@ -560,3 +560,472 @@ max_wait_ms = 10000
         "per-device inversions under a waiting quota"
     );
 }
+
+/// How one consumer of a group behaves in the group tests.
+#[derive(Clone, Copy)]
+struct Behaviour {
+    /// Releases every `release_every`-th delivery it receives (0: none).
+    release_every: usize,
+    /// Once it has accepted this many, it closes its connection with the delivery in hand
+    /// unsettled.
+    leave_after: Option<usize>,
+}
+
+const ACCEPTS: Behaviour = Behaviour {
+    release_every: 0,
+    leave_after: None,
+};
+
+/// What one consumer did.
+#[derive(Debug, Default)]
+struct Tally {
+    accepted: usize,
+    released: usize,
+    left: bool,
+}
+
+/// Every accepted delivery, in the order the consumers accepted them (each consumer logs a
+/// delivery just before it sends its Accepted): `(device, n, consumer)`.
+type SettleLog = std::sync::Arc<std::sync::Mutex<Vec<(String, i64, usize)>>>;
+
+async fn consume(
+    mut c: iotfwd::client::Consumer,
+    me: usize,
+    how: Behaviour,
+    log: SettleLog,
+    done: tokio::sync::watch::Receiver<bool>,
+) -> Tally {
+    use fe2o3_amqp::types::messaging::Body;
+    use fe2o3_amqp::types::primitives::Value as AmqpValue;
+    let mut tally = Tally::default();
+    let mut received = 0;
+    while !*done.borrow() {
+        let next = tokio::time::timeout(
+            Duration::from_millis(100),
+            c.receiver.recv::<Body<AmqpValue>>(),
+        )
+        .await;
+        let d = match next {
+            Err(_) => continue,
+            Ok(Ok(d)) => d,
+            Ok(Err(e)) => panic!("consumer {me}: receive failed: {e}"),
+        };
+        received += 1;
+        if how.leave_after.is_some_and(|n| tally.accepted >= n) {
+            // Leaves with `d` unsettled: the group must redeliver it before the device's next.
+            tally.left = true;
+            break;
+        }
+        if how.release_every > 0 && received % how.release_every == 0 {
+            c.receiver.release(&d).await.unwrap();
+            tally.released += 1;
+            continue;
+        }
+        let body = iotfwd::client::body_json(&d);
+        let device = body["device"].as_str().expect("device").to_owned();
+        let n = body["n"].as_i64().expect("n");
+        log.lock().unwrap().push((device, n, me));
+        c.receiver.accept(&d).await.unwrap();
+        tally.accepted += 1;
+    }
+    c.close().await;
+    tally
+}
+
+/// One run of a consumer group fed by one NDJSON request of `count` messages of `devices`
+/// devices: the accepted order over all consumers, and what each consumer did.
+struct GroupRun {
+    log: Vec<(String, i64, usize)>,
+    tallies: Vec<Tally>,
+    count: usize,
+}
+
+impl GroupRun {
+    /// Distinct messages accepted (a message whose Accepted was lost with its connection may
+    /// be accepted twice).
+    fn arrived(&self) -> usize {
+        let distinct: std::collections::HashSet<(&str, i64)> =
+            self.log.iter().map(|(d, n, _)| (d.as_str(), *n)).collect();
+        distinct.len()
+    }
+
+    fn inversions(&self) -> usize {
+        let order: Vec<(String, i64)> = self.log.iter().map(|(d, n, _)| (d.clone(), *n)).collect();
+        inversions(&order)
+    }
+}
+
+/// A daemon whose rule forwards `/p1/+/post` to a group with `ordering` (its backlog in
+/// RabbitMQ with `broker`, else in the spool), one consumer per `consumers` entry connected
+/// before the messages come, until every message was accepted (at most 60 s).
+async fn group_run(
+    ordering: iotfwd::config::subscription::GroupOrdering,
+    broker: bool,
+    count: usize,
+    devices: usize,
+    consumers: &[Behaviour],
+) -> GroupRun {
+    let dir = tempfile::tempdir().unwrap();
+    // A group id of this run's own: with a broker, its backlog queue is on the shared RabbitMQ.
+    let id = unique("ord").replace("iotfwd-test-", "");
+    std::fs::write(
+        dir.path().join("to_group.toml"),
+        format!(
+            "sql = '''SELECT deviceName() AS device, n FROM \"/p1/+/post\"'''\n\
+             [[action]]\nto = \"group\"\ngroup = \"{id}\"\n"
+        ),
+    )
+    .unwrap();
+    let d = dir.path().to_owned();
+    let tweak = |c: &mut iotfwd::config::Config| {
+        c.subscription.listen = "127.0.0.1:0".into();
+        let mut g = super::action_group::group(&d, &id);
+        g.ordering = ordering;
+        g.ack_timeout_ms = 5_000;
+        c.group.push(g);
+    };
+    let daemon = if broker {
+        Daemon::start(dir.path(), tweak).await
+    } else {
+        Daemon::start_without_broker(dir.path(), tweak).await
+    };
+    daemon.wait_ready().await;
+    let url = format!("amqp://{}", daemon.amqp.expect("the endpoint listens"));
+    let log = SettleLog::default();
+    let (done_tx, done) = tokio::sync::watch::channel(false);
+    let mut tasks = Vec::new();
+    for (me, how) in consumers.iter().enumerate() {
+        let c = iotfwd::client::Consumer::connect(&super::action_group::options(&url, &id))
+            .await
+            .unwrap_or_else(|e| panic!("consumer {me} cannot connect: {e:#}"));
+        tasks.push(tokio::spawn(consume(
+            c,
+            me,
+            *how,
+            log.clone(),
+            done.clone(),
+        )));
+    }
+    let (status, report) = daemon
+        .post_to("/api/v1/messages", ndjson(count, devices))
+        .await;
+    assert_eq!(status, 200, "{report}");
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    loop {
+        let arrived = GroupRun {
+            log: log.lock().unwrap().clone(),
+            tallies: Vec::new(),
+            count,
+        }
+        .arrived();
+        if arrived >= count || std::time::Instant::now() > deadline {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    done_tx.send_replace(true);
+    let mut tallies = Vec::new();
+    for t in tasks {
+        tallies.push(t.await.unwrap());
+    }
+    daemon.stop().await;
+    if broker {
+        let (_conn, ch) = channel(BROKER).await;
+        cleanup(&ch, &[], &[&format!("iotfwd.group.{id}")]).await;
+    }
+    let log = log.lock().unwrap().clone();
+    GroupRun {
+        log,
+        tallies,
+        count,
+    }
+}
+
+/// Three consumers that release some deliveries (every 5th, 7th and 11th they receive), one
+/// of which leaves mid-stream with a delivery unsettled.
+const RELEASING_AND_LEAVING: [Behaviour; 3] = [
+    Behaviour {
+        release_every: 5,
+        leave_after: None,
+    },
+    Behaviour {
+        release_every: 7,
+        leave_after: None,
+    },
+    Behaviour {
+        release_every: 11,
+        leave_after: Some(150),
+    },
+];
+
+/// `[[group]] ordering = "device"`: 3 devices over 3 consumers that release and leave, with
+/// the backlog in the spool; each device's messages are accepted in order (0 inversions by
+/// accept order over all consumers). The same run with the default spreading prints its
+/// inversions: the count is able to see reordering.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_ordered_group_of_3_devices_keeps_order_over_consumers_that_release_and_leave() {
+    use iotfwd::config::subscription::GroupOrdering;
+    let run = group_run(
+        GroupOrdering::Device,
+        false,
+        3000,
+        3,
+        &RELEASING_AND_LEAVING,
+    )
+    .await;
+    println!("ordering = device: {:?}", run.tallies);
+    assert_eq!(run.arrived(), run.count, "every message is accepted");
+    assert!(
+        run.tallies.iter().map(|t| t.released).sum::<usize>() > 0,
+        "consumers released deliveries"
+    );
+    assert_eq!(run.inversions(), 0, "per-device inversions in accept order");
+
+    let run = group_run(
+        GroupOrdering::Spread,
+        false,
+        3000,
+        3,
+        &RELEASING_AND_LEAVING,
+    )
+    .await;
+    assert_eq!(run.arrived(), run.count, "every message is accepted");
+    println!(
+        "ordering = spread: {} per-device inversions in 3000 messages of 3 devices over 3 consumers ({:?})",
+        run.inversions(),
+        run.tallies
+    );
+}
+
+/// The same with 1000 devices interleaved and the backlog in a RabbitMQ queue: the leaving
+/// consumer's devices move to the others and continue in order.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_ordered_group_of_1000_devices_keeps_order_with_a_rabbitmq_backlog() {
+    use iotfwd::config::subscription::GroupOrdering;
+    let run = group_run(
+        GroupOrdering::Device,
+        true,
+        5000,
+        1000,
+        &RELEASING_AND_LEAVING,
+    )
+    .await;
+    println!("ordering = device: {:?}", run.tallies);
+    assert_eq!(run.arrived(), run.count, "every message is accepted");
+    assert!(run.tallies[2].left, "the third consumer left mid-stream");
+    assert!(
+        run.tallies.iter().all(|t| t.released > 0),
+        "{:?}",
+        run.tallies
+    );
+    assert_eq!(run.inversions(), 0, "per-device inversions in accept order");
+}
+
+/// With consumers that accept everything, each device stays on one consumer connection, and
+/// the devices are spread over all of them.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_ordered_group_keeps_each_device_on_one_consumer() {
+    use iotfwd::config::subscription::GroupOrdering;
+    let run = group_run(GroupOrdering::Device, false, 2000, 200, &[ACCEPTS; 3]).await;
+    assert_eq!(run.arrived(), run.count, "every message is accepted");
+    assert_eq!(run.inversions(), 0);
+    let mut consumer_of: HashMap<&str, std::collections::HashSet<usize>> = HashMap::new();
+    for (device, _, consumer) in &run.log {
+        consumer_of.entry(device).or_default().insert(*consumer);
+    }
+    let moved: Vec<_> = consumer_of.iter().filter(|(_, c)| c.len() > 1).collect();
+    assert!(moved.is_empty(), "devices on several consumers: {moved:?}");
+    for (me, t) in run.tallies.iter().enumerate() {
+        assert!(
+            t.accepted > 0,
+            "consumer {me} got no device: {:?}",
+            run.tallies
+        );
+    }
+}
+
+/// Head-of-line is per device and destination: a rule with two actions, one to an exchange
+/// whose queue refuses publishes while full (its consumer away, so its messages are retried)
+/// and one to a healthy exchange. The healthy destination receives every message while the
+/// other one is still retrying; once its consumer comes, the full one receives them all too,
+/// and both in device order. (With one lane per device, the healthy destination would stop
+/// at the full queue's length.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_retry_on_one_destination_does_not_hold_the_devices_messages_to_another() {
+    const COUNT: usize = 600;
+    let (conn, ch) = channel(BROKER).await;
+    let stuck = unique("order-stuck");
+    let healthy = unique("order-healthy");
+    declare_topic_exchange(&ch, &stuck).await;
+    let stuck_queue = format!("{stuck}.q");
+    let mut args = FieldTable::default();
+    args.insert("x-max-length".into(), AMQPValue::LongInt(20));
+    args.insert(
+        "x-overflow".into(),
+        AMQPValue::LongString("reject-publish".into()),
+    );
+    ch.queue_declare(
+        stuck_queue.as_str().into(),
+        QueueDeclareOptions::default(),
+        args,
+    )
+    .await
+    .unwrap();
+    ch.queue_bind(
+        stuck_queue.as_str().into(),
+        stuck.as_str().into(),
+        "#".into(),
+        QueueBindOptions::default(),
+        FieldTable::default(),
+    )
+    .await
+    .unwrap();
+    let healthy_queue = exchange_with_queue(&ch, &healthy).await;
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(
+        dir.path().join("fwd.toml"),
+        format!(
+            "sql = '''SELECT deviceName() AS device, n FROM \"/p1/+/post\"'''\n\
+             [[action]]\nto = \"amqp\"\nexchange = \"{stuck}\"\nrouting_key = \"o\"\n\
+             retry = {{ max_retries = 1000, initial_delay_ms = 5, factor = 1.5, max_delay_ms = 50, deadline_ms = 120000 }}\n\
+             [[action]]\nto = \"amqp\"\nexchange = \"{healthy}\"\nrouting_key = \"o\"\n"
+        ),
+    )
+    .unwrap();
+    let d = Daemon::start(dir.path(), |_| {}).await;
+    d.wait_ready().await;
+    let post = {
+        let body = ndjson(COUNT, 3);
+        let base = d.base.clone();
+        tokio::spawn(async move {
+            let r = reqwest::Client::new()
+                .post(format!("{base}/api/v1/messages"))
+                .body(body)
+                .send()
+                .await
+                .unwrap();
+            r.status().as_u16()
+        })
+    };
+    eventually("the stuck destination's queue to fill up", || async {
+        (queue_depth(&conn, &stuck_queue).await == Some(20)).then_some(())
+    })
+    .await;
+    let healthy_depth = eventually("every message at the healthy destination", || async {
+        let n = queue_depth(&conn, &healthy_queue).await?;
+        (n as usize == COUNT).then_some(n)
+    })
+    .await;
+    // The other destination is still held: full, its publishes being retried.
+    assert_eq!(queue_depth(&conn, &stuck_queue).await, Some(20));
+    assert!(
+        !post.is_finished(),
+        "the request waits for the stuck destination"
+    );
+    let got_healthy = drain(&ch, &healthy_queue, COUNT, Duration::from_millis(300)).await;
+    let got_stuck = drain(&ch, &stuck_queue, COUNT, Duration::from_millis(500)).await;
+    assert_eq!(post.await.unwrap(), 200);
+    d.stop().await;
+    cleanup(&ch, &[&stuck, &healthy], &[&stuck_queue, &healthy_queue]).await;
+    let (healthy, stuck) = (arrivals(&got_healthy), arrivals(&got_stuck));
+    assert_eq!(healthy_depth as usize, COUNT);
+    assert_eq!(
+        (healthy.len(), stuck.len()),
+        (COUNT, COUNT),
+        "every message arrives once at each"
+    );
+    assert_eq!(
+        inversions(&healthy),
+        0,
+        "inversions at the healthy destination"
+    );
+    assert_eq!(
+        inversions(&stuck),
+        0,
+        "inversions at the retried destination"
+    );
+}
+
+/// One NDJSON request of `count` messages of `devices` devices through a rule that publishes
+/// each output at QoS 1 to `<prefix>/out/<device>` on the machine's Mosquitto
+/// (127.0.0.1:1883), read by a real subscriber: (arrived, inversions).
+async fn mqtt_run(ordering: Ordering, count: usize, devices: usize) -> (usize, usize) {
+    use iotfwd::config::mqtt::MqttConfig;
+    use rumqttc::{AsyncClient, Event, MqttOptions, Packet, QoS};
+    let prefix = unique("order-mqtt-out");
+    let mut options = MqttOptions::new(format!("sub-{prefix}"), "127.0.0.1", 1883);
+    options.set_keep_alive(Duration::from_secs(30));
+    let (subscriber, mut events) = AsyncClient::new(options, 1000);
+    subscriber
+        .subscribe(format!("{prefix}/#"), QoS::AtLeastOnce)
+        .await
+        .unwrap();
+    loop {
+        match events
+            .poll()
+            .await
+            .expect("the subscriber connects to 127.0.0.1:1883")
+        {
+            Event::Incoming(Packet::SubAck(_)) => break,
+            _ => continue,
+        }
+    }
+    // Read while the daemon publishes: a subscriber that falls behind loses messages.
+    let topics = prefix.clone();
+    let reader = tokio::spawn(async move {
+        let mut arrived = Vec::with_capacity(count);
+        let _ = tokio::time::timeout(Duration::from_secs(60), async {
+            while arrived.len() < count {
+                match events.poll().await.expect("the subscriber stays connected") {
+                    Event::Incoming(Packet::Publish(p)) => {
+                        let v: Value = serde_json::from_slice(&p.payload).unwrap();
+                        let device = v["device"].as_str().expect("device").to_owned();
+                        assert_eq!(p.topic, format!("{topics}/out/{device}"));
+                        arrived.push((device, v["n"].as_i64().expect("n")));
+                    }
+                    _ => continue,
+                }
+            }
+        })
+        .await;
+        (arrived, subscriber)
+    });
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(
+        dir.path().join("fwd.toml"),
+        format!(
+            "sql = '''SELECT deviceName() AS device, n FROM \"/p1/+/post\"'''\n\
+             [[action]]\nto = \"mqtt\"\ntopic = \"{prefix}/out/${{device}}\"\nqos = 1\n"
+        ),
+    )
+    .unwrap();
+    let d = Daemon::start_without_broker(dir.path(), |c| {
+        c.engine.ordering = ordering;
+        c.subscription.enabled = false;
+        let mut mqtt = MqttConfig::new("mqtt://127.0.0.1:1883");
+        mqtt.client_id = unique("out");
+        c.mqtt = Some(mqtt);
+    })
+    .await;
+    d.wait_ready().await;
+    let (status, report) = d.post_to("/api/v1/messages", ndjson(count, devices)).await;
+    assert_eq!(status, 200, "{report}");
+    let (arrived, subscriber) = reader.await.unwrap();
+    let _ = subscriber.disconnect().await;
+    d.stop().await;
+    (arrived.len(), inversions(&arrived))
+}
+
+/// Into an MQTT topic: 3000 messages of 3 devices reach a real subscriber on the machine's
+/// Mosquitto in device order; without order the same run prints its inversions.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn into_an_mqtt_topic_3_devices_arrive_in_device_order() {
+    let (arrived, inverted) = mqtt_run(Ordering::Device, 3000, 3).await;
+    assert_eq!(arrived, 3000, "every message arrives once");
+    assert_eq!(inverted, 0, "per-device inversions at the MQTT subscriber");
+    let (arrived, inverted) = mqtt_run(Ordering::None, 3000, 3).await;
+    assert_eq!(arrived, 3000);
+    println!(
+        "ordering = none: {inverted} per-device inversions in 3000 messages of 3 devices into MQTT"
+    );
+}
