@@ -603,3 +603,149 @@ async fn broker_restart_mid_stream_loses_nothing() {
     daemon.stop().await;
     let _ = conn.close(200, "".into()).await;
 }
+
+/// 10 000 QoS 1 messages from a real MQTT publisher through the daemon binary to three
+/// destinations at once: a RabbitMQ exchange (its queue counted), a consumer group (a real
+/// AMQP 1.0 consumer accepting each) and an MQTT topic (a real subscriber reading it). Every
+/// message reaches each of them.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ten_thousand_messages_reach_rabbitmq_a_consumer_group_and_an_mqtt_topic() {
+    use fe2o3_amqp::types::messaging::Body;
+    use fe2o3_amqp::types::primitives::Value;
+    use iotfwd::client::{Consumer, ConsumerOptions, body_json};
+    use std::collections::HashSet;
+
+    const N: usize = 10_000;
+    let Some(mosquitto) = Mosquitto::start() else {
+        return;
+    };
+    let exchange = unique("mqtt-10k");
+    let (conn, ch) = channel(BROKER).await;
+    let queue = exchange_with_queue(&ch, &exchange).await;
+    let group = unique("mqtt-10k-grp");
+    let _cleanup = Cleanup {
+        exchange: exchange.clone(),
+        queue: queue.clone(),
+    };
+    let _group_queue = Cleanup {
+        exchange: String::new(),
+        queue: format!("iotfwd.group.{group}"),
+    };
+
+    // The MQTT subscriber, subscribed before anything is published.
+    let mut options = MqttOptions::new(unique("sub"), "127.0.0.1", mosquitto.port);
+    options.set_keep_alive(Duration::from_secs(30));
+    let (subscriber, mut events) = AsyncClient::new(options, 1000);
+    subscriber
+        .subscribe("/out/#", QoS::AtLeastOnce)
+        .await
+        .unwrap();
+    loop {
+        if let Event::Incoming(Packet::SubAck(_)) = events.poll().await.expect("subscriber") {
+            break;
+        }
+    }
+    let read_mqtt = tokio::spawn(async move {
+        let mut seen = HashSet::new();
+        let _ = tokio::time::timeout(Duration::from_secs(120), async {
+            while seen.len() < N {
+                if let Ok(Event::Incoming(Packet::Publish(p))) = events.poll().await {
+                    let body: serde_json::Value = serde_json::from_slice(&p.payload).unwrap();
+                    seen.insert(body["seq"].as_u64().unwrap());
+                }
+            }
+        })
+        .await;
+        seen.len()
+    });
+
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let rules = d.join("rules");
+    std::fs::create_dir_all(&rules).unwrap();
+    for (name, action) in [
+        (
+            "to-rabbitmq",
+            format!("to = \"amqp\"\nexchange = \"{exchange}\""),
+        ),
+        ("to-group", format!("to = \"group\"\ngroup = \"{group}\"")),
+        (
+            "to-mqtt",
+            "to = \"mqtt\"\ntopic = \"/out/${device}\"\nqos = 1".to_owned(),
+        ),
+    ] {
+        std::fs::write(
+            rules.join(format!("{name}.toml")),
+            format!(
+                "sql = '''SELECT seq, deviceName() AS device FROM \"/p1/#\"'''\n[[action]]\n{action}\n"
+            ),
+        )
+        .unwrap();
+    }
+    let secret = d.join("g.secret");
+    std::fs::write(&secret, "mqtt-10k-secret\n").unwrap();
+    let quoted = |p: PathBuf| format!("{:?}", p.display().to_string());
+    let config = format!(
+        "[http]\nlisten = \"127.0.0.1:0\"\n[rules]\ndir = {}\n[data]\ndir = {}\n\
+         [broker]\nurl = \"{BROKER}\"\n\
+         [mqtt]\nurl = \"{}\"\nclient_id = \"{}\"\n\
+         [source.mqtt]\nsubscribe = [\"/p1/#\"]\nmax_inflight = 256\n\
+         [subscription]\nlisten = \"127.0.0.1:0\"\n\
+         [[group]]\nid = \"{group}\"\naccess_key_id = \"ak-10k\"\nsecret_file = {}\n",
+        quoted(rules.clone()),
+        quoted(d.join("data")),
+        mosquitto.url(),
+        unique("iotfwd-10k"),
+        quoted(secret.clone()),
+    );
+    let daemon = ChildDaemon::start(d, 1, &config).await;
+    let endpoint = format!("amqp://{}", daemon.amqp.expect("the endpoint's address"));
+
+    // The consumer group's consumer.
+    let consume = tokio::spawn(async move {
+        let mut o = ConsumerOptions::new(&endpoint, &group, "ak-10k", "mqtt-10k-secret");
+        o.client_id = unique("consumer");
+        let mut c = Consumer::connect(&o)
+            .await
+            .expect("the group consumer connects");
+        let mut seen = HashSet::new();
+        let _ = tokio::time::timeout(Duration::from_secs(120), async {
+            while seen.len() < N {
+                let d = c.receiver.recv::<Body<Value>>().await.expect("a delivery");
+                c.receiver.accept(&d).await.expect("accepted");
+                seen.insert(body_json(&d)["seq"].as_u64().unwrap());
+            }
+        })
+        .await;
+        c.close().await;
+        seen.len()
+    });
+
+    let started = Instant::now();
+    publish_all(mosquitto.port, stream(N)).await;
+    let (grouped, republished) = (consume.await.unwrap(), read_mqtt.await.unwrap());
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while (queue_depth(&conn, &queue).await.unwrap_or(0) as usize) < N && Instant::now() < deadline
+    {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let elapsed = started.elapsed();
+    let (missing, duplicates, total) = tally(&queue, N).await;
+    println!(
+        "mqtt 10k: {N} published; RabbitMQ {total} ({} missing, {duplicates} duplicates), \
+         consumer group {grouped}, MQTT topic {republished} distinct, in {:.1} s",
+        missing.len(),
+        elapsed.as_secs_f64()
+    );
+    assert!(
+        missing.is_empty(),
+        "{} never reached RabbitMQ",
+        missing.len()
+    );
+    assert_eq!(
+        grouped, N,
+        "every message reached the consumer group's consumer"
+    );
+    assert_eq!(republished, N, "every message reached the MQTT subscriber");
+    let _ = conn.close(200, "".into()).await;
+}
