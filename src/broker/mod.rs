@@ -12,6 +12,11 @@
 //! confirm that does not come in time is 9325 (and a connection that stopped answering is
 //! dropped and made again), and while the broker blocks publishers (connection.blocked)
 //! publishes wait for it within the same time-out.
+//!
+//! An `amqps://` url connects over TLS with the rustls config of `[broker.tls]` (see
+//! [`crate::tls`]): lapin is handed a connector that opens the TCP connection and runs the
+//! handshake, so a server certificate no trusted CA signed, or one for another host name, is a
+//! failed connection attempt with the reason said plainly (9325, retried), never a panic.
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -37,6 +42,10 @@ struct PublishChannel {
 /// The broker connection, shared by the source and the publisher.
 pub struct Broker {
     url: String,
+    /// For an `amqps://` url: the TLS client config (`[broker.tls]`).
+    tls: Option<Arc<crate::tls::rustls::ClientConfig>>,
+    /// What the TLS client trusts, for the words of a failed handshake.
+    trusts: String,
     redacted: String,
     confirm_window: usize,
     confirm_timeout: Duration,
@@ -57,7 +66,13 @@ pub struct Broker {
 impl Broker {
     pub fn new(config: &BrokerConfig) -> Result<Arc<Broker>, String> {
         let url = config.resolved_url()?;
+        let tls = match config.is_tls() {
+            true => Some(crate::tls::client_config("broker", config.tls.as_ref())?),
+            false => None,
+        };
         Ok(Arc::new(Broker {
+            tls,
+            trusts: crate::tls::trusts("broker", config.tls.as_ref()),
             redacted: redact(&url),
             url,
             confirm_window: config.confirm_window,
@@ -115,11 +130,7 @@ impl Broker {
             self.current.send_replace(None);
             self.blocked.send_replace(None);
         }
-        let attempt = tokio::time::timeout(
-            Duration::from_secs(10),
-            Connection::connect(&self.url, ConnectionProperties::default()),
-        )
-        .await;
+        let attempt = tokio::time::timeout(Duration::from_secs(10), self.open()).await;
         let conn = match attempt {
             Ok(Ok(c)) => Arc::new(c),
             Ok(Err(e)) => return Err(classify::connect_failure(&e, &self.redacted)),
@@ -134,6 +145,36 @@ impl Broker {
         self.follow_events(&conn);
         self.current.send_replace(Some(Arc::clone(&conn)));
         Ok(conn)
+    }
+
+    /// One connection attempt: plain, or over TLS with `[broker.tls]`.
+    async fn open(&self) -> lapin::Result<Connection> {
+        use lapin::tcp::AMQPUriTcpExt as _;
+        use lapin::uri::{AMQPScheme, AMQPUri};
+        let Some(tls) = &self.tls else {
+            return Connection::connect(&self.url, ConnectionProperties::default()).await;
+        };
+        let uri: AMQPUri = self.url.parse().map_err(|e: String| {
+            lapin::Error::from(std::io::Error::new(std::io::ErrorKind::InvalidInput, e))
+        })?;
+        let connector = lapin::tcp::RustlsConnector::from(Arc::clone(tls));
+        let trusts = self.trusts.clone();
+        Connection::connector(
+            uri,
+            lapin::runtime::default_runtime()?,
+            async move |uri: AMQPUri, runtime| {
+                let host = uri.authority.host.clone();
+                let mut tcp = uri;
+                tcp.scheme = AMQPScheme::AMQP;
+                let stream = tcp.connect_async(&runtime).await?;
+                stream
+                    .into_rustls(&connector, &host)
+                    .await
+                    .map_err(|e| lapin::Error::from(crate::tls::explain(e, &host, &trusts)))
+            },
+            ConnectionProperties::default(),
+        )
+        .await
     }
 
     /// Mirrors the connection's blocked / unblocked notices into [`Broker::blocked`].

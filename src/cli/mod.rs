@@ -277,7 +277,7 @@ pub struct SendArgs {
     /// The payload: JSON text, or @FILE to read it from a file.
     #[arg(long, value_name = "JSON|@FILE")]
     pub payload: String,
-    /// The daemon's base URL (its http.listen).
+    /// The daemon's base URL (its http.listen; https:// when it has [http.tls]).
     #[arg(long, default_value = "http://127.0.0.1:8080")]
     pub url: String,
     /// A bearer token with scope `ingest`, when the daemon has [[http.token]] entries
@@ -287,6 +287,10 @@ pub struct SendArgs {
     /// Also print each matched rule's output; --verbose false leaves the outputs out.
     #[arg(long, default_value_t = true, action = clap::ArgAction::Set)]
     pub verbose: bool,
+    /// For an https:// --url: the PEM file of the CA to trust (default: the system's root
+    /// certificates).
+    #[arg(long, env = "IOTFWD_CA_FILE", value_name = "PEM")]
+    pub ca_file: Option<PathBuf>,
 }
 
 /// `iotfwd consume`.
@@ -329,9 +333,10 @@ pub struct ConsumeArgs {
     /// The client id (default: `iotfwd-consume-<pid>`).
     #[arg(long)]
     pub client_id: Option<String>,
-    /// For an amqps:// URL: the PEM file of the CA (or self-signed certificate) to trust.
-    #[arg(long)]
-    pub ca: Option<PathBuf>,
+    /// For an amqps:// URL: the PEM file of the CA (or self-signed certificate) to trust
+    /// (default: the system's root certificates). `--ca` is an older name.
+    #[arg(long, alias = "ca", env = "IOTFWD_CA_FILE", value_name = "PEM")]
+    pub ca_file: Option<PathBuf>,
 }
 
 /// `iotfwd rules test`.

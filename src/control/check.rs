@@ -1,8 +1,8 @@
 //! The check behind `iotfwd check`: would the daemon start on this config and these rules, and
 //! what would fail once it runs?
 //!
-//! [`check`] loads the config file (or takes the embedded default) and every rule file of the
-//! rules directory the way the daemon does, and returns a [`CheckReport`]: every problem with
+//! [`check`] loads the config file (or takes the embedded default), reads the PEM files its TLS
+//! sections name, and loads every rule file of the rules directory the way the daemon does, and returns a [`CheckReport`]: every problem with
 //! its file and line (all of them, not the first), the warnings about what loads but would fail
 //! at run time, and what loaded. It prints nothing, so the CLI, the API or the console can each
 //! show the same report their own way.
@@ -115,7 +115,15 @@ pub fn check(config_file: Option<&Path>, rules_dir: Option<&Path>) -> CheckRepor
     let config = match config_file {
         None => Some(Config::embedded_default()),
         Some(path) => match Config::load(path) {
-            Ok(config) => Some(config),
+            Ok(config) => {
+                // The PEM files of the TLS sections must exist and parse: `iotfwd run` reads
+                // them before it starts.
+                let text = std::fs::read_to_string(path).ok();
+                let tls =
+                    config.check_tls_files(text.as_deref(), Some(path), crate::tls::check_section);
+                problems.extend(tls.into_iter().map(Problem::Config));
+                Some(config)
+            }
             Err(errors) => {
                 problems.extend(errors.into_iter().map(Problem::Config));
                 None

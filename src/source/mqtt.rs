@@ -75,6 +75,8 @@ impl MqttLink {
 /// What everything the source needs to connect: built (and the password read) at start-up.
 pub struct MqttSource {
     options: MqttOptions,
+    /// What the TLS client trusts (`mqtts://`), for the words of a failed handshake.
+    trusts: String,
     config: MqttSourceConfig,
     max_delay: Duration,
     link: Arc<MqttLink>,
@@ -98,8 +100,15 @@ impl MqttSource {
         if let Some(user) = &mqtt.username {
             options.set_credentials(user.clone(), mqtt.password()?.unwrap_or_default());
         }
+        if mqtt.is_tls() {
+            let tls = crate::tls::client_config("mqtt", mqtt.tls.as_ref())?;
+            options.set_transport(rumqttc::Transport::tls_with_config(
+                rumqttc::TlsConfiguration::Rustls(tls),
+            ));
+        }
         Ok(MqttSource {
             options,
+            trusts: crate::tls::trusts("mqtt", mqtt.tls.as_ref()),
             config: config.clone(),
             max_delay: Duration::from_millis(mqtt.reconnect_max_delay_ms),
             link,
@@ -188,7 +197,7 @@ async fn connection(
                 break;
             }
             Ok(_) => {}
-            Err(e) => return (Ended::Failed(describe(&e)), false),
+            Err(e) => return (Ended::Failed(describe(&e, source)), false),
         }
     }
     let qos = if source.config.qos == 0 {
@@ -256,7 +265,7 @@ async fn connection(
                     // processed finishes (its records are written); what waits does not start.
                     live.store(false, Ordering::Relaxed);
                     in_flight.detach_all();
-                    return (Ended::Failed(describe(&e)), true);
+                    return (Ended::Failed(describe(&e, source)), true);
                 }
             },
         }
@@ -357,7 +366,7 @@ impl Handle {
 }
 
 /// A connection error as an operator reads it.
-fn describe(e: &ConnectionError) -> String {
+fn describe(e: &ConnectionError, source: &MqttSource) -> String {
     use rumqttc::ConnectReturnCode as C;
     match e {
         ConnectionError::ConnectionRefused(C::BadUserNamePassword) => {
@@ -370,6 +379,7 @@ fn describe(e: &ConnectionError) -> String {
             "the broker refused the client id (mqtt.client_id)".into()
         }
         ConnectionError::ConnectionRefused(code) => format!("the broker refused the connection: {code:?}"),
-        other => format!("connection lost or refused: {other}"),
+        other => crate::tls::describe(other, &source.options.broker_address().0, &source.trusts)
+            .unwrap_or_else(|| format!("connection lost or refused: {other}")),
     }
 }

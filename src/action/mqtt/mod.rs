@@ -52,9 +52,16 @@ impl Mqtt {
         if let Some(user) = &config.username {
             options.set_credentials(user.clone(), config.password()?.unwrap_or_default());
         }
+        if config.is_tls() {
+            let tls = crate::tls::client_config("mqtt", config.tls.as_ref())?;
+            options.set_transport(rumqttc::Transport::tls_with_config(
+                rumqttc::TlsConfiguration::Rustls(tls),
+            ));
+        }
         let (tx, rx) = mpsc::channel(usize::from(WINDOW));
         tokio::spawn(connection_task(
             options,
+            crate::tls::trusts("mqtt", config.tls.as_ref()),
             rx,
             Duration::from_millis(config.reconnect_max_delay_ms),
         ));
@@ -181,6 +188,7 @@ impl Waiting {
 /// caller's retry decides).
 async fn connection_task(
     options: MqttOptions,
+    trusts: String,
     mut rx: mpsc::Receiver<Publish>,
     max_delay: Duration,
 ) {
@@ -235,7 +243,11 @@ async fn connection_task(
                         }
                     }
                     Ok(_) => {}
-                    Err(e) => break format!("MQTT broker unreachable: {e}"),
+                    Err(e) => break format!(
+                        "MQTT broker unreachable: {}",
+                        crate::tls::describe(&e, &options.broker_address().0, &trusts)
+                            .unwrap_or_else(|| e.to_string())
+                    ),
                 },
             }
         };
