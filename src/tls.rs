@@ -185,19 +185,41 @@ fn build_client(tls: &ClientTls) -> Result<Arc<rustls::ClientConfig>, Problem> {
     Ok(Arc::new(config))
 }
 
-/// Every problem of the files of one TLS section, each with its key: for `iotfwd check` (see
+/// A problem with a file of a TLS section, for `iotfwd check`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct FileProblem {
+    /// The section's key it is about: `cert`, `key` or `ca_file`.
+    pub key: &'static str,
+    pub message: String,
+    /// The file does not exist here (it may exist only where the daemon runs, as a mounted
+    /// secret): a warning, where a file that exists but does not do is a problem.
+    pub missing: bool,
+}
+
+/// Every problem of the files of one TLS section: for `iotfwd check` (see
 /// [`crate::config::Config::check_tls_files`]). Reads the files; builds the config only when
 /// each file reads, so a key that does not fit its certificate is found too.
-pub fn check_section(section: &TlsSection<'_>) -> Vec<(&'static str, String)> {
-    let mut problems: Vec<Problem> = section
+pub fn check_section(section: &TlsSection<'_>) -> Vec<FileProblem> {
+    let mut problems: Vec<FileProblem> = section
         .files()
         .into_iter()
         .filter_map(|(key, path, kind)| {
+            if !path.exists() {
+                return Some(FileProblem {
+                    key,
+                    message: format!("{}: no such file", path.display()),
+                    missing: true,
+                });
+            }
             let read = match kind {
                 PemKind::Certificates => certificates(path).map(|_| ()),
                 PemKind::PrivateKey => private_key(path).map(|_| ()),
             };
-            read.err().map(|e| (key, e))
+            read.err().map(|message| FileProblem {
+                key,
+                message,
+                missing: false,
+            })
         })
         .collect();
     if problems.is_empty() {
@@ -205,14 +227,18 @@ pub fn check_section(section: &TlsSection<'_>) -> Vec<(&'static str, String)> {
             TlsSection::Server(s) => build_server(s, &[]).map(|_| ()),
             TlsSection::Client(c) => build_client(c).map(|_| ()),
         };
-        if let Err((key, e)) = built {
+        if let Err((key, message)) = built {
             // A problem of the section as a whole (no system roots) is placed at its first file.
             let key = if key.is_empty() {
                 section.files().first().map_or("ca_file", |f| f.0)
             } else {
                 key
             };
-            problems.push((key, e));
+            problems.push(FileProblem {
+                key,
+                message,
+                missing: false,
+            });
         }
     }
     problems

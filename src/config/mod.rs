@@ -178,8 +178,8 @@ impl Config {
     }
 
     /// The problems of the PEM files the TLS sections name, each placed at its key: `read`
-    /// opens a section's files (the config does no I/O itself; `crate::tls::check_section` is
-    /// the reader) and returns each problem with the key it is about (`cert`, `key`,
+    /// opens a section's files (the config does no I/O itself; the TLS module's `check_section`
+    /// is the reader) and returns each problem with the key it is about (`cert`, `key`,
     /// `ca_file`). `text` and `file` place the problems as [`Config::validate`] does.
     pub fn check_tls_files(
         &self,

@@ -5,8 +5,8 @@
 //! One file for the four because they name the same kinds of PEM files and are checked the
 //! same way. Loading checks only what the config itself says (paths not empty, a client's cert
 //! and key given together, a client section only with a TLS url); whether the files exist and
-//! parse is [`super::Config::check_tls_files`]'s, run by `iotfwd check` and `iotfwd run` with
-//! a reader that `crate::tls` provides (the config does no I/O of its own).
+//! parse is [`super::Config::check_tls_files`]'s, run by `iotfwd check` with
+//! a reader that the TLS module (`src/tls.rs`) provides (the config does no I/O of its own).
 
 use std::path::{Path, PathBuf};
 

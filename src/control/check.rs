@@ -87,6 +87,10 @@ pub enum Warning {
     /// file is missing or too short): `iotfwd run` in the same environment would refuse to
     /// start. A warning, not a problem: the check may run where the secrets are not.
     TokenUnreadable(String),
+    /// A PEM file a TLS section names does not exist here: `iotfwd run` in the same place would
+    /// not start. A warning for the same reason: the file may be a secret mounted only where
+    /// the daemon runs.
+    TlsFileMissing(ConfigError),
 }
 
 impl fmt::Display for Warning {
@@ -102,6 +106,10 @@ impl fmt::Display for Warning {
                 f,
                 "{why}; `iotfwd run` here would not start (fine if the token exists only where it runs)"
             ),
+            Warning::TlsFileMissing(e) => write!(
+                f,
+                "{e}; `iotfwd run` here would not start (fine if the file exists only where it runs)"
+            ),
         }
     }
 }
@@ -112,16 +120,25 @@ impl fmt::Display for Warning {
 /// problem.
 pub fn check(config_file: Option<&Path>, rules_dir: Option<&Path>) -> CheckReport {
     let mut problems = Vec::new();
+    let mut tls_missing = Vec::new();
     let config = match config_file {
         None => Some(Config::embedded_default()),
         Some(path) => match Config::load(path) {
             Ok(config) => {
-                // The PEM files of the TLS sections must exist and parse: `iotfwd run` reads
-                // them before it starts.
+                // The PEM files of the TLS sections must parse (and a key fit its
+                // certificate): `iotfwd run` reads them before it starts. One that is missing
+                // here is a warning: it may exist only where the daemon runs.
                 let text = std::fs::read_to_string(path).ok();
-                let tls =
-                    config.check_tls_files(text.as_deref(), Some(path), crate::tls::check_section);
-                problems.extend(tls.into_iter().map(Problem::Config));
+                let of = |missing: bool| {
+                    config.check_tls_files(text.as_deref(), Some(path), |section| {
+                        (crate::tls::check_section(section).into_iter())
+                            .filter(|p| p.missing == missing)
+                            .map(|p| (p.key, p.message))
+                            .collect()
+                    })
+                };
+                problems.extend(of(false).into_iter().map(Problem::Config));
+                tls_missing.extend(of(true).into_iter().map(Warning::TlsFileMissing));
                 Some(config)
             }
             Err(errors) => {
@@ -140,6 +157,7 @@ pub fn check(config_file: Option<&Path>, rules_dir: Option<&Path>) -> CheckRepor
         Some(config) => {
             let mut warnings = unknown_groups(config, &rules);
             warnings.extend(unreadable_tokens(config));
+            warnings.extend(tls_missing);
             warnings
         }
         None => Vec::new(),
@@ -233,7 +251,7 @@ mod tests {
             .iter()
             .filter_map(|w| match w {
                 Warning::UnknownGroup { group, .. } => Some(group.as_str()),
-                Warning::TokenUnreadable(_) => None,
+                Warning::TokenUnreadable(_) | Warning::TlsFileMissing(_) => None,
             })
             .collect();
         assert_eq!(groups, ["nosuch", "demo"]);

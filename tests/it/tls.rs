@@ -314,6 +314,32 @@ async fn check_reports_bad_pem_files_at_their_lines() {
         "{err}"
     );
     assert!(err.contains("2 problem(s)"), "{err}");
+
+    // A file that is not here is a warning: it may be a secret mounted where the daemon runs.
+    let missing = dir.path().join("mounted-elsewhere.pem");
+    std::fs::write(
+        &file,
+        format!(
+            "[rules]\ndir = {:?}\n[broker]\nurl = \"amqps://h/%2f\"\n[broker.tls]\nca_file = {:?}\n",
+            dir.path().join("rules"),
+            missing,
+        ),
+    )
+    .unwrap();
+    let (ok, _, err) = iotfwd(vec![
+        "check".into(),
+        "--config".into(),
+        file.to_str().unwrap().into(),
+    ])
+    .await;
+    assert!(ok, "{err}");
+    assert!(
+        err.contains(&format!(
+            "warning: {at}:6:11: broker.tls.ca_file: {}: no such file; `iotfwd run` here would not start",
+            missing.display()
+        )),
+        "{err}"
+    );
 }
 
 /// A RabbitMQ node of the test's own with a TLS listener that asks for client certificates
