@@ -112,11 +112,13 @@ pub enum Command {
     /// its actions' outcomes.
     ///
     /// A daemon with [[http.token]] entries needs a token with scope `ingest`: --token or
-    /// IOTFWD_TOKEN (docs/security.md).
+    /// IOTFWD_TOKEN (docs/security.md). A daemon with [http.tls] is reached at https://, trusting
+    /// --ca-file or IOTFWD_CA_FILE (else the system's root certificates).
     ///
     /// Exit status: 0 when the daemon answers with a success status (the answer may still give
-    /// the message a failure code, e.g. 1903); 1 when it cannot be reached or answers with an
-    /// error status (401: no or a wrong token); 2 when --payload @FILE cannot be read.
+    /// the message a failure code, e.g. 1903); 1 when it cannot be reached (a TLS handshake that
+    /// fails says why) or answers with an error status (401: no or a wrong token); 2 when
+    /// --payload @FILE cannot be read or --url is not a URL.
     Send(SendArgs),
     /// Consume a consumer group from the AMQP 1.0 endpoint, as a platform consumer would.
     /// Prints one JSON line per message: its application properties and body. For debugging
