@@ -294,6 +294,7 @@ async fn health(State(state): State<Arc<AppState>>) -> Response {
     let broker = state.broker.as_ref().map(|b| BrokerState {
         connected: b.is_connected(),
         blocked: b.blocked(),
+        last_error: b.last_error(),
     });
     Json(state.health.report(broker)).into_response()
 }

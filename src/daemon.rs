@@ -88,6 +88,13 @@ pub async fn run_from_file(
             config.data.dir.display()
         )
     })?;
+    // `[http.tls]`: its files are read before anything starts, so a bad one stops the start.
+    let http_tls = match &config.http.tls {
+        None => None,
+        Some(tls) => Some(tokio_rustls::TlsAcceptor::from(
+            crate::tls::server_config("http", tls, &[b"http/1.1"]).map_err(anyhow::Error::msg)?,
+        )),
+    };
     let metrics = Arc::new(Metrics::new());
     // The API's tokens are read first: a daemon that could not check them must not start.
     let auth = crate::api::auth::Auth::from_config(&config.http, Arc::clone(&metrics))
@@ -307,12 +314,13 @@ pub async fn run_from_file(
     );
     let app = crate::api::router(Arc::clone(&state));
     let addr = listeners.http.local_addr().context("listener address")?;
-    tracing::info!(%addr, "listening: POST http://{addr}/api/v1/messages, GET /metrics, /healthz, /readyz; the console: http://{addr}/console");
+    let scheme = if http_tls.is_some() { "https" } else { "http" };
+    tracing::info!(%addr, "listening: POST {scheme}://{addr}/api/v1/messages, GET /metrics, /healthz, /readyz; the console: {scheme}://{addr}/console");
     state.ready.store(true, Ordering::Relaxed);
     let (stop_tx, stop_rx) = oneshot::channel::<()>();
     let server_stages = Arc::clone(&stages);
     let header_timeout = std::time::Duration::from_millis(state.config.http.header_timeout_ms);
-    let server = crate::api::serve(listeners.http, app, header_timeout, async move {
+    let server = crate::api::serve(listeners.http, http_tls, app, header_timeout, async move {
         shutdown.await;
         // Before the server can end: its end is not a failure now.
         server_stages.stopping();

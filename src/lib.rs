@@ -16,7 +16,8 @@
 //!
 //! Beside the path: [`config`] (the schema, no I/O), [`telemetry`] (every metric),
 //! [`control`] (health, reload, the check before a start), [`api`] (the HTTP router, its tokens and bounds),
-//! [`daemon`] (wiring only), [`client`] (the AMQP 1.0 consumer client), [`bench`], [`cli`],
+//! [`daemon`] (wiring only), [`client`] (the AMQP 1.0 consumer client and the CLI's HTTP(S)
+//! client), [`tls`] (PEM files and the rustls configs of every TLS link), [`bench`], [`cli`],
 //! [`text`].
 //! docs/architecture.md draws the same map.
 
@@ -40,3 +41,4 @@ pub mod spool;
 pub mod subscription;
 pub mod telemetry;
 pub mod text;
+pub mod tls;

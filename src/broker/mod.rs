@@ -12,6 +12,11 @@
 //! confirm that does not come in time is 9325 (and a connection that stopped answering is
 //! dropped and made again), and while the broker blocks publishers (connection.blocked)
 //! publishes wait for it within the same time-out.
+//!
+//! An `amqps://` url connects over TLS with the rustls config of `[broker.tls]` (see
+//! [`crate::tls`]): lapin is handed a connector that opens the TCP connection and runs the
+//! handshake, so a server certificate no trusted CA signed, or one for another host name, is a
+//! failed connection attempt with the reason said plainly (9325, retried), never a panic.
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -29,6 +34,44 @@ use crate::outcome::{Code, Failure};
 mod classify;
 pub use classify::classify;
 
+/// The TLS side of an `amqps://` connection.
+struct TlsLink {
+    config: Arc<crate::tls::rustls::ClientConfig>,
+    /// The host the certificate must be valid for.
+    host: String,
+    /// What the client trusts, for the words of a failed handshake.
+    trusts: String,
+    /// Whether it shows a client certificate (`broker.tls.cert`).
+    identity: bool,
+}
+
+impl TlsLink {
+    /// A broker that wants a client certificate it trusts checks it after the TLS 1.3
+    /// handshake, and its refusal usually arrives as a reset connection rather than as its
+    /// alert: say what that likely means.
+    fn closed(&self, e: &lapin::Error) -> Option<String> {
+        use std::io::ErrorKind as K;
+        let lapin::ErrorKind::IOError(io) = e.kind() else {
+            return None;
+        };
+        if !matches!(
+            io.kind(),
+            K::ConnectionReset | K::ConnectionAborted | K::UnexpectedEof | K::BrokenPipe
+        ) {
+            return None;
+        }
+        let hint = match self.identity {
+            false => {
+                "does it require a client certificate? Give broker.tls.cert and broker.tls.key"
+            }
+            true => "does it trust the CA that signed broker.tls.cert?",
+        };
+        Some(format!(
+            "the broker closed the connection right after the TLS handshake ({io}): {hint}"
+        ))
+    }
+}
+
 struct PublishChannel {
     channel: Channel,
     window: Arc<Semaphore>,
@@ -37,6 +80,8 @@ struct PublishChannel {
 /// The broker connection, shared by the source and the publisher.
 pub struct Broker {
     url: String,
+    /// For an `amqps://` url: the TLS client (`[broker.tls]`).
+    tls: Option<TlsLink>,
     redacted: String,
     confirm_window: usize,
     confirm_timeout: Duration,
@@ -52,12 +97,27 @@ pub struct Broker {
     /// `Some(reason)` while the broker blocks publishers (connection.blocked: a memory or disk
     /// alarm).
     blocked: watch::Sender<Option<String>>,
+    /// Why the last connection attempt failed (for health).
+    last_error: std::sync::Mutex<Option<String>>,
 }
 
 impl Broker {
     pub fn new(config: &BrokerConfig) -> Result<Arc<Broker>, String> {
         let url = config.resolved_url()?;
+        let tls = match config.is_tls() {
+            true => Some(TlsLink {
+                config: crate::tls::client_config("broker", config.tls.as_ref())?,
+                host: url::Url::parse(&url)
+                    .ok()
+                    .and_then(|u| u.host_str().map(str::to_owned))
+                    .unwrap_or_default(),
+                trusts: crate::tls::trusts("broker", config.tls.as_ref()),
+                identity: config.tls.as_ref().is_some_and(|t| t.identity().is_some()),
+            }),
+            false => None,
+        };
         Ok(Arc::new(Broker {
+            tls,
             redacted: redact(&url),
             url,
             confirm_window: config.confirm_window,
@@ -67,6 +127,7 @@ impl Broker {
             connecting: tokio::sync::Mutex::new(()),
             channels: Mutex::new(HashMap::new()),
             blocked: watch::channel(None).0,
+            last_error: std::sync::Mutex::new(None),
         }))
     }
 
@@ -83,6 +144,14 @@ impl Broker {
     /// Why the broker blocks publishers, while it does (connection.blocked).
     pub fn blocked(&self) -> Option<String> {
         self.blocked.borrow().clone()
+    }
+
+    /// Why the last connection attempt failed, if one did.
+    pub fn last_error(&self) -> Option<String> {
+        self.last_error
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
     }
 
     /// The live connection, if there is one; never waits.
@@ -115,25 +184,66 @@ impl Broker {
             self.current.send_replace(None);
             self.blocked.send_replace(None);
         }
-        let attempt = tokio::time::timeout(
-            Duration::from_secs(10),
-            Connection::connect(&self.url, ConnectionProperties::default()),
-        )
-        .await;
+        let attempt = tokio::time::timeout(Duration::from_secs(10), self.open()).await;
         let conn = match attempt {
             Ok(Ok(c)) => Arc::new(c),
-            Ok(Err(e)) => return Err(classify::connect_failure(&e, &self.redacted)),
+            Ok(Err(e)) => {
+                // A failed TLS handshake in words (the client's verdict or the server's alert).
+                let tls = (self.tls.as_ref()).and_then(|t| {
+                    crate::tls::describe(&e, &t.host, &t.trusts).or_else(|| t.closed(&e))
+                });
+                let failure = match tls {
+                    Some(why) => {
+                        Failure::unreachable(format!("cannot connect to {}: {why}", self.redacted))
+                    }
+                    None => classify::connect_failure(&e, &self.redacted),
+                };
+                return Err(self.failed(failure));
+            }
             Err(_) => {
-                return Err(Failure::unreachable(format!(
+                return Err(self.failed(Failure::unreachable(format!(
                     "connecting to {} timed out after 10 s",
                     self.redacted
-                )));
+                ))));
             }
         };
         tracing::info!(broker = %self.redacted, "connected to the broker");
         self.follow_events(&conn);
         self.current.send_replace(Some(Arc::clone(&conn)));
         Ok(conn)
+    }
+
+    /// Keeps why a connection attempt failed, for health.
+    fn failed(&self, failure: Failure) -> Failure {
+        *self.last_error.lock().unwrap_or_else(|p| p.into_inner()) =
+            Some(failure.reason().to_owned());
+        failure
+    }
+
+    /// One connection attempt: plain, or over TLS with `[broker.tls]`.
+    async fn open(&self) -> lapin::Result<Connection> {
+        use lapin::tcp::AMQPUriTcpExt as _;
+        use lapin::uri::{AMQPScheme, AMQPUri};
+        let Some(tls) = &self.tls else {
+            return Connection::connect(&self.url, ConnectionProperties::default()).await;
+        };
+        let uri: AMQPUri = self.url.parse().map_err(|e: String| {
+            lapin::Error::from(std::io::Error::new(std::io::ErrorKind::InvalidInput, e))
+        })?;
+        let connector = lapin::tcp::RustlsConnector::from(Arc::clone(&tls.config));
+        Connection::connector(
+            uri,
+            lapin::runtime::default_runtime()?,
+            async move |uri: AMQPUri, runtime| {
+                let host = uri.authority.host.clone();
+                let mut tcp = uri;
+                tcp.scheme = AMQPScheme::AMQP;
+                let stream = tcp.connect_async(&runtime).await?;
+                Ok(stream.into_rustls(&connector, &host).await?)
+            },
+            ConnectionProperties::default(),
+        )
+        .await
     }
 
     /// Mirrors the connection's blocked / unblocked notices into [`Broker::blocked`].

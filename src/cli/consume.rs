@@ -103,7 +103,7 @@ pub(super) fn run(args: ConsumeArgs) -> ExitCode {
     let mut options = ConsumerOptions::new(&args.url, &args.group, &access_key_id, &secret);
     options.sign_method = sign_method;
     options.idle_timeout_ms = args.idle_timeout_ms;
-    options.ca = args.ca.clone();
+    options.ca = args.ca_file.clone();
     if let Some(id) = &args.client_id {
         options.client_id = id.clone();
     }

@@ -7,7 +7,9 @@ use clap::{Args, Subcommand};
 use serde_json::Value;
 
 use super::support::{Runtime, block_on};
+use crate::client::http;
 use crate::text::{cut, escape_controls};
+use hyper::Method;
 
 /// `iotfwd dlq`.
 #[derive(Debug, Args)]
@@ -59,9 +61,17 @@ pub struct DlqFilters {
     /// At most this many (1..=10000).
     #[arg(long, default_value_t = 100)]
     pub limit: usize,
-    /// The daemon's base URL (its http.listen).
+    /// The daemon's base URL (its http.listen; https:// when it has [http.tls]).
     #[arg(long, default_value = "http://127.0.0.1:8080")]
     pub url: String,
+    /// For an https:// --url: the PEM file of the CA to trust (default: the system's root
+    /// certificates).
+    #[arg(long, env = "IOTFWD_CA_FILE", value_name = "PEM")]
+    pub ca_file: Option<std::path::PathBuf>,
+    /// A bearer token (scope `read` to list, `admin` to replay) when the daemon has
+    /// [[http.token]] entries. Prefer the environment variable: a flag shows in `ps`.
+    #[arg(long, env = "IOTFWD_TOKEN", hide_env_values = true)]
+    pub token: Option<String>,
 }
 
 impl DlqFilters {
@@ -93,7 +103,7 @@ pub(super) fn run(cmd: DlqCmd) -> ExitCode {
                     Ok(u) => u,
                     Err(code) => return code,
                 };
-                let answer = call(reqwest::Client::new().get(url)).await;
+                let answer = call(Method::GET, &url, &filters).await;
                 match answer {
                     Ok(v) => {
                         print_list(&v, json);
@@ -108,7 +118,7 @@ pub(super) fn run(cmd: DlqCmd) -> ExitCode {
                     Ok(u) => u,
                     Err(code) => return code,
                 };
-                let answer = call(reqwest::Client::new().post(url)).await;
+                let answer = call(Method::POST, &url, &filters).await;
                 match answer {
                     Ok(v) => print_replay(&v),
                     Err(e) => fail(&endpoint, &e),
@@ -133,16 +143,16 @@ fn fail(endpoint: &str, e: &str) -> ExitCode {
 
 /// Sends the request; the answer as JSON, or what went wrong (the daemon's `error` text for
 /// an error status).
-async fn call(request: reqwest::RequestBuilder) -> Result<Value, String> {
-    let response = request
-        .send()
-        .await
-        .map_err(|e| format!("cannot reach the daemon: {e}"))?;
-    let status = response.status();
-    let text = response
-        .text()
-        .await
-        .map_err(|e| format!("reading the answer: {e}"))?;
+async fn call(method: Method, url: &url::Url, filters: &DlqFilters) -> Result<Value, String> {
+    let (status, text) = http::call(http::Call {
+        method,
+        url,
+        json: None,
+        token: filters.token.as_deref(),
+        ca_file: filters.ca_file.as_deref(),
+    })
+    .await
+    .map_err(|e| format!("cannot reach the daemon: {e:#}"))?;
     let value: Value = serde_json::from_str(&text).unwrap_or(Value::String(text));
     if status.is_success() {
         Ok(value)

@@ -112,11 +112,13 @@ pub enum Command {
     /// its actions' outcomes.
     ///
     /// A daemon with [[http.token]] entries needs a token with scope `ingest`: --token or
-    /// IOTFWD_TOKEN (docs/security.md).
+    /// IOTFWD_TOKEN (docs/security.md). A daemon with [http.tls] is reached at https://, trusting
+    /// --ca-file or IOTFWD_CA_FILE (else the system's root certificates).
     ///
     /// Exit status: 0 when the daemon answers with a success status (the answer may still give
-    /// the message a failure code, e.g. 1903); 1 when it cannot be reached or answers with an
-    /// error status (401: no or a wrong token); 2 when --payload @FILE cannot be read.
+    /// the message a failure code, e.g. 1903); 1 when it cannot be reached (a TLS handshake that
+    /// fails says why) or answers with an error status (401: no or a wrong token); 2 when
+    /// --payload @FILE cannot be read or --url is not a URL.
     Send(SendArgs),
     /// Consume a consumer group from the AMQP 1.0 endpoint, as a platform consumer would.
     /// Prints one JSON line per message: its application properties and body. For debugging
@@ -277,7 +279,7 @@ pub struct SendArgs {
     /// The payload: JSON text, or @FILE to read it from a file.
     #[arg(long, value_name = "JSON|@FILE")]
     pub payload: String,
-    /// The daemon's base URL (its http.listen).
+    /// The daemon's base URL (its http.listen; https:// when it has [http.tls]).
     #[arg(long, default_value = "http://127.0.0.1:8080")]
     pub url: String,
     /// A bearer token with scope `ingest`, when the daemon has [[http.token]] entries
@@ -287,6 +289,10 @@ pub struct SendArgs {
     /// Also print each matched rule's output; --verbose false leaves the outputs out.
     #[arg(long, default_value_t = true, action = clap::ArgAction::Set)]
     pub verbose: bool,
+    /// For an https:// --url: the PEM file of the CA to trust (default: the system's root
+    /// certificates).
+    #[arg(long, env = "IOTFWD_CA_FILE", value_name = "PEM")]
+    pub ca_file: Option<PathBuf>,
 }
 
 /// `iotfwd consume`.
@@ -329,9 +335,10 @@ pub struct ConsumeArgs {
     /// The client id (default: `iotfwd-consume-<pid>`).
     #[arg(long)]
     pub client_id: Option<String>,
-    /// For an amqps:// URL: the PEM file of the CA (or self-signed certificate) to trust.
-    #[arg(long)]
-    pub ca: Option<PathBuf>,
+    /// For an amqps:// URL: the PEM file of the CA (or self-signed certificate) to trust
+    /// (default: the system's root certificates). `--ca` is an older name.
+    #[arg(long, alias = "ca", env = "IOTFWD_CA_FILE", value_name = "PEM")]
+    pub ca_file: Option<PathBuf>,
 }
 
 /// `iotfwd rules test`.

@@ -4,6 +4,7 @@ use std::process::ExitCode;
 
 use super::SendArgs;
 use super::support::{Runtime, block_on, payload_arg};
+use crate::client::http;
 
 pub(super) fn run(args: SendArgs) -> ExitCode {
     let payload = match payload_arg(&args.payload) {
@@ -27,7 +28,21 @@ pub(super) fn run(args: SendArgs) -> ExitCode {
         args.verbose
     );
     block_on(Runtime::CurrentThread, async {
-        match post(&endpoint, &envelope, args.token.as_deref()).await {
+        let url = match url::Url::parse(&endpoint) {
+            Ok(u) => u,
+            Err(e) => {
+                eprintln!("error: --url: {endpoint} is not a URL: {e}");
+                return ExitCode::from(2);
+            }
+        };
+        let call = http::Call {
+            method: hyper::Method::POST,
+            url: &url,
+            json: Some(envelope.to_string().into_bytes()),
+            token: args.token.as_deref(),
+            ca_file: args.ca_file.as_deref(),
+        };
+        match http::call(call).await {
             Ok((status, body)) => {
                 let pretty = serde_json::from_str::<serde_json::Value>(&body)
                     .map(|v| serde_json::to_string_pretty(&v).unwrap_or(body.clone()))
@@ -37,7 +52,7 @@ pub(super) fn run(args: SendArgs) -> ExitCode {
                     ExitCode::SUCCESS
                 } else {
                     eprintln!("error: the daemon answered {status}");
-                    if status == reqwest::StatusCode::UNAUTHORIZED {
+                    if status == hyper::StatusCode::UNAUTHORIZED {
                         eprintln!(
                             "hint: the daemon asks for a token: pass --token or set IOTFWD_TOKEN"
                         );
@@ -46,25 +61,9 @@ pub(super) fn run(args: SendArgs) -> ExitCode {
                 }
             }
             Err(e) => {
-                eprintln!("error: cannot reach the daemon at {endpoint}: {e}");
+                eprintln!("error: cannot reach the daemon at {endpoint}: {e:#}");
                 ExitCode::FAILURE
             }
         }
     })
-}
-
-/// POSTs `envelope` to `endpoint`; the answer's status and body.
-async fn post(
-    endpoint: &str,
-    envelope: &serde_json::Value,
-    token: Option<&str>,
-) -> Result<(reqwest::StatusCode, String), reqwest::Error> {
-    let mut request = reqwest::Client::new().post(endpoint).json(envelope);
-    if let Some(token) = token {
-        request = request.bearer_auth(token);
-    }
-    let response = request.send().await?;
-    let status = response.status();
-    let body = response.text().await?;
-    Ok((status, body))
 }

@@ -1,5 +1,6 @@
 //! A consumer-group client: signs its login as platform consumers do. Used by
-//! `iotfwd consume`, the tests and the benchmark.
+//! `iotfwd consume`, the tests and the benchmark. [`http`] is the CLI's client of the
+//! daemon's HTTP API.
 
 use fe2o3_amqp::connection::ConnectionHandle;
 use fe2o3_amqp::link::receiver::CreditMode;
@@ -11,6 +12,8 @@ use fe2o3_amqp::{Connection, Receiver, Session};
 use serde_json::json;
 
 use crate::subscription::auth::{SignMethod, SignedUser};
+
+pub mod http;
 
 /// What a consumer needs to log in to a group.
 #[derive(Clone, Debug)]
@@ -31,7 +34,8 @@ pub struct ConsumerOptions {
     /// Signing time; `None` = now (made unique within this process, since the endpoint
     /// accepts each signature once).
     pub timestamp_ms: Option<i64>,
-    /// For `amqps://`: the PEM file of the CA (or self-signed certificate) to trust.
+    /// For `amqps://`: the PEM file of the CA (or self-signed certificate) to trust; `None`:
+    /// the system's root certificates.
     pub ca: Option<std::path::PathBuf>,
 }
 
@@ -132,33 +136,18 @@ impl Consumer {
     }
 }
 
-/// A TLS stream to `host:port` trusting the certificates in `ca`.
+/// A TLS stream to `host:port` trusting the certificates in `ca` (`None`: the system's roots).
 async fn tls_connect(
     host: &str,
     port: u16,
     ca: Option<&std::path::Path>,
 ) -> anyhow::Result<tokio_rustls::client::TlsStream<tokio::net::TcpStream>> {
-    use tokio_rustls::rustls;
-    use tokio_rustls::rustls::pki_types::pem::PemObject;
-    use tokio_rustls::rustls::pki_types::{CertificateDer, ServerName};
-    let ca = ca.ok_or_else(|| anyhow::anyhow!("amqps:// needs --ca FILE (the CA to trust)"))?;
-    let mut roots = rustls::RootCertStore::empty();
-    for cert in CertificateDer::pem_file_iter(ca)? {
-        roots.add(cert?)?;
-    }
-    let config = rustls::ClientConfig::builder_with_provider(std::sync::Arc::new(
-        rustls::crypto::ring::default_provider(),
-    ))
-    .with_safe_default_protocol_versions()?
-    .with_root_certificates(roots)
-    .with_no_client_auth();
-    let tcp = tokio::net::TcpStream::connect((host, port)).await?;
-    let name = ServerName::try_from(host.to_owned())?;
-    Ok(
-        tokio_rustls::TlsConnector::from(std::sync::Arc::new(config))
-            .connect(name, tcp)
-            .await?,
-    )
+    let config = crate::tls::client_config_trusting(ca).map_err(anyhow::Error::msg)?;
+    let trusts = match ca {
+        Some(_) => "--ca-file",
+        None => "the system's root certificates; pass --ca-file for a private CA",
+    };
+    Ok(crate::tls::connect(config, host, port, trusts).await?)
 }
 
 /// A received message as JSON: `{"properties": {...}, "body": <JSON or text>}`.

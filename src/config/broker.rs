@@ -16,9 +16,10 @@ use super::report::{Reporter, Seg};
 #[derive(Clone, Debug, PartialEq, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, expecting = "a table")]
 pub struct BrokerConfig {
-    /// The broker URL, `amqp://user@host:5672/vhost` (`%2f` is the default vhost `/`). The
-    /// password may be written in the URL, but prefer `password_env` or `password_file`:
-    /// iotfwd never logs it either way.
+    /// The broker URL, `amqp://user@host:5672/vhost` (`%2f` is the default vhost `/`), or
+    /// `amqps://user@host:5671/vhost` for TLS (see `[broker.tls]`). The password may be
+    /// written in the URL, but prefer `password_env` or `password_file`: iotfwd never logs it
+    /// either way.
     pub url: String,
     /// Name of an environment variable holding the password (overrides one in the URL).
     #[serde(default)]
@@ -46,6 +47,10 @@ pub struct BrokerConfig {
     /// `iotfwd.dead` (docs/dead-letters.md).
     #[serde(default = "default_dead_letter_exchange")]
     pub dead_letter_exchange: String,
+    /// `[broker.tls]`: for an `amqps://` url, the CA to trust (default: the system's roots)
+    /// and a client certificate when the broker asks for one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tls: Option<super::tls::ClientTls>,
 }
 
 fn default_dead_letter_exchange() -> String {
@@ -174,7 +179,13 @@ impl BrokerConfig {
             reconnect_max_delay_ms: default_reconnect_max_delay_ms(),
             confirm_timeout_ms: default_confirm_timeout_ms(),
             dead_letter_exchange: default_dead_letter_exchange(),
+            tls: None,
         }
+    }
+
+    /// Whether the url asks for TLS (`amqps://`).
+    pub fn is_tls(&self) -> bool {
+        url::Url::parse(&self.url).is_ok_and(|u| u.scheme() == "amqps")
     }
 
     fn validate(&self, r: &mut Reporter<'_>) {
@@ -208,6 +219,9 @@ impl BrokerConfig {
         }
         if !(100..=600_000).contains(&self.confirm_timeout_ms) {
             r.report(&[&at("confirm_timeout_ms")], "must be 100..=600000".into());
+        }
+        if let Some(tls) = &self.tls {
+            super::tls::validate_client("broker", "amqps", tls, self.is_tls(), r);
         }
         let dlx = &self.dead_letter_exchange;
         if dlx.is_empty() || dlx.starts_with("amq.") || dlx.len() > 255 {

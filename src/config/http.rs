@@ -49,6 +49,9 @@ pub struct HttpConfig {
     /// when the connection opens or its previous response was sent; a slower connection is
     /// closed (an idle keep-alive connection too). Range 100..=600000. Default `10000`.
     pub header_timeout_ms: u64,
+    /// `[http.tls]`: serve HTTPS (only) with this certificate and key. Default: plain HTTP.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub tls: Option<super::tls::ServerTls>,
     /// `[[http.token]]`: the bearer tokens the API accepts. With none (the default), every
     /// route is open, which `iotfwd check` and `iotfwd run` allow only on a loopback `listen`.
     #[serde(skip_serializing_if = "Vec::is_empty")]
@@ -66,6 +69,7 @@ impl Default for HttpConfig {
             max_concurrent_ingest: 64,
             body_timeout_ms: 30_000,
             header_timeout_ms: 10_000,
+            tls: None,
             token: Vec::new(),
         }
     }
@@ -212,6 +216,9 @@ impl HttpConfig {
             100..=600_000,
             " ms",
         );
+        if let Some(tls) = &self.tls {
+            super::tls::validate_server("http", tls, r);
+        }
         self.validate_tokens(r);
     }
 

@@ -7,7 +7,8 @@
 //! One file per section, each with its structs, defaults and checks: `http.rs`, `engine.rs`
 //! (`[rules]`, `[engine]`, `[data]`, `[log]`, `[shutdown]`), `broker.rs` (`[broker]`,
 //! `[source]`), `store.rs`, `quota/` (`[[tenant]]`, `[[instance]]`, `[quota]`: the model in
-//! `mod.rs`, its checks in `check.rs`) and `subscription.rs` (`[subscription]`, `[[group]]`).
+//! `mod.rs`, its checks in `check.rs`), `subscription.rs` (`[subscription]`, `[[group]]`) and
+//! `tls.rs` (the `tls` tables of `[http]`, `[subscription]`, `[broker]` and `[mqtt]`).
 //! Every check reports through the one reporter in `report.rs`. This file holds [`Config`], loading, and the order in which the
 //! sections are checked, which is the order their problems are listed in. Loading reads the
 //! config file and nothing else; the secrets it names are read (and the embedded default's
@@ -29,6 +30,7 @@ pub mod redis;
 mod report;
 pub mod store;
 pub mod subscription;
+pub mod tls;
 
 pub use self::engine::{
     DataConfig, EngineConfig, LogConfig, LogFormat, Ordering, RulesConfig, ShutdownConfig,
@@ -147,6 +149,57 @@ impl Config {
             redis.validate(&mut r);
         }
         subscription::validate(self, &mut r);
+        r.into_errors()
+    }
+
+    /// Every TLS section of the config, each with its key (`http`, `subscription`, `broker`,
+    /// `mqtt`): the ones that are used (a client section only with its TLS url).
+    pub fn tls_sections(&self) -> Vec<(&'static str, tls::TlsSection<'_>)> {
+        let mut sections = Vec::new();
+        if let Some(t) = &self.http.tls {
+            sections.push(("http", tls::TlsSection::Server(t)));
+        }
+        if self.subscription.enabled
+            && let Some(t) = &self.subscription.tls
+        {
+            sections.push(("subscription", tls::TlsSection::Server(t)));
+        }
+        if let Some(b) = &self.broker
+            && let Some(t) = &b.tls
+        {
+            sections.push(("broker", tls::TlsSection::Client(t)));
+        }
+        if let Some(m) = &self.mqtt
+            && let Some(t) = &m.tls
+        {
+            sections.push(("mqtt", tls::TlsSection::Client(t)));
+        }
+        sections
+    }
+
+    /// The problems of the PEM files the TLS sections name, each placed at its key: `read`
+    /// opens a section's files (the config does no I/O itself; the TLS module's `check_section`
+    /// is the reader) and returns each problem with the key it is about (`cert`, `key`,
+    /// `ca_file`). `text` and `file` place the problems as [`Config::validate`] does.
+    pub fn check_tls_files(
+        &self,
+        text: Option<&str>,
+        file: Option<&Path>,
+        read: impl Fn(&tls::TlsSection<'_>) -> Vec<(&'static str, String)>,
+    ) -> Vec<ConfigError> {
+        let mut r = Reporter::new(text, file);
+        for (section, tls) in self.tls_sections() {
+            for (key, problem) in read(&tls) {
+                r.report(
+                    &[&[
+                        report::Seg::Key(section),
+                        report::Seg::Key("tls"),
+                        report::Seg::Key(key),
+                    ]],
+                    problem,
+                );
+            }
+        }
         r.into_errors()
     }
 

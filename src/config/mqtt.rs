@@ -2,8 +2,9 @@
 //! source of device messages and the destination of `to = "mqtt"` actions.
 //!
 //! `[mqtt]` is the connection, like `[broker]` for RabbitMQ; `[source.mqtt]` says what to
-//! subscribe to. MQTT 3.1.1 only for now (`protocol = "3.1.1"`); plain `mqtt://` only (no TLS
-//! yet). The password is read ([`MqttConfig::password`]) only when connecting, and never logged.
+//! subscribe to. MQTT 3.1.1 only for now (`protocol = "3.1.1"`); `mqtts://` for TLS, with
+//! `[mqtt.tls]`. The password is read ([`MqttConfig::password`]) only when connecting, and never
+//! logged.
 
 use std::path::PathBuf;
 
@@ -19,7 +20,8 @@ pub const PROTOCOLS: &[&str] = &["3.1.1"];
 #[derive(Clone, Debug, PartialEq, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, expecting = "a table")]
 pub struct MqttConfig {
-    /// `mqtt://host:port` (port 1883 when omitted).
+    /// `mqtt://host:port` (port 1883 when omitted), or `mqtts://host:port` for TLS (port 8883
+    /// when omitted; see `[mqtt.tls]`).
     pub url: String,
     /// The MQTT client id. With `clean_start = false` the broker keeps the session (the
     /// subscriptions and the QoS 1 messages not yet acknowledged) under this id, so it must be
@@ -46,6 +48,10 @@ pub struct MqttConfig {
     /// retry is after 100 ms, doubling up to this. Default 1000.
     #[serde(default = "default_reconnect_max_delay_ms")]
     pub reconnect_max_delay_ms: u64,
+    /// `[mqtt.tls]`: for an `mqtts://` url, the CA to trust (default: the system's roots) and a
+    /// client certificate when the broker asks for one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tls: Option<super::tls::ClientTls>,
 }
 
 fn default_client_id() -> String {
@@ -123,13 +129,22 @@ impl MqttConfig {
             keep_alive_s: default_keep_alive_s(),
             protocol: default_protocol(),
             reconnect_max_delay_ms: default_reconnect_max_delay_ms(),
+            tls: None,
         }
+    }
+
+    /// Whether the url asks for TLS (`mqtts://`).
+    pub fn is_tls(&self) -> bool {
+        url::Url::parse(&self.url).is_ok_and(|u| matches!(u.scheme(), "mqtts" | "ssl"))
     }
 
     fn validate(&self, r: &mut Reporter<'_>) {
         let at = |key: &'static str| [Seg::Key("mqtt"), Seg::Key(key)];
         if let Err(e) = self.host_port() {
             r.report(&[&at("url")], e);
+        }
+        if let Some(tls) = &self.tls {
+            super::tls::validate_client("mqtt", "mqtts", tls, self.is_tls(), r);
         }
         if self.client_id.is_empty() {
             r.report(&[&at("client_id")], "must not be empty".into());
@@ -181,19 +196,17 @@ impl MqttConfig {
     /// The broker's host and port from `url`, or what is wrong with it.
     pub fn host_port(&self) -> Result<(String, u16), String> {
         let u = url::Url::parse(&self.url).map_err(|e| format!("is not a URL: {e}"))?;
-        match u.scheme() {
-            "mqtt" | "tcp" => {}
-            "mqtts" | "ssl" => {
-                return Err("TLS (mqtts://) is not supported yet; use mqtt://".into());
-            }
-            other => return Err(format!("scheme {other:?} is not mqtt://")),
-        }
+        let default_port = match u.scheme() {
+            "mqtt" | "tcp" => 1883,
+            "mqtts" | "ssl" => 8883,
+            other => return Err(format!("scheme {other:?} is not mqtt:// or mqtts://")),
+        };
         let host = u
             .host_str()
             .filter(|h| !h.is_empty())
             .ok_or_else(|| "has no host".to_owned())?;
         if !matches!(u.path(), "" | "/") || u.query().is_some() {
-            return Err("must be mqtt://host:port, with no path or query".into());
+            return Err("must be mqtt://host:port (or mqtts://), with no path or query".into());
         }
         if !u.username().is_empty() || u.password().is_some() {
             return Err(
@@ -204,7 +217,7 @@ impl MqttConfig {
             .trim_start_matches('[')
             .trim_end_matches(']')
             .to_owned();
-        Ok((host, u.port().unwrap_or(1883)))
+        Ok((host, u.port().unwrap_or(default_port)))
     }
 
     /// The password from `password_env` / `password_file`, if one is configured.
@@ -323,7 +336,11 @@ mod tests {
             MqttConfig::new("mqtt://broker").host_port().unwrap(),
             ("broker".into(), 1883)
         );
-        assert!(problems("mqtts://h:8883")[0].contains("TLS"));
+        assert!(problems("mqtts://h:8883").is_empty());
+        assert_eq!(
+            MqttConfig::new("mqtts://broker").host_port().unwrap(),
+            ("broker".into(), 8883)
+        );
         assert!(problems("http://h")[0].contains("not mqtt://"));
         assert!(problems("nope")[0].contains("not a URL"));
         assert!(problems("mqtt://u:p@h")[0].contains("credentials"));

@@ -67,15 +67,8 @@ impl Default for SubscriptionConfig {
     }
 }
 
-/// `[subscription.tls]`: PEM files for the endpoint's certificate chain and private key.
-#[derive(Clone, Debug, PartialEq, Deserialize, Serialize)]
-#[serde(deny_unknown_fields, expecting = "a table")]
-pub struct TlsConfig {
-    /// The certificate chain (PEM), leaf first.
-    pub cert: PathBuf,
-    /// The private key (PEM: PKCS#8, PKCS#1 or SEC1).
-    pub key: PathBuf,
-}
+/// `[subscription.tls]`: the endpoint's certificate chain and key (see [`super::tls`]).
+pub type TlsConfig = super::tls::ServerTls;
 
 /// `[[group]]`: one consumer group.
 #[derive(Clone, Debug, PartialEq, Deserialize, Serialize)]
@@ -307,12 +300,7 @@ pub(super) fn validate(config: &Config, r: &mut Reporter<'_>) {
         " milliseconds",
     );
     if let Some(tls) = &s.tls {
-        for (name, path) in [("cert", &tls.cert), ("key", &tls.key)] {
-            r.if_empty(
-                &[Seg::Key("subscription"), Seg::Key("tls"), Seg::Key(name)],
-                path.as_os_str().is_empty(),
-            );
-        }
+        super::tls::validate_server("subscription", tls, r);
     }
     let mut seen: HashMap<&str, usize> = HashMap::new();
     for (i, g) in config.group.iter().enumerate() {

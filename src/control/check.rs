@@ -1,8 +1,8 @@
 //! The check behind `iotfwd check`: would the daemon start on this config and these rules, and
 //! what would fail once it runs?
 //!
-//! [`check`] loads the config file (or takes the embedded default) and every rule file of the
-//! rules directory the way the daemon does, and returns a [`CheckReport`]: every problem with
+//! [`check`] loads the config file (or takes the embedded default), reads the PEM files its TLS
+//! sections name, and loads every rule file of the rules directory the way the daemon does, and returns a [`CheckReport`]: every problem with
 //! its file and line (all of them, not the first), the warnings about what loads but would fail
 //! at run time, and what loaded. It prints nothing, so the CLI, the API or the console can each
 //! show the same report their own way.
@@ -87,6 +87,10 @@ pub enum Warning {
     /// file is missing or too short): `iotfwd run` in the same environment would refuse to
     /// start. A warning, not a problem: the check may run where the secrets are not.
     TokenUnreadable(String),
+    /// A PEM file a TLS section names does not exist here: `iotfwd run` in the same place would
+    /// not start. A warning for the same reason: the file may be a secret mounted only where
+    /// the daemon runs.
+    TlsFileMissing(ConfigError),
 }
 
 impl fmt::Display for Warning {
@@ -102,6 +106,10 @@ impl fmt::Display for Warning {
                 f,
                 "{why}; `iotfwd run` here would not start (fine if the token exists only where it runs)"
             ),
+            Warning::TlsFileMissing(e) => write!(
+                f,
+                "{e}; `iotfwd run` here would not start (fine if the file exists only where it runs)"
+            ),
         }
     }
 }
@@ -112,10 +120,27 @@ impl fmt::Display for Warning {
 /// problem.
 pub fn check(config_file: Option<&Path>, rules_dir: Option<&Path>) -> CheckReport {
     let mut problems = Vec::new();
+    let mut tls_missing = Vec::new();
     let config = match config_file {
         None => Some(Config::embedded_default()),
         Some(path) => match Config::load(path) {
-            Ok(config) => Some(config),
+            Ok(config) => {
+                // The PEM files of the TLS sections must parse (and a key fit its
+                // certificate): `iotfwd run` reads them before it starts. One that is missing
+                // here is a warning: it may exist only where the daemon runs.
+                let text = std::fs::read_to_string(path).ok();
+                let of = |missing: bool| {
+                    config.check_tls_files(text.as_deref(), Some(path), |section| {
+                        (crate::tls::check_section(section).into_iter())
+                            .filter(|p| p.missing == missing)
+                            .map(|p| (p.key, p.message))
+                            .collect()
+                    })
+                };
+                problems.extend(of(false).into_iter().map(Problem::Config));
+                tls_missing.extend(of(true).into_iter().map(Warning::TlsFileMissing));
+                Some(config)
+            }
             Err(errors) => {
                 problems.extend(errors.into_iter().map(Problem::Config));
                 None
@@ -132,6 +157,7 @@ pub fn check(config_file: Option<&Path>, rules_dir: Option<&Path>) -> CheckRepor
         Some(config) => {
             let mut warnings = unknown_groups(config, &rules);
             warnings.extend(unreadable_tokens(config));
+            warnings.extend(tls_missing);
             warnings
         }
         None => Vec::new(),
@@ -225,7 +251,7 @@ mod tests {
             .iter()
             .filter_map(|w| match w {
                 Warning::UnknownGroup { group, .. } => Some(group.as_str()),
-                Warning::TokenUnreadable(_) => None,
+                Warning::TokenUnreadable(_) | Warning::TlsFileMissing(_) => None,
             })
             .collect();
         assert_eq!(groups, ["nosuch", "demo"]);

@@ -89,6 +89,9 @@ pub struct BrokerState {
     pub connected: bool,
     /// Why the broker blocks publishers (connection.blocked), while it does.
     pub blocked: Option<String>,
+    /// Why the last connection attempt failed, while not connected (a TLS handshake, a
+    /// refused login, the broker down).
+    pub last_error: Option<String>,
 }
 
 impl From<bool> for BrokerState {
@@ -96,6 +99,7 @@ impl From<bool> for BrokerState {
         BrokerState {
             connected,
             blocked: None,
+            last_error: None,
         }
     }
 }
@@ -252,11 +256,15 @@ impl Health {
             "status": if degraded { "degraded" } else { "ok" },
             "broker": match broker {
                 None => json!({ "configured": false }),
-                Some(BrokerState { connected, blocked: None }) => {
-                    json!({ "configured": true, "connected": connected })
-                }
-                Some(BrokerState { connected, blocked: Some(reason) }) => {
-                    json!({ "configured": true, "connected": connected, "blocked": reason })
+                Some(BrokerState { connected, blocked, last_error }) => {
+                    let mut v = json!({ "configured": true, "connected": connected });
+                    if let Some(reason) = blocked {
+                        v["blocked"] = Value::String(reason);
+                    }
+                    if let Some(e) = last_error.filter(|_| !connected) {
+                        v["lastError"] = Value::String(e);
+                    }
+                    v
                 }
             },
             "mqtt": mqtt,
@@ -368,11 +376,23 @@ mod tests {
             Some(BrokerState {
                 connected: true,
                 blocked: Some("low on memory".into()),
+                last_error: Some("an earlier attempt failed".into()),
             }),
             0,
         );
         assert_eq!(blocked["status"], "degraded");
         assert_eq!(blocked["broker"]["blocked"], "low on memory");
+        // While connected, an earlier failure is not news.
+        assert_eq!(blocked["broker"].get("lastError"), None);
+        let down = BrokerState {
+            connected: false,
+            blocked: None,
+            last_error: Some("TLS handshake with h failed".into()),
+        };
+        assert_eq!(
+            h.report_at(Some(down), 0)["broker"]["lastError"],
+            "TLS handshake with h failed"
+        );
         h.set_groups(Box::new(|| json!([{"group": "g", "state": "unhealthy"}])));
         let r = h.report_at(None, 0);
         assert_eq!(

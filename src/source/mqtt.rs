@@ -76,6 +76,8 @@ impl MqttLink {
 /// What everything the source needs to connect: built (and the password read) at start-up.
 pub struct MqttSource {
     options: MqttOptions,
+    /// What the TLS client trusts (`mqtts://`), for the words of a failed handshake.
+    trusts: String,
     config: MqttSourceConfig,
     max_delay: Duration,
     link: Arc<MqttLink>,
@@ -99,8 +101,15 @@ impl MqttSource {
         if let Some(user) = &mqtt.username {
             options.set_credentials(user.clone(), mqtt.password()?.unwrap_or_default());
         }
+        if mqtt.is_tls() {
+            let tls = crate::tls::client_config("mqtt", mqtt.tls.as_ref())?;
+            options.set_transport(rumqttc::Transport::tls_with_config(
+                rumqttc::TlsConfiguration::Rustls(tls),
+            ));
+        }
         Ok(MqttSource {
             options,
+            trusts: crate::tls::trusts("mqtt", mqtt.tls.as_ref()),
             config: config.clone(),
             max_delay: Duration::from_millis(mqtt.reconnect_max_delay_ms),
             link,
@@ -189,7 +198,16 @@ async fn connection(
                 break;
             }
             Ok(_) => {}
-            Err(e) => return (Ended::Failed(describe(&e)), false),
+            Err(e) => {
+                return (
+                    Ended::Failed(describe(
+                        &e,
+                        &source.options.broker_address().0,
+                        &source.trusts,
+                    )),
+                    false,
+                );
+            }
         }
     }
     let qos = if source.config.qos == 0 {
@@ -257,7 +275,7 @@ async fn connection(
                     // processed finishes (its records are written); what waits does not start.
                     live.store(false, Ordering::Relaxed);
                     in_flight.detach_all();
-                    return (Ended::Failed(describe(&e)), true);
+                    return (Ended::Failed(describe(&e, &source.options.broker_address().0, &source.trusts)), true);
                 }
             },
         }

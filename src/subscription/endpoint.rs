@@ -38,35 +38,15 @@ use crate::outcome::{ConnectionEvent, Outcomes, Record};
 /// The accepted idle time-out range a client must announce, in ms.
 pub const IDLE_TIMEOUT_RANGE: std::ops::RangeInclusive<u32> = 30_000..=300_000;
 
-/// Loads the TLS certificate chain and key of `[subscription.tls]`.
+/// The TLS acceptor of `[subscription.tls]`, if configured (see [`crate::tls`]).
 pub fn tls_acceptor(
-    config: &SubscriptionConfig,
+    config: &crate::config::subscription::SubscriptionConfig,
 ) -> Result<Option<tokio_rustls::TlsAcceptor>, String> {
-    use tokio_rustls::rustls;
-    use tokio_rustls::rustls::pki_types::pem::PemObject;
-    use tokio_rustls::rustls::pki_types::{CertificateDer, PrivateKeyDer};
     let Some(tls) = &config.tls else {
         return Ok(None);
     };
-    let certs: Vec<CertificateDer<'static>> = CertificateDer::pem_file_iter(&tls.cert)
-        .and_then(|it| it.collect::<Result<_, _>>())
-        .map_err(|e| format!("subscription.tls.cert {}: {e}", tls.cert.display()))?;
-    if certs.is_empty() {
-        return Err(format!(
-            "subscription.tls.cert {}: no certificate in the file",
-            tls.cert.display()
-        ));
-    }
-    let key = PrivateKeyDer::from_pem_file(&tls.key)
-        .map_err(|e| format!("subscription.tls.key {}: {e}", tls.key.display()))?;
-    let provider = Arc::new(rustls::crypto::ring::default_provider());
-    let server = rustls::ServerConfig::builder_with_provider(provider)
-        .with_safe_default_protocol_versions()
-        .map_err(|e| format!("subscription.tls: {e}"))?
-        .with_no_client_auth()
-        .with_single_cert(certs, key)
-        .map_err(|e| format!("subscription.tls: the key does not fit the certificate: {e}"))?;
-    Ok(Some(tokio_rustls::TlsAcceptor::from(Arc::new(server))))
+    let server = crate::tls::server_config("subscription", tls, &[])?;
+    Ok(Some(tokio_rustls::TlsAcceptor::from(server)))
 }
 
 /// Accepts consumer connections until `stop` turns true, then closes every open one with

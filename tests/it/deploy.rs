@@ -1099,19 +1099,32 @@ fn k8s_manifests_parse_and_agree_with_the_config() {
         volume_at(Path::new("/etc/iotfwd/iotfwd.toml"))["configMap"]["name"],
         "iotfwd-config"
     );
-    let tls = c.subscription.tls.as_ref().unwrap();
-    let tls_volume = volume_at(tls.cert.parent().unwrap());
-    let items: BTreeSet<&str> = tls_volume["secret"]["items"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|i| i["path"].as_str().unwrap())
-        .collect();
-    for file in [&tls.cert, &tls.key] {
-        assert!(
-            items.contains(file.file_name().unwrap().to_str().unwrap()),
-            "{} from the TLS secret",
-            file.display()
+    // Every file of every TLS section ([http.tls], [subscription.tls], [broker.tls]) comes
+    // from the TLS secret.
+    let sections = c.tls_sections();
+    assert!(
+        sections.len() >= 3,
+        "the example uses TLS on HTTP, the endpoint and the broker"
+    );
+    for (section, tls) in sections {
+        for (key, file, _) in tls.files() {
+            let items: BTreeSet<&str> = volume_at(file.parent().unwrap())["secret"]["items"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|i| i["path"].as_str().unwrap())
+                .collect();
+            assert!(
+                items.contains(file.file_name().unwrap().to_str().unwrap()),
+                "{section}.tls.{key} {} from the TLS secret",
+                file.display()
+            );
+        }
+    }
+    for probe in ["startupProbe", "livenessProbe", "readinessProbe"] {
+        assert_eq!(
+            ctr[probe]["httpGet"]["scheme"], "HTTPS",
+            "{probe} over HTTPS"
         );
     }
     let args: Vec<&str> = ctr["args"]

@@ -2,7 +2,8 @@
 //! the sources (`source_http`, `source_mqtt`, the AMQP source in `action_amqp`), the engine (`golden` SQL
 //! cases, `engine_batch` properties), `limits`, the actions (`action_amqp`, `action_group`, `action_mqtt`),
 //! `delivery` guarantees, per-device `ordering`, `restarts` (broker restart, kill -9), `supervision`, `health`,
-//! `reload`, `logs`, the `console`, the `cli`, `shutdown` and the `deploy/` files.
+//! `reload`, `logs`, the `console`, the `cli`, `shutdown`, `tls` (HTTPS, amqps, mqtts) and the
+//! `deploy/` files.
 //! `harness` runs the daemon in-process; `rabbit` holds the RabbitMQ helpers.
 mod action_amqp;
 mod action_group;
@@ -32,3 +33,4 @@ mod shutdown;
 mod source_http;
 mod source_mqtt;
 mod supervision;
+mod tls;

@@ -54,9 +54,16 @@ impl Mqtt {
         if let Some(user) = &config.username {
             options.set_credentials(user.clone(), config.password()?.unwrap_or_default());
         }
+        if config.is_tls() {
+            let tls = crate::tls::client_config("mqtt", config.tls.as_ref())?;
+            options.set_transport(rumqttc::Transport::tls_with_config(
+                rumqttc::TlsConfiguration::Rustls(tls),
+            ));
+        }
         let (tx, rx) = mpsc::channel(usize::from(WINDOW));
         tokio::spawn(connection_task(
             options,
+            crate::tls::trusts("mqtt", config.tls.as_ref()),
             rx,
             Duration::from_millis(config.reconnect_max_delay_ms),
         ));
@@ -66,8 +73,9 @@ impl Mqtt {
     }
 }
 
-/// A connection error as an operator reads it (the source's and the publisher's).
-pub fn describe(e: &ConnectionError) -> String {
+/// A connection error as an operator reads it (the source's and the publisher's); `host` and
+/// `trusts` word a failed TLS handshake (`mqtts://`).
+pub fn describe(e: &ConnectionError, host: &str, trusts: &str) -> String {
     use rumqttc::ConnectReturnCode as C;
     match e {
         ConnectionError::ConnectionRefused(C::BadUserNamePassword) => {
@@ -81,15 +89,16 @@ pub fn describe(e: &ConnectionError) -> String {
             "the broker refused the client id (mqtt.client_id)".into()
         }
         ConnectionError::ConnectionRefused(code) => format!("the broker refused the connection: {code:?}"),
-        other => format!("connection lost or refused: {other}"),
+        other => crate::tls::describe(other, host, trusts)
+            .unwrap_or_else(|| format!("connection lost or refused: {other}")),
     }
 }
 
 /// The failure of the publishes a connection ending with `e` leaves unanswered: a login the
 /// broker refused is 9333 and final (a retry cannot fix the credentials), anything else 9325.
-fn connection_failure(e: &ConnectionError) -> Failure {
+fn connection_failure(e: &ConnectionError, host: &str, trusts: &str) -> Failure {
     use rumqttc::ConnectReturnCode as C;
-    let reason = format!("MQTT publisher: {}", describe(e));
+    let reason = format!("MQTT publisher: {}", describe(e, host, trusts));
     match e {
         ConnectionError::ConnectionRefused(C::BadUserNamePassword | C::NotAuthorized) => {
             Failure::access_refused(reason)
@@ -215,6 +224,7 @@ impl Waiting {
 /// caller's retry decides).
 async fn connection_task(
     options: MqttOptions,
+    trusts: String,
     mut rx: mpsc::Receiver<Publish>,
     max_delay: Duration,
 ) {
@@ -271,7 +281,7 @@ async fn connection_task(
                         }
                     }
                     Ok(_) => {}
-                    Err(e) => break connection_failure(&e),
+                    Err(e) => break connection_failure(&e, &options.broker_address().0, &trusts),
                 },
             }
         };
