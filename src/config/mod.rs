@@ -27,6 +27,8 @@ pub mod mqtt;
 pub mod quota;
 pub mod redis;
 mod report;
+#[cfg(test)]
+mod robustness;
 pub mod store;
 pub mod subscription;
 

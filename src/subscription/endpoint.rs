@@ -753,4 +753,52 @@ mod tests {
         assert_eq!(open_idle_timeout(&bytes[..bytes.len() - 1]), None);
         assert_eq!(open_idle_timeout(b"AMQP\x03\x01\x00\x00"), None);
     }
+
+    /// Robustness: the scan for the client's Open over protocol headers and frames, mutated
+    /// (sizes, data offsets, truncation, any bytes) (docs/security.md, "Robustness").
+    #[test]
+    fn robustness_amqp_frame_scan() {
+        use crate::robustness::{self, Raw};
+        use fe2o3_amqp::types::performatives::Open;
+        use proptest::prelude::*;
+        let open = Open {
+            container_id: "c".into(),
+            hostname: Some("h".into()),
+            max_frame_size: Default::default(),
+            channel_max: Default::default(),
+            idle_time_out: Some(60_000),
+            outgoing_locales: None,
+            incoming_locales: None,
+            offered_capabilities: None,
+            desired_capabilities: None,
+            properties: None,
+        };
+        let body = serde_amqp::to_vec(&Performative::Open(open)).unwrap();
+        let frame = |kind: u8, body: &[u8]| {
+            let mut f = ((8 + body.len()) as u32).to_be_bytes().to_vec();
+            f.extend_from_slice(&[2, kind, 0, 0]);
+            f.extend_from_slice(body);
+            f
+        };
+        let sasl_init = b"\x00\x53\x41\xc0\x0a\x02\xa3\x05PLAIN\xa0\x00";
+        let seed = [
+            b"AMQP\x03\x01\x00\x00".to_vec(),
+            frame(1, sasl_init),
+            b"AMQP\x00\x01\x00\x00".to_vec(),
+            frame(0, &body),
+        ]
+        .concat();
+        assert_eq!(open_idle_timeout(&seed), Some(Some(60_000)));
+        let input = prop_oneof![
+            8 => robustness::mutated_bytes(
+                vec![seed.clone(), seed[16..].to_vec(), frame(0, &body)],
+                &[b"\x00\x00\x00\x08", b"\xff\xff\xff\xff", b"\x02\x00", b"\x00\x53\x10", b"AMQP"],
+            ),
+            1 => prop::collection::vec(any::<u8>(), 0..64).prop_map(Raw),
+        ];
+        robustness::run("amqp-frame-scan", 3000, input, |Raw(bytes)| {
+            let _ = open_idle_timeout(&bytes);
+            Ok(())
+        });
+    }
 }
