@@ -18,7 +18,7 @@ use axum::routing::post;
 use serde::Deserialize;
 use serde_json::json;
 
-use crate::message::{Envelope, Message};
+use crate::message::{Envelope, Identity, Message};
 use crate::outcome::{Code, Failure};
 use crate::pipeline::{MessageReport, Pipeline, SubmitError};
 
@@ -121,6 +121,12 @@ async fn ingest_messages(
             .as_ref()
             .map(|p| p.to_string())
             .unwrap_or_default();
+        // A rejection's record keeps the ids the envelope gave, so the client can look it up.
+        let ids = Identity {
+            message_id: envelope.message_id.clone(),
+            trace_id: envelope.trace_id.clone(),
+            ..Identity::default()
+        };
         match envelope.into_message_trusting(trust) {
             Ok((m, ignored)) => {
                 if ignored {
@@ -138,7 +144,7 @@ async fn ingest_messages(
             Err(rejection) => {
                 let report = state
                     .pipeline
-                    .reject(&topic, raw.as_bytes(), &Failure::rejected(&rejection))
+                    .reject(&topic, raw.as_bytes(), &Failure::rejected(&rejection), &ids)
                     .await;
                 slots.push(Some(report));
             }
@@ -271,6 +277,11 @@ mod tests {
         };
         for envelope in envelopes {
             let topic = envelope.topic.clone();
+            let ids = Identity {
+                message_id: envelope.message_id.clone(),
+                trace_id: envelope.trace_id.clone(),
+                ..Identity::default()
+            };
             match envelope.into_message_trusting(trust) {
                 Ok((m, _)) => {
                     let (pk, dn) = parse_platform_topic(&m.topic).map_err(|e| {
@@ -305,12 +316,16 @@ mod tests {
                         RejectionKind::Topic => Code::TopicInvalid,
                         RejectionKind::Envelope => Code::ParamInvalid,
                     };
-                    let record = Record::rejected(&topic, body, &failure);
+                    let record = Record::rejected(&topic, body, &failure, &ids);
                     if record.code != want
                         || record.biz_code != BizCode::Uplink
                         || record.reason != rejection.reason
                         || record.message_id.is_empty()
                         || record.trace_id.is_empty()
+                        || ids
+                            .message_id
+                            .as_ref()
+                            .is_some_and(|id| !id.is_empty() && *id != record.message_id)
                     {
                         return Err(format!("the rejection's record is wrong: {record:?}"));
                     }
