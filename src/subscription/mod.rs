@@ -21,6 +21,7 @@ pub mod auth;
 mod backlog;
 mod delivery;
 pub mod endpoint;
+mod frames;
 pub mod gate;
 mod group;
 mod hub;

@@ -706,6 +706,41 @@ fn begin_and_attach() -> Vec<u8> {
     .concat()
 }
 
+/// A frame that declares fewer bytes than its own 8-byte header, in the SASL exchange and
+/// after a login: the endpoint closes the socket and nothing panics. (The AMQP library's frame
+/// decoders panicked on one; the suite below found it.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_frame_shorter_than_its_header_closes_the_socket_without_a_panic() {
+    let dir = tempfile::tempdir().unwrap();
+    let daemon = start(dir.path()).await;
+    let endpoint = daemon.amqp.expect("the endpoint listens");
+    let url = format!("amqp://{endpoint}");
+    for size in 0..8u32 {
+        let short = [
+            &size.to_be_bytes()[..],
+            &vec![2; size.saturating_sub(4) as usize],
+        ]
+        .concat();
+        let mut o = ConsumerOptions::new(&url, "g1", "ak-g1", SECRET);
+        o.client_id = unique("short");
+        let (user, pass) = o.credentials();
+        for bytes in [
+            [SASL_HEADER, &short].concat(),
+            [
+                sasl_login(&user, &pass),
+                AMQP_HEADER.to_vec(),
+                short.clone(),
+            ]
+            .concat(),
+        ] {
+            exchange(endpoint, &bytes, Duration::from_secs(4))
+                .await
+                .unwrap_or_else(|e| panic!("size {size}: {e}"));
+        }
+    }
+    still_serves(daemon, "short-frames").await;
+}
+
 /// What the endpoint logs about a socket, and the label it is counted under.
 const ENDPOINT_LOG: &[(&str, &str)] = &[
     ("AMQP 1.0 login refused", "login-refused"),
