@@ -400,6 +400,9 @@ pub fn arrow_to_json(array: &dyn Array, row: usize) -> Value {
 }
 
 #[cfg(test)]
+mod robustness;
+
+#[cfg(test)]
 mod tests {
     use std::path::Path;
 

@@ -35,6 +35,8 @@ pub mod limits;
 pub mod message;
 pub mod outcome;
 pub mod pipeline;
+#[cfg(test)]
+mod robustness;
 pub mod rules;
 pub mod source;
 pub mod spool;

@@ -28,6 +28,8 @@ pub mod mqtt;
 pub mod quota;
 pub mod redis;
 mod report;
+#[cfg(test)]
+mod robustness;
 pub mod store;
 pub mod subscription;
 pub mod tls;

@@ -3,7 +3,7 @@
 use serde::Serialize;
 
 use super::{BizCode, Code, Failure};
-use crate::message::{Message, new_message_id, new_trace_id, now_ms};
+use crate::message::{Identity, Message, new_message_id, new_trace_id, now_ms};
 
 /// One step's outcome. Serializes with the platform's field names (`time`, `traceId`,
 /// `messageId`, `productKey`, `deviceName`, `bizCode`, `operation`, `code`, `reason`, `content`,
@@ -184,18 +184,21 @@ impl Record {
     }
 
     /// `uplink` with the failure's code (1903, 9321): a source could not accept a message. It
-    /// gets fresh ids, since it never became a message.
-    pub fn rejected(topic: &str, payload: &[u8], failure: &Failure) -> Record {
-        let mut record = Record::step(
-            BizCode::Uplink,
-            topic.to_owned(),
-            failure.code(),
-            failure.reason().to_owned(),
-            payload_excerpt(payload),
-        )
-        .unattached();
-        record.message_id = new_message_id();
-        record
+    /// keeps the ids the message came with (`given`: an envelope's `messageId` and `traceId`, a
+    /// delivery's message id), so it can be looked up by them; ids it lacks are fresh.
+    pub fn rejected(topic: &str, payload: &[u8], failure: &Failure, given: &Identity) -> Record {
+        let kept = |id: &Option<String>| id.as_ref().filter(|id| !id.is_empty()).cloned();
+        Record {
+            message_id: kept(&given.message_id).unwrap_or_else(new_message_id),
+            trace_id: kept(&given.trace_id).unwrap_or_else(new_trace_id),
+            ..Record::step(
+                BizCode::Uplink,
+                topic.to_owned(),
+                failure.code(),
+                failure.reason().to_owned(),
+                payload_excerpt(payload),
+            )
+        }
     }
 
     /// `ruleengine` with the failure's code (9307, 9320, 9399): evaluating `rule` failed for

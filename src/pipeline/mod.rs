@@ -31,7 +31,7 @@ use tokio::sync::{Semaphore, mpsc, oneshot};
 use crate::action::Dispatcher;
 use crate::config::Config;
 use crate::engine::Engine;
-use crate::message::Message;
+use crate::message::{Identity, Message};
 use crate::outcome::{Failure, Mark, NotCommitted, Outcomes, Record};
 
 /// Messages of one submission on their way to the engine.
@@ -179,12 +179,19 @@ impl Pipeline {
     }
 
     /// Records a message a source could not accept (1903 for a bad topic, 9321 for a bad
-    /// envelope) and returns what to answer for it.
-    pub async fn reject(&self, topic: &str, payload: &[u8], failure: &Failure) -> MessageReport {
-        self.outcomes
-            .record(Record::rejected(topic, payload, failure))
-            .await;
-        MessageReport::rejected(failure)
+    /// envelope) under the ids it came with (`given`; fresh ones where it has none) and returns
+    /// what to answer for it: its code and the ids its record is found by.
+    pub async fn reject(
+        &self,
+        topic: &str,
+        payload: &[u8],
+        failure: &Failure,
+        given: &Identity,
+    ) -> MessageReport {
+        let record = Record::rejected(topic, payload, failure, given);
+        let report = MessageReport::rejected(&record);
+        self.outcomes.record(record).await;
+        report
     }
 }
 

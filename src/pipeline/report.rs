@@ -47,13 +47,14 @@ impl MessageReport {
         }
     }
 
-    /// The report of a message a source could not accept (1903, 9321): no ids, no rules.
-    pub fn rejected(failure: &Failure) -> MessageReport {
+    /// The report of a message a source could not accept (1903, 9321), from its record: the
+    /// ids to look the record up by, its code and reason; no rules.
+    pub fn rejected(record: &Record) -> MessageReport {
         MessageReport {
-            message_id: String::new(),
-            trace_id: String::new(),
-            code: failure.code(),
-            reason: failure.reason().to_owned(),
+            message_id: record.message_id.clone(),
+            trace_id: record.trace_id.clone(),
+            code: record.code,
+            reason: record.reason.clone(),
             rules: Vec::new(),
             requeue: false,
         }

@@ -120,13 +120,24 @@ async fn a_submission_larger_than_the_queue_is_refused_whole() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_rejected_message_is_recorded_with_its_code() {
+async fn a_rejected_message_is_recorded_with_its_code_under_the_ids_it_came_with() {
     let mut f = start_with(&[], 4);
     let failure = Failure::payload_invalid("bad envelope");
-    let report = f.pipeline.reject("/bad", b"x", &failure).await;
+    let given = Identity {
+        message_id: Some("m-7".into()),
+        ..Identity::default()
+    };
+    let report = f.pipeline.reject("/bad", b"x", &failure, &given).await;
     assert_eq!(report.code.as_u16(), 9320);
     let r = f.records.try_recv().unwrap();
     assert_eq!((r.operation.as_str(), r.code.as_u16()), ("/bad", 9320));
+    assert_eq!(r.message_id, "m-7");
+    assert_eq!(r.trace_id.len(), 32, "a fresh trace id");
+    assert_eq!(
+        (report.message_id.as_str(), report.trace_id.as_str()),
+        ("m-7", r.trace_id.as_str()),
+        "the answer names the record's ids"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -381,4 +381,89 @@ mod tests {
         let t: Template = "a.${b}".parse().unwrap();
         assert_eq!(t, Template::parse("a.${b}").unwrap());
     }
+
+    /// What a template without placeholders renders to: `$$` is one `$`, any other `$` is
+    /// itself.
+    fn unescaped(raw: &str) -> String {
+        let mut out = String::new();
+        let mut chars = raw.chars().peekable();
+        while let Some(c) = chars.next() {
+            if c == '$' && chars.peek() == Some(&'$') {
+                chars.next();
+            }
+            out.push(c);
+        }
+        out
+    }
+
+    /// A template must parse or say at which byte it is wrong; a parsed one gives its text
+    /// back, its keys are well-formed and written in it, and it renders against any output or
+    /// says which key is missing or null; without placeholders it renders its unescaped text.
+    fn check(raw: &str, output: &Map<String, Value>) -> Result<&'static str, String> {
+        let template = match Template::parse(raw) {
+            Ok(t) => t,
+            Err(why) if why.contains("at byte") => return Ok("refused"),
+            Err(why) => return Err(format!("refused without a position: {why}")),
+        };
+        if template.as_str() != raw || template.to_string() != raw {
+            return Err(format!("gives back {:?}", template.as_str()));
+        }
+        for key in template.keys() {
+            if key.is_empty()
+                || !key.chars().all(is_key_char)
+                || !raw.contains(&format!("${{{key}}}"))
+            {
+                return Err(format!("key {key:?}"));
+            }
+        }
+        match template.render(output) {
+            Ok(text) if template.is_literal() && text != unescaped(raw) => {
+                Err(format!("a literal template rendered {text:?}"))
+            }
+            Ok(_) => Ok("rendered"),
+            Err(why) if why.contains("${") => Ok("not-rendered"),
+            Err(why) => Err(format!("render failed without naming the key: {why}")),
+        }
+    }
+
+    /// Robustness: mutations of routing keys and topics with `${…}` placeholders, and any text,
+    /// parsed and rendered against outputs of any JSON (docs/security.md, "Robustness").
+    #[test]
+    fn robustness_templates() {
+        use crate::robustness;
+        use proptest::prelude::*;
+        let seeds = [
+            "temp.${device}",
+            "${a}.${b.c}/${items.t.value}",
+            "$$x$-${a-b_c.d}$",
+            "/out/${d}/${items.t}",
+            "plant-${device}",
+            "",
+        ]
+        .map(str::to_owned)
+        .to_vec();
+        let vocabulary = [
+            "$", "${", "}", "{", "$$", "a", "b.c", ".", "-", "é", "\0", " ", "${a}",
+        ];
+        let raw = prop_oneof![
+            4 => robustness::mutated_text(seeds, &vocabulary),
+            1 => robustness::text(),
+        ];
+        let key = prop_oneof![
+            Just("a".to_owned()),
+            Just("b".to_owned()),
+            Just("b.c".to_owned()),
+            Just("device".to_owned()),
+            Just("items".to_owned()),
+            Just("d".to_owned()),
+            "[a-z.]{1,4}",
+        ];
+        let output = prop::collection::vec((key, robustness::json()), 0..6)
+            .prop_map(|kv| kv.into_iter().collect::<Map<String, Value>>());
+        let seen = robustness::Seen::default();
+        robustness::run("templates", 2000, (raw, output), |(raw, output)| {
+            seen.outcome(check(&raw, &output))
+        });
+        seen.print("templates");
+    }
 }

@@ -579,4 +579,106 @@ mod tests {
         assert_eq!(topic_level(t, 5), None);
         assert_eq!(topic_level(t, usize::MAX), None);
     }
+
+    /// MQTT matching written the plain way, to compare the filter and the index with.
+    fn reference_match(filter: &str, topic: &str) -> bool {
+        let (Some(f), Some(t)) = (filter.strip_prefix('/'), topic.strip_prefix('/')) else {
+            return false;
+        };
+        let (f, t): (Vec<&str>, Vec<&str>) = (f.split('/').collect(), t.split('/').collect());
+        for (i, level) in f.iter().enumerate() {
+            if *level == "#" {
+                return true;
+            }
+            if i >= t.len() || (*level != "+" && *level != t[i]) {
+                return false;
+            }
+        }
+        f.len() == t.len()
+    }
+
+    /// Filters parse or say what is wrong; those that parse give their text back and match
+    /// exactly the topics the plain reference matches, alone and through the index, which is
+    /// empty again once they are removed. Platform topics parse to two non-empty levels.
+    fn check(
+        filters: &[String],
+        topics: &[String],
+        seen: &crate::robustness::Seen,
+    ) -> Result<(), String> {
+        let mut parsed = Vec::new();
+        for (i, raw) in filters.iter().enumerate() {
+            match TopicFilter::parse(raw) {
+                Ok(f) if f.as_str() == raw => {
+                    seen.count("filter-parsed");
+                    parsed.push((f, i as u32 % 5));
+                }
+                Ok(f) => return Err(format!("{raw:?} gives back {:?}", f.as_str())),
+                Err(why) if why.trim().is_empty() => {
+                    return Err(format!("{raw:?} refused without a reason"));
+                }
+                Err(_) => seen.count("filter-refused"),
+            }
+        }
+        let mut index = TopicIndex::new();
+        for (f, v) in &parsed {
+            index.insert(f, *v);
+        }
+        let mut out = Vec::new();
+        for topic in topics {
+            for (f, _) in &parsed {
+                if f.matches(topic) != reference_match(f.as_str(), topic) {
+                    return Err(format!(
+                        "{:?} on {topic:?}: matches() disagrees",
+                        f.as_str()
+                    ));
+                }
+            }
+            index.matches_into(topic, &mut out);
+            if out != brute_force(&parsed, topic) {
+                return Err(format!("{topic:?}: the index gives {out:?}"));
+            }
+            match crate::message::parse_platform_topic(topic) {
+                Ok((pk, dn)) => {
+                    if pk.is_empty()
+                        || dn.is_empty()
+                        || topic.len() > crate::message::MAX_TOPIC_BYTES
+                    {
+                        return Err(format!("{topic:?} accepted as ({pk:?}, {dn:?})"));
+                    }
+                    seen.count("platform-topic");
+                }
+                Err(why) if why.trim().is_empty() => {
+                    return Err(format!("{topic:?} refused without a reason"));
+                }
+                Err(_) => {}
+            }
+            for n in 1..10 {
+                let _ = topic_level(topic, n);
+            }
+        }
+        for (f, v) in &parsed {
+            index.remove(f, *v);
+        }
+        if !index.is_empty() {
+            return Err(format!("{} pairs left after removing all", index.len()));
+        }
+        Ok(())
+    }
+
+    /// Robustness: topic filters and topics of every shape (wildcards anywhere, empty and
+    /// long levels, NUL, no leading slash, any text) (docs/security.md, "Robustness").
+    #[test]
+    fn robustness_topic_filters() {
+        use crate::robustness;
+        use proptest::prelude::*;
+        let some = |n| prop::collection::vec(robustness::topic(), 1..n);
+        let seen = robustness::Seen::default();
+        robustness::run(
+            "topic-filters",
+            2000,
+            (some(8), some(8)),
+            |(filters, topics)| check(&filters, &topics, &seen),
+        );
+        seen.print("topic-filters");
+    }
 }

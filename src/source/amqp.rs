@@ -153,7 +153,12 @@ async fn handle(
             // committed.
             let mark = pipeline.mark();
             pipeline
-                .reject(&topic, &delivery.data, &Failure::rejected(&rejection))
+                .reject(
+                    &topic,
+                    &delivery.data,
+                    &Failure::rejected(&rejection),
+                    &ids(&delivery),
+                )
                 .await;
             pipeline.committed(mark).await.is_ok()
         }
@@ -207,6 +212,30 @@ pub fn topic_from_routing_key(key: &str) -> String {
     }
 }
 
+/// A header's text, when it has one that is not empty.
+fn header(delivery: &Delivery, name: &str) -> Option<String> {
+    (delivery.properties.headers().as_ref())
+        .and_then(|h| h.inner().get(name))
+        .and_then(header_text)
+        .filter(|s| !s.is_empty())
+}
+
+/// The ids a delivery came with: the `messageId` header (else the message id property) and
+/// the `traceId` header. A message that cannot be taken is recorded under them too.
+fn ids(delivery: &Delivery) -> Identity {
+    Identity {
+        message_id: header(delivery, "messageId").or_else(|| {
+            delivery
+                .properties
+                .message_id()
+                .as_ref()
+                .map(|m| m.as_str().to_owned())
+        }),
+        trace_id: header(delivery, "traceId"),
+        ..Identity::default()
+    }
+}
+
 /// The message of a delivery, and whether it carried identity headers that were ignored
 /// (`trust` is `source.amqp.trust_identity_headers`).
 fn to_message(
@@ -214,13 +243,7 @@ fn to_message(
     topic_from: TopicFrom,
     trust: bool,
 ) -> Result<(Message, bool), (String, Rejection)> {
-    let headers = delivery.properties.headers().as_ref();
-    let get = |name: &str| -> Option<String> {
-        headers
-            .and_then(|h| h.inner().get(name))
-            .and_then(header_text)
-            .filter(|s| !s.is_empty())
-    };
+    let get = |name: &str| header(delivery, name);
     let topic = match (get("topic"), topic_from) {
         (Some(t), _) => t,
         (None, TopicFrom::RoutingKey) => topic_from_routing_key(delivery.routing_key.as_str()),
@@ -236,14 +259,6 @@ fn to_message(
         }
     };
     let mut identity = Identity {
-        message_id: get("messageId").or_else(|| {
-            delivery
-                .properties
-                .message_id()
-                .as_ref()
-                .map(|m| m.as_str().to_owned())
-        }),
-        trace_id: get("traceId"),
         timestamp_ms: delivery
             .properties
             .timestamp()
@@ -252,6 +267,7 @@ fn to_message(
         device_name: get("deviceName"),
         tenant_id: get("tenantId"),
         instance_id: get("instanceId"),
+        ..ids(delivery)
     };
     let ignored = !trust && identity.drop_overrides();
     Message::new(topic.clone(), delivery.data.clone().into(), identity)

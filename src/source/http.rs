@@ -18,7 +18,7 @@ use axum::routing::post;
 use serde::Deserialize;
 use serde_json::json;
 
-use crate::message::{Envelope, Message};
+use crate::message::{Envelope, Identity, Message};
 use crate::outcome::{Code, Failure};
 use crate::pipeline::{MessageReport, Pipeline, SubmitError};
 
@@ -121,6 +121,12 @@ async fn ingest_messages(
             .as_ref()
             .map(|p| p.to_string())
             .unwrap_or_default();
+        // A rejection's record keeps the ids the envelope gave, so the client can look it up.
+        let ids = Identity {
+            message_id: envelope.message_id.clone(),
+            trace_id: envelope.trace_id.clone(),
+            ..Identity::default()
+        };
         match envelope.into_message_trusting(trust) {
             Ok((m, ignored)) => {
                 if ignored {
@@ -138,7 +144,7 @@ async fn ingest_messages(
             Err(rejection) => {
                 let report = state
                     .pipeline
-                    .reject(&topic, raw.as_bytes(), &Failure::rejected(&rejection))
+                    .reject(&topic, raw.as_bytes(), &Failure::rejected(&rejection), &ids)
                     .await;
                 slots.push(Some(report));
             }
@@ -208,4 +214,154 @@ fn parse_body(body: &[u8]) -> Result<Vec<Envelope>, String> {
         envelopes.push(envelope);
     }
     Ok(envelopes)
+}
+
+#[cfg(test)]
+mod tests {
+    use proptest::prelude::*;
+    use serde_json::json;
+
+    use super::*;
+    use crate::message::{RejectionKind, parse_platform_topic};
+    use crate::outcome::{BizCode, Record};
+    use crate::robustness::{self, Raw};
+
+    /// Valid bodies, to be mutated.
+    fn seeds() -> Vec<Vec<u8>> {
+        let one = json!({"topic": "/pk/dn/user/update", "payload": {"a": 1, "items": {"t": {"value": 39}}}});
+        let all = json!({"topic": "/pk/dn/thing/event/property/post", "payload": [1, "x"],
+            "messageId": "m1", "traceId": "t1", "timestamp": 1_764_201_600_000_i64,
+            "productKey": "pk2", "deviceName": "dn2", "tenantId": "t", "instanceId": "i"});
+        let b64 = json!({"topic": "/pk/dn/raw", "payload_base64": "AAECAwQ="});
+        vec![
+            one.to_string().into_bytes(),
+            serde_json::to_vec_pretty(&all).unwrap(),
+            format!("{one}\n{b64}\r\n\n{all}\n").into_bytes(),
+            format!("{b64}\n{b64}").into_bytes(),
+            b"[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[".to_vec(),
+        ]
+    }
+
+    fn body() -> impl Strategy<Value = Raw> {
+        let line_end = prop::sample::select(vec!["\n", "\r\n", "\n\n", "\n \t\n"]);
+        prop_oneof![
+            3 => robustness::envelope().prop_map(|e| Raw(e.to_string().into_bytes())),
+            3 => prop::collection::vec((robustness::envelope(), line_end), 1..6).prop_map(|lines| {
+                Raw(lines
+                    .into_iter()
+                    .map(|(e, end)| format!("{e}{end}"))
+                    .collect::<String>()
+                    .into_bytes())
+            }),
+            4 => robustness::mutated_bytes(
+                seeds(),
+                &[b"\"topic\":", b"\"payload\":", b"\"payload_base64\":", b"null", b"{}", b"\"\""],
+            ),
+            1 => robustness::json().prop_map(|v| Raw(v.to_string().into_bytes())),
+            1 => prop::collection::vec(any::<u8>(), 0..200).prop_map(Raw),
+        ]
+    }
+
+    /// What the ingest route does with a body, short of the pipeline: parse it, turn each
+    /// envelope into a message or a rejection, and build the record each gets. A body refused
+    /// as a whole (400) must say why; every envelope must become a platform message or a
+    /// rejection recorded with 1903 (its topic) or 9321 (the rest of the envelope).
+    fn check(body: &[u8], trust: bool, seen: &robustness::Seen) -> Result<(), String> {
+        let envelopes = match parse_body(body) {
+            Ok(envelopes) => envelopes,
+            Err(why) if why.trim().is_empty() => return Err("refused without a reason".into()),
+            Err(_) => {
+                seen.count("body-refused");
+                return Ok(());
+            }
+        };
+        for envelope in envelopes {
+            let topic = envelope.topic.clone();
+            let ids = Identity {
+                message_id: envelope.message_id.clone(),
+                trace_id: envelope.trace_id.clone(),
+                ..Identity::default()
+            };
+            match envelope.into_message_trusting(trust) {
+                Ok((m, _)) => {
+                    let (pk, dn) = parse_platform_topic(&m.topic).map_err(|e| {
+                        format!("accepted a topic that is not a platform topic: {e}")
+                    })?;
+                    if m.product_key.is_empty() || m.device_name.is_empty() {
+                        return Err(format!("accepted with an empty identity: {m:?}"));
+                    }
+                    if m.message_id.is_empty() || m.trace_id.is_empty() {
+                        return Err(format!("accepted without ids: {m:?}"));
+                    }
+                    if !trust && (m.product_key != pk || m.device_name != dn) {
+                        return Err(format!("an untrusted envelope set the identity: {m:?}"));
+                    }
+                    let record = Record::uplink(&m);
+                    if record.code != Code::Ok || record.message_id != m.message_id {
+                        return Err(format!("the uplink record is wrong: {record:?}"));
+                    }
+                    seen.count("accepted");
+                }
+                Err(rejection) => {
+                    if rejection.reason.trim().is_empty() {
+                        return Err(format!("rejected without a reason: {rejection:?}"));
+                    }
+                    if rejection.kind == RejectionKind::Topic
+                        && parse_platform_topic(&topic).is_ok()
+                    {
+                        return Err(format!("rejected the platform topic {topic:?}"));
+                    }
+                    let failure = Failure::rejected(&rejection);
+                    let want = match rejection.kind {
+                        RejectionKind::Topic => Code::TopicInvalid,
+                        RejectionKind::Envelope => Code::ParamInvalid,
+                    };
+                    let record = Record::rejected(&topic, body, &failure, &ids);
+                    if record.code != want
+                        || record.biz_code != BizCode::Uplink
+                        || record.reason != rejection.reason
+                        || record.message_id.is_empty()
+                        || record.trace_id.is_empty()
+                        || ids
+                            .message_id
+                            .as_ref()
+                            .is_some_and(|id| !id.is_empty() && *id != record.message_id)
+                    {
+                        return Err(format!("the rejection's record is wrong: {record:?}"));
+                    }
+                    seen.count(want.to_string());
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Robustness: bodies of envelopes with fields of every kind, NDJSON, mutations of valid
+    /// bodies and random bytes (docs/security.md, "Robustness").
+    #[test]
+    fn robustness_envelope_and_ndjson_parser() {
+        let seen = robustness::Seen::default();
+        robustness::run(
+            "envelope-ndjson",
+            2000,
+            (body(), any::<bool>()),
+            |(Raw(body), trust)| check(&body, trust, &seen),
+        );
+        seen.print("envelope-ndjson");
+    }
+
+    #[test]
+    fn each_line_of_ndjson_is_an_envelope_and_a_bad_one_is_named() {
+        let ok = b"{\"topic\":\"/p/d/x\",\"payload\":1}\n\n{\"topic\":\"/p/d/y\",\"payload\":2}\n";
+        assert_eq!(parse_body(ok).unwrap().len(), 2);
+        let bad = b"{\"topic\":\"/p/d/x\",\"payload\":1}\n{\"topic\":1}\n";
+        let why = parse_body(bad).unwrap_err();
+        assert!(why.starts_with("line 2: not a message envelope"), "{why}");
+        assert!(
+            parse_body(b" \n ")
+                .unwrap_err()
+                .contains("the body is empty")
+        );
+        assert!(parse_body(b"\xff").unwrap_err().contains("not UTF-8"));
+    }
 }

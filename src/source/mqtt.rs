@@ -349,6 +349,7 @@ impl Handle {
                         &publish.topic,
                         &publish.payload,
                         &Failure::rejected(&rejection),
+                        &Identity::default(),
                     )
                     .await;
                 true

@@ -598,4 +598,160 @@ mod tests {
             assert!(e.contains(needle), "{name}: {e}");
         }
     }
+
+    /// A login must log in only with the group's signature, and then only once; any other
+    /// login is refused with a reason that does not hold the secret. A username parses or says
+    /// which part is wrong.
+    fn check_login(username: &str, password: &str, now: i64) -> Result<&'static str, String> {
+        match SignedUser::parse(username) {
+            Ok(u) => {
+                if u.client_id.is_empty() || u.group.is_empty() {
+                    return Err(format!("parsed with an empty client id or group: {u:?}"));
+                }
+                let _ = (u.username(), u.password("other"));
+            }
+            Err(why) if why.trim().is_empty() => return Err("refused without a reason".into()),
+            Err(_) => {}
+        }
+        let v = verifier();
+        match v.verify(username, password, now) {
+            Ok(user) => {
+                let given = base64::engine::general_purpose::STANDARD
+                    .decode(password.trim())
+                    .map_err(|e| format!("logged in with a password that is not base64: {e}"))?;
+                if given != user.signature("s3cret") || user.group != "g1" {
+                    return Err(format!("logged in without the group's signature: {user:?}"));
+                }
+                match v.verify(username, password, now) {
+                    Err(f) if f.replayed => Ok("logged in"),
+                    other => Err(format!("the same signature again gave {other:?}")),
+                }
+            }
+            Err(f) if f.reason.trim().is_empty() || f.reason.contains("s3cret") => {
+                Err(format!("refused with the reason {:?}", f.reason))
+            }
+            Err(f) if f.group.is_none() => Ok("malformed"),
+            Err(_) => Ok("refused"),
+        }
+    }
+
+    /// The SASL step of a socket: whatever the mechanism and initial response, the outcome is
+    /// `ok` only for a signed login of the group, else `auth` with a reason on record.
+    fn check_sasl_init(mechanism: &str, response: Option<Vec<u8>>) -> Result<&'static str, String> {
+        let mut acceptor = SignedPlain {
+            verifier: Arc::new(verifier()),
+            result: Arc::new(OnceLock::new()),
+        };
+        let frame = acceptor.on_init(SaslInit {
+            mechanism: Symbol::from(mechanism),
+            initial_response: response.clone().map(serde_amqp::primitives::Binary::from),
+            hostname: None,
+        });
+        let SaslServerFrame::Outcome(outcome) = frame else {
+            return Err("answered with a challenge".into());
+        };
+        match (outcome.code, acceptor.result.get()) {
+            (SaslCode::Ok, Some(Ok(user))) => {
+                let response = response.unwrap_or_default();
+                let password = response.split(|&b| b == 0).nth(2).unwrap_or_default();
+                let expected =
+                    base64::engine::general_purpose::STANDARD.encode(user.signature("s3cret"));
+                if mechanism != "PLAIN" || password.trim_ascii() != expected.as_bytes() {
+                    return Err(format!("logged in {user:?} without a signed PLAIN login"));
+                }
+                Ok("logged in")
+            }
+            (SaslCode::Auth, Some(Err(f))) if !f.reason.trim().is_empty() => Ok("refused"),
+            (code, result) => Err(format!("outcome {code:?} with {result:?}")),
+        }
+    }
+
+    /// Signed usernames and passwords of group g1 at `ts`, to be mutated.
+    fn signed(ts: i64) -> Vec<(String, String)> {
+        [SignMethod::HmacSha1, SignMethod::HmacSha256]
+            .map(|m| {
+                let u = user(ts, m);
+                (u.username(), u.password("s3cret"))
+            })
+            .to_vec()
+    }
+
+    const SASL_VOCABULARY: &[&str] = &[
+        "|",
+        ",",
+        "=",
+        "authMode",
+        "aksign",
+        "signMethod",
+        "hmacsha1",
+        "hmacsha256",
+        "timestamp",
+        "authId",
+        "ak",
+        "iotInstanceId",
+        "consumerGroupId",
+        "g1",
+        "-1",
+        "0",
+        "9223372036854775807",
+        "-9223372036854775808",
+        "99999999999999999999",
+        " ",
+        "é",
+        "\0",
+        "==",
+        "+",
+        "/",
+    ];
+
+    /// Robustness: mutated signed usernames and passwords through the username parser and the
+    /// verifier, and mutated SASL PLAIN responses under any mechanism through the acceptor
+    /// (docs/security.md, "Robustness").
+    #[test]
+    fn robustness_sasl_username_parser() {
+        use crate::robustness;
+        use proptest::prelude::*;
+        let now = 1_800_000_000_000;
+        let pairs = signed(now - 1_000);
+        let text = |seeds: Vec<String>| {
+            prop_oneof![
+                6 => robustness::mutated_text(seeds, SASL_VOCABULARY),
+                1 => robustness::text(),
+            ]
+        };
+        let usernames = text(pairs.iter().map(|p| p.0.clone()).collect());
+        let passwords = text(pairs.iter().map(|p| p.1.clone()).collect());
+        let seen = robustness::Seen::default();
+        robustness::run(
+            "sasl-username",
+            2000,
+            (usernames, passwords),
+            |(username, password)| seen.outcome(check_login(&username, &password, now)),
+        );
+        seen.print("sasl-username");
+
+        // The acceptor verifies against the clock, so its logins are signed now.
+        let responses: Vec<Vec<u8>> = signed(crate::message::now_ms())
+            .into_iter()
+            .map(|(u, p)| format!("\0{u}\0{p}").into_bytes())
+            .collect();
+        let mechanism = prop_oneof![
+            4 => Just("PLAIN".to_owned()),
+            1 => prop::sample::select(vec!["plain", "ANONYMOUS", "", "PLAIN\0"]).prop_map(str::to_owned),
+            1 => robustness::text(),
+        ];
+        let response = prop_oneof![
+            1 => Just(None),
+            8 => robustness::mutated_bytes(responses, &[b"\0", b"|", b","]).prop_map(|r| Some(r.0)),
+            1 => prop::collection::vec(any::<u8>(), 0..64).prop_map(Some),
+        ];
+        let seen = robustness::Seen::default();
+        robustness::run(
+            "sasl-plain-init",
+            2000,
+            (mechanism, response),
+            |(mechanism, response)| seen.outcome(check_sasl_init(&mechanism, response)),
+        );
+        seen.print("sasl-plain-init");
+    }
 }

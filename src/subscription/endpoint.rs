@@ -30,6 +30,7 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc, watch};
 
 use super::auth::SignedPlain;
+use super::frames::FrameScan;
 use super::gate::{Gate, PendingSlot};
 use super::{Group, Hub, Membership, Pending, Settlement};
 use crate::config::subscription::SubscriptionConfig;
@@ -126,10 +127,13 @@ struct Connection {
 
 /// A socket wrapper that keeps a copy of what it reads until told to stop, so the client's
 /// Open (and its idle time-out, which fe2o3 does not expose) can be decoded.
+/// It also follows the frame boundaries ([`FrameScan`]) and ends the stream with an error at a
+/// frame shorter than its header, which the AMQP library would panic on.
 #[derive(Debug)]
 struct Tap<S> {
     inner: S,
     seen: Arc<Mutex<Option<Vec<u8>>>>,
+    scan: FrameScan,
 }
 
 impl<S: AsyncRead + Unpin> AsyncRead for Tap<S> {
@@ -141,6 +145,12 @@ impl<S: AsyncRead + Unpin> AsyncRead for Tap<S> {
         let before = buf.filled().len();
         let this = &mut *self;
         let result = Pin::new(&mut this.inner).poll_read(cx, buf);
+        if let Poll::Ready(Ok(())) = result
+            && let Err(why) = this.scan.feed(&buf.filled()[before..])
+        {
+            buf.set_filled(before);
+            return Poll::Ready(Err(io::Error::new(io::ErrorKind::InvalidData, why)));
+        }
         if let Poll::Ready(Ok(())) = result
             && let Some(seen) = this
                 .seen
@@ -259,6 +269,7 @@ impl Connection {
         let tap = Tap {
             inner: stream,
             seen: Arc::clone(&seen),
+            scan: FrameScan::default(),
         };
         let result = Arc::new(OnceLock::new());
         let acceptor = ConnectionAcceptor::builder()
@@ -732,5 +743,137 @@ mod tests {
         assert_eq!(open_idle_timeout(&bytes), Some(Some(60_000)));
         assert_eq!(open_idle_timeout(&bytes[..bytes.len() - 1]), None);
         assert_eq!(open_idle_timeout(b"AMQP\x03\x01\x00\x00"), None);
+    }
+
+    /// The frames of `bytes` as the library's transport splits them: protocol headers skipped,
+    /// each complete frame's bytes after its size, up to the first frame shorter than its
+    /// header (then `Err` with its offset).
+    fn split_frames(bytes: &[u8]) -> Result<Vec<&[u8]>, usize> {
+        let (mut pos, mut frames) = (0, Vec::new());
+        while pos + 4 <= bytes.len() {
+            if bytes[pos..].starts_with(b"AMQP") {
+                pos += 8;
+                continue;
+            }
+            let size = u32::from_be_bytes(bytes[pos..pos + 4].try_into().unwrap()) as usize;
+            if size < 8 {
+                return Err(pos);
+            }
+            if pos + size > bytes.len() {
+                break;
+            }
+            frames.push(&bytes[pos + 4..pos + size]);
+            pos += size;
+        }
+        Ok(frames)
+    }
+
+    /// Robustness: protocol headers and frames (SASL init, Open, Begin, Close), mutated
+    /// (sizes, data offsets, types, truncation, any bytes) and split into reads of any size:
+    /// the frame scan refuses exactly the frames shorter than their header, the AMQP and SASL
+    /// frame decoders of the library never panic on a frame it lets through, and the scan for
+    /// the client's Open never panics (docs/security.md, "Robustness").
+    #[test]
+    fn robustness_amqp_frames() {
+        use crate::robustness::{self, Raw};
+        use fe2o3_amqp::frames::{amqp::FrameDecoder, sasl::FrameCodec};
+        use fe2o3_amqp::types::performatives::{Begin, Close, Open};
+        use proptest::prelude::*;
+        use tokio_util::codec::Decoder;
+        let open = Open {
+            container_id: "c".into(),
+            hostname: Some("h".into()),
+            max_frame_size: Default::default(),
+            channel_max: Default::default(),
+            idle_time_out: Some(60_000),
+            outgoing_locales: None,
+            incoming_locales: None,
+            offered_capabilities: None,
+            desired_capabilities: None,
+            properties: None,
+        };
+        let begin = Begin {
+            remote_channel: None,
+            next_outgoing_id: 0,
+            incoming_window: 100,
+            outgoing_window: 100,
+            handle_max: Default::default(),
+            offered_capabilities: None,
+            desired_capabilities: None,
+            properties: None,
+        };
+        let body = |p: Performative| serde_amqp::to_vec(&p).unwrap();
+        let frame = |kind: u8, body: &[u8]| {
+            let mut f = ((8 + body.len()) as u32).to_be_bytes().to_vec();
+            f.extend_from_slice(&[2, kind, 0, 0]);
+            f.extend_from_slice(body);
+            f
+        };
+        let sasl_init = b"\x00\x53\x41\xc0\x0a\x02\xa3\x05PLAIN\xa0\x00";
+        let seed = [
+            b"AMQP\x03\x01\x00\x00".to_vec(),
+            frame(1, sasl_init),
+            b"AMQP\x00\x01\x00\x00".to_vec(),
+            frame(0, &body(Performative::Open(open))),
+            frame(0, &body(Performative::Begin(begin))),
+            frame(0, &body(Performative::Close(Close { error: None }))),
+        ]
+        .concat();
+        assert_eq!(open_idle_timeout(&seed), Some(Some(60_000)));
+        let input = prop_oneof![
+            8 => robustness::mutated_bytes(
+                vec![seed.clone(), seed[8..].to_vec(), seed[27..].to_vec()],
+                &[
+                    b"\x00\x00\x00\x08",
+                    b"\x00\x00\x00\x04",
+                    b"\x00\x00\x00\x09\x02\x00\x00\x00",
+                    b"\xff\xff\xff\xff",
+                    b"\x02\x00",
+                    b"\x02\x01",
+                    b"\x00\x53\x10",
+                    b"\x00\x53\x11",
+                    b"\x00\x53\x18",
+                    b"\x00\x53\x41",
+                    b"\xb0\x7f\xff\xff\xff",
+                    b"\xd0\xff\xff\xff\xff",
+                    b"AMQP",
+                ],
+            ),
+            1 => prop::collection::vec(any::<u8>(), 0..64).prop_map(Raw),
+        ];
+        let seen = robustness::Seen::default();
+        robustness::run(
+            "amqp-frames",
+            3000,
+            (input, 1..64usize),
+            |(Raw(bytes), chunk)| {
+                let _ = open_idle_timeout(&bytes);
+                let mut scan = FrameScan::default();
+                let refused = bytes.chunks(chunk).find_map(|part| scan.feed(part).err());
+                let frames = match (split_frames(&bytes), refused) {
+                    (Ok(frames), None) => frames,
+                    (Err(_), Some(_)) => {
+                        seen.count("refused");
+                        return Ok(());
+                    }
+                    (expected, got) => {
+                        return Err(format!(
+                            "the scan gave {got:?}, the frames are {expected:?}"
+                        ));
+                    }
+                };
+                for f in frames {
+                    let amqp = FrameDecoder {}.decode(&mut bytes::BytesMut::from(f));
+                    let sasl = FrameCodec {}.decode(&mut bytes::BytesMut::from(f));
+                    seen.count(match (amqp.is_ok(), sasl.is_ok()) {
+                        (true, _) => "amqp-frame",
+                        (_, true) => "sasl-frame",
+                        _ => "undecodable-frame",
+                    });
+                }
+                Ok(())
+            },
+        );
+        seen.print("amqp-frames");
     }
 }

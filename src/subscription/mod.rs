@@ -24,6 +24,7 @@ mod backlog;
 mod delivery;
 mod device_order;
 pub mod endpoint;
+mod frames;
 pub mod gate;
 mod group;
 mod hub;

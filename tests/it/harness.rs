@@ -405,6 +405,23 @@ impl ChildDaemon {
         std::fs::read_to_string(&self.log).unwrap_or_default()
     }
 
+    /// What the log holds from byte `offset` on (lossily as text), and where it ends now: a
+    /// test that watches the log as it grows reads each part once.
+    pub fn log_from(&self, offset: u64) -> (String, u64) {
+        use std::io::{Read as _, Seek as _};
+        let Ok(mut file) = std::fs::File::open(&self.log) else {
+            return (String::new(), offset);
+        };
+        let mut bytes = Vec::new();
+        if file.seek(std::io::SeekFrom::Start(offset)).is_err()
+            || file.read_to_end(&mut bytes).is_err()
+        {
+            return (String::new(), offset);
+        }
+        let end = offset + bytes.len() as u64;
+        (String::from_utf8_lossy(&bytes).into_owned(), end)
+    }
+
     /// Its `/metrics` scrape.
     pub async fn metrics(&self) -> String {
         reqwest::get(format!("{}/metrics", self.base))

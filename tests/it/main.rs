@@ -2,8 +2,9 @@
 //! the sources (`source_http`, `source_mqtt`, the AMQP source in `action_amqp`), the engine (`golden` SQL
 //! cases, `engine_batch` properties), `limits`, the actions (`action_amqp`, `action_group`, `action_mqtt`),
 //! `delivery` guarantees, per-device `ordering`, `restarts` (broker restart, kill -9), `supervision`, `health`,
-//! `reload`, `logs`, the `console`, the `cli`, `shutdown`, `tls` (HTTPS, amqps, mqtts) and the
-//! `deploy/` files.
+//! `reload`, `logs`, the `console`, the `cli`, `shutdown`, `tls` (HTTPS, amqps, mqtts), the
+//! `deploy/` files and the live `robustness` suites (raw bytes against the HTTP server and the
+//! AMQP 1.0 endpoint).
 //! `harness` runs the daemon in-process; `rabbit` holds the RabbitMQ helpers.
 mod action_amqp;
 mod action_group;
@@ -28,6 +29,7 @@ mod ordering;
 mod rabbit;
 mod reload;
 mod restarts;
+mod robustness;
 mod security;
 mod shutdown;
 mod source_http;

@@ -373,6 +373,18 @@ async fn send_takes_a_token_from_the_environment() {
 
 /// Publishes one message with a spoofed identity to `queue` and returns the uplink record of it.
 async fn spoofed_uplink(d: &Daemon, queue: &str, message_id: &str) -> Value {
+    let headers = [
+        ("topic", "/p1/honest/post"),
+        ("productKey", "victim"),
+        ("deviceName", "someone-else"),
+        ("tenantId", "t-victim"),
+    ];
+    uplink_of(d, queue, &headers, message_id).await
+}
+
+/// Publishes one message with these headers and message id to `queue` and returns the uplink
+/// record of it.
+async fn uplink_of(d: &Daemon, queue: &str, given: &[(&str, &str)], message_id: &str) -> Value {
     let conn = Connection::connect(BROKER, ConnectionProperties::default())
         .await
         .unwrap();
@@ -381,13 +393,8 @@ async fn spoofed_uplink(d: &Daemon, queue: &str, message_id: &str) -> Value {
         .await
         .unwrap();
     let mut headers = FieldTable::default();
-    for (k, v) in [
-        ("topic", "/p1/honest/post"),
-        ("productKey", "victim"),
-        ("deviceName", "someone-else"),
-        ("tenantId", "t-victim"),
-    ] {
-        headers.insert(k.into(), AMQPValue::LongString(v.into()));
+    for (k, v) in given {
+        headers.insert((*k).into(), AMQPValue::LongString((*v).into()));
     }
     ch.basic_publish(
         "".into(),
@@ -472,6 +479,14 @@ async fn amqp_identity_headers_are_ignored_and_counted_unless_trusted() {
                 "{record}"
             );
             assert_eq!(ignored, 1.0);
+            // No topic header: 1903, on record under the ids the message came with.
+            let id = unique("no-topic");
+            let record = uplink_of(&d, &queue, &[("traceId", "trace-no-topic")], &id).await;
+            assert_eq!(
+                (&record["code"], &record["messageId"], &record["traceId"]),
+                (&json!(1903), &json!(id), &json!("trace-no-topic")),
+                "{record}"
+            );
         }
         let ch = conn.create_channel().await.unwrap();
         let _ = ch

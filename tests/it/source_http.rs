@@ -108,6 +108,59 @@ async fn ingest_one_envelope_and_ndjson() {
     d.stop().await;
 }
 
+/// A message the ingest cannot take (1903, 9321) is answered and recorded under the ids its
+/// envelope gave, fresh ones where it gave none, so it can be looked up like any other.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_rejected_message_is_answered_and_recorded_under_its_ids() {
+    let rules = rules_dir();
+    let d = Daemon::start_without_broker(rules.path(), |_| {}).await;
+    let ndjson = [
+        json!({"topic": "nonsense", "payload": {}, "messageId": "bad-topic-1", "traceId": "trace-bad-1"}),
+        json!({"topic": "/p1/dev1/post", "payload": {}, "payload_base64": "AA==", "messageId": "both-1"}),
+        json!({"topic": "/p1//post", "payload": {}}),
+    ]
+    .map(|v| v.to_string())
+    .join("\n");
+    let (status, body) = d.post_to("/api/v1/messages", ndjson).await;
+    assert_eq!(status, 200, "{body}");
+    let msgs = body["messages"].as_array().unwrap();
+    assert_eq!(
+        (&msgs[0]["code"], &msgs[0]["messageId"], &msgs[0]["traceId"]),
+        (&json!(1903), &json!("bad-topic-1"), &json!("trace-bad-1"))
+    );
+    assert_eq!(
+        (&msgs[1]["code"], &msgs[1]["messageId"]),
+        (&json!(9321), &json!("both-1"))
+    );
+    assert_eq!(
+        msgs[1]["traceId"].as_str().unwrap().len(),
+        32,
+        "a fresh trace id"
+    );
+    assert_eq!(msgs[2]["code"], 1903);
+    assert_eq!(
+        msgs[2]["messageId"].as_str().unwrap().len(),
+        19,
+        "a fresh message id"
+    );
+    for m in msgs {
+        let (id, trace) = (
+            m["messageId"].as_str().unwrap(),
+            m["traceId"].as_str().unwrap(),
+        );
+        let found = d
+            .get_json(&format!("/api/v1/logs?messageId={id}&traceId={trace}"))
+            .await;
+        let records = found["records"].as_array().unwrap();
+        assert_eq!(records.len(), 1, "{id}: {found}");
+        assert_eq!(
+            (&records[0]["bizCode"], &records[0]["code"]),
+            (&json!("uplink"), &m["code"])
+        );
+    }
+    d.stop().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn bad_bodies_get_a_clear_4xx_and_the_daemon_keeps_running() {
     let rules = rules_dir();
