@@ -153,7 +153,8 @@ impl Group {
 
     /// For `GET /api/v1/health`: `state` (`unhealthy` while messages wait and no consumer is
     /// connected here, else `healthy`), connections and their client ids, the backlog
-    /// (`memory` or `broker`), messages waiting and deliveries unsettled.
+    /// (`memory`, `spool` or `broker`), the group's `ordering`, messages waiting and deliveries
+    /// unsettled.
     pub fn status(&self) -> serde_json::Value {
         let st = self.lock();
         let unsettled: usize = st.consumers.iter().map(|s| s.outstanding).sum();
@@ -168,6 +169,7 @@ impl Group {
             "group": self.config.id,
             "state": state,
             "backlog": self.backend.kind(),
+            "ordering": self.config.ordering,
             "connections": st.consumers.len(),
             "clients": st.consumers.iter().map(|s| s.client_id.clone()).collect::<Vec<_>>(),
             "waiting": waiting,
@@ -958,6 +960,7 @@ mod tests {
         let g = Arc::clone(hub.group("g").unwrap());
         assert_eq!(ready(&g), ["0", "1", "2", "3"]);
         assert_eq!(g.status()["backlog"], "spool");
+        assert_eq!(g.status()["ordering"], "spread");
         let mut a = g.join("a").unwrap();
         let mut out = Vec::new();
         while let Ok(p) = a.rx.try_recv() {
