@@ -146,9 +146,11 @@ impl Message {
 #[serde(deny_unknown_fields, rename_all = "camelCase")]
 pub struct Envelope {
     pub topic: String,
-    /// The payload as JSON (any JSON value; rules need an object).
+    /// The payload as JSON (any JSON value; rules need an object), kept as its text: the
+    /// message carries these bytes as they came, without a parse into a tree and a
+    /// serialization back (the engine parses what its rules reference).
     #[serde(default)]
-    pub payload: Option<serde_json::Value>,
+    pub payload: Option<Box<serde_json::value::RawValue>>,
     /// The payload as base64, for binary payloads.
     #[serde(default, rename = "payload_base64", alias = "payloadBase64")]
     pub payload_base64: Option<String>,
@@ -180,21 +182,63 @@ impl Envelope {
     /// and `instanceId` only when `trust_identity`; otherwise the topic gives the identity, and
     /// the second value says whether an override was there and ignored.
     pub fn into_message_trusting(self, trust_identity: bool) -> Result<(Message, bool), Rejection> {
+        self.into_message_keeping(trust_identity)
+            .map_err(|refused| refused.rejection)
+    }
+
+    /// [`Envelope::into_message_trusting`]; a refusal gives back what the rejection's record
+    /// needs (topic, payload text, the ids the envelope gave) without copying them up front.
+    pub fn into_message_keeping(
+        self,
+        trust_identity: bool,
+    ) -> Result<(Message, bool), Box<Refused>> {
+        let ids = |message_id, trace_id| Identity {
+            message_id,
+            trace_id,
+            ..Identity::default()
+        };
         let payload = match (self.payload, self.payload_base64) {
-            (Some(_), Some(_)) => {
-                return Err(bad_envelope(
-                    "give either payload or payload_base64, not both",
-                ));
-            }
-            (None, None) => return Err(bad_envelope("missing payload (or payload_base64)")),
-            (Some(value), None) => {
-                Bytes::from(serde_json::to_vec(&value).expect("a Value serializes"))
-            }
+            (Some(raw), None) => Ok(raw_bytes(raw)),
+            (Some(raw), Some(_)) => Err((
+                "give either payload or payload_base64, not both".to_owned(),
+                raw_bytes(raw),
+            )),
+            (None, None) => Err((
+                "missing payload (or payload_base64)".to_owned(),
+                Bytes::new(),
+            )),
             (None, Some(b64)) => base64::engine::general_purpose::STANDARD
                 .decode(b64.trim())
                 .map(Bytes::from)
-                .map_err(|e| bad_envelope(&format!("payload_base64 is not valid base64: {e}")))?,
+                .map_err(|e| {
+                    (
+                        format!("payload_base64 is not valid base64: {e}"),
+                        Bytes::new(),
+                    )
+                }),
         };
+        let payload = match payload {
+            Ok(p) => p,
+            Err((reason, payload)) => {
+                return Err(Box::new(Refused {
+                    rejection: bad_envelope(&reason),
+                    topic: self.topic,
+                    payload,
+                    ids: ids(self.message_id, self.trace_id),
+                }));
+            }
+        };
+        if let Err(reason) = parse_platform_topic(&self.topic) {
+            return Err(Box::new(Refused {
+                rejection: Rejection {
+                    kind: RejectionKind::Topic,
+                    reason,
+                },
+                topic: self.topic,
+                payload,
+                ids: ids(self.message_id, self.trace_id),
+            }));
+        }
         let mut identity = Identity {
             message_id: self.message_id,
             trace_id: self.trace_id,
@@ -205,8 +249,28 @@ impl Envelope {
             instance_id: self.instance_id,
         };
         let ignored = !trust_identity && identity.drop_overrides();
-        Message::new(self.topic, payload, identity).map(|m| (m, ignored))
+        let m = Message::new(self.topic, payload, identity)
+            .expect("the topic was checked above; nothing else is refused");
+        Ok((m, ignored))
     }
+}
+
+/// An envelope the ingest cannot take ([`Envelope::into_message_keeping`]), with what its
+/// rejection's record needs.
+#[derive(Debug)]
+pub struct Refused {
+    pub rejection: Rejection,
+    pub topic: String,
+    /// The payload's text as given (empty for none, or for base64).
+    pub payload: Bytes,
+    /// The message and trace ids the envelope gave.
+    pub ids: Identity,
+}
+
+/// The text of a JSON payload as bytes, without a copy.
+fn raw_bytes(raw: Box<serde_json::value::RawValue>) -> Bytes {
+    let text: Box<str> = raw.into();
+    Bytes::from(String::from(text).into_bytes())
 }
 
 fn bad_envelope(reason: &str) -> Rejection {

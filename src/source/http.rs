@@ -18,7 +18,7 @@ use axum::routing::post;
 use serde::Deserialize;
 use serde_json::json;
 
-use crate::message::{Envelope, Identity, Message};
+use crate::message::{Envelope, Message};
 use crate::outcome::{Code, Failure};
 use crate::pipeline::{MessageReport, Pipeline, SubmitError};
 
@@ -115,19 +115,7 @@ async fn ingest_messages(
     let mut accepted: Vec<Message> = Vec::new();
     let mut accepted_slots = Vec::new();
     for envelope in envelopes {
-        let topic = envelope.topic.clone();
-        let raw = envelope
-            .payload
-            .as_ref()
-            .map(|p| p.to_string())
-            .unwrap_or_default();
-        // A rejection's record keeps the ids the envelope gave, so the client can look it up.
-        let ids = Identity {
-            message_id: envelope.message_id.clone(),
-            trace_id: envelope.trace_id.clone(),
-            ..Identity::default()
-        };
-        match envelope.into_message_trusting(trust) {
+        match envelope.into_message_keeping(trust) {
             Ok((m, ignored)) => {
                 if ignored {
                     state
@@ -141,10 +129,16 @@ async fn ingest_messages(
                 slots.push(None);
                 accepted.push(m);
             }
-            Err(rejection) => {
+            Err(refused) => {
+                // Its record keeps the ids the envelope gave, so the client can look it up.
                 let report = state
                     .pipeline
-                    .reject(&topic, raw.as_bytes(), &Failure::rejected(&rejection), &ids)
+                    .reject(
+                        &refused.topic,
+                        &refused.payload,
+                        &Failure::rejected(&refused.rejection),
+                        &refused.ids,
+                    )
                     .await;
                 slots.push(Some(report));
             }
@@ -184,12 +178,21 @@ async fn ingest_messages(
     } else {
         StatusCode::OK
     };
-    let body = Json(json!({
-        "accepted": messages.len() - rejected,
-        "rejected": rejected,
-        "messages": messages,
-    }));
+    // Serialized straight from the reports (`json!` would build a tree of them first).
+    let body = Json(Answer {
+        accepted: messages.len() - rejected,
+        rejected,
+        messages,
+    });
     (status, body).into_response()
+}
+
+/// The ingest's answer (docs/api.md).
+#[derive(serde::Serialize)]
+struct Answer {
+    accepted: usize,
+    rejected: usize,
+    messages: Vec<MessageReport>,
 }
 
 /// One envelope (a JSON object), or NDJSON. Errors name the line.
@@ -222,7 +225,7 @@ mod tests {
     use serde_json::json;
 
     use super::*;
-    use crate::message::{RejectionKind, parse_platform_topic};
+    use crate::message::{Identity, RejectionKind, parse_platform_topic};
     use crate::outcome::{BizCode, Record};
     use crate::robustness::{self, Raw};
 
