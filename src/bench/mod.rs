@@ -82,14 +82,22 @@ pub(crate) fn rate(n: usize, d: Duration) -> f64 {
 
 /// The engine over `rule_texts(rules)`.
 pub(crate) fn bench_engine(rules: usize) -> Engine {
+    bench_engine_measured(rules, || 0).0
+}
+
+/// [`bench_engine`], and how much `memory()` grew while the rules were compiled (after a
+/// first rule, compiled and dropped, set up what every rule shares).
+pub(crate) fn bench_engine_measured(rules: usize, memory: impl Fn() -> u64) -> (Engine, u64) {
     let compiler = Arc::new(Compiler::new(32));
-    let loaded: Vec<_> = rule_texts(rules)
-        .into_iter()
-        .map(|(name, text)| {
-            compiler
-                .compile_text(&name, std::path::Path::new(&name), &text)
-                .expect("benchmark rules compile")
-        })
-        .collect();
-    Engine::new(compiler, Arc::new(RuleSet::new(loaded)))
+    let compile = |(name, text): (String, String)| {
+        compiler
+            .compile_text(&name, std::path::Path::new(&name), &text)
+            .expect("benchmark rules compile")
+    };
+    drop(rule_texts(1).into_iter().map(compile).collect::<Vec<_>>());
+    let before = memory();
+    let loaded: Vec<_> = rule_texts(rules).into_iter().map(compile).collect();
+    let set = Arc::new(RuleSet::new(loaded));
+    let grown = memory().saturating_sub(before);
+    (Engine::new(compiler, set), grown)
 }
