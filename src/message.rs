@@ -123,10 +123,22 @@ impl Message {
             kind: RejectionKind::Topic,
             reason,
         })?;
+        let (pk, dn) = (pk.to_owned(), dn.to_owned());
+        Ok(Message::with_identity(topic, pk, dn, payload, identity))
+    }
+
+    /// A message on a platform topic already split into `pk` and `dn`.
+    fn with_identity(
+        topic: String,
+        pk: String,
+        dn: String,
+        payload: Bytes,
+        identity: Identity,
+    ) -> Message {
         let non_empty = |v: Option<String>| v.filter(|s| !s.is_empty());
-        let product_key = non_empty(identity.product_key).unwrap_or_else(|| pk.to_owned());
-        let device_name = non_empty(identity.device_name).unwrap_or_else(|| dn.to_owned());
-        Ok(Message {
+        let product_key = non_empty(identity.product_key).unwrap_or(pk);
+        let device_name = non_empty(identity.device_name).unwrap_or(dn);
+        Message {
             product_key,
             device_name,
             message_id: non_empty(identity.message_id).unwrap_or_else(new_message_id),
@@ -137,7 +149,7 @@ impl Message {
             received_at: Instant::now(),
             payload,
             topic,
-        })
+        }
     }
 }
 
@@ -228,17 +240,20 @@ impl Envelope {
                 }));
             }
         };
-        if let Err(reason) = parse_platform_topic(&self.topic) {
-            return Err(Box::new(Refused {
-                rejection: Rejection {
-                    kind: RejectionKind::Topic,
-                    reason,
-                },
-                topic: self.topic,
-                payload,
-                ids: ids(self.message_id, self.trace_id),
-            }));
-        }
+        let (pk, dn) = match parse_platform_topic(&self.topic) {
+            Ok((pk, dn)) => (pk.to_owned(), dn.to_owned()),
+            Err(reason) => {
+                return Err(Box::new(Refused {
+                    rejection: Rejection {
+                        kind: RejectionKind::Topic,
+                        reason,
+                    },
+                    topic: self.topic,
+                    payload,
+                    ids: ids(self.message_id, self.trace_id),
+                }));
+            }
+        };
         let mut identity = Identity {
             message_id: self.message_id,
             trace_id: self.trace_id,
@@ -249,8 +264,7 @@ impl Envelope {
             instance_id: self.instance_id,
         };
         let ignored = !trust_identity && identity.drop_overrides();
-        let m = Message::new(self.topic, payload, identity)
-            .expect("the topic was checked above; nothing else is refused");
+        let m = Message::with_identity(self.topic, pk, dn, payload, identity);
         Ok((m, ignored))
     }
 }
