@@ -202,6 +202,32 @@ impl RecordSender {
         }
     }
 
+    /// Queues `records` in order, waiting for room a channel's capacity at a time rather than
+    /// for each record. An error when the sink is closed: the records not queued are refused.
+    pub async fn send_all(&self, records: Vec<Record>) -> Result<(), mpsc::error::SendError<()>> {
+        let chunk = self.tx.max_capacity().max(1);
+        let mut records = records.into_iter();
+        let mut left = records.len();
+        while left > 0 {
+            let n = left.min(chunk);
+            match self.tx.reserve_many(n).await {
+                Ok(permits) => {
+                    // Counted before they are queued, with no await in between (module doc).
+                    self.log.pushed.fetch_add(n as u64, Ordering::SeqCst);
+                    for (permit, record) in permits.zip(records.by_ref()) {
+                        permit.send(record);
+                    }
+                    left -= n;
+                }
+                Err(e) => {
+                    self.log.refused.fetch_add(left as u64, Ordering::SeqCst);
+                    return Err(e);
+                }
+            }
+        }
+        Ok(())
+    }
+
     /// The sink's commit log.
     pub fn log(&self) -> &Arc<CommitLog> {
         &self.log

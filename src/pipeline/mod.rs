@@ -105,9 +105,9 @@ impl Pipeline {
             .messages_received
             .with_label_values(&[source])
             .inc_by(messages.len() as u64);
-        for m in &messages {
-            self.outcomes.record(Record::uplink(m)).await;
-        }
+        self.outcomes
+            .record_all(messages.iter().map(Record::uplink).collect())
+            .await;
         let (reply, rx) = oneshot::channel();
         self.tx
             .send(Submission {
