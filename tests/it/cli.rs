@@ -290,6 +290,7 @@ fn run_starts_nothing_on_a_config_that_does_not_load() {
         &["run", "--config", "iotfwd.toml"][..],
         &["bench", "logs", "--config", "iotfwd.toml"],
         &["bench", "pipeline", "--config", "iotfwd.toml"],
+        &["bench", "ingest", "--config", "iotfwd.toml"],
     ] {
         let out = iotfwd(args, dir.path());
         let err = text(&out.stderr);
@@ -620,4 +621,41 @@ fn help_explains_every_command_and_points_at_docs_that_exist() {
         }
     }
     assert!(seen >= 15, "every command was looked at: {seen}");
+}
+
+/// `bench ingest` runs end to end on a small load and prints every figure it promises: each
+/// client count with the store on and off, each beside the engine's rate.
+#[test]
+fn bench_ingest_prints_each_rate_beside_the_engine() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = iotfwd(
+        &[
+            "bench",
+            "ingest",
+            "--messages",
+            "2000",
+            "--per-request",
+            "500",
+            "--clients",
+            "1,2",
+        ],
+        dir.path(),
+    );
+    let stdout = text(&out.stdout);
+    assert!(out.status.success(), "{stdout}\n{}", text(&out.stderr));
+    assert!(stdout.contains("engine baseline:"), "{stdout}");
+    for clients in ["1", "2"] {
+        for store in ["on ", "off"] {
+            let line = format!("{clients} client(s), store {store}:");
+            let found = stdout
+                .lines()
+                .find(|l| l.starts_with(&line))
+                .unwrap_or_else(|| panic!("no line {line:?} in:\n{stdout}"));
+            assert!(found.contains("ratio to engine"), "{found}");
+        }
+        assert!(
+            stdout.contains(&format!("{clients} client(s): ratio store on / off")),
+            "{stdout}"
+        );
+    }
 }
