@@ -26,33 +26,13 @@ pub fn engine(rules: usize, messages: usize, batch: usize) {
          {rules} rules, batch {batch}"
     );
 
-    // Warm up: compile the type variants, fault in the allocator.
-    for chunk in msgs.chunks(batch).take(4) {
-        black_box(engine.evaluate(chunk));
-    }
-
     let started = Instant::now();
     for m in &msgs {
         black_box(serde_json::from_slice::<serde_json::Value>(&m.payload).expect("valid JSON"));
     }
     let parse_time = started.elapsed();
 
-    let mut matched = 0usize;
-    let mut passed = 0usize;
-    let started = Instant::now();
-    for chunk in msgs.chunks(batch) {
-        let results = engine.evaluate(chunk);
-        for r in &results {
-            matched += r.len();
-            passed += r
-                .iter()
-                .filter(|x| matches!(x.outcome, RuleOutcome::Passed(_)))
-                .count();
-        }
-        black_box(results);
-    }
-    let engine_time = started.elapsed();
-
+    let (engine_time, matched, passed) = run_engine(&engine, &msgs, batch);
     let parse_rate = rate(messages, parse_time);
     let engine_rate = rate(messages, engine_time);
     println!(
@@ -69,6 +49,39 @@ pub fn engine(rules: usize, messages: usize, batch: usize) {
         passed as f64 / messages as f64
     );
     println!("ratio engine / parse-only: {:.3}", engine_rate / parse_rate);
+}
+
+/// Runs `engine` over `msgs` in batches of `batch` after a warm-up: the time taken, rule
+/// matches by topic, and how many passed their WHERE.
+fn run_engine(engine: &Engine, msgs: &[Message], batch: usize) -> (Duration, usize, usize) {
+    let batch = batch.max(1);
+    // Warm up: compile the type variants, fault in the allocator.
+    for chunk in msgs.chunks(batch).take(4) {
+        black_box(engine.evaluate(chunk));
+    }
+    let mut matched = 0usize;
+    let mut passed = 0usize;
+    let started = Instant::now();
+    for chunk in msgs.chunks(batch) {
+        let results = engine.evaluate(chunk);
+        for r in &results {
+            matched += r.len();
+            passed += r
+                .iter()
+                .filter(|x| matches!(x.outcome, RuleOutcome::Passed(_)))
+                .count();
+        }
+        black_box(results);
+    }
+    (started.elapsed(), matched, passed)
+}
+
+/// The engine's rate (messages/s) with `rules` rules on `messages` of the benchmark's
+/// messages in batches of 512, as `bench engine` measures it: the baseline of `bench ingest`.
+pub fn engine_rate(rules: usize, messages: usize) -> f64 {
+    let engine = bench_engine(rules);
+    let msgs = property_posts(messages);
+    rate(messages, run_engine(&engine, &msgs, 512).0)
 }
 
 /// The quota set of `bench engine --quotas`: 100 tenants with one instance each; the ten

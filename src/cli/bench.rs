@@ -58,6 +58,34 @@ pub(super) fn run(command: BenchCommand) -> ExitCode {
                 exit_code(crate::bench::pipeline::run(bench).await)
             })
         }
+        BenchCommand::Ingest {
+            messages,
+            per_request,
+            clients,
+            rules,
+            config,
+        } => {
+            let base = match tuning(config) {
+                Ok(c) => c,
+                Err(code) => return code,
+            };
+            // Log as the daemon would, so the per-message cost of logging is in the figures.
+            crate::telemetry::init_tracing(
+                &base.log.level,
+                base.log.format == crate::config::LogFormat::Json,
+            );
+            let engine_rate = crate::bench::engine::engine_rate(rules, messages);
+            let bench = crate::bench::ingest::ScaleBench {
+                messages,
+                per_request,
+                clients,
+                rules,
+                base,
+            };
+            block_on(Runtime::MultiThread, async {
+                exit_code(crate::bench::ingest::scale(&bench, engine_rate).await)
+            })
+        }
         BenchCommand::Engine {
             rules,
             messages,

@@ -219,6 +219,31 @@ pub enum BenchCommand {
         #[arg(long, value_name = "FILE")]
         config: Option<PathBuf>,
     },
+    /// The HTTP ingest in-process: 1, 2 and 4 clients posting NDJSON requests of 1000 of the
+    /// `bench engine` messages, 10 rules without actions, the record store on (as configured)
+    /// and off; each rate beside `bench engine`'s rate measured in the same run, with the CPU
+    /// time per message and the engine's and the commit wait's share of it.
+    ///
+    /// Method and figures: docs/benchmarks.md, "HTTP ingest".
+    Ingest {
+        /// Messages per measurement.
+        #[arg(long, default_value_t = 200_000)]
+        messages: usize,
+        /// Messages per request.
+        #[arg(long, default_value_t = 1000)]
+        per_request: usize,
+        /// Client counts to measure, each with the store on and off.
+        #[arg(long, value_delimiter = ',', default_value = "1,2,4")]
+        clients: Vec<usize>,
+        /// Rules in iotfwd (each message matches one by topic).
+        #[arg(long, default_value_t = 10)]
+        rules: usize,
+        /// Run iotfwd with this config file's tuning (`[store]`, `[log]`, `[engine]`, ...);
+        /// the benchmark replaces its rules and data directories. Default: the built-in
+        /// defaults (the store on, `durability = "acked"`, `log.level = "info"`).
+        #[arg(long, value_name = "FILE")]
+        config: Option<PathBuf>,
+    },
     /// Engine throughput on generated property-post messages (no I/O), against a parse-only
     /// baseline (serde_json parse of the same payloads) measured in the same run.
     ///

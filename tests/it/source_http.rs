@@ -258,3 +258,76 @@ async fn a_rule_failing_at_run_time_fails_only_its_messages() {
     );
     d.stop().await;
 }
+
+/// The real binary with its stderr in a file, at the default log level: a failed step is a
+/// line there, a successful one is not (it is in the store and the metrics instead), and the
+/// file holds no terminal colour codes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn stderr_to_a_file_has_failures_only_and_no_colour_codes() {
+    use super::harness::{ChildDaemon, eventually, unique};
+    let dir = tempfile::tempdir().unwrap();
+    let rules = rules_dir();
+    let quoted = |p: &std::path::Path| format!("{:?}", p.display().to_string());
+    let config = format!(
+        "[http]\nlisten = \"127.0.0.1:0\"\n[rules]\ndir = {}\n[data]\ndir = {}\n",
+        quoted(rules.path()),
+        quoted(&dir.path().join("data")),
+    );
+    let d = ChildDaemon::start(dir.path(), 1, &config).await;
+    let (ok, bad) = (unique("ok"), unique("bad"));
+    let ndjson = [
+        json!({"topic": "/p1/dev1/post", "payload": {"t": 40}, "messageId": ok}),
+        json!({"topic": "nonsense", "payload": {}, "messageId": bad}),
+    ]
+    .map(|v| v.to_string())
+    .join("\n");
+    let client = reqwest::Client::new();
+    let r = client
+        .post(format!("{}/api/v1/messages", d.base))
+        .body(ndjson)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    let log = eventually("the failure's line on stderr", || async {
+        let log = d.log_text();
+        log.contains(&bad).then_some(log)
+    })
+    .await;
+    let scrape = d.metrics().await;
+    // Both rules passed the good message: its uplink and two rule steps were successes.
+    assert!(
+        metric(
+            &scrape,
+            "iotfwd_outcomes_total",
+            &[("biz_code", "ruleengine"), ("code", "200")]
+        ) >= 2.0,
+        "{scrape}"
+    );
+    let failure = log.lines().find(|l| l.contains(&bad)).unwrap();
+    assert!(
+        failure.contains("WARN") && failure.contains("1903"),
+        "{failure}"
+    );
+    assert!(
+        !log.contains(&ok),
+        "a success was logged at the default level:\n{log}"
+    );
+    assert!(
+        !log.contains('\u{1b}'),
+        "colour codes in a log file:\n{log:?}"
+    );
+    let records = client
+        .get(format!("{}/api/v1/logs?messageId={ok}", d.base))
+        .send()
+        .await
+        .unwrap()
+        .json::<serde_json::Value>()
+        .await
+        .unwrap();
+    assert_eq!(
+        records["records"].as_array().map(Vec::len),
+        Some(3),
+        "the successes are in the store: {records}"
+    );
+}
