@@ -39,7 +39,11 @@ impl ActionSpec {
                 .collect(),
             ActionSpec::Group(_) => Vec::new(),
             ActionSpec::Mqtt(m) => std::iter::once(("topic".to_owned(), &m.topic))
-                .chain(m.properties.iter().map(|(k, v)| (format!("properties.{k}"), v)))
+                .chain(
+                    m.properties
+                        .iter()
+                        .map(|(k, v)| (format!("properties.{k}"), v)),
+                )
                 .collect(),
         }
     }

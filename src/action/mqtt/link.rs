@@ -39,7 +39,7 @@ pub struct Role {
 /// connection.
 #[derive(Clone)]
 pub enum Options {
-    V311(rumqttc::MqttOptions),
+    V311(Box<rumqttc::MqttOptions>),
     V5(Box<v5::MqttOptions>),
 }
 
@@ -90,7 +90,7 @@ impl Options {
             if let Some(t) = transport {
                 o.set_transport(t);
             }
-            Options::V311(o)
+            Options::V311(Box::new(o))
         })
     }
 
@@ -107,8 +107,8 @@ impl Options {
     pub fn connect(&self, cap: usize) -> (Client, Events) {
         match self {
             Options::V311(o) => {
-                let (c, e) = rumqttc::AsyncClient::new(o.clone(), cap);
-                (Client::V311(c), Events::V311(e))
+                let (c, e) = rumqttc::AsyncClient::new((**o).clone(), cap);
+                (Client::V311(c), Events::V311(Box::new(e)))
             }
             Options::V5(o) => {
                 let (c, e) = v5::AsyncClient::new((**o).clone(), cap);
@@ -264,7 +264,9 @@ impl Client {
 
 /// What happened on a connection, in the words both protocols share.
 pub enum Happened {
-    Connected { session_present: bool },
+    Connected {
+        session_present: bool,
+    },
     Publish(Received),
     /// The broker answered a SUBSCRIBE: for each filter, whether it was granted.
     Subscribed(Vec<bool>),
@@ -290,7 +292,7 @@ pub struct LinkError {
 
 /// The events side of a connection.
 pub enum Events {
-    V311(rumqttc::EventLoop),
+    V311(Box<rumqttc::EventLoop>),
     V5(Box<v5::EventLoop>),
 }
 
@@ -326,9 +328,7 @@ fn v311_event(event: Event) -> Happened {
             pkid: ack.pkid,
             refused: None,
         },
-        Event::Outgoing(Outgoing::Publish(pkid) | Outgoing::AwaitAck(pkid)) => {
-            Happened::Sent(pkid)
-        }
+        Event::Outgoing(Outgoing::Publish(pkid) | Outgoing::AwaitAck(pkid)) => Happened::Sent(pkid),
         _ => Happened::Other,
     }
 }
@@ -470,7 +470,12 @@ mod tests {
 
     #[test]
     fn v5_identity_comes_from_user_properties() {
-        let mut p = p5::Publish::new("/pk/dev/user/x", v5::mqttbytes::QoS::AtLeastOnce, "{}", None);
+        let mut p = p5::Publish::new(
+            "/pk/dev/user/x",
+            v5::mqttbytes::QoS::AtLeastOnce,
+            "{}",
+            None,
+        );
         p.properties = Some(p5::PublishProperties {
             user_properties: vec![
                 ("traceId".into(), "t-1".into()),

@@ -90,7 +90,8 @@ fn connection_failure(e: LinkError) -> Failure {
 /// The failure of a publish the broker answered with a failure reason code (MQTT 5): "not
 /// authorized" is 9333 and final, any other 9331 (the broker may take it later: retried).
 fn refusal(code: u8, name: &str, topic: &str) -> Failure {
-    let reason = format!("the broker refused the publish to {topic:?}: {name} (reason code 0x{code:02x})");
+    let reason =
+        format!("the broker refused the publish to {topic:?}: {name} (reason code 0x{code:02x})");
     if code == link::NOT_AUTHORIZED {
         Failure::access_refused(reason)
     } else {
