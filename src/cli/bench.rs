@@ -91,9 +91,23 @@ pub(super) fn run(command: BenchCommand) -> ExitCode {
             messages,
             batch,
             quotas,
+            devices,
+            redis,
+            lease,
         } => {
             if quotas {
-                crate::bench::engine::engine_quotas(rules, messages, batch);
+                let run = crate::bench::engine::engine_quotas(
+                    rules,
+                    messages,
+                    batch,
+                    devices,
+                    redis.as_deref(),
+                    lease,
+                );
+                if let Err(e) = run {
+                    eprintln!("error: {e:#}");
+                    return ExitCode::FAILURE;
+                }
             } else {
                 crate::bench::engine::engine(rules, messages, batch);
             }
