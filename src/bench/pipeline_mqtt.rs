@@ -86,12 +86,19 @@ async fn publish(
     let mut options = topics.options(&format!("devices-{}", uuid::Uuid::new_v4().simple()));
     options.set_outgoing_inflight_upper_limit(256);
     let (client, mut events) = AsyncClient::new(options, 512);
-    let poller = tokio::spawn(async move {
-        loop {
-            match events.poll().await {
-                Ok(Event::Outgoing(rumqttc::Outgoing::Disconnect)) => return Ok(()),
-                Ok(_) => {}
-                Err(e) => return Err(anyhow::anyhow!("the bench's device publisher: {e}")),
+    let acked = Arc::new(AtomicUsize::new(0));
+    let poller = tokio::spawn({
+        let acked = Arc::clone(&acked);
+        async move {
+            loop {
+                match events.poll().await {
+                    Ok(Event::Outgoing(rumqttc::Outgoing::Disconnect)) => return Ok(()),
+                    Ok(Event::Incoming(Packet::PubAck(_))) => {
+                        acked.fetch_add(1, Relaxed);
+                    }
+                    Ok(_) => {}
+                    Err(e) => return Err(anyhow::anyhow!("the bench's device publisher: {e}")),
+                }
             }
         }
     });
@@ -111,6 +118,17 @@ async fn publish(
                 payload(i, super::pipeline::now_ns()),
             )
             .await?;
+    }
+    // A DISCONNECT is sent at once, ahead of publishes still waiting for the broker's window:
+    // wait until the broker took every one.
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while acked.load(Relaxed) < count {
+        anyhow::ensure!(
+            Instant::now() < deadline,
+            "the broker acknowledged {} of {count} publishes in 60 s",
+            acked.load(Relaxed)
+        );
+        tokio::time::sleep(Duration::from_millis(5)).await;
     }
     client.disconnect().await?;
     poller.await??;
