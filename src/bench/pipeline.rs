@@ -30,7 +30,12 @@ use crate::config::{Config, Ordering};
 
 /// Settings of one benchmark run.
 pub struct PipelineBench {
+    /// The RabbitMQ broker (`--url`).
     pub url: String,
+    /// Where the messages come from: RabbitMQ (false) or an MQTT broker (`--source mqtt`).
+    pub mqtt_source: bool,
+    /// The MQTT broker of `--source mqtt` (`--mqtt-url`).
+    pub mqtt_url: String,
     pub messages: usize,
     pub prefetch: u16,
     pub confirm_window: usize,
@@ -42,21 +47,21 @@ pub struct PipelineBench {
 /// Devices the messages come from, unless a run says otherwise.
 const DEVICES: usize = 1000;
 
-fn now_ns() -> u128 {
+pub(super) fn now_ns() -> u128 {
     std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .unwrap_or_default()
         .as_nanos()
 }
 
-struct Names {
-    source: String,
-    exchange: String,
-    dest: String,
+pub(super) struct Names {
+    pub(super) source: String,
+    pub(super) exchange: String,
+    pub(super) dest: String,
 }
 
 impl Names {
-    fn new(tag: &str) -> Names {
+    pub(super) fn new(tag: &str) -> Names {
         let id = uuid::Uuid::new_v4().simple().to_string();
         Names {
             source: format!("iotfwd-bench-{tag}-src-{id}"),
@@ -66,7 +71,7 @@ impl Names {
     }
 }
 
-async fn setup(ch: &Channel, n: &Names) -> anyhow::Result<()> {
+pub(super) async fn setup(ch: &Channel, n: &Names) -> anyhow::Result<()> {
     for q in [&n.source, &n.dest] {
         ch.queue_declare(
             q.as_str().into(),
@@ -96,7 +101,7 @@ async fn setup(ch: &Channel, n: &Names) -> anyhow::Result<()> {
     Ok(())
 }
 
-async fn teardown(ch: &Channel, n: &Names) {
+pub(super) async fn teardown(ch: &Channel, n: &Names) {
     for q in [&n.source, &n.dest] {
         let _ = ch
             .queue_delete(q.as_str().into(), QueueDeleteOptions::default())
@@ -107,7 +112,7 @@ async fn teardown(ch: &Channel, n: &Names) {
         .await;
 }
 
-fn payload(i: usize, sent_ns: u128) -> Vec<u8> {
+pub(super) fn payload(i: usize, sent_ns: u128) -> Vec<u8> {
     format!(
         r#"{{"id":"{i}","version":"1.0","sent_ns":{sent_ns},"items":{{"temperature":{{"value":{}.5,"time":1764201600000}},"humidity":{{"value":{},"time":1764201600000}}}},"method":"thing.event.property.post"}}"#,
         20 + i % 20,
@@ -165,6 +170,17 @@ async fn load(
 /// Counts `count` messages arriving at `queue`; returns when all arrived, with each one's
 /// latency from its `sent_ns`.
 async fn collect(ch: &Channel, queue: &str, count: usize) -> anyhow::Result<Vec<Duration>> {
+    collect_counting(ch, queue, count, &std::sync::atomic::AtomicUsize::new(0)).await
+}
+
+/// [`collect`], counting arrivals in `arrived` as they come; the consumer is cancelled when
+/// all arrived, so the next collection on the queue gets every message.
+pub(super) async fn collect_counting(
+    ch: &Channel,
+    queue: &str,
+    count: usize,
+    arrived: &std::sync::atomic::AtomicUsize,
+) -> anyhow::Result<Vec<Duration>> {
     ch.basic_qos(1000, BasicQosOptions::default()).await?;
     let mut consumer = ch
         .basic_consume(
@@ -188,7 +204,11 @@ async fn collect(ch: &Channel, queue: &str, count: usize) -> anyhow::Result<Vec<
             .and_then(|v| v["sent_ns"].as_u64())
             .unwrap_or(0) as u128;
         latencies.push(Duration::from_nanos(now_ns().saturating_sub(sent) as u64));
+        arrived.fetch_add(1, Relaxed);
     }
+    let _ = ch
+        .basic_cancel(consumer.tag(), BasicCancelOptions::default())
+        .await;
     Ok(latencies)
 }
 
@@ -243,10 +263,16 @@ async fn relay(
     Ok(())
 }
 
-fn rule_files(dir: &std::path::Path, exchange: &str, rules: usize) -> anyhow::Result<()> {
+/// Rule `i` forwards product `pk0<i><tag>`'s property posts to `exchange`.
+pub(super) fn rule_files(
+    dir: &std::path::Path,
+    exchange: &str,
+    rules: usize,
+    tag: &str,
+) -> anyhow::Result<()> {
     for i in 0..rules {
         let text = format!(
-            "sql = '''SELECT *, deviceName() AS device FROM \"/pk{i:02}/+/thing/event/property/post\" WHERE items.temperature.value > 0'''\n\
+            "sql = '''SELECT *, deviceName() AS device FROM \"/pk{i:02}{tag}/+/thing/event/property/post\" WHERE items.temperature.value > 0'''\n\
              [[action]]\nto = \"amqp\"\nexchange = \"{exchange}\"\nrouting_key = \"t.${{device}}\"\n"
         );
         std::fs::write(dir.join(format!("bench{i:02}.toml")), text)?;
@@ -302,6 +328,9 @@ pub(crate) fn percentile(sorted: &[Duration], p: f64) -> Duration {
 
 /// Runs the benchmark and prints its figures.
 pub async fn run(b: PipelineBench) -> anyhow::Result<()> {
+    if b.mqtt_source {
+        return super::pipeline_mqtt::run(b).await;
+    }
     let conn = Connection::connect(&b.url, ConnectionProperties::default())
         .await
         .with_context(|| {
@@ -462,7 +491,7 @@ async fn iotfwd(
     let n = Names::new("iotfwd");
     setup(ch, &n).await?;
     let dir = tempfile_dir()?;
-    rule_files(&dir, &n.exchange, b.rules)?;
+    rule_files(&dir, &n.exchange, b.rules, "")?;
     load(
         &conn.create_channel().await?,
         &n.source,
@@ -501,7 +530,7 @@ async fn ordered_rate(
     let n = Names::new("order");
     setup(ch, &n).await?;
     let dir = tempfile_dir()?;
-    rule_files(&dir, &n.exchange, b.rules)?;
+    rule_files(&dir, &n.exchange, b.rules, "")?;
     let loader = conn.create_channel().await?;
     load(&loader, &n.source, b.messages, None, devices).await?;
     let started = Instant::now();
@@ -533,7 +562,7 @@ async fn relay_owned(
     relay(&conn, &n, prefetch, window, stop).await
 }
 
-fn tempfile_dir() -> anyhow::Result<std::path::PathBuf> {
+pub(super) fn tempfile_dir() -> anyhow::Result<std::path::PathBuf> {
     let dir = std::env::temp_dir().join(format!("iotfwd-bench-{}", uuid::Uuid::new_v4().simple()));
     std::fs::create_dir_all(&dir)?;
     Ok(dir)

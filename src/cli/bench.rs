@@ -36,6 +36,8 @@ pub(super) fn run(command: BenchCommand) -> ExitCode {
         } => exit_code(crate::bench::groups::run(messages, &connections, &backlog)),
         BenchCommand::Pipeline {
             url,
+            source,
+            mqtt_url,
             messages,
             prefetch,
             confirm_window,
@@ -48,6 +50,8 @@ pub(super) fn run(command: BenchCommand) -> ExitCode {
             };
             let bench = crate::bench::pipeline::PipelineBench {
                 url,
+                mqtt_source: source == "mqtt",
+                mqtt_url,
                 messages,
                 prefetch,
                 confirm_window,

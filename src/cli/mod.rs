@@ -282,13 +282,23 @@ pub enum BenchCommand {
     ///
     /// Method and figures: docs/benchmarks.md, "Pipeline".
     Pipeline {
-        /// The broker to run against.
+        /// The RabbitMQ broker to run against (the destination; the source too unless
+        /// `--source mqtt`).
         #[arg(long, default_value = "amqp://guest:guest@127.0.0.1:5672/%2f")]
         url: String,
+        /// Where the messages come from: a RabbitMQ queue (`amqp`), or topics of the MQTT
+        /// broker `--mqtt-url` (`mqtt`: Mosquitto -> iotfwd -> RabbitMQ, against a bare MQTT
+        /// relay).
+        #[arg(long, default_value = "amqp", value_parser = ["amqp", "mqtt"])]
+        source: String,
+        /// The MQTT broker of `--source mqtt`.
+        #[arg(long, default_value = "mqtt://127.0.0.1:1883")]
+        mqtt_url: String,
         /// Messages per throughput measurement.
         #[arg(long, default_value_t = 50_000)]
         messages: usize,
-        /// Prefetch of both consumers.
+        /// Prefetch of both consumers (with `--source mqtt`: the receive maximum of both
+        /// subscribers).
         #[arg(long, default_value_t = 256)]
         prefetch: u16,
         /// Publisher-confirm window of both publishers.

@@ -85,10 +85,12 @@ pub struct MqttSourceConfig {
     #[serde(default)]
     pub share_group: Option<String>,
     /// Start a new session on every connect. Default false: the broker keeps the session
-    /// while iotfwd is down and redelivers what was not acknowledged.
+    /// while iotfwd is down and redelivers what was not acknowledged (under MQTT 5 iotfwd asks
+    /// for a session that never expires, else the session would end with the connection).
     #[serde(default)]
     pub clean_start: bool,
-    /// Messages iotfwd works on at once (received, not yet acknowledged). Default 256.
+    /// Messages iotfwd works on at once (received, not yet acknowledged); under MQTT 5 the
+    /// receive maximum sent in CONNECT, so the broker sends no more. Default 256.
     #[serde(default = "default_max_inflight")]
     pub max_inflight: u16,
 }
