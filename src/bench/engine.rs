@@ -128,8 +128,12 @@ pub fn engine_rate(rules: usize, messages: usize) -> f64 {
 /// The quota set of `bench engine --quotas`: 100 tenants with one instance each; the ten
 /// generated products belong to the first ten instances; every device has a quota. The rates
 /// are high enough that nothing is throttled: the benchmark measures the bookkeeping.
-fn bench_quotas() -> crate::config::quota::QuotaSet {
-    let mut toml = String::from("[quota.device]\nforward_tps = 1000000\n");
+fn bench_quotas(lease: Option<u32>) -> crate::config::quota::QuotaSet {
+    let mut toml = String::new();
+    if let Some(lease) = lease {
+        toml.push_str(&format!("[quota]\nlease = {lease}\n"));
+    }
+    toml.push_str("[quota.device]\nforward_tps = 1000000\n");
     for t in 0..100 {
         toml.push_str(&format!(
             "[[tenant]]\nid = \"tenant{t:03}\"\nforward_tps = 100000000\n"
@@ -158,39 +162,46 @@ fn run_with_limiter(
     let started = Instant::now();
     for chunk in msgs.chunks(batch) {
         let results = engine.evaluate(chunk);
-        runtime.block_on(async {
-            for (m, r) in chunk.iter().zip(&results) {
-                for x in r {
-                    if matches!(x.outcome, RuleOutcome::Passed(_))
-                        && limiter
-                            .acquire(&m.product_key, &m.device_name, None, None)
-                            .await
-                            .is_err()
-                    {
-                        throttled += 1;
-                    }
-                }
-            }
+        // The outputs of a batch take their tokens concurrently, as the daemon's actions do,
+        // so a shared backend's round trips overlap.
+        let acquires = chunk.iter().zip(&results).flat_map(|(m, r)| {
+            r.iter()
+                .filter(|x| matches!(x.outcome, RuleOutcome::Passed(_)))
+                .map(|_| limiter.acquire(&m.product_key, &m.device_name, None, None))
         });
+        throttled += runtime
+            .block_on(futures::future::join_all(acquires))
+            .iter()
+            .filter(|r| r.is_err())
+            .count();
         black_box(results);
     }
     (started.elapsed(), throttled)
 }
 
-/// `bench engine --quotas`: the engine with quotas on (100 tenants, 100 000 devices, none
-/// throttled) against quotas off, in the same run.
-pub fn engine_quotas(rules: usize, messages: usize, batch: usize) {
+/// `bench engine --quotas`: the engine with quotas on (100 tenants, `devices` devices, none
+/// throttled) against quotas off, in the same run; with `redis` (a URL), also with the buckets
+/// shared in that Redis (`[quota] backend = "redis"`, `lease` or the default), against local
+/// ones.
+pub fn engine_quotas(
+    rules: usize,
+    messages: usize,
+    batch: usize,
+    devices: usize,
+    redis: Option<&str>,
+    lease: Option<u32>,
+) -> anyhow::Result<()> {
     let batch = batch.max(1);
     let engine = bench_engine(rules);
-    let msgs = property_posts_from(messages, 100_000);
+    let msgs = property_posts_from(messages, devices);
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
         .expect("runtime");
     let off = crate::limits::Limiter::disabled();
-    let on = runtime.block_on(async { crate::limits::Limiter::new(&bench_quotas(), None) });
+    let on = runtime.block_on(async { crate::limits::Limiter::new(&bench_quotas(None), None) });
     println!(
-        "bench engine --quotas: {messages} messages from 100000 devices, {rules} rules, batch {batch}, 100 tenants"
+        "bench engine --quotas: {messages} messages from {devices} devices, {rules} rules, batch {batch}, 100 tenants"
     );
     // Warm up both paths (compiled variants, limiter state for every device).
     run_with_limiter(
@@ -207,4 +218,31 @@ pub fn engine_quotas(rules: usize, messages: usize, batch: usize) {
     println!("quotas off: {r_off:>12.0} msg/s");
     println!("quotas on:  {r_on:>12.0} msg/s  ({throttled} throttled)");
     println!("ratio on / off: {:.3}", r_on / r_off);
+    let Some(url) = redis else {
+        return Ok(());
+    };
+    // A key prefix of this run's own, so runs never share buckets.
+    let mut config = crate::config::redis::RedisConfig::new(url);
+    config.key_prefix = format!("iotfwd-bench-{}", uuid::Uuid::new_v4().simple());
+    let shared = runtime.block_on(async {
+        crate::limits::Limiter::shared(&bench_quotas(lease), &config, None)
+            .map_err(|e| anyhow::anyhow!("the Redis quota backend: {e}"))
+    })?;
+    // Warm up: every device's first lease, as for the local buckets above.
+    run_with_limiter(&engine, &shared, &msgs, batch, &runtime);
+    anyhow::ensure!(
+        shared.backend().is_some_and(|(_, up)| up),
+        "Redis at {} did not answer",
+        crate::config::broker::redact(url)
+    );
+    let (t_local, _) = run_with_limiter(&engine, &on, &msgs, batch, &runtime);
+    let (t_shared, throttled) = run_with_limiter(&engine, &shared, &msgs, batch, &runtime);
+    let (r_local, r_shared) = (rate(messages, t_local), rate(messages, t_shared));
+    println!("quotas on, local buckets again: {r_local:>12.0} msg/s");
+    println!(
+        "quotas on, buckets in Redis (lease {}): {r_shared:>12.0} msg/s  ({throttled} throttled)",
+        bench_quotas(lease).quota.lease()
+    );
+    println!("ratio Redis / local: {:.3}", r_shared / r_local);
+    Ok(())
 }

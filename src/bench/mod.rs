@@ -9,6 +9,7 @@ pub mod groups;
 pub mod ingest;
 pub mod logs;
 pub mod pipeline;
+pub mod pipeline_mqtt;
 
 use std::sync::Arc;
 use std::time::Duration;

@@ -4,10 +4,12 @@
 //! "none" (1000 devices, then one) for the cost of per-device order.
 //!
 //! Each run pre-loads the source queue, then times until the destination queue has received
-//! every message. The latency run publishes at half the measured iotfwd rate with the send
-//! time in the payload and reads it back at the destination.
+//! every message. The latency runs publish at half the relay's measured rate, through the
+//! relay and through each iotfwd, with the send time in the payload, and read it back at the
+//! destination, so iotfwd's added p50 and p99 are differences within one run.
 //!
-//! iotfwd runs twice, with `store.durability = "acked"` and `"async"`, and the HTTP ingest
+//! iotfwd runs three times: with `store.durability = "acked"`, `"async"`, and with the record
+//! store off (`store.enabled = false`) for what the store costs; and the HTTP ingest
 //! path ([`super::ingest`]) is measured the same way, so the cost of acknowledging only after
 //! the records' commit is a ratio from one run.
 
@@ -28,7 +30,12 @@ use crate::config::{Config, Ordering};
 
 /// Settings of one benchmark run.
 pub struct PipelineBench {
+    /// The RabbitMQ broker (`--url`).
     pub url: String,
+    /// Where the messages come from: RabbitMQ (false) or an MQTT broker (`--source mqtt`).
+    pub mqtt_source: bool,
+    /// The MQTT broker of `--source mqtt` (`--mqtt-url`).
+    pub mqtt_url: String,
     pub messages: usize,
     pub prefetch: u16,
     pub confirm_window: usize,
@@ -40,21 +47,21 @@ pub struct PipelineBench {
 /// Devices the messages come from, unless a run says otherwise.
 const DEVICES: usize = 1000;
 
-fn now_ns() -> u128 {
+pub(super) fn now_ns() -> u128 {
     std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .unwrap_or_default()
         .as_nanos()
 }
 
-struct Names {
-    source: String,
-    exchange: String,
-    dest: String,
+pub(super) struct Names {
+    pub(super) source: String,
+    pub(super) exchange: String,
+    pub(super) dest: String,
 }
 
 impl Names {
-    fn new(tag: &str) -> Names {
+    pub(super) fn new(tag: &str) -> Names {
         let id = uuid::Uuid::new_v4().simple().to_string();
         Names {
             source: format!("iotfwd-bench-{tag}-src-{id}"),
@@ -64,7 +71,7 @@ impl Names {
     }
 }
 
-async fn setup(ch: &Channel, n: &Names) -> anyhow::Result<()> {
+pub(super) async fn setup(ch: &Channel, n: &Names) -> anyhow::Result<()> {
     for q in [&n.source, &n.dest] {
         ch.queue_declare(
             q.as_str().into(),
@@ -94,7 +101,7 @@ async fn setup(ch: &Channel, n: &Names) -> anyhow::Result<()> {
     Ok(())
 }
 
-async fn teardown(ch: &Channel, n: &Names) {
+pub(super) async fn teardown(ch: &Channel, n: &Names) {
     for q in [&n.source, &n.dest] {
         let _ = ch
             .queue_delete(q.as_str().into(), QueueDeleteOptions::default())
@@ -105,7 +112,7 @@ async fn teardown(ch: &Channel, n: &Names) {
         .await;
 }
 
-fn payload(i: usize, sent_ns: u128) -> Vec<u8> {
+pub(super) fn payload(i: usize, sent_ns: u128) -> Vec<u8> {
     format!(
         r#"{{"id":"{i}","version":"1.0","sent_ns":{sent_ns},"items":{{"temperature":{{"value":{}.5,"time":1764201600000}},"humidity":{{"value":{},"time":1764201600000}}}},"method":"thing.event.property.post"}}"#,
         20 + i % 20,
@@ -163,6 +170,17 @@ async fn load(
 /// Counts `count` messages arriving at `queue`; returns when all arrived, with each one's
 /// latency from its `sent_ns`.
 async fn collect(ch: &Channel, queue: &str, count: usize) -> anyhow::Result<Vec<Duration>> {
+    collect_counting(ch, queue, count, &std::sync::atomic::AtomicUsize::new(0)).await
+}
+
+/// [`collect`], counting arrivals in `arrived` as they come; the consumer is cancelled when
+/// all arrived, so the next collection on the queue gets every message.
+pub(super) async fn collect_counting(
+    ch: &Channel,
+    queue: &str,
+    count: usize,
+    arrived: &std::sync::atomic::AtomicUsize,
+) -> anyhow::Result<Vec<Duration>> {
     ch.basic_qos(1000, BasicQosOptions::default()).await?;
     let mut consumer = ch
         .basic_consume(
@@ -186,7 +204,11 @@ async fn collect(ch: &Channel, queue: &str, count: usize) -> anyhow::Result<Vec<
             .and_then(|v| v["sent_ns"].as_u64())
             .unwrap_or(0) as u128;
         latencies.push(Duration::from_nanos(now_ns().saturating_sub(sent) as u64));
+        arrived.fetch_add(1, Relaxed);
     }
+    let _ = ch
+        .basic_cancel(consumer.tag(), BasicCancelOptions::default())
+        .await;
     Ok(latencies)
 }
 
@@ -241,10 +263,16 @@ async fn relay(
     Ok(())
 }
 
-fn rule_files(dir: &std::path::Path, exchange: &str, rules: usize) -> anyhow::Result<()> {
+/// Rule `i` forwards product `pk0<i><tag>`'s property posts to `exchange`.
+pub(super) fn rule_files(
+    dir: &std::path::Path,
+    exchange: &str,
+    rules: usize,
+    tag: &str,
+) -> anyhow::Result<()> {
     for i in 0..rules {
         let text = format!(
-            "sql = '''SELECT *, deviceName() AS device FROM \"/pk{i:02}/+/thing/event/property/post\" WHERE items.temperature.value > 0'''\n\
+            "sql = '''SELECT *, deviceName() AS device FROM \"/pk{i:02}{tag}/+/thing/event/property/post\" WHERE items.temperature.value > 0'''\n\
              [[action]]\nto = \"amqp\"\nexchange = \"{exchange}\"\nrouting_key = \"t.${{device}}\"\n"
         );
         std::fs::write(dir.join(format!("bench{i:02}.toml")), text)?;
@@ -258,6 +286,7 @@ async fn start_daemon(
     dir: &std::path::Path,
     durability: Durability,
     ordering: Option<Ordering>,
+    store: bool,
 ) -> anyhow::Result<(
     tokio::sync::oneshot::Sender<()>,
     tokio::task::JoinHandle<anyhow::Result<()>>,
@@ -266,6 +295,7 @@ async fn start_daemon(
     config.rules.dir = dir.to_owned();
     config.data.dir = dir.join("data");
     config.store.durability = durability;
+    config.store.enabled = config.store.enabled && store;
     if let Some(ordering) = ordering {
         config.engine.ordering = ordering;
     }
@@ -298,6 +328,9 @@ pub(crate) fn percentile(sorted: &[Duration], p: f64) -> Duration {
 
 /// Runs the benchmark and prints its figures.
 pub async fn run(b: PipelineBench) -> anyhow::Result<()> {
+    if b.mqtt_source {
+        return super::pipeline_mqtt::run(b).await;
+    }
     let conn = Connection::connect(&b.url, ConnectionProperties::default())
         .await
         .with_context(|| {
@@ -339,24 +372,46 @@ pub async fn run(b: PipelineBench) -> anyhow::Result<()> {
     ));
     collect(&conn.create_channel().await?, &n.dest, b.messages).await?;
     let relay_rate = b.messages as f64 / started.elapsed().as_secs_f64();
+    println!("relay baseline:   {relay_rate:>10.0} msg/s");
+    // Every latency is measured at half the relay's rate, so iotfwd's are comparable with it.
+    let half = relay_rate / 2.0;
+    let relay_latency = latency(&conn, &n, "relay", half, b.messages).await?;
     stop.store(true, Relaxed);
     let _ = relay_task.await;
     teardown(&ch, &n).await;
-    println!("relay baseline:   {relay_rate:>10.0} msg/s");
 
-    // iotfwd, acknowledging after the records' commit and without waiting for it.
-    let acked = iotfwd(&b, &conn, &ch, Durability::Acked).await?;
-    let asynchronous = iotfwd(&b, &conn, &ch, Durability::Async).await?;
+    // iotfwd, acknowledging after the records' commit and without waiting for it, then with
+    // the record store off.
+    let acked = iotfwd(&b, &conn, &ch, Durability::Acked, true, half).await?;
+    let asynchronous = iotfwd(&b, &conn, &ch, Durability::Async, true, half).await?;
+    let no_store = iotfwd(&b, &conn, &ch, Durability::Async, false, half).await?;
     println!(
-        "ratio iotfwd (acked) / relay: {:.3}; iotfwd (async) / relay: {:.3}",
-        acked.0 / relay_rate,
-        asynchronous.0 / relay_rate
+        "ratio iotfwd (acked) / relay: {:.3}; iotfwd (async) / relay: {:.3}; iotfwd (store off) / relay: {:.3}",
+        acked.rate / relay_rate,
+        asynchronous.rate / relay_rate,
+        no_store.rate / relay_rate
     );
     println!(
         "ratio acked / async: throughput {:.3}, p99 {:+.2} ms",
-        acked.0 / asynchronous.0,
-        (acked.2.as_secs_f64() - asynchronous.2.as_secs_f64()) * 1e3
+        acked.rate / asynchronous.rate,
+        ms(acked.p99) - ms(asynchronous.p99)
     );
+    println!(
+        "ratio store on (acked) / off: throughput {:.3}; store on (async) / off: {:.3}",
+        acked.rate / no_store.rate,
+        asynchronous.rate / no_store.rate
+    );
+    for (mode, f) in [
+        ("acked", &acked),
+        ("async", &asynchronous),
+        ("store off", &no_store),
+    ] {
+        println!(
+            "added latency ({mode}) over the relay at {half:.0} msg/s: p50 {:+.2} ms, p99 {:+.2} ms",
+            ms(f.p50) - ms(relay_latency.p50),
+            ms(f.p99) - ms(relay_latency.p99)
+        );
+    }
 
     // Per-device order on and off (acked), with many devices and with one.
     for devices in [DEVICES, 1] {
@@ -379,39 +434,29 @@ pub async fn run(b: PipelineBench) -> anyhow::Result<()> {
     .await
 }
 
-/// iotfwd with `durability`: its rate at full speed, then p50 and p99 at half that rate.
-async fn iotfwd(
-    b: &PipelineBench,
-    conn: &Connection,
-    ch: &Channel,
-    durability: Durability,
-) -> anyhow::Result<(f64, Duration, Duration)> {
-    let mode = match durability {
-        Durability::Acked => "acked",
-        Durability::Async => "async",
-    };
-    let n = Names::new("iotfwd");
-    setup(ch, &n).await?;
-    let dir = tempfile_dir()?;
-    rule_files(&dir, &n.exchange, b.rules)?;
-    load(
-        &conn.create_channel().await?,
-        &n.source,
-        b.messages,
-        None,
-        DEVICES,
-    )
-    .await?;
-    let started = Instant::now();
-    let (stop_daemon, daemon) = start_daemon(b, &n, &dir, durability, None).await?;
-    collect(&conn.create_channel().await?, &n.dest, b.messages).await?;
-    let iotfwd_rate = b.messages as f64 / started.elapsed().as_secs_f64();
-    println!("iotfwd ({mode}):   {iotfwd_rate:>10.0} msg/s");
+/// A rate and the end-to-end latency measured at a given pace.
+struct Figures {
+    rate: f64,
+    p50: Duration,
+    p99: Duration,
+}
 
-    // Latency at half the iotfwd rate, with the daemon warm.
-    let half = iotfwd_rate / 2.0;
-    let count = (half * 10.0).clamp(1000.0, b.messages as f64) as usize;
-    let pace = Duration::from_secs_f64(1.0 / half);
+fn ms(d: Duration) -> f64 {
+    d.as_secs_f64() * 1e3
+}
+
+/// End-to-end latency through whatever consumes `n.source` (the relay or iotfwd, warm): a
+/// paced load of `rate` msg/s for about 10 s (at least 1000 messages, at most `max`), each
+/// message timed from its publish to its arrival at `n.dest`.
+async fn latency(
+    conn: &Connection,
+    n: &Names,
+    mode: &str,
+    rate: f64,
+    max: usize,
+) -> anyhow::Result<Figures> {
+    let count = (rate * 10.0).clamp(1000.0, max.max(1000) as f64) as usize;
+    let pace = Duration::from_secs_f64(1.0 / rate);
     let loader = conn.create_channel().await?;
     let source = n.source.clone();
     let publisher =
@@ -421,15 +466,56 @@ async fn iotfwd(
     latencies.sort();
     let (p50, p99) = (percentile(&latencies, 0.50), percentile(&latencies, 0.99));
     println!(
-        "latency ({mode}) at {half:.0} msg/s ({count} messages): p50 {:.2} ms, p99 {:.2} ms",
-        p50.as_secs_f64() * 1e3,
-        p99.as_secs_f64() * 1e3
+        "latency ({mode}) at {rate:.0} msg/s ({count} messages): p50 {:.2} ms, p99 {:.2} ms",
+        ms(p50),
+        ms(p99)
     );
+    Ok(Figures { rate, p50, p99 })
+}
+
+/// iotfwd with `durability` (and the record store on or off): its rate at full speed, then
+/// p50 and p99 at `latency_rate` msg/s.
+async fn iotfwd(
+    b: &PipelineBench,
+    conn: &Connection,
+    ch: &Channel,
+    durability: Durability,
+    store: bool,
+    latency_rate: f64,
+) -> anyhow::Result<Figures> {
+    let mode = match (store, durability) {
+        (false, _) => "store off",
+        (true, Durability::Acked) => "acked",
+        (true, Durability::Async) => "async",
+    };
+    let n = Names::new("iotfwd");
+    setup(ch, &n).await?;
+    let dir = tempfile_dir()?;
+    rule_files(&dir, &n.exchange, b.rules, "")?;
+    load(
+        &conn.create_channel().await?,
+        &n.source,
+        b.messages,
+        None,
+        DEVICES,
+    )
+    .await?;
+    let started = Instant::now();
+    let (stop_daemon, daemon) = start_daemon(b, &n, &dir, durability, None, store).await?;
+    collect(&conn.create_channel().await?, &n.dest, b.messages).await?;
+    let iotfwd_rate = b.messages as f64 / started.elapsed().as_secs_f64();
+    println!("iotfwd ({mode}):   {iotfwd_rate:>10.0} msg/s");
+
+    // Latency at the relay's half rate, with the daemon warm.
+    let paced = latency(conn, &n, mode, latency_rate, b.messages).await?;
     let _ = stop_daemon.send(());
     let _ = daemon.await;
     teardown(ch, &n).await;
     let _ = std::fs::remove_dir_all(&dir);
-    Ok((iotfwd_rate, p50, p99))
+    Ok(Figures {
+        rate: iotfwd_rate,
+        ..paced
+    })
 }
 
 /// iotfwd's rate (acked) with `engine.ordering = ordering`, its messages from `devices`
@@ -444,12 +530,12 @@ async fn ordered_rate(
     let n = Names::new("order");
     setup(ch, &n).await?;
     let dir = tempfile_dir()?;
-    rule_files(&dir, &n.exchange, b.rules)?;
+    rule_files(&dir, &n.exchange, b.rules, "")?;
     let loader = conn.create_channel().await?;
     load(&loader, &n.source, b.messages, None, devices).await?;
     let started = Instant::now();
     let (stop_daemon, daemon) =
-        start_daemon(b, &n, &dir, Durability::Acked, Some(ordering)).await?;
+        start_daemon(b, &n, &dir, Durability::Acked, Some(ordering), true).await?;
     collect(&conn.create_channel().await?, &n.dest, b.messages).await?;
     let rate = b.messages as f64 / started.elapsed().as_secs_f64();
     let _ = stop_daemon.send(());
@@ -476,7 +562,7 @@ async fn relay_owned(
     relay(&conn, &n, prefetch, window, stop).await
 }
 
-fn tempfile_dir() -> anyhow::Result<std::path::PathBuf> {
+pub(super) fn tempfile_dir() -> anyhow::Result<std::path::PathBuf> {
     let dir = std::env::temp_dir().join(format!("iotfwd-bench-{}", uuid::Uuid::new_v4().simple()));
     std::fs::create_dir_all(&dir)?;
     Ok(dir)

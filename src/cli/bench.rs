@@ -36,6 +36,8 @@ pub(super) fn run(command: BenchCommand) -> ExitCode {
         } => exit_code(crate::bench::groups::run(messages, &connections, &backlog)),
         BenchCommand::Pipeline {
             url,
+            source,
+            mqtt_url,
             messages,
             prefetch,
             confirm_window,
@@ -48,6 +50,8 @@ pub(super) fn run(command: BenchCommand) -> ExitCode {
             };
             let bench = crate::bench::pipeline::PipelineBench {
                 url,
+                mqtt_source: source == "mqtt",
+                mqtt_url,
                 messages,
                 prefetch,
                 confirm_window,
@@ -91,9 +95,23 @@ pub(super) fn run(command: BenchCommand) -> ExitCode {
             messages,
             batch,
             quotas,
+            devices,
+            redis,
+            lease,
         } => {
             if quotas {
-                crate::bench::engine::engine_quotas(rules, messages, batch);
+                let run = crate::bench::engine::engine_quotas(
+                    rules,
+                    messages,
+                    batch,
+                    devices,
+                    redis.as_deref(),
+                    lease,
+                );
+                if let Err(e) = run {
+                    eprintln!("error: {e:#}");
+                    return ExitCode::FAILURE;
+                }
             } else {
                 crate::bench::engine::engine(rules, messages, batch);
             }

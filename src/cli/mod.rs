@@ -258,10 +258,20 @@ pub enum BenchCommand {
         /// Micro-batch size.
         #[arg(long, default_value_t = 512)]
         batch: usize,
-        /// Measure quotas on (100 tenants, 100 000 devices, none throttled) against quotas
+        /// Measure quotas on (100 tenants, --devices devices, none throttled) against quotas
         /// off instead of the parse-only baseline.
         #[arg(long)]
         quotas: bool,
+        /// With --quotas: how many devices the messages come from.
+        #[arg(long, default_value_t = 100_000, requires = "quotas")]
+        devices: usize,
+        /// With --quotas: also measure the buckets shared in this Redis (`[quota] backend =
+        /// "redis"`, default lease) against local ones, e.g. redis://127.0.0.1:6379/0.
+        #[arg(long, requires = "quotas")]
+        redis: Option<String>,
+        /// With --redis: tokens leased per round trip (`[quota] lease`; default its default).
+        #[arg(long, requires = "redis")]
+        lease: Option<u32>,
     },
     /// RabbitMQ -> iotfwd (10 rules) -> RabbitMQ with confirms, against a bare lapin relay
     /// (consume -> publish -> ack, same prefetch and confirm window) in the same run; then the
@@ -272,13 +282,23 @@ pub enum BenchCommand {
     ///
     /// Method and figures: docs/benchmarks.md, "Pipeline".
     Pipeline {
-        /// The broker to run against.
+        /// The RabbitMQ broker to run against (the destination; the source too unless
+        /// `--source mqtt`).
         #[arg(long, default_value = "amqp://guest:guest@127.0.0.1:5672/%2f")]
         url: String,
+        /// Where the messages come from: a RabbitMQ queue (`amqp`), or topics of the MQTT
+        /// broker `--mqtt-url` (`mqtt`: Mosquitto -> iotfwd -> RabbitMQ, against a bare MQTT
+        /// relay).
+        #[arg(long, default_value = "amqp", value_parser = ["amqp", "mqtt"])]
+        source: String,
+        /// The MQTT broker of `--source mqtt`.
+        #[arg(long, default_value = "mqtt://127.0.0.1:1883")]
+        mqtt_url: String,
         /// Messages per throughput measurement.
         #[arg(long, default_value_t = 50_000)]
         messages: usize,
-        /// Prefetch of both consumers.
+        /// Prefetch of both consumers (with `--source mqtt`: the receive maximum of both
+        /// subscribers).
         #[arg(long, default_value_t = 256)]
         prefetch: u16,
         /// Publisher-confirm window of both publishers.

@@ -176,6 +176,11 @@ impl Config {
         {
             sections.push(("mqtt", tls::TlsSection::Client(t)));
         }
+        if let Some(r) = &self.redis
+            && let Some(t) = &r.tls
+        {
+            sections.push(("redis", tls::TlsSection::Client(t)));
+        }
         sections
     }
 

@@ -2,8 +2,8 @@
 //! source of device messages and the destination of `to = "mqtt"` actions.
 //!
 //! `[mqtt]` is the connection, like `[broker]` for RabbitMQ; `[source.mqtt]` says what to
-//! subscribe to. MQTT 3.1.1 only for now (`protocol = "3.1.1"`); `mqtts://` for TLS, with
-//! `[mqtt.tls]`. The password is read ([`MqttConfig::password`]) only when connecting, and never
+//! subscribe to. MQTT 5 by default (`protocol = "5"`), or `protocol = "3.1.1"` for a broker
+//! that speaks only that; `mqtts://` for TLS, with `[mqtt.tls]`. The password is read ([`MqttConfig::password`]) only when connecting, and never
 //! logged.
 
 use std::path::PathBuf;
@@ -14,7 +14,7 @@ use super::Config;
 use super::report::{Reporter, Seg};
 
 /// The MQTT protocol versions iotfwd speaks.
-pub const PROTOCOLS: &[&str] = &["3.1.1"];
+pub const PROTOCOLS: &[&str] = &["5", "3.1.1"];
 
 /// `[mqtt]`: the MQTT broker `[source.mqtt]` subscribes to and `to = "mqtt"` actions publish to.
 #[derive(Clone, Debug, PartialEq, Deserialize, Serialize)]
@@ -41,7 +41,7 @@ pub struct MqttConfig {
     /// noticed within 1.5 times this. Default 30.
     #[serde(default = "default_keep_alive_s")]
     pub keep_alive_s: u16,
-    /// The MQTT protocol version: `"3.1.1"` (the only one supported so far, and the default).
+    /// The MQTT protocol version: `"5"` (the default) or `"3.1.1"`.
     #[serde(default = "default_protocol")]
     pub protocol: String,
     /// Longest pause between reconnection attempts while the broker is down, in ms. The first
@@ -63,7 +63,7 @@ fn default_keep_alive_s() -> u16 {
 }
 
 fn default_protocol() -> String {
-    "3.1.1".to_owned()
+    "5".to_owned()
 }
 
 fn default_reconnect_max_delay_ms() -> u64 {
@@ -85,10 +85,12 @@ pub struct MqttSourceConfig {
     #[serde(default)]
     pub share_group: Option<String>,
     /// Start a new session on every connect. Default false: the broker keeps the session
-    /// while iotfwd is down and redelivers what was not acknowledged.
+    /// while iotfwd is down and redelivers what was not acknowledged (under MQTT 5 iotfwd asks
+    /// for a session that never expires, else the session would end with the connection).
     #[serde(default)]
     pub clean_start: bool,
-    /// Messages iotfwd works on at once (received, not yet acknowledged). Default 256.
+    /// Messages iotfwd works on at once (received, not yet acknowledged); under MQTT 5 the
+    /// receive maximum sent in CONNECT, so the broker sends no more. Default 256.
     #[serde(default = "default_max_inflight")]
     pub max_inflight: u16,
 }
@@ -133,6 +135,11 @@ impl MqttConfig {
         }
     }
 
+    /// Whether the connection speaks MQTT 5 (else 3.1.1).
+    pub fn is_v5(&self) -> bool {
+        matches!(self.protocol.as_str(), "5" | "5.0")
+    }
+
     /// Whether the url asks for TLS (`mqtts://`).
     pub fn is_tls(&self) -> bool {
         url::Url::parse(&self.url).is_ok_and(|u| matches!(u.scheme(), "mqtts" | "ssl"))
@@ -161,7 +168,7 @@ impl MqttConfig {
         {
             r.report(
                 &[&at("username")],
-                "a password is given but no username (MQTT 3.1.1 sends a password only with a user name)"
+                "a password is given but no username (iotfwd sends a password only with a user name)"
                     .into(),
             );
         }
@@ -171,16 +178,11 @@ impl MqttConfig {
             1..=65_535,
             " seconds",
         );
-        if !PROTOCOLS.contains(&self.protocol.as_str()) {
-            let hint = if self.protocol == "5" || self.protocol == "5.0" {
-                " (MQTT 5 is not supported yet)"
-            } else {
-                ""
-            };
+        if !PROTOCOLS.contains(&self.protocol.as_str()) && !self.is_v5() {
             r.report(
                 &[&at("protocol")],
                 format!(
-                    "{:?} is not a supported MQTT version{hint}; use \"3.1.1\"",
+                    "{:?} is not a supported MQTT version; use \"5\" or \"3.1.1\"",
                     self.protocol
                 ),
             );
@@ -364,10 +366,15 @@ mod tests {
         s.share_group = Some("g".into());
         assert_eq!(s.subscriptions(), vec!["$share/g//a/#".to_owned()]);
         let mut m = MqttConfig::new("mqtt://h");
-        m.protocol = "5".into();
+        m.protocol = "3".into();
         m.password_env = Some("X".into());
         let p = messages(|r| m.validate(r));
         assert_eq!(p.len(), 2, "{p:?}");
-        assert!(p[1].contains("MQTT 5 is not supported yet"), "{p:?}");
+        assert!(p[1].contains("use \"5\" or \"3.1.1\""), "{p:?}");
+        for ok in ["5", "5.0", "3.1.1"] {
+            m = MqttConfig::new("mqtt://h");
+            m.protocol = ok.into();
+            assert!(messages(|r| m.validate(r)).is_empty(), "{ok}");
+        }
     }
 }

@@ -22,6 +22,10 @@ pub struct RedisConfig {
     /// (`[quota] on_backend_down` applies). Range 10..=10000. Default `200`.
     #[serde(default = "default_timeout_ms")]
     pub timeout_ms: u64,
+    /// `[redis.tls]`: for a `rediss://` url, the CA to trust (default: the system's roots) and a
+    /// client certificate for a server that asks for one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tls: Option<super::tls::ClientTls>,
 }
 
 fn default_prefix() -> String {
@@ -40,7 +44,13 @@ impl RedisConfig {
             password_env: None,
             key_prefix: default_prefix(),
             timeout_ms: default_timeout_ms(),
+            tls: None,
         }
+    }
+
+    /// Whether the url asks for TLS (`rediss://`).
+    pub fn is_tls(&self) -> bool {
+        self.url.starts_with("rediss://")
     }
 
     /// Reports every problem of `[redis]` into `r`.
@@ -79,5 +89,8 @@ impl RedisConfig {
             );
         }
         r.in_range(&at("timeout_ms"), self.timeout_ms, 10..=10_000, " ms");
+        if let Some(tls) = &self.tls {
+            super::tls::validate_client("redis", "rediss", tls, self.is_tls(), r);
+        }
     }
 }

@@ -178,5 +178,15 @@ mod tests {
         assert!(e[1].starts_with("config:9:11: mqtt.tls.ca_file: must not be empty"));
         assert!(e[2].starts_with("config:8:7: mqtt.tls.key: a client key needs its certificate"));
         assert!(errors("[broker]\nurl = \"amqps://h\"\n[broker.tls]\n").is_empty());
+        let e = errors("[redis]\nurl = \"redis://h:6379/0\"\n[redis.tls]\nca_file = \"/ca.pem\"\n");
+        assert_eq!(e.len(), 1, "{e:?}");
+        assert!(
+            e[0].starts_with("config:3:1: redis.tls: is used only with a rediss:// url"),
+            "{e:?}"
+        );
+        assert!(
+            errors("[redis]\nurl = \"rediss://h:6380/0\"\n[redis.tls]\nca_file = \"/ca.pem\"\n")
+                .is_empty()
+        );
     }
 }

@@ -224,7 +224,34 @@ impl SharedBuckets {
             let settings = info.redis_settings().clone().set_password(password);
             info = info.set_redis_settings(settings);
         }
-        let client = redis::Client::open(info).map_err(|e| format!("redis.url: {e}"))?;
+        let client = match &config.tls {
+            Some(tls) if config.is_tls() => {
+                let read = |key: &str, path: &std::path::Path| {
+                    std::fs::read(path)
+                        .map_err(|e| format!("redis.tls.{key} {}: {e}", path.display()))
+                };
+                let root_cert = match &tls.ca_file {
+                    Some(ca) => Some(read("ca_file", ca)?),
+                    None => None,
+                };
+                let client_tls = match tls.identity() {
+                    Some((cert, key)) => Some(redis::ClientTlsConfig {
+                        client_cert: read("cert", cert)?,
+                        client_key: read("key", key)?,
+                    }),
+                    None => None,
+                };
+                redis::Client::build_with_tls(
+                    info,
+                    redis::TlsCertificates {
+                        client_tls,
+                        root_cert,
+                    },
+                )
+            }
+            _ => redis::Client::open(info),
+        }
+        .map_err(|e| format!("redis.url: {e}"))?;
         let timeout = Duration::from_millis(config.timeout_ms);
         let manager = redis::aio::ConnectionManagerConfig::new()
             .set_connection_timeout(Some(timeout))

@@ -38,7 +38,13 @@ impl ActionSpec {
                 .chain(a.headers.iter().map(|(k, v)| (format!("headers.{k}"), v)))
                 .collect(),
             ActionSpec::Group(_) => Vec::new(),
-            ActionSpec::Mqtt(m) => vec![("topic".to_owned(), &m.topic)],
+            ActionSpec::Mqtt(m) => std::iter::once(("topic".to_owned(), &m.topic))
+                .chain(
+                    m.properties
+                        .iter()
+                        .map(|(k, v)| (format!("properties.{k}"), v)),
+                )
+                .collect(),
         }
     }
 }
@@ -120,7 +126,7 @@ pub struct GroupAction {
     pub group: String,
 }
 
-/// `to = "mqtt"`: publish each output to a topic of the `[mqtt]` broker (MQTT 3.1.1).
+/// `to = "mqtt"`: publish each output to a topic of the `[mqtt]` broker.
 #[derive(Clone, Debug, PartialEq, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct MqttAction {
@@ -133,7 +139,11 @@ pub struct MqttAction {
     /// The broker keeps the last message of the topic for new subscribers. Default false.
     #[serde(default)]
     pub retain: bool,
-    /// How failures that may pass (broker down) are retried.
+    /// MQTT 5 user properties, each a template, sent after the identity (`messageId`,
+    /// `traceId`, `rule`, …). Ignored under `protocol = "3.1.1"`, which has none.
+    #[serde(default)]
+    pub properties: BTreeMap<String, Template>,
+    /// How failures that may pass (broker down, a failure PUBACK) are retried.
     #[serde(default)]
     pub retry: RetryPolicy,
 }

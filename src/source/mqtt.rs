@@ -1,11 +1,14 @@
-//! `[source.mqtt]`: subscribe to device topics on an MQTT broker, at least once (MQTT 3.1.1).
+//! `[source.mqtt]`: subscribe to device topics on an MQTT broker, at least once (MQTT 5 or
+//! 3.1.1, through [`crate::action::mqtt::link`]).
 //!
 //! Each PUBLISH becomes a [`Message`]: the MQTT topic is the message's topic, so productKey and
 //! deviceName come from `/productKey/deviceName/…`; a topic not of that form is recorded as
 //! 1903 and acknowledged. A QoS 1 message is acknowledged (PUBACK) only once every action of
-//! every rule it matched is terminal, as the RabbitMQ source acks.
+//! every rule it matched is terminal, as the RabbitMQ source acks. Under MQTT 5 a publish's
+//! user properties `messageId` and `traceId`, when present, are the message's identity; and
+//! the receive maximum (`max_inflight`) bounds what the broker sends before iotfwd acks.
 //!
-//! MQTT 3.1.1 has no negative acknowledgement: a message whose action and error action both
+//! MQTT has no negative acknowledgement (a failure PUBACK ends the message for good): a message whose action and error action both
 //! failed (`requeue`) is left unacknowledged, and the broker redelivers it on the next
 //! connection of the persistent session. So after such a message the source stops taking new
 //! messages, lets what is in flight finish, and reconnects about a second later.
@@ -19,13 +22,12 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
-use rumqttc::{AsyncClient, Event, MqttOptions, Packet, Publish, QoS};
 use tokio::sync::{Semaphore, mpsc, watch};
 use tokio::task::JoinSet;
 
-use crate::action::mqtt::describe;
+use crate::action::mqtt::link::{Client, Happened, Options, Received, Role};
 use crate::config::mqtt::{MqttConfig, MqttSourceConfig};
-use crate::message::{Identity, Message};
+use crate::message::Message;
 use crate::outcome::Failure;
 use crate::pipeline::{Pipeline, Turn, Turns};
 
@@ -75,7 +77,7 @@ impl MqttLink {
 
 /// What everything the source needs to connect: built (and the password read) at start-up.
 pub struct MqttSource {
-    options: MqttOptions,
+    options: Options,
     /// What the TLS client trusts (`mqtts://`), for the words of a failed handshake.
     trusts: String,
     config: MqttSourceConfig,
@@ -90,23 +92,15 @@ impl MqttSource {
         config: &MqttSourceConfig,
         link: Arc<MqttLink>,
     ) -> Result<MqttSource, String> {
-        let (host, port) = mqtt.host_port().map_err(|e| format!("mqtt.url: {e}"))?;
-        let mut options = MqttOptions::new(mqtt.client_id.clone(), host, port);
-        options
-            .set_keep_alive(Duration::from_secs(u64::from(mqtt.keep_alive_s.max(1))))
-            .set_clean_session(config.clean_start)
-            .set_manual_acks(true)
-            .set_max_packet_size(16 * 1024 * 1024, 16 * 1024 * 1024)
-            .set_inflight(config.max_inflight.max(1));
-        if let Some(user) = &mqtt.username {
-            options.set_credentials(user.clone(), mqtt.password()?.unwrap_or_default());
-        }
-        if mqtt.is_tls() {
-            let tls = crate::tls::client_config("mqtt", mqtt.tls.as_ref())?;
-            options.set_transport(rumqttc::Transport::tls_with_config(
-                rumqttc::TlsConfiguration::Rustls(tls),
-            ));
-        }
+        let options = Options::new(
+            mqtt,
+            Role {
+                client_id: mqtt.client_id.clone(),
+                clean_start: config.clean_start,
+                manual_acks: true,
+                inflight: config.max_inflight,
+            },
+        )?;
         Ok(MqttSource {
             options,
             trusts: crate::tls::trusts("mqtt", mqtt.tls.as_ref()),
@@ -181,48 +175,27 @@ async fn connection(
     grace: Duration,
 ) -> (Ended, bool) {
     let cap = usize::from(source.config.max_inflight) + 16;
-    let (client, mut events) = AsyncClient::new(source.options.clone(), cap);
+    let (client, mut events) = source.options.connect(cap);
+    let host = source.options.broker_address().0;
+    let trusts = source.trusts.as_str();
     // The CONNACK first.
     loop {
         let event = tokio::select! {
             _ = stop.wait_for(|s| *s) => return (Ended::Stopped, false),
-            e = events.poll() => e,
+            e = events.poll(&host, trusts) => e,
         };
         match event {
-            Ok(Event::Incoming(Packet::ConnAck(ack))) => {
-                tracing::info!(
-                    broker = %source.broker(),
-                    session_present = ack.session_present,
-                    "MQTT connected"
-                );
+            Ok(Happened::Connected { session_present }) => {
+                tracing::info!(broker = %source.broker(), session_present, "MQTT connected");
                 break;
             }
             Ok(_) => {}
-            Err(e) => {
-                return (
-                    Ended::Failed(describe(
-                        &e,
-                        &source.options.broker_address().0,
-                        &source.trusts,
-                    )),
-                    false,
-                );
-            }
+            Err(e) => return (Ended::Failed(e.text), false),
         }
     }
-    let qos = if source.config.qos == 0 {
-        QoS::AtMostOnce
-    } else {
-        QoS::AtLeastOnce
-    };
     let filters = source.config.subscriptions();
-    let subscribe = client.subscribe_many(
-        filters
-            .iter()
-            .map(|f| rumqttc::SubscribeFilter::new(f.clone(), qos)),
-    );
-    if let Err(e) = subscribe.await {
-        return (Ended::Failed(format!("cannot subscribe: {e}")), true);
+    if let Err(e) = client.subscribe(&filters, source.config.qos != 0).await {
+        return (Ended::Failed(e), true);
     }
     let permits = Arc::new(Semaphore::new(usize::from(source.config.max_inflight)));
     // False once this connection stops taking messages: a message still waiting for a permit
@@ -247,8 +220,8 @@ async fn connection(
             Some(()) = requeue_rx.recv() => {
                 redeliver_at.get_or_insert_with(|| tokio::time::Instant::now() + REQUEUE_DELAY);
             }
-            event = events.poll() => match event {
-                Ok(Event::Incoming(Packet::Publish(publish))) => {
+            event = events.poll(&host, trusts) => match event {
+                Ok(Happened::Publish(publish)) => {
                     let task = Handle {
                         client: client.clone(),
                         pipeline: pipeline.clone(),
@@ -258,11 +231,11 @@ async fn connection(
                     };
                     in_flight.spawn(task.run(publish, turns.take()));
                 }
-                Ok(Event::Incoming(Packet::SubAck(ack))) => {
+                Ok(Happened::Subscribed(granted)) => {
                     // Connected, in health's sense, once the broker took the subscriptions.
                     source.link.set(true, None);
-                    for (filter, code) in filters.iter().zip(&ack.return_codes) {
-                        if matches!(code, rumqttc::SubscribeReasonCode::Failure) {
+                    for (filter, granted) in filters.iter().zip(granted) {
+                        if !granted {
                             tracing::error!(%filter, "the MQTT broker refused the subscription (not authorized, or an invalid filter)");
                             source.link.set(true, Some(format!("subscription to {filter} refused by the broker")));
                         }
@@ -275,7 +248,7 @@ async fn connection(
                     // processed finishes (its records are written); what waits does not start.
                     live.store(false, Ordering::Relaxed);
                     in_flight.detach_all();
-                    return (Ended::Failed(describe(&e, &source.options.broker_address().0, &source.trusts)), true);
+                    return (Ended::Failed(e.text), true);
                 }
             },
         }
@@ -293,7 +266,7 @@ async fn connection(
         loop {
             tokio::select! {
                 next = in_flight.join_next() => if next.is_none() { break },
-                event = events.poll() => if event.is_err() { return false },
+                event = events.poll(&host, trusts) => if event.is_err() { return false },
             }
         }
         true
@@ -307,9 +280,9 @@ async fn connection(
         in_flight.abort_all();
     }
     // Send the DISCONNECT (after the queued acknowledgements) and wait for the broker to close.
-    let _ = client.disconnect().await;
+    client.disconnect().await;
     let _ = tokio::time::timeout(Duration::from_secs(2), async {
-        while events.poll().await.is_ok() {}
+        while events.poll(&host, trusts).await.is_ok() {}
     })
     .await;
     source.link.set(false, None);
@@ -318,7 +291,7 @@ async fn connection(
 
 /// One message's way through the pipeline, and its acknowledgement.
 struct Handle {
-    client: AsyncClient,
+    client: Client,
     pipeline: Pipeline,
     permits: Arc<Semaphore>,
     live: Arc<AtomicBool>,
@@ -329,7 +302,7 @@ impl Handle {
     /// Handles one publish; it enters the pipeline in its `turn`, after the publishes received
     /// before it (per-device order), and takes a permit only then, so publishes waiting for
     /// their turn hold none.
-    async fn run(self, publish: Publish, mut turn: Turn) {
+    async fn run(self, publish: Received, mut turn: Turn) {
         turn.wait().await;
         let Ok(_permit) = self.permits.acquire().await else {
             return;
@@ -337,20 +310,12 @@ impl Handle {
         if !self.live.load(Ordering::Relaxed) {
             return;
         }
-        let ack = match Message::new(
-            publish.topic.clone(),
-            publish.payload.clone(),
-            Identity::default(),
-        ) {
+        let (topic, payload, identity) = (publish.topic(), publish.payload(), publish.identity());
+        let ack = match Message::new(topic.clone(), payload.clone(), identity.clone()) {
             Err(rejection) => {
                 // Not processable, ever: record why and acknowledge it.
                 self.pipeline
-                    .reject(
-                        &publish.topic,
-                        &publish.payload,
-                        &Failure::rejected(&rejection),
-                        &Identity::default(),
-                    )
+                    .reject(&topic, &payload, &Failure::rejected(&rejection), &identity)
                     .await;
                 true
             }
@@ -363,7 +328,7 @@ impl Handle {
                 Err(_) => false,
             },
         };
-        if publish.qos == QoS::AtMostOnce {
+        if !publish.needs_ack() {
             return;
         }
         if ack {

@@ -148,9 +148,9 @@ fn example_config() -> Config {
     })
 }
 
-/// Every environment variable the example config reads secrets from.
-fn secret_env_vars() -> BTreeSet<String> {
-    let doc: toml::Table = toml::from_str(&read(&deploy().join("iotfwd.toml"))).unwrap();
+/// Every environment variable a config file reads secrets from.
+fn secret_env_vars(config: &Path) -> BTreeSet<String> {
+    let doc: toml::Table = toml::from_str(&read(config)).unwrap();
     let mut vars = BTreeSet::new();
     fn walk(v: &toml::Value, vars: &mut BTreeSet<String>) {
         match v {
@@ -382,7 +382,7 @@ fn systemd_unit_is_hardened_and_verifies() {
         "secrets from an EnvironmentFile"
     );
     // Every secret variable of the config is documented for the EnvironmentFile.
-    for var in secret_env_vars() {
+    for var in secret_env_vars(&deploy().join("iotfwd.toml")) {
         assert!(
             unit.contains(&format!("{var}=")),
             "{var} is not in the unit's env file comment"
@@ -1145,7 +1145,7 @@ fn k8s_manifests_parse_and_agree_with_the_config() {
             .iter()
             .any(|e| e["secretRef"]["name"] == secret_name)
     );
-    for var in secret_env_vars() {
+    for var in secret_env_vars(&deploy().join("iotfwd.toml")) {
         assert!(
             secret["stringData"][&var].is_string(),
             "the Secret example lacks {var}"
@@ -1174,6 +1174,150 @@ fn k8s_manifests_parse_and_agree_with_the_config() {
         service["spec"]["selector"],
         deployment["spec"]["selector"]["matchLabels"]
     );
+}
+
+/// deploy/k8s/cluster: three replicas of the base that behave as one. Its config is
+/// deploy/iotfwd.toml plus only what a cluster needs (shared quotas, shared records, quorum
+/// queues), so the two cannot drift apart; the replicas are what the config's quota fallback
+/// divides by; nothing pins the replicas to one node; the Secret example holds every variable
+/// the cluster config reads.
+#[test]
+fn k8s_cluster_overlay_is_the_base_with_shared_state() {
+    use iotfwd::config::broker::QueueType;
+    use iotfwd::config::quota::QuotaBackend;
+    let dir = deploy().join("k8s").join("cluster");
+    let mut by_kind: BTreeMap<String, Vec<Value>> = BTreeMap::new();
+    for path in files(&dir, ".yaml") {
+        let Some(docs) = yaml_docs(&path) else { return };
+        for doc in docs {
+            let kind = doc["kind"].as_str().expect("kind").to_owned();
+            by_kind.entry(kind).or_default().push(doc);
+        }
+    }
+    let one = |kind: &str| -> &Value {
+        let docs = by_kind.get(kind).unwrap_or_else(|| panic!("no {kind}"));
+        assert_eq!(docs.len(), 1, "one {kind}");
+        &docs[0]
+    };
+
+    // The kustomization builds on the base and replaces its config with the file here.
+    let k = one("Kustomization");
+    let resources: Vec<&str> = k["resources"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| r.as_str().unwrap())
+        .collect();
+    assert!(
+        resources.contains(&"../"),
+        "the overlay builds on deploy/k8s"
+    );
+    for r in resources.iter().filter(|r| **r != "../") {
+        assert!(dir.join(r).is_file(), "{r} is listed but missing");
+    }
+    for p in k["patches"].as_array().unwrap() {
+        let path = p["path"].as_str().unwrap();
+        assert!(dir.join(path).is_file(), "patch {path} is missing");
+    }
+    let generator = &k["configMapGenerator"][0];
+    assert_eq!(generator["name"], "iotfwd-config");
+    assert_eq!(generator["behavior"], "replace");
+    assert_eq!(generator["files"], serde_json::json!(["iotfwd.toml"]));
+    assert_eq!(k["generatorOptions"]["disableNameSuffixHash"], true);
+
+    // The config: the base's, plus what the cluster shares.
+    let path = dir.join("iotfwd.toml");
+    let cluster = Config::load(&path).unwrap_or_else(|errors| {
+        let errors: Vec<String> = errors.iter().map(ToString::to_string).collect();
+        panic!("{} is invalid:\n{}", path.display(), errors.join("\n"))
+    });
+    assert_eq!(cluster.quota.backend, QuotaBackend::Redis);
+    assert!(cluster.redis.is_some());
+    assert_eq!(
+        cluster.source.amqp.as_ref().map(|a| a.queue_type),
+        Some(QueueType::Quorum)
+    );
+    assert!(!cluster.group.is_empty());
+    for g in &cluster.group {
+        assert_eq!(g.queue_type, QueueType::Quorum, "group {}", g.id);
+    }
+    let strip = |text: &str| -> toml::Table {
+        let mut t: toml::Table = toml::from_str(text).unwrap();
+        t.remove("redis");
+        if let Some(toml::Value::Table(q)) = t.get_mut("quota") {
+            for key in [
+                "backend",
+                "processes",
+                "on_backend_down",
+                "lease",
+                "lease_ttl_ms",
+            ] {
+                q.remove(key);
+            }
+        }
+        if let Some(toml::Value::Table(st)) = t.get_mut("store") {
+            for key in ["backend", "url", "password_env", "tls"] {
+                st.remove(key);
+            }
+        }
+        if let Some(toml::Value::Table(src)) = t.get_mut("source")
+            && let Some(toml::Value::Table(a)) = src.get_mut("amqp")
+        {
+            a.remove("queue_type");
+        }
+        if let Some(toml::Value::Array(groups)) = t.get_mut("group") {
+            for g in groups {
+                if let toml::Value::Table(g) = g {
+                    g.remove("queue_type");
+                }
+            }
+        }
+        t
+    };
+    assert_eq!(
+        strip(&read(&path)),
+        strip(&read(&deploy().join("iotfwd.toml"))),
+        "deploy/k8s/cluster/iotfwd.toml differs from deploy/iotfwd.toml in more than the \
+         cluster's keys: bring the change to both"
+    );
+
+    // The Deployment patch: as many replicas as the quota fallback divides by, a scratch data
+    // volume (no ReadWriteOnce claim pinning them to one node), rolled one at a time.
+    let d = one("Deployment");
+    let replicas = d["spec"]["replicas"].as_u64().expect("replicas");
+    assert!(replicas >= 2);
+    assert_eq!(
+        cluster.quota.processes.map(u64::from),
+        Some(replicas),
+        "[quota] processes = the Deployment's replicas"
+    );
+    assert_eq!(d["spec"]["strategy"]["type"], "RollingUpdate");
+    let data = d["spec"]["template"]["spec"]["volumes"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|v| v["name"] == "data")
+        .expect("the data volume");
+    assert!(data["emptyDir"].is_object() && data["persistentVolumeClaim"].is_null());
+    let pvc = one("PersistentVolumeClaim");
+    assert_eq!(pvc["$patch"], "delete");
+    let pdb = one("PodDisruptionBudget");
+    assert!(pdb["spec"]["minAvailable"].as_u64().unwrap() < replicas);
+    assert_eq!(
+        pdb["spec"]["selector"]["matchLabels"]["app.kubernetes.io/name"],
+        "iotfwd"
+    );
+
+    // Every secret the cluster config reads is in the Secret example.
+    let secret = one("Secret");
+    let vars = secret_env_vars(&path);
+    assert!(vars.contains("IOTFWD_REDIS_PASSWORD"));
+    for var in vars {
+        assert!(
+            secret["stringData"][&var].is_string(),
+            "deploy/k8s/cluster/secret.example.yaml lacks {var}"
+        );
+    }
 }
 
 // ---------------------------------------------------------------------------------------

@@ -11,6 +11,9 @@
 //!   health, and the message is 9325, not taken (503).
 //! - mqtts: a Mosquitto of the test's own with a TLS listener; the MQTT source and an `mqtt`
 //!   action both over mqtts.
+//! - rediss: a Redis of the test's own with only a TLS listener that wants client certificates;
+//!   shared quotas take tokens over it, and a wrong CA or a missing client certificate leave the
+//!   backend down with a reason that names the certificate problem.
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -635,4 +638,158 @@ async fn mqtts_source_and_destination() {
     );
     published.await.unwrap();
     daemon.stop().await;
+}
+
+/// A Redis of the test's own with only a TLS listener (server certificate of `pki`; clients
+/// must show a certificate signed by its CA), stopped when dropped; None (after
+/// `tool_missing`) without redis-server.
+struct TlsRedis {
+    child: std::process::Child,
+    port: u16,
+    _dir: tempfile::TempDir,
+}
+
+impl TlsRedis {
+    fn start(pki: &Pki) -> Option<TlsRedis> {
+        let Some(binary) = ["/usr/bin/redis-server", "/usr/local/bin/redis-server"]
+            .into_iter()
+            .find(|p| Path::new(p).exists())
+        else {
+            tool_missing("redis-server is not installed (scripts/ensure-redis installs it)");
+            return None;
+        };
+        let dir = tempfile::Builder::new()
+            .prefix("iotfwd-redis-tls-")
+            .tempdir()
+            .unwrap();
+        let port = port_for_node();
+        let child = Command::new(binary)
+            .args([
+                "--bind",
+                "127.0.0.1",
+                "--port",
+                "0",
+                "--save",
+                "",
+                "--appendonly",
+                "no",
+            ])
+            .arg("--tls-port")
+            .arg(port.to_string())
+            .arg("--tls-cert-file")
+            .arg(pki.path("server.pem"))
+            .arg("--tls-key-file")
+            .arg(pki.path("server.key"))
+            .arg("--tls-ca-cert-file")
+            .arg(pki.path("ca.pem"))
+            .args(["--tls-auth-clients", "yes", "--dir"])
+            .arg(dir.path())
+            .arg("--logfile")
+            .arg(dir.path().join("redis.log"))
+            .stdin(std::process::Stdio::null())
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .expect("run redis-server");
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+            assert!(
+                Instant::now() < deadline,
+                "the TLS Redis did not listen on {port} within 10 s: {}",
+                std::fs::read_to_string(dir.path().join("redis.log")).unwrap_or_default()
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        Some(TlsRedis {
+            child,
+            port,
+            _dir: dir,
+        })
+    }
+}
+
+impl Drop for TlsRedis {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Shared quotas over `rediss://` with `[redis.tls]`: the right CA and a client certificate
+/// take tokens from the TLS Redis; a CA that did not sign its certificate, or no client
+/// certificate where Redis wants one, leave the backend down with a reason that says so, and
+/// forwards are refused as `on_backend_down = "refuse"` says.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rediss_quotas_with_a_ca_and_a_client_certificate() {
+    use iotfwd::config::quota::QuotaSet;
+    use iotfwd::limits::Limiter;
+    let dir = tempfile::tempdir().unwrap();
+    let pki = Pki::new(&dir.path().join("pki"));
+    let Some(redis) = TlsRedis::start(&pki) else {
+        return;
+    };
+    let prefix = unique("itqtls");
+    let limiter = |tls: String| {
+        let text = format!(
+            "[[tenant]]\nid = \"acme\"\nforward_tps = 100\nburst = 100\n\
+             [[instance]]\nid = \"acme-1\"\ntenant = \"acme\"\nproducts = [\"pk1\"]\n\
+             [quota]\nbackend = \"redis\"\non_backend_down = \"refuse\"\n\
+             [redis]\nurl = \"rediss://localhost:{}/0\"\nkey_prefix = \"{prefix}\"\n\
+             timeout_ms = 2000\n{tls}",
+            redis.port
+        );
+        let config = Config::from_toml_str(&text, None).unwrap_or_else(|errs| {
+            panic!(
+                "{}",
+                errs.iter()
+                    .map(ToString::to_string)
+                    .collect::<Vec<_>>()
+                    .join("\n")
+            )
+        });
+        Limiter::shared(
+            &QuotaSet::from(&config),
+            config.redis.as_ref().unwrap(),
+            None,
+        )
+        .unwrap()
+    };
+    let section = |ca: &str, identity: bool| {
+        let mut s = format!("[redis.tls]\nca_file = \"{}\"\n", pki.path(ca).display());
+        if identity {
+            s += &format!(
+                "cert = \"{}\"\nkey = \"{}\"\n",
+                pki.path("client.pem").display(),
+                pki.path("client.key").display()
+            );
+        }
+        s
+    };
+
+    let good = limiter(section("ca.pem", true));
+    for _ in 0..20 {
+        good.acquire("pk1", "dev1", None, None)
+            .await
+            .unwrap_or_else(|t| panic!("refused over rediss: {}", t.reason()));
+    }
+    assert_eq!(good.backend().map(|(_, up)| up), Some(true));
+
+    for (what, tls) in [
+        (
+            "a CA that did not sign the server's certificate",
+            section("other-ca.pem", true),
+        ),
+        ("no client certificate", section("ca.pem", false)),
+    ] {
+        let l = limiter(tls);
+        let t = l.acquire("pk1", "dev1", None, None).await.expect_err(what);
+        println!("{what}: {}", t.reason());
+        assert!(
+            t.reason().contains("cannot be reached")
+                && t.reason().to_lowercase().contains("certificate"),
+            "{what}: {}",
+            t.reason()
+        );
+        assert_eq!(l.backend().map(|(_, up)| up), Some(false), "{what}");
+    }
 }

@@ -1,22 +1,28 @@
-//! `to = "mqtt"`: publish each output to a topic of the `[mqtt]` broker (MQTT 3.1.1).
+//! `to = "mqtt"`: publish each output to a topic of the `[mqtt]` broker (MQTT 5 or 3.1.1).
 //!
-//! The body is the rule output as JSON; for an error action it is the original payload (MQTT
-//! 3.1.1 has no headers to describe the failure in). A QoS 1 publish waits for the broker's
-//! PUBACK; publishes are pipelined under the client's window (`source.mqtt`-independent: the
-//! publisher has its own connection, client id `<mqtt.client_id>-out`, clean session), opened
-//! at the first publish and kept. Failures: a topic that resolves to something a publish
-//! cannot carry is 9321; a login the broker refuses (bad user name or password, not
-//! authorized) is 9333, not retried; the broker unreachable, or the connection lost before the
+//! The body is the rule output as JSON; for an error action it is the original payload. Under
+//! MQTT 5 each publish carries user properties: the identity (`topic`, `productKey`,
+//! `deviceName`, `messageId`, `traceId`, `rule`), then the action's `properties` templates
+//! (MQTT 3.1.1 has nowhere to put them). A QoS 1 publish waits for the broker's PUBACK;
+//! publishes are pipelined under the client's window (`source.mqtt`-independent: the publisher
+//! has its own connection, client id `<mqtt.client_id>-out`, clean session), opened at the first
+//! publish and kept. Failures: a topic or property that resolves to something a publish cannot
+//! carry is 9321; a login the broker refuses (bad user name or password, not authorized) is
+//! 9333, not retried; an MQTT 5 PUBACK "not authorized" (0x87) is 9333 and any other failure
+//! reason code 9331 (retried); the broker unreachable, or the connection lost before the
 //! PUBACK, is 9325 and retried under the action's `retry` (so a message may arrive twice, never
 //! lost).
+
+pub mod link;
 
 use std::collections::{HashMap, VecDeque};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use backon::Retryable;
-use rumqttc::{AsyncClient, ConnectionError, Event, MqttOptions, Outgoing, Packet, QoS};
 use tokio::sync::{mpsc, oneshot};
+
+use link::{Happened, LinkError, Options, Role};
 
 use super::{Body, Destination, Job};
 use crate::outcome::Failure;
@@ -29,14 +35,17 @@ const WINDOW: u16 = 256;
 #[derive(Clone, Default)]
 pub struct Mqtt {
     publisher: Option<mpsc::Sender<Publish>>,
+    /// The connection speaks MQTT 5, so publishes carry user properties.
+    v5: bool,
 }
 
 /// One publish handed to the connection task.
 struct Publish {
     topic: String,
-    qos: QoS,
+    qos_1: bool,
     retain: bool,
     payload: Vec<u8>,
+    properties: Vec<(String, String)>,
     done: oneshot::Sender<Result<(), Failure>>,
 }
 
@@ -44,22 +53,15 @@ impl Mqtt {
     /// A destination publishing through the broker of `config`; its connection task runs until
     /// every clone of the destination is dropped.
     pub fn start(config: &crate::config::mqtt::MqttConfig) -> Result<Mqtt, String> {
-        let (host, port) = config.host_port().map_err(|e| format!("mqtt.url: {e}"))?;
-        let mut options = MqttOptions::new(format!("{}-out", config.client_id), host, port);
-        options
-            .set_keep_alive(Duration::from_secs(u64::from(config.keep_alive_s.max(1))))
-            .set_clean_session(true)
-            .set_inflight(WINDOW)
-            .set_max_packet_size(16 * 1024 * 1024, 16 * 1024 * 1024);
-        if let Some(user) = &config.username {
-            options.set_credentials(user.clone(), config.password()?.unwrap_or_default());
-        }
-        if config.is_tls() {
-            let tls = crate::tls::client_config("mqtt", config.tls.as_ref())?;
-            options.set_transport(rumqttc::Transport::tls_with_config(
-                rumqttc::TlsConfiguration::Rustls(tls),
-            ));
-        }
+        let options = Options::new(
+            config,
+            Role {
+                client_id: format!("{}-out", config.client_id),
+                clean_start: true,
+                manual_acks: false,
+                inflight: WINDOW,
+            },
+        )?;
         let (tx, rx) = mpsc::channel(usize::from(WINDOW));
         tokio::spawn(connection_task(
             options,
@@ -69,41 +71,31 @@ impl Mqtt {
         ));
         Ok(Mqtt {
             publisher: Some(tx),
+            v5: config.is_v5(),
         })
-    }
-}
-
-/// A connection error as an operator reads it (the source's and the publisher's); `host` and
-/// `trusts` word a failed TLS handshake (`mqtts://`).
-pub fn describe(e: &ConnectionError, host: &str, trusts: &str) -> String {
-    use rumqttc::ConnectReturnCode as C;
-    match e {
-        ConnectionError::ConnectionRefused(C::BadUserNamePassword) => {
-            "the broker refused the login: bad user name or password (mqtt.username, mqtt.password_env / password_file)".into()
-        }
-        // Mosquitto answers a wrong password so too.
-        ConnectionError::ConnectionRefused(C::NotAuthorized) => {
-            "the broker refused the login: not authorized (check mqtt.username, the password in mqtt.password_env / password_file, and the broker's access rules)".into()
-        }
-        ConnectionError::ConnectionRefused(C::BadClientId) => {
-            "the broker refused the client id (mqtt.client_id)".into()
-        }
-        ConnectionError::ConnectionRefused(code) => format!("the broker refused the connection: {code:?}"),
-        other => crate::tls::describe(other, host, trusts)
-            .unwrap_or_else(|| format!("connection lost or refused: {other}")),
     }
 }
 
 /// The failure of the publishes a connection ending with `e` leaves unanswered: a login the
 /// broker refused is 9333 and final (a retry cannot fix the credentials), anything else 9325.
-fn connection_failure(e: &ConnectionError, host: &str, trusts: &str) -> Failure {
-    use rumqttc::ConnectReturnCode as C;
-    let reason = format!("MQTT publisher: {}", describe(e, host, trusts));
-    match e {
-        ConnectionError::ConnectionRefused(C::BadUserNamePassword | C::NotAuthorized) => {
-            Failure::access_refused(reason)
-        }
-        _ => Failure::unreachable(reason),
+fn connection_failure(e: LinkError) -> Failure {
+    let reason = format!("MQTT publisher: {}", e.text);
+    if e.login_refused {
+        Failure::access_refused(reason)
+    } else {
+        Failure::unreachable(reason)
+    }
+}
+
+/// The failure of a publish the broker answered with a failure reason code (MQTT 5): "not
+/// authorized" is 9333 and final, any other 9331 (the broker may take it later: retried).
+fn refusal(code: u8, name: &str, topic: &str) -> Failure {
+    let reason =
+        format!("the broker refused the publish to {topic:?}: {name} (reason code 0x{code:02x})");
+    if code == link::NOT_AUTHORIZED {
+        Failure::access_refused(reason)
+    } else {
+        Failure::refused(reason)
     }
 }
 
@@ -151,18 +143,20 @@ impl Destination for Mqtt {
                 "no [mqtt] is configured, so mqtt actions cannot be delivered",
             ));
         };
-        let qos = match action.qos {
-            MqttQos::AtMostOnce => QoS::AtMostOnce,
-            MqttQos::AtLeastOnce => QoS::AtLeastOnce,
+        let properties = if self.v5 {
+            user_properties(action, job)?
+        } else {
+            Vec::new()
         };
         let publish = || async {
             job.attempt();
             let (done, result) = oneshot::channel();
             let request = Publish {
                 topic: topic.clone(),
-                qos,
+                qos_1: action.qos == MqttQos::AtLeastOnce,
                 retain: action.retain,
                 payload: payload.clone(),
+                properties: properties.clone(),
                 done,
             };
             publisher
@@ -192,12 +186,39 @@ impl Destination for Mqtt {
     }
 }
 
+/// The MQTT 5 user properties of a publish: the identity, then the action's `properties`
+/// templates rendered over the output (9321 for one that cannot be carried).
+fn user_properties(action: &MqttAction, job: &Job<'_>) -> Result<Vec<(String, String)>, Failure> {
+    let mut properties: Vec<(String, String)> = job
+        .message
+        .identity_properties(&job.rule.name)
+        .iter()
+        .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
+        .collect();
+    for (key, template) in &action.properties {
+        let value = template
+            .render(job.output)
+            .map_err(|e| Failure::invalid_parameter(format!("properties.{key}: {e}")))?;
+        if value.contains('\0') || value.len() > 65_535 {
+            return Err(Failure::invalid_parameter(format!(
+                "properties.{key}: the value is over 65535 bytes or contains a NUL character"
+            )));
+        }
+        properties.push((key.clone(), value));
+    }
+    Ok(properties)
+}
+
+/// A publish handed to the client and not yet answered: whether it is QoS 1, its topic (for
+/// the words of a refusal) and who waits for it.
+type Waiter = (bool, String, oneshot::Sender<Result<(), Failure>>);
+
 /// Publishes waiting for their turn: in the order they were handed to the client (which is the
 /// order the event loop sends them), then by packet id until their PUBACK.
 #[derive(Default)]
 struct Waiting {
-    queued: VecDeque<(QoS, oneshot::Sender<Result<(), Failure>>)>,
-    by_pkid: HashMap<u16, VecDeque<oneshot::Sender<Result<(), Failure>>>>,
+    queued: VecDeque<Waiter>,
+    by_pkid: HashMap<u16, VecDeque<Waiter>>,
 }
 
 impl Waiting {
@@ -210,9 +231,8 @@ impl Waiting {
         let waiters = self
             .queued
             .drain(..)
-            .map(|(_, w)| w)
             .chain(self.by_pkid.drain().flat_map(|(_, q)| q));
-        for w in waiters {
+        for (_, _, w) in waiters {
             let _ = w.send(Err(failure.clone()));
         }
     }
@@ -223,15 +243,16 @@ impl Waiting {
 /// per connection, so nothing of a broken connection is resent behind the caller's back (the
 /// caller's retry decides).
 async fn connection_task(
-    options: MqttOptions,
+    options: Options,
     trusts: String,
     mut rx: mpsc::Receiver<Publish>,
     max_delay: Duration,
 ) {
+    let host = options.broker_address().0;
     let mut delay = Duration::from_millis(100);
     let mut next = rx.recv().await;
     while let Some(first) = next.take() {
-        let (client, mut events) = AsyncClient::new(options.clone(), usize::from(WINDOW) * 4);
+        let (client, mut events) = options.connect(usize::from(WINDOW) * 4);
         let waiting = Arc::new(Mutex::new(Waiting::default()));
         let mut pending = Some(first);
         let mut connected = false;
@@ -241,8 +262,10 @@ async fn connection_task(
                     .lock()
                     .unwrap_or_else(|e| e.into_inner())
                     .queued
-                    .push_back((p.qos, p.done));
-                if let Err(e) = client.try_publish(p.topic, p.qos, p.retain, p.payload) {
+                    .push_back((p.qos_1, p.topic.clone(), p.done));
+                if let Err(e) =
+                    client.try_publish(p.topic, p.qos_1, p.retain, p.payload, p.properties)
+                {
                     break Failure::unreachable(format!(
                         "cannot hand the publish to the MQTT client: {e}"
                     ));
@@ -255,33 +278,36 @@ async fn connection_task(
                 request = rx.recv(), if connected && pending.is_none() && room => match request {
                     Some(p) => pending = Some(p),
                     None => {
-                        let _ = client.disconnect().await;
+                        client.disconnect().await;
                         return;
                     }
                 },
-                event = events.poll() => match event {
-                    Ok(Event::Incoming(Packet::ConnAck(_))) => {
+                event = events.poll(&host, &trusts) => match event {
+                    Ok(Happened::Connected { .. }) => {
                         connected = true;
                         delay = Duration::from_millis(100);
                     }
-                    Ok(Event::Outgoing(Outgoing::Publish(pkid) | Outgoing::AwaitAck(pkid))) => {
+                    Ok(Happened::Sent(pkid)) => {
                         let mut w = waiting.lock().unwrap_or_else(|e| e.into_inner());
-                        if let Some((qos, done)) = w.queued.pop_front() {
-                            if qos == QoS::AtMostOnce {
-                                let _ = done.send(Ok(()));
+                        if let Some((qos_1, topic, done)) = w.queued.pop_front() {
+                            if qos_1 {
+                                w.by_pkid.entry(pkid).or_default().push_back((qos_1, topic, done));
                             } else {
-                                w.by_pkid.entry(pkid).or_default().push_back(done);
+                                let _ = done.send(Ok(()));
                             }
                         }
                     }
-                    Ok(Event::Incoming(Packet::PubAck(ack))) => {
+                    Ok(Happened::PubAck { pkid, refused }) => {
                         let mut w = waiting.lock().unwrap_or_else(|e| e.into_inner());
-                        if let Some(done) = w.by_pkid.get_mut(&ack.pkid).and_then(VecDeque::pop_front) {
-                            let _ = done.send(Ok(()));
+                        if let Some((_, topic, done)) = w.by_pkid.get_mut(&pkid).and_then(VecDeque::pop_front) {
+                            let _ = done.send(match refused {
+                                None => Ok(()),
+                                Some((code, name)) => Err(refusal(code, name, &topic)),
+                            });
                         }
                     }
                     Ok(_) => {}
-                    Err(e) => break connection_failure(&e, &options.broker_address().0, &trusts),
+                    Err(e) => break connection_failure(e),
                 },
             }
         };
