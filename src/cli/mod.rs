@@ -245,7 +245,8 @@ pub enum BenchCommand {
         config: Option<PathBuf>,
     },
     /// Engine throughput on generated property-post messages (no I/O), against a parse-only
-    /// baseline (serde_json parse of the same payloads) measured in the same run.
+    /// baseline (sonic-rs parsing the same payloads; serde_json's parse printed beside it)
+    /// measured in the same run, and the rule set's memory per rule.
     ///
     /// Method and figures: docs/benchmarks.md, "Engine" and "Quotas".
     Engine {
