@@ -446,6 +446,9 @@ mod tests {
     fn every_problem_is_reported() {
         let c = StoreConfig {
             enabled: true,
+            backend: StoreBackend::Sqlite,
+            url: None,
+            password_env: None,
             path: Some(PathBuf::new()),
             retention_days: 0,
             batch_max_records: 0,

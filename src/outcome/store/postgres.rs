@@ -582,7 +582,7 @@ fn block<T: Send + 'static>(fut: impl std::future::Future<Output = T> + Send + '
 /// pipelined on it) and reconnects when it is lost.
 #[derive(Clone)]
 pub struct PgReader {
-    target: PgTarget,
+    target: Arc<PgTarget>,
     client: Arc<Mutex<Option<Arc<Client>>>>,
     cancel: Option<Cancel>,
 }
@@ -591,7 +591,7 @@ impl PgReader {
     /// Connects and checks that the store's table exists.
     pub fn open(target: PgTarget) -> Result<PgReader, StoreError> {
         let reader = PgReader {
-            target,
+            target: Arc::new(target),
             client: Arc::new(Mutex::new(None)),
             cancel: None,
         };
@@ -619,7 +619,7 @@ impl PgReader {
     /// not keep it from starting).
     pub fn lazy(target: PgTarget) -> PgReader {
         PgReader {
-            target,
+            target: Arc::new(target),
             client: Arc::new(Mutex::new(None)),
             cancel: None,
         }
@@ -653,13 +653,13 @@ impl PgReader {
         let client = match existing {
             Some(c) => c,
             None => {
-                let target = self.target.clone();
+                let target = PgTarget::clone(&self.target);
                 let c = Arc::new(block(async move { target.connect().await })?);
                 *self.client.lock().unwrap_or_else(|p| p.into_inner()) = Some(Arc::clone(&c));
                 c
             }
         };
-        block(f(client, self.target.clone()))
+        block(f(client, PgTarget::clone(&self.target)))
     }
 
     /// One page, newest first (the same [`LogQuery`] SQL as SQLite, in PostgreSQL's dialect).
@@ -843,5 +843,321 @@ pub(super) async fn open_writer(
             state.set(false, Some(e.to_string()), metrics);
             None
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::super::testing::{Backend, PgDb, base, open_on, record};
+    use super::super::{Store, StoreOptions};
+    use super::*;
+    use crate::outcome::Code;
+    use crate::outcome::query::LogParams;
+
+    /// Records with the characters a keyword search must take literally.
+    fn records() -> Vec<Record> {
+        let mut out: Vec<Record> = (0..300)
+            .map(|i| {
+                let code = match i % 5 {
+                    0 => Code::DestinationUnavailable,
+                    1 => Code::AckTimeout,
+                    _ => Code::Ok,
+                };
+                let mut r = record(i, base() + (i as i64 / 2), code);
+                // Shared traces: every 7 records one trace.
+                r.trace_id = format!("t{}", i / 7);
+                r
+            })
+            .collect();
+        let odd = [
+            ("100%", r#"{"m":"100% done_x"}"#),
+            ("say", r#"{"msg":"say \"hi\""}"#),
+            ("nl", r#"{"m":"a\nb"}"#),
+            ("bs", r#"{"p":"C:\\x"}"#),
+            ("case", r#"{"m":"ABC"}"#),
+            ("nul", "{\"m\":\"caf\u{e9}\"}"),
+        ];
+        for (k, (reason, content)) in odd.into_iter().enumerate() {
+            let mut r = record(1000 + k, base() + 500 + k as i64, Code::Ok);
+            r.reason = reason.to_owned();
+            r.content = content.to_owned();
+            out.push(r);
+        }
+        out
+    }
+
+    async fn fill(store: &Store, records: &[Record]) {
+        let tx = store.sender();
+        for r in records {
+            tx.send(r.clone()).await.unwrap();
+        }
+        store.flush().await.unwrap();
+    }
+
+    /// Every page of a query, in order.
+    fn all_pages(reader: &super::super::Reader, q: &LogQuery) -> Vec<Record> {
+        let mut out = Vec::new();
+        let mut q = q.clone();
+        loop {
+            let page = reader.query(&q).unwrap();
+            out.extend(page.records);
+            match page.next_cursor {
+                Some(c) => q.cursor = Some(c),
+                None => return out,
+            }
+        }
+    }
+
+    /// The same records give the same answers on SQLite and PostgreSQL: every filter, keyword
+    /// forms (literal `%` and `_`, case, JSON-escaped quotes, newlines and backslashes), pages
+    /// and traces.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn both_backends_give_the_same_answers() {
+        let dir = tempfile::tempdir().unwrap();
+        let Some((pg, _db)) = open_on(Backend::Postgres, dir.path(), StoreOptions::default()).await
+        else {
+            return;
+        };
+        let (lite, _) = open_on(Backend::Sqlite, dir.path(), StoreOptions::default())
+            .await
+            .unwrap();
+        let records = records();
+        fill(&pg, &records).await;
+        fill(&lite, &records).await;
+        let (pg_r, lite_r) = (pg.reader().unwrap(), lite.reader().unwrap());
+        let lite_r = lite_r.with_split_at(50);
+        assert_eq!(pg_r.count().unwrap(), records.len() as u64);
+        let queries: Vec<Vec<(&str, &str)>> = vec![
+            vec![],
+            vec![("limit", "7")],
+            vec![("device", "d1"), ("limit", "9")],
+            vec![("product", "p0"), ("status", "failed")],
+            vec![("messageId", "m17")],
+            vec![("traceId", "t3")],
+            vec![("status", "9325"), ("limit", "11")],
+            vec![
+                ("status", "success"),
+                ("serviceType", "uplink"),
+                ("limit", "13"),
+            ],
+            vec![("serviceType", "ruleengine")],
+            vec![("keyword", "%")],
+            vec![("keyword", "_")],
+            vec![("keyword", "100% done")],
+            vec![("keyword", "abc")],
+            vec![("keyword", "ABC")],
+            vec![("keyword", "say \"hi\"")],
+            vec![("keyword", "a\nb")],
+            vec![("keyword", "C:\\x")],
+            vec![("keyword", "é")],
+            vec![("keyword", "\"i\":1"), ("limit", "5")],
+            vec![("keyword", "post"), ("device", "d2"), ("limit", "17")],
+        ];
+        let now = crate::message::now_ms();
+        let from = crate::outcome::query::format_time_ms(base() + 20);
+        let to = crate::outcome::query::format_time_ms(base() + 90);
+        let mut ranged = vec![("from", from.as_str()), ("to", to.as_str())];
+        let mut all = queries.clone();
+        all.push(ranged.clone());
+        ranged.push(("keyword", "d1"));
+        all.push(ranged);
+        let (total, mut found) = (all.len(), 0);
+        for params in all {
+            let q = LogParams::from_pairs(params.iter().map(|(k, v)| (*k, v.to_string())))
+                .unwrap()
+                .validate(now)
+                .unwrap();
+            let (a, b) = (all_pages(&lite_r, &q), all_pages(&pg_r, &q));
+            assert_eq!(a, b, "{params:?}");
+            found += usize::from(!a.is_empty());
+        }
+        // Not vacuous: all but the case-sensitive miss find something.
+        assert!(
+            found >= total - 1,
+            "{found} of {total} queries found records"
+        );
+        for id in ["m0", "m17", "t3", "t40", "nope"] {
+            assert_eq!(lite_r.trace(id).unwrap(), pg_r.trace(id).unwrap(), "{id}");
+        }
+        assert_eq!(pg_r.trace("m17").unwrap().records.len(), 7);
+        pg.shutdown().await;
+        lite.shutdown().await;
+    }
+
+    /// Tables are partitioned by day; background retention drops whole days, an explicit purge
+    /// is exact.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn retention_drops_whole_day_partitions() {
+        let Some(db) = PgDb::create() else {
+            return;
+        };
+        let store = Store::open_postgres(db.target(), StoreOptions::default(), None)
+            .await
+            .unwrap();
+        let now = crate::message::now_ms();
+        let today = now.div_euclid(DAY_MS);
+        // Three days ago (the default partition), yesterday, and now.
+        let times = [now - 3 * DAY_MS, (today - 1) * DAY_MS + 5, now];
+        let tx = store.sender();
+        for (i, t) in times.iter().enumerate() {
+            tx.send(record(i, *t, Code::Ok)).await.unwrap();
+        }
+        store.flush().await.unwrap();
+        let reader = store.reader().unwrap();
+        let parts = block({
+            let target = db.target();
+            async move {
+                let c = target.connect().await.unwrap();
+                c.query(
+                    "SELECT c.relname FROM pg_inherits i JOIN pg_class c ON c.oid = i.inhrelid \
+                     JOIN pg_class p ON p.oid = i.inhparent WHERE p.relname = 'records' \
+                     ORDER BY 1",
+                    &[],
+                )
+                .await
+                .unwrap()
+                .iter()
+                .map(|r| r.get::<_, String>(0))
+                .collect::<Vec<_>>()
+            }
+        });
+        for day in today - 1..=today + 2 {
+            assert!(parts.contains(&partition_name(day)), "{parts:?}");
+        }
+        assert!(parts.contains(&"records_default".to_owned()));
+        // Background retention with a cutoff inside today: whole days before today go.
+        let c = block({
+            let target = db.target();
+            async move {
+                let c = target.connect().await.unwrap();
+                purge(&c, &target, now - 1000, false).await.unwrap()
+            }
+        });
+        assert_eq!(c, 2);
+        assert_eq!(reader.count().unwrap(), 1);
+        // An explicit purge is exact.
+        assert_eq!(store.purge_older_than(now + 1).await.unwrap(), 1);
+        assert_eq!(reader.count().unwrap(), 0);
+        store.shutdown().await;
+    }
+
+    /// A TCP relay to the machine's PostgreSQL that the test can cut (close every connection
+    /// and refuse new ones) and restore: an outage without touching the shared server.
+    struct Relay {
+        port: u16,
+        open: Arc<AtomicBool>,
+        cut: Arc<tokio::sync::Notify>,
+    }
+
+    impl Relay {
+        async fn start() -> Relay {
+            let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+            let port = listener.local_addr().unwrap().port();
+            let open = Arc::new(AtomicBool::new(true));
+            let cut = Arc::new(tokio::sync::Notify::new());
+            let (o, k) = (Arc::clone(&open), Arc::clone(&cut));
+            tokio::spawn(async move {
+                loop {
+                    let Ok((mut inbound, _)) = listener.accept().await else {
+                        return;
+                    };
+                    if !o.load(Ordering::SeqCst) {
+                        continue;
+                    }
+                    let k = Arc::clone(&k);
+                    tokio::spawn(async move {
+                        let Ok(mut out) = tokio::net::TcpStream::connect("127.0.0.1:5432").await
+                        else {
+                            return;
+                        };
+                        tokio::select! {
+                            _ = tokio::io::copy_bidirectional(&mut inbound, &mut out) => {}
+                            _ = k.notified() => {}
+                        }
+                    });
+                }
+            });
+            Relay { port, open, cut }
+        }
+
+        fn cut(&self) {
+            self.open.store(false, Ordering::SeqCst);
+            self.cut.notify_waiters();
+        }
+
+        fn restore(&self) {
+            self.open.store(true, Ordering::SeqCst);
+        }
+    }
+
+    /// An outage: records keep being accepted (nothing waits), the state says down, and when
+    /// the server is back the held records are written; past the bound the oldest are dropped
+    /// and counted.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn an_outage_holds_records_up_to_the_bound_and_writes_them_when_back() {
+        let Some(db) = PgDb::create() else {
+            return;
+        };
+        let relay = Relay::start().await;
+        let via = db.url.replace(":5432/", &format!(":{}/", relay.port));
+        let target = PgTarget::new(&via, None).unwrap();
+        let options = StoreOptions {
+            batch_max_records: 100,
+            queue_capacity: 1000,
+            commit_interval: Duration::from_millis(10),
+            ..StoreOptions::default()
+        };
+        let metrics = StoreMetrics::new(None);
+        let store = Store::open_postgres(target, options, Some(metrics.clone()))
+            .await
+            .unwrap();
+        let state = store.state();
+        let tx = store.sender();
+        for i in 0..100 {
+            tx.send(record(i, base() + i as i64, Code::Ok))
+                .await
+                .unwrap();
+        }
+        store.flush().await.unwrap();
+        assert_eq!(metrics.written.get(), 100);
+        relay.cut();
+        // 1500 records while the server is away: none of the sends waits long.
+        let started = std::time::Instant::now();
+        for i in 100..1600 {
+            tokio::time::timeout(
+                Duration::from_secs(2),
+                tx.send(record(i, base() + i as i64, Code::Ok)),
+            )
+            .await
+            .expect("a record send waited on the outage")
+            .unwrap();
+            if i % 100 == 0 {
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        }
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        while state.up() || metrics.dropped.get() == 0 {
+            assert!(std::time::Instant::now() < deadline, "no outage seen");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        assert!(started.elapsed() < Duration::from_secs(20));
+        assert_eq!(metrics.backend_up.get(), 0);
+        relay.restore();
+        store.flush().await.unwrap();
+        assert!(state.up());
+        let written = metrics.written.get();
+        let dropped = metrics.dropped.get();
+        assert_eq!(
+            written + dropped,
+            1600,
+            "written {written}, dropped {dropped}"
+        );
+        assert!((500..=600).contains(&dropped), "dropped {dropped}");
+        // The newest records are the ones kept.
+        let reader = PgReader::open(db.target()).unwrap();
+        assert_eq!(reader.count().unwrap(), written);
+        assert_eq!(reader.trace("m1599").unwrap().records.len(), 1);
+        assert!(reader.trace("m150").unwrap().records.is_empty());
+        store.shutdown().await;
     }
 }

@@ -577,14 +577,25 @@ fn split_at(
 
 #[cfg(test)]
 mod tests {
-    use super::super::testing::{base, filled};
+    use super::super::testing::{Backend, base, filled, filled_on};
     use super::*;
     use crate::outcome::query::{LogParams, Status};
 
     #[tokio::test]
     async fn a_cancelled_reader_stops_and_the_pool_is_unharmed() {
+        a_cancelled_reader_stops_on(Backend::Sqlite).await;
+    }
+
+    #[tokio::test]
+    async fn a_cancelled_reader_stops_on_postgres() {
+        a_cancelled_reader_stops_on(Backend::Postgres).await;
+    }
+
+    async fn a_cancelled_reader_stops_on(backend: Backend) {
         let dir = tempfile::tempdir().unwrap();
-        let (_store, reader) = filled(dir.path(), 25).await;
+        let Some((_store, reader, _db)) = filled_on(backend, dir.path(), 25).await else {
+            return;
+        };
         let cancel = Cancel::default();
         let cancellable = reader.cancellable(cancel.clone());
         assert_eq!(
@@ -609,8 +620,19 @@ mod tests {
 
     #[tokio::test]
     async fn writes_queries_and_pages() {
+        writes_queries_and_pages_on(Backend::Sqlite).await;
+    }
+
+    #[tokio::test]
+    async fn writes_queries_and_pages_on_postgres() {
+        writes_queries_and_pages_on(Backend::Postgres).await;
+    }
+
+    async fn writes_queries_and_pages_on(backend: Backend) {
         let dir = tempfile::tempdir().unwrap();
-        let (store, reader) = filled(dir.path(), 25).await;
+        let Some((store, reader, _db)) = filled_on(backend, dir.path(), 25).await else {
+            return;
+        };
         assert_eq!(reader.count().unwrap(), 25);
         let q = LogQuery {
             limit: 10,
