@@ -1280,3 +1280,66 @@ fn dockerfile_builds_and_runs_what_the_config_needs() {
         assert!(patterns.contains(p), ".dockerignore must exclude {p}");
     }
 }
+
+/// deploy/k8s-cluster: a kustomize overlay of deploy/k8s with three replicas, a data volume per
+/// pod, and a config (its ConfigMap verbatim) whose queues are quorum queues, quotas in Redis
+/// and records in PostgreSQL, with the passwords from the environment only.
+#[test]
+fn k8s_cluster_overlay_is_three_replicas_on_shared_engines() {
+    use iotfwd::config::broker::QueueType;
+    use iotfwd::config::store::StoreBackend;
+    let dir = deploy().join("k8s-cluster");
+    let mut docs = BTreeMap::new();
+    for path in files(&dir, ".yaml") {
+        let Some(d) = yaml_docs(&path) else { return };
+        assert_eq!(d.len(), 1, "{}", path.display());
+        docs.insert(
+            path.file_name().unwrap().to_str().unwrap().to_owned(),
+            d.into_iter().next().unwrap(),
+        );
+    }
+    let kustomization = &docs["kustomization.yaml"];
+    assert_eq!(kustomization["resources"], serde_json::json!(["../k8s"]));
+    let patches: BTreeSet<&str> = kustomization["patches"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|p| p["path"].as_str().unwrap())
+        .collect();
+    for name in docs.keys().filter(|n| *n != "kustomization.yaml") {
+        assert!(
+            patches.contains(name.as_str()),
+            "kustomization.yaml misses {name}"
+        );
+    }
+    let deployment = &docs["deployment-patch.yaml"];
+    assert_eq!(deployment["spec"]["replicas"], 3);
+    assert_eq!(deployment["spec"]["strategy"]["type"], "RollingUpdate");
+    let data = &deployment["spec"]["template"]["spec"]["volumes"][0];
+    assert_eq!(data["name"], "data");
+    assert!(data["persistentVolumeClaim"].is_null() && data["emptyDir"].is_object());
+    assert_eq!(docs["pvc-delete.yaml"]["$patch"], "delete");
+
+    let toml_path = dir.join("iotfwd.toml");
+    assert_eq!(
+        docs["configmap-config.yaml"]["data"]["iotfwd.toml"].as_str(),
+        Some(read(&toml_path).as_str()),
+        "configmap-config.yaml is not deploy/k8s-cluster/iotfwd.toml: regenerate it"
+    );
+    let c = Config::load(&toml_path).unwrap_or_else(|errors| {
+        let errors: Vec<String> = errors.iter().map(ToString::to_string).collect();
+        panic!("{} is invalid:\n{}", toml_path.display(), errors.join("\n"))
+    });
+    assert_eq!(
+        c.source.amqp.as_ref().unwrap().queue_type,
+        QueueType::Quorum
+    );
+    assert!(!c.group.is_empty());
+    assert!(c.group.iter().all(|g| g.queue_type == QueueType::Quorum));
+    let redis = c.redis.as_ref().expect("[redis]");
+    assert!(redis.password_env.is_some() && !redis.url.contains('@'));
+    assert_eq!(c.store.backend, StoreBackend::Postgres);
+    assert!(c.store.password_env.is_some());
+    let store_url = url::Url::parse(c.store.url.as_deref().expect("store.url")).unwrap();
+    assert!(store_url.password().is_none(), "no password in store.url");
+}
