@@ -7,13 +7,18 @@
 //! - a message handled by any process is traced completely from every process (API) and from
 //!   the CLI with any process's config;
 //! - a kill -9 of one process mid-stream loses nothing (every message id reaches the
-//!   destination queue) and the other two take over its share.
+//!   destination queue) and the other two take over its share;
+//! - consumers connected to different processes share one consumer group's backlog (a
+//!   RabbitMQ queue): each message reaches exactly one of them, and both get some.
 
 use std::path::Path;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
+use fe2o3_amqp::types::messaging::Body;
+use fe2o3_amqp::types::primitives::Value as AmqpValue;
+use iotfwd::client::{Consumer, ConsumerOptions, describe};
 use lapin::options::QueueDeclareOptions;
 use lapin::types::FieldTable;
 use serde_json::{Value, json};
@@ -22,6 +27,7 @@ use super::harness::{ChildDaemon, daemon_binary, metric, tool_missing, unique};
 use super::rabbit::{BROKER, channel, cleanup, exchange_with_queue, queue_depth};
 use super::restarts::{Progress, publish_stream, tally, wait_settled, write_forward_rule};
 
+const SECRET: &str = "cluster-group-secret";
 const REDIS: &str = "redis://127.0.0.1:6379/0";
 const PG_ADMIN: &str = "host=127.0.0.1 port=5432 user=postgres dbname=postgres connect_timeout=3";
 
@@ -67,7 +73,7 @@ impl PgDb {
 
 /// Process `run` of the cluster: its own HTTP port, rules and data directory; everything else
 /// shared.
-fn config(dir: &Path, source: &str, db: &str, key_prefix: &str) -> String {
+fn config(dir: &Path, source: &str, db: &str, key_prefix: &str, group: &str) -> String {
     let toml_str = |p: std::path::PathBuf| format!("{:?}", p.display().to_string());
     format!(
         "[http]\nlisten = \"127.0.0.1:0\"\n\
@@ -79,17 +85,20 @@ fn config(dir: &Path, source: &str, db: &str, key_prefix: &str) -> String {
          [[tenant]]\nid = \"acme\"\nforward_tps = {TPS}\nburst = {BURST}\n\
          [[instance]]\nid = \"acme-1\"\ntenant = \"acme\"\nproducts = [\"pq\"]\n\
          [[tenant]]\nid = \"big\"\nforward_tps = 100000\nburst = 100000\n\
-         [[instance]]\nid = \"big-1\"\ntenant = \"big\"\nproducts = [\"p1\"]\n\
+         [[instance]]\nid = \"big-1\"\ntenant = \"big\"\nproducts = [\"p1\", \"pg\"]\n\
          [quota]\nbackend = \"redis\"\nlease = {LEASE}\n\
-         [redis]\nurl = \"{REDIS}\"\nkey_prefix = \"{key_prefix}\"\n",
+         [redis]\nurl = \"{REDIS}\"\nkey_prefix = \"{key_prefix}\"\n\
+         [subscription]\nlisten = \"127.0.0.1:0\"\n\
+         [[group]]\nid = \"{group}\"\naccess_key_id = \"ak-{group}\"\nsecret_file = {}\nwindow = 8\n",
         toml_str(dir.join("rules")),
         toml_str(dir.join("data")),
+        toml_str(dir.join("group.secret")),
     )
 }
 
-const TPS: u32 = 40;
-const BURST: u32 = 20;
-const LEASE: u32 = 5;
+const TPS: u32 = 10;
+const BURST: u32 = 10;
+const LEASE: u32 = 2;
 const N: usize = 3000;
 
 async fn get_json(url: &str) -> Value {
@@ -119,6 +128,7 @@ async fn three_processes_share_quotas_records_and_the_source_queue() {
     .await
     .unwrap();
     let prefix = unique("clq");
+    let group = unique("clg");
     let dirs: Vec<tempfile::TempDir> = (0..3).map(|_| tempfile::tempdir().unwrap()).collect();
     let mut daemons = Vec::new();
     for (i, dir) in dirs.iter().enumerate() {
@@ -132,14 +142,16 @@ async fn three_processes_share_quotas_records_and_the_source_queue() {
             ),
         )
         .unwrap();
-        daemons.push(
-            ChildDaemon::start(
-                dir.path(),
-                i,
-                &config(dir.path(), &source, &db.url, &prefix),
-            )
-            .await,
-        );
+        std::fs::write(
+            rules.join("to_group.toml"),
+            format!(
+                "sql = '''SELECT * FROM \"/pg/#\"'''\n[[action]]\nto = \"group\"\ngroup = \"{group}\"\n"
+            ),
+        )
+        .unwrap();
+        std::fs::write(dir.path().join("group.secret"), format!("{SECRET}\n")).unwrap();
+        let text = config(dir.path(), &source, &db.url, &prefix, &group);
+        daemons.push(ChildDaemon::start(dir.path(), i, &text).await);
     }
     for d in &daemons {
         let h = get_json(&format!("{}/api/v1/health", d.base)).await;
@@ -290,11 +302,89 @@ async fn three_processes_share_quotas_records_and_the_source_queue() {
         let lines = String::from_utf8_lossy(&out.stdout).lines().count();
         assert_eq!(lines, records.len(), "{id}: CLI and API disagree");
     }
+    // (d) Consumers on the two surviving processes share the group's backlog.
+    let mut consumers = Vec::new();
+    for d in &daemons {
+        let mut o = ConsumerOptions::new(
+            &format!("amqp://{}", d.amqp.expect("the endpoint listens")),
+            &group,
+            &format!("ak-{group}"),
+            SECRET,
+        );
+        o.client_id = unique("client");
+        consumers.push(Consumer::connect(&o).await.expect("a consumer connects"));
+    }
+    let mut sent = Vec::new();
+    for n in 0..60 {
+        let body = json!({ "topic": "/pg/dev/post", "payload": { "n": n } }).to_string();
+        let report: Value = client
+            .post(format!("{}/api/v1/messages", daemons[n % 2].base))
+            .body(body)
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+        assert_eq!(report["messages"][0]["code"], 200, "{report}");
+        sent.push(
+            report["messages"][0]["messageId"]
+                .as_str()
+                .unwrap()
+                .to_owned(),
+        );
+    }
+    let mut got = Vec::new();
+    let mut per_consumer = Vec::new();
+    for c in &mut consumers {
+        let mut mine = 0;
+        while let Ok(Ok(d)) =
+            tokio::time::timeout(Duration::from_secs(2), c.receiver.recv::<Body<AmqpValue>>()).await
+        {
+            got.push(
+                describe(&d)["properties"]["messageId"]
+                    .as_str()
+                    .unwrap()
+                    .to_owned(),
+            );
+            c.receiver.accept(&d).await.unwrap();
+            mine += 1;
+        }
+        per_consumer.push(mine);
+    }
+    got.sort();
+    sent.sort();
+    println!(
+        "cluster group: {} sent, consumers got {per_consumer:?}",
+        sent.len()
+    );
+    if got != sent {
+        let t = get_json(&format!("{}/api/v1/trace/{}", daemons[0].base, sent[0])).await;
+        panic!(
+            "each group message exactly once across the processes: got {} of {}; the trace \
+             of one: {t}",
+            got.len(),
+            sent.len()
+        );
+    }
+    assert!(
+        per_consumer.iter().all(|&n| n > 0),
+        "both consumers got some: {per_consumer:?}"
+    );
+    for c in consumers {
+        c.close().await;
+    }
+
     for d in daemons {
         drop(d);
     }
     drop(killed);
-    cleanup(&ch, &[&dest, &quota_dest], &[&source, &dest_q, &quota_q]).await;
+    cleanup(
+        &ch,
+        &[&dest, &quota_dest],
+        &[&source, &dest_q, &quota_q, &format!("iotfwd.group.{group}")],
+    )
+    .await;
     let _ = conn.close(200, "".into()).await;
     db.drop_it().await;
     let took = started.elapsed();
