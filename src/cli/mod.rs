@@ -218,6 +218,11 @@ pub enum BenchCommand {
         /// checkpoint size; its path is ignored). Default: the built-in defaults.
         #[arg(long, value_name = "FILE")]
         config: Option<PathBuf>,
+        /// Also fill the PostgreSQL store at this URL (an empty database, e.g. made with
+        /// `createdb`; `postgres://user@host:5432/db`) with the same records in the same run,
+        /// and time the same lookups there: its insert rate as a ratio of SQLite's.
+        #[arg(long, value_name = "URL")]
+        postgres: Option<String>,
     },
     /// Engine throughput on generated property-post messages (no I/O), against a parse-only
     /// baseline (serde_json parse of the same payloads) measured in the same run.

@@ -339,7 +339,9 @@ impl PgWriter {
             Job::Write(batch) => {
                 self.held += batch.len();
                 self.pending.push_back(Pending::Write(batch));
-                while self.held > self.bound {
+                // Only while the server is away: when it answers, the writer takes no more
+                // than the bound (below), so the drain task waits as it does for SQLite.
+                while self.held > self.bound && self.client.is_none() {
                     let Some(pos) = self
                         .pending
                         .iter()
@@ -493,8 +495,9 @@ pub(super) async fn pg_writer(
     let mut refusals = 0u32;
     let mut closing_since: Option<tokio::time::Instant> = None;
     loop {
-        // Every job that is ready, so the drain task never waits on us.
-        while jobs_open {
+        // Every job that is ready, so the drain task never waits on us while the server is
+        // away; while it answers, up to the bound (then the drain task waits: backpressure).
+        while jobs_open && !(w.client.is_some() && w.held >= w.bound) {
             let job = if w.pending.is_empty() {
                 jobs.recv().await
             } else {
