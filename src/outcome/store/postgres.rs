@@ -1044,6 +1044,34 @@ mod tests {
         store.shutdown().await;
     }
 
+    /// A server that answers never loses a record to the bound: a writer slower than intake
+    /// makes the senders wait (backpressure), as on SQLite.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_healthy_server_drops_nothing_however_fast_the_intake() {
+        let Some(db) = PgDb::create() else {
+            return;
+        };
+        let options = StoreOptions {
+            batch_max_records: 100,
+            queue_capacity: 200,
+            commit_interval: Duration::from_millis(0),
+            ..StoreOptions::default()
+        };
+        let metrics = StoreMetrics::new(None);
+        let store = Store::open_postgres(db.target(), options, Some(metrics.clone()))
+            .await
+            .unwrap();
+        let tx = store.sender();
+        for i in 0..5000 {
+            tx.send(record(i, base() + i as i64, Code::Ok))
+                .await
+                .unwrap();
+        }
+        store.flush().await.unwrap();
+        assert_eq!((metrics.written.get(), metrics.dropped.get()), (5000, 0));
+        store.shutdown().await;
+    }
+
     /// A TCP relay to the machine's PostgreSQL that the test can cut (close every connection
     /// and refuse new ones) and restore: an outage without touching the shared server.
     struct Relay {
