@@ -61,13 +61,21 @@ impl PgDb {
             }
         }
     }
+}
 
-    async fn drop_it(self) {
-        let _ = pg_admin(&format!(
-            "DROP DATABASE IF EXISTS {} WITH (FORCE)",
-            self.name
-        ))
-        .await;
+/// Dropped at the end of the test, passed or failed (from a thread of its own: the test's
+/// runtime may be unwinding).
+impl Drop for PgDb {
+    fn drop(&mut self) {
+        let sql = format!("DROP DATABASE IF EXISTS {} WITH (FORCE)", self.name);
+        let _ = std::thread::spawn(move || {
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .unwrap();
+            rt.block_on(pg_admin(&sql))
+        })
+        .join();
     }
 }
 
@@ -386,7 +394,7 @@ async fn three_processes_share_quotas_records_and_the_source_queue() {
     )
     .await;
     let _ = conn.close(200, "".into()).await;
-    db.drop_it().await;
+    drop(db);
     let took = started.elapsed();
     println!("cluster test took {took:?}");
     assert!(took < Duration::from_secs(90), "took {took:?}");
