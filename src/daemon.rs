@@ -180,6 +180,9 @@ pub async fn run_from_file(
     };
     limiter.spawn_pruner(every);
     health.set_quotas(limiter.clone());
+    if let Some(state) = record_sinks.state() {
+        health.set_store(state);
+    }
     if limiter.is_enabled() {
         tracing::info!(
             tenants = config.tenant.len(),

@@ -493,6 +493,10 @@ pub struct StoreMetrics {
     pub failed: IntCounter,
     /// Records deleted by retention.
     pub purged: IntCounter,
+    /// Records dropped while a PostgreSQL store was unreachable (past `store.queue_capacity`).
+    pub dropped: IntCounter,
+    /// Whether the store's database answered its writer's last call (1) or not (0).
+    pub backend_up: IntGauge,
     /// Records waiting for the writer.
     pub queued: IntGauge,
     /// How long a source message waited for its records' commit before its acknowledgement
@@ -551,6 +555,24 @@ impl StoreMetrics {
             queued: match registry {
                 Some(r) => register(r, queued),
                 None => queued,
+            },
+            dropped: counter(
+                "iotfwd_store_records_dropped_total",
+                "Outcome records dropped because the PostgreSQL store was unreachable and \
+                 store.queue_capacity records were already held (logged at ERROR).",
+            ),
+            backend_up: {
+                let up = IntGauge::new(
+                    "iotfwd_store_backend_up",
+                    "Whether the record store's database answered its writer's last call (1) or \
+                     not (0).",
+                )
+                .expect("valid metric");
+                up.set(1);
+                match registry {
+                    Some(r) => register(r, up),
+                    None => up,
+                }
             },
         }
     }

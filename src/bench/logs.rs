@@ -21,7 +21,7 @@ use std::time::{Duration, Instant};
 
 use crate::message::{Identity, Message};
 use crate::outcome::query::{LogParams, LogQuery};
-use crate::outcome::store::{Reader, Store, StoreOptions};
+use crate::outcome::store::{Reader, Store, StoreOptions, WriterStats};
 use crate::outcome::{Failure, GroupOutcome, Record};
 
 const DEVICES: u64 = 1000;
@@ -225,6 +225,7 @@ pub fn run(
     keep: bool,
     random_trace_ids: bool,
     options: StoreOptions,
+    postgres: Option<String>,
 ) -> ExitCode {
     RANDOM_TRACE_IDS.store(random_trace_ids, std::sync::atomic::Ordering::Relaxed);
     let records = records.max(1) as u64;
@@ -256,7 +257,7 @@ pub fn run(
     // Fill through the real write path.
     let n_msgs = messages_for(records);
     let end_ms = crate::message::now_ms();
-    let fill = runtime.block_on(async {
+    let fill_result = runtime.block_on(async {
         if reuse {
             let sent = Reader::open(&path)?.count()?;
             println!(
@@ -265,47 +266,150 @@ pub fn run(
             );
             return Ok((sent, None, Default::default()));
         }
-        let store = Store::open(&path, options, None)?;
-        let tx = store.sender();
-        let started = Instant::now();
-        let mut sent = 0u64;
-        let mut next_report = 1_000_000u64.min(records);
-        let mut last = (Instant::now(), 0u64);
-        'fill: for i in 0..n_msgs {
-            for r in Msg::new(i, n_msgs, end_ms).records() {
-                if sent == records {
-                    break 'fill;
-                }
-                if tx.send(r).await.is_err() {
-                    break 'fill;
-                }
-                sent += 1;
-                if sent == next_report {
-                    let now = Instant::now();
-                    let rate = (sent - last.1) as f64 / (now - last.0).as_secs_f64();
-                    println!(
-                        "  {sent:>11} records sent, {rate:>9.0} records/s over the last {}",
-                        sent - last.1
-                    );
-                    last = (now, sent);
-                    next_report = (sent + 1_000_000).min(records);
-                }
-            }
-        }
-        drop(tx);
-        store.flush().await?;
-        let elapsed = started.elapsed();
-        let stats = store.shutdown().await;
-        Ok::<_, crate::outcome::store::StoreError>((sent, Some(elapsed), stats))
+        let store = Store::open(&path, options.clone(), None)?;
+        fill(store, records, n_msgs, end_ms).await
     });
-    let (sent, fill_time, stats) = match fill {
+    let (sent, fill_time, stats) = match fill_result {
         Ok(f) => f,
         Err(e) => {
             eprintln!("error: {e}");
             return ExitCode::FAILURE;
         }
     };
-    let insert_rate = fill_time.map(|t| sent as f64 / t.as_secs_f64());
+    let code = report(
+        &path,
+        sent,
+        fill_time,
+        stats,
+        n_msgs,
+        end_ms,
+        target_rate,
+        engine,
+    );
+    if temp && !keep {
+        for suffix in ["", "-wal", "-shm"] {
+            let mut p = path.clone().into_os_string();
+            p.push(suffix);
+            let _ = std::fs::remove_file(p);
+        }
+    } else {
+        println!("store kept at {}", path.display());
+    }
+    if code != ExitCode::SUCCESS {
+        return code;
+    }
+    let Some(url) = postgres else {
+        return code;
+    };
+    // The same records into PostgreSQL, in the same run.
+    println!();
+    println!("PostgreSQL store at {url}: the same {records} records");
+    let pg = runtime.block_on(async {
+        let target = crate::outcome::store::PgTarget::new(&url, None)?;
+        let store = Store::open_postgres(target.clone(), options, None).await?;
+        let filled = fill(store, records, n_msgs, end_ms).await?;
+        Ok::<_, crate::outcome::store::StoreError>((filled, target))
+    });
+    let ((pg_sent, pg_time, pg_stats), target) = match pg {
+        Ok(f) => f,
+        Err(e) => {
+            eprintln!("error: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    if let Some(t) = pg_time {
+        println!(
+            "filled {} records ({} transactions, {} failed) in {:.1} s",
+            pg_stats.written,
+            pg_stats.transactions,
+            pg_stats.failed,
+            t.as_secs_f64(),
+        );
+    }
+    if let (Some(lite), Some(pgt)) = (fill_time, pg_time) {
+        let (a, b) = (
+            sent as f64 / lite.as_secs_f64(),
+            pg_sent as f64 / pgt.as_secs_f64(),
+        );
+        println!(
+            "sustained insert rate: SQLite {a:.0} records/s, PostgreSQL {b:.0} records/s \
+             (PostgreSQL = {:.2} x SQLite, same records, same run)",
+            b / a
+        );
+    }
+    let reader = match crate::outcome::store::PgReader::open(target) {
+        Ok(r) => Reader::Postgres(r),
+        Err(e) => {
+            eprintln!("error: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    lookups(
+        &reader,
+        pg_sent,
+        pg_time,
+        pg_stats,
+        n_msgs,
+        end_ms,
+        target_rate,
+        engine,
+    )
+}
+
+/// Sends `records` records of the workload through `store`'s real write path; the time from
+/// the first send until the last record is committed.
+async fn fill(
+    store: Store,
+    records: u64,
+    n_msgs: u64,
+    end_ms: i64,
+) -> Result<(u64, Option<Duration>, WriterStats), crate::outcome::store::StoreError> {
+    let tx = store.sender();
+    let started = Instant::now();
+    let mut sent = 0u64;
+    let mut next_report = 1_000_000u64.min(records);
+    let mut last = (Instant::now(), 0u64);
+    'fill: for i in 0..n_msgs {
+        for r in Msg::new(i, n_msgs, end_ms).records() {
+            if sent == records {
+                break 'fill;
+            }
+            if tx.send(r).await.is_err() {
+                break 'fill;
+            }
+            sent += 1;
+            if sent == next_report {
+                let now = Instant::now();
+                let rate = (sent - last.1) as f64 / (now - last.0).as_secs_f64();
+                println!(
+                    "  {sent:>11} records sent, {rate:>9.0} records/s over the last {}",
+                    sent - last.1
+                );
+                last = (now, sent);
+                next_report = (sent + 1_000_000).min(records);
+            }
+        }
+    }
+    drop(tx);
+    store.flush().await?;
+    let elapsed = started.elapsed();
+    let stats = store.shutdown().await;
+    Ok((sent, Some(elapsed), stats))
+}
+
+/// The SQLite file's size and the figures of [`lookups`].
+#[allow(clippy::too_many_arguments)]
+fn report(
+    path: &std::path::Path,
+    sent: u64,
+    fill_time: Option<Duration>,
+    stats: WriterStats,
+    n_msgs: u64,
+    end_ms: i64,
+    target_rate: f64,
+    engine: f64,
+) -> ExitCode {
+    let path = path.to_owned();
     let size: u64 = ["", "-wal"]
         .iter()
         .filter_map(|suffix| {
@@ -336,6 +440,31 @@ pub fn run(
             return ExitCode::FAILURE;
         }
     };
+    lookups(
+        &reader,
+        sent,
+        fill_time,
+        stats,
+        n_msgs,
+        end_ms,
+        target_rate,
+        engine,
+    )
+}
+
+/// The console's lookups and the keyword scans on a filled store, as a table.
+#[allow(clippy::too_many_arguments)]
+fn lookups(
+    reader: &Reader,
+    sent: u64,
+    fill_time: Option<Duration>,
+    _stats: WriterStats,
+    n_msgs: u64,
+    end_ms: i64,
+    target_rate: f64,
+    engine: f64,
+) -> ExitCode {
+    let insert_rate = fill_time.map(|t| sent as f64 / t.as_secs_f64());
     let msgs_written = n_msgs.min(sent * 4 / 13).max(1);
     let picks: Vec<Msg> = (0..25)
         .map(|k| Msg::new(mix(k * 7919) % msgs_written, n_msgs, end_ms))
@@ -403,16 +532,6 @@ pub fn run(
         ms(keyword_hit.0),
         verdict(keyword_hit.1 < scan_target)
     );
-    drop(reader);
-    if temp && !keep {
-        for suffix in ["", "-wal", "-shm"] {
-            let mut p = path.clone().into_os_string();
-            p.push(suffix);
-            let _ = std::fs::remove_file(p);
-        }
-    } else {
-        println!("store kept at {}", path.display());
-    }
     ExitCode::SUCCESS
 }
 

@@ -16,6 +16,7 @@ pub(super) fn run(command: BenchCommand) -> ExitCode {
             keep,
             random_trace_ids,
             config,
+            postgres,
         } => {
             let store = match tuning(config) {
                 Ok(c) => c.store,
@@ -27,6 +28,7 @@ pub(super) fn run(command: BenchCommand) -> ExitCode {
                 keep,
                 random_trace_ids,
                 StoreOptions::from_config(&store),
+                postgres,
             )
         }
         BenchCommand::Groups {

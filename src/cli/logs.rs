@@ -130,10 +130,15 @@ pub fn run(cmd: LogsCmd) -> ExitCode {
     }
 }
 
-/// The store file: --db, else the config's store path.
-fn store_path(source: &StoreSource) -> Result<PathBuf, ExitCode> {
+/// The store: --db (a SQLite file), else the config's `[store]` (its SQLite file, or its
+/// PostgreSQL database with `backend = "postgres"`).
+fn open(source: &StoreSource) -> Result<Reader, ExitCode> {
+    let failed = |e: StoreError| {
+        eprintln!("error: {e}");
+        ExitCode::FAILURE
+    };
     if let Some(db) = &source.db {
-        return Ok(db.clone());
+        return Reader::open(db).map_err(failed);
     }
     let config = match &source.config {
         None => Config::default(),
@@ -145,23 +150,13 @@ fn store_path(source: &StoreSource) -> Result<PathBuf, ExitCode> {
             ExitCode::from(2)
         })?,
     };
-    let path = config.store.resolved_path(&config.data.dir);
     if !config.store.enabled {
         eprintln!(
             "note: the record store is disabled in this config (store.enabled = false); reading \
-             {} as left by an earlier run",
-            path.display()
+             what an earlier run left"
         );
     }
-    Ok(path)
-}
-
-fn open(source: &StoreSource) -> Result<Reader, ExitCode> {
-    let path = store_path(source)?;
-    Reader::open(&path).map_err(|e| {
-        eprintln!("error: {e}");
-        ExitCode::FAILURE
-    })
+    Reader::open_config(&config.store, &config.data.dir).map_err(failed)
 }
 
 fn store_error(e: StoreError) -> ExitCode {
@@ -253,7 +248,7 @@ fn trace(id: &str, source: &StoreSource, json: bool) -> ExitCode {
         eprintln!(
             "no records with messageId or traceId {id:?} in {}; check the id, and note that \
              records older than store.retention_days are deleted",
-            reader.path().display()
+            reader.location()
         );
         return ExitCode::FAILURE;
     }

@@ -218,6 +218,11 @@ pub enum BenchCommand {
         /// checkpoint size; its path is ignored). Default: the built-in defaults.
         #[arg(long, value_name = "FILE")]
         config: Option<PathBuf>,
+        /// Also fill the PostgreSQL store at this URL (an empty database, e.g. made with
+        /// `createdb`; `postgres://user@host:5432/db`) with the same records in the same run,
+        /// and time the same lookups there: its insert rate as a ratio of SQLite's.
+        #[arg(long, value_name = "URL")]
+        postgres: Option<String>,
     },
     /// The HTTP ingest in-process: 1, 2 and 4 clients posting NDJSON requests of 1000 of the
     /// `bench engine` messages, 10 rules without actions, the record store on (as configured)

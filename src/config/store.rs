@@ -20,6 +20,18 @@ pub struct StoreConfig {
     /// `GET /api/v1/logs`. When false, records still go to the diagnostic log, the metrics and
     /// `jsonl`, and the query endpoint answers that the store is disabled. Default `true`.
     pub enabled: bool,
+    /// Where the records live: `"sqlite"` (one file beside the daemon, `path`) or
+    /// `"postgres"` (a PostgreSQL database at `url`, shared by every process of a cluster; see
+    /// docs/cluster.md). Default `"sqlite"`.
+    pub backend: StoreBackend,
+    /// With `backend = "postgres"`: `postgres://user@host:5432/db`. Required then. A password
+    /// goes in `password_env`, not here. Default: unset.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub url: Option<String>,
+    /// With `backend = "postgres"`: the environment variable holding the password, if the
+    /// server wants one. Never logged. Default: unset.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub password_env: Option<String>,
     /// The SQLite file. Relative paths are relative to the daemon's working directory, like
     /// `data.dir`. Unset means `<data.dir>/outcomes.db`. Its `-wal` and `-shm` companions sit
     /// beside it. Default: unset.
@@ -78,6 +90,17 @@ pub struct StoreConfig {
     pub durability: Durability,
 }
 
+/// `store.backend`: which database holds the records.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum StoreBackend {
+    /// One SQLite file per process (the embedded default).
+    #[default]
+    Sqlite,
+    /// A PostgreSQL database shared by a cluster.
+    Postgres,
+}
+
 /// `store.durability`: whether acknowledgements wait for the records' commit.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Deserialize, Serialize)]
 #[serde(rename_all = "lowercase")]
@@ -93,6 +116,9 @@ impl Default for StoreConfig {
     fn default() -> Self {
         StoreConfig {
             enabled: true,
+            backend: StoreBackend::Sqlite,
+            url: None,
+            password_env: None,
             path: None,
             retention_days: 7,
             batch_max_records: 16_384,
@@ -128,6 +154,7 @@ impl StoreConfig {
                 "must not be empty (leave it out for <data.dir>/outcomes.db)".to_owned(),
             );
         }
+        self.validate_backend(r);
         r.in_range(
             &at("retention_days"),
             self.retention_days,
@@ -190,6 +217,73 @@ impl StoreConfig {
                 &[&at("jsonl")],
                 "must be \"none\", \"stdout\" or a file path, not empty".to_owned(),
             );
+        }
+    }
+}
+
+impl StoreConfig {
+    /// `backend`, `url` and `password_env` agree.
+    fn validate_backend(&self, r: &mut Reporter<'_>) {
+        let at = |key: &'static str| [Seg::Key("store"), Seg::Key(key)];
+        match (self.backend, &self.url) {
+            (StoreBackend::Sqlite, Some(_)) => r.report(
+                &[&at("url")],
+                "is only for backend = \"postgres\" (the SQLite file is store.path)".to_owned(),
+            ),
+            (StoreBackend::Sqlite, None) if self.password_env.is_some() => r.report(
+                &[&at("password_env")],
+                "is only for backend = \"postgres\"".to_owned(),
+            ),
+            (StoreBackend::Postgres, None) => r.report(
+                &[&at("backend")],
+                "\"postgres\" needs store.url (e.g. \"postgres://iotfwd@127.0.0.1:5432/iotfwd\")"
+                    .to_owned(),
+            ),
+            (StoreBackend::Postgres, Some(url)) => {
+                if self.path.is_some() {
+                    r.report(
+                        &[&at("path")],
+                        "is only for backend = \"sqlite\" (the records are in store.url)"
+                            .to_owned(),
+                    );
+                }
+                match url::Url::parse(url) {
+                    Ok(u) if u.scheme() == "postgres" || u.scheme() == "postgresql" => {
+                        if u.password().is_some() {
+                            r.report(
+                                &[&at("url")],
+                                "holds a password: put it in the environment variable named by \
+                                 store.password_env instead"
+                                    .to_owned(),
+                            );
+                        }
+                        if u.host_str().unwrap_or("").is_empty() {
+                            r.report(&[&at("url")], "has no host".to_owned());
+                        }
+                        if u.path().trim_start_matches('/').is_empty() {
+                            r.report(
+                                &[&at("url")],
+                                "names no database (e.g. \"postgres://iotfwd@127.0.0.1:5432/iotfwd\")"
+                                    .to_owned(),
+                            );
+                        }
+                    }
+                    Ok(u) => r.report(
+                        &[&at("url")],
+                        format!(
+                            "scheme {:?} is not postgres:// (e.g. \"postgres://iotfwd@127.0.0.1:5432/iotfwd\")",
+                            u.scheme()
+                        ),
+                    ),
+                    Err(e) => r.report(
+                        &[&at("url")],
+                        format!(
+                            "{url:?} is not a URL ({e}); e.g. \"postgres://iotfwd@127.0.0.1:5432/iotfwd\""
+                        ),
+                    ),
+                }
+            }
+            (StoreBackend::Sqlite, None) => {}
         }
     }
 }
@@ -270,6 +364,33 @@ mod tests {
     }
 
     #[test]
+    fn a_postgres_backend_needs_a_url_without_a_password() {
+        let parse = |text: &str| {
+            crate::config::Config::from_toml_str(text, None).map_err(|e| {
+                e.iter()
+                    .map(ToString::to_string)
+                    .collect::<Vec<_>>()
+                    .join("\n")
+            })
+        };
+        let c =
+            parse("[store]\nbackend = \"postgres\"\nurl = \"postgres://u@h:5432/db\"\n").unwrap();
+        assert_eq!(c.store.backend, StoreBackend::Postgres);
+        assert_eq!(StoreConfig::default().backend, StoreBackend::Sqlite);
+        let e = parse("[store]\nbackend = \"postgres\"\n").unwrap_err();
+        assert!(e.contains("store.url"), "{e}");
+        let e =
+            parse("[store]\nbackend = \"postgres\"\nurl = \"postgres://u:pw@h/db\"\n").unwrap_err();
+        assert!(e.contains("password_env") && e.contains(":3"), "{e}");
+        let e = parse("[store]\nbackend = \"postgres\"\nurl = \"mysql://u@h/db\"\n").unwrap_err();
+        assert!(e.contains("not postgres://"), "{e}");
+        let e = parse("[store]\nurl = \"postgres://u@h/db\"\n").unwrap_err();
+        assert!(e.contains("only for backend"), "{e}");
+        let e = parse("[store]\nbackend = \"mongo\"\n").unwrap_err();
+        assert!(e.contains("sqlite") && e.contains("postgres"), "{e}");
+    }
+
+    #[test]
     fn jsonl_target_forms() {
         #[derive(Deserialize, Serialize)]
         struct T {
@@ -325,6 +446,9 @@ mod tests {
     fn every_problem_is_reported() {
         let c = StoreConfig {
             enabled: true,
+            backend: StoreBackend::Sqlite,
+            url: None,
+            password_env: None,
             path: Some(PathBuf::new()),
             retention_days: 0,
             batch_max_records: 0,

@@ -9,6 +9,8 @@
 //! - **MQTT**: the `[source.mqtt]` connection, through [`Health::set_mqtt`].
 //! - **Quotas**: where the buckets live, and with `[quota] backend = "redis"` whether Redis
 //!   answered the last call, through [`Health::set_quotas`].
+//! - **Store**: the record store's backend (`sqlite`, `postgres`) and whether its database
+//!   answered the writer's last call, through [`Health::set_store`].
 //!
 //! The overall `status` is `ok` when everything is healthy and `degraded` otherwise: a
 //! destination not `healthy`, a rule file not loaded, the broker (when configured) not
@@ -126,6 +128,7 @@ pub struct Health {
     groups: RwLock<Option<GroupsProbe>>,
     mqtt: RwLock<Option<Arc<crate::source::mqtt::MqttLink>>>,
     quotas: RwLock<Option<crate::limits::Limiter>>,
+    store: RwLock<Option<Arc<crate::outcome::store::BackendState>>>,
 }
 
 impl Health {
@@ -185,6 +188,12 @@ impl Health {
     /// (Redis) that did not answer its last call makes the status `degraded`.
     pub fn set_quotas(&self, limiter: crate::limits::Limiter) {
         *self.quotas.write().unwrap_or_else(|p| p.into_inner()) = Some(limiter);
+    }
+
+    /// The record store: the report's `store` shows its backend and whether its database
+    /// answers; a PostgreSQL store that does not makes the status `degraded`.
+    pub fn set_store(&self, state: Arc<crate::outcome::store::BackendState>) {
+        *self.store.write().unwrap_or_else(|p| p.into_inner()) = Some(state);
     }
 
     /// The whole report. `broker` is `None` without `[broker]`, else whether it is connected.
@@ -252,6 +261,23 @@ impl Health {
             },
             None => json!({ "enabled": false, "backend": "local" }),
         };
+        let store = match &*self.store.read().unwrap_or_else(|p| p.into_inner()) {
+            None => json!({ "enabled": false }),
+            Some(state) => {
+                let up = state.up();
+                degraded |= !up;
+                let mut v = json!({
+                    "enabled": true,
+                    "backend": state.backend,
+                    "location": state.target,
+                    "up": up,
+                });
+                if let Some(e) = state.last_error().filter(|_| !up) {
+                    v["lastError"] = Value::String(e);
+                }
+                v
+            }
+        };
         json!({
             "status": if degraded { "degraded" } else { "ok" },
             "broker": match broker {
@@ -269,6 +295,7 @@ impl Health {
             },
             "mqtt": mqtt,
             "quotas": quotas,
+            "store": store,
             "destinations": destinations,
             "rules": rules,
             "lastReload": last_reload,

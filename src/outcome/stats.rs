@@ -265,7 +265,7 @@ pub fn stats(
     cache: Option<&StatsCache>,
     now_ms: i64,
 ) -> Result<Stats, StoreError> {
-    let path = reader.path();
+    let path = sqlite_only(reader)?;
     let err = |source| StoreError::Sqlite {
         path: path.to_owned(),
         source,
@@ -423,9 +423,20 @@ fn assemble(query: &StatsQuery, bucket_ms: i64, first: i64, last: i64, rows: Vec
     }
 }
 
+/// The SQLite file of `reader`: statistics read a SQLite store only, so far.
+fn sqlite_only(reader: &Reader) -> Result<&std::path::Path, StoreError> {
+    reader.path().ok_or_else(|| {
+        StoreError::Config(format!(
+            "per-bucket statistics are not available on a PostgreSQL store yet ({}); use \
+             `iotfwd logs` or GET /api/v1/logs",
+            reader.location()
+        ))
+    })
+}
+
 /// SQLite's plan for a query, one step per line (tests, diagnosis).
 pub fn explain(reader: &Reader, query: &StatsQuery) -> Result<String, StoreError> {
-    let path = reader.path();
+    let path = sqlite_only(reader)?;
     let err = |source| StoreError::Sqlite {
         path: path.to_owned(),
         source,

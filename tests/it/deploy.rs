@@ -1176,150 +1176,6 @@ fn k8s_manifests_parse_and_agree_with_the_config() {
     );
 }
 
-/// deploy/k8s/cluster: three replicas of the base that behave as one. Its config is
-/// deploy/iotfwd.toml plus only what a cluster needs (shared quotas, shared records, quorum
-/// queues), so the two cannot drift apart; the replicas are what the config's quota fallback
-/// divides by; nothing pins the replicas to one node; the Secret example holds every variable
-/// the cluster config reads.
-#[test]
-fn k8s_cluster_overlay_is_the_base_with_shared_state() {
-    use iotfwd::config::broker::QueueType;
-    use iotfwd::config::quota::QuotaBackend;
-    let dir = deploy().join("k8s").join("cluster");
-    let mut by_kind: BTreeMap<String, Vec<Value>> = BTreeMap::new();
-    for path in files(&dir, ".yaml") {
-        let Some(docs) = yaml_docs(&path) else { return };
-        for doc in docs {
-            let kind = doc["kind"].as_str().expect("kind").to_owned();
-            by_kind.entry(kind).or_default().push(doc);
-        }
-    }
-    let one = |kind: &str| -> &Value {
-        let docs = by_kind.get(kind).unwrap_or_else(|| panic!("no {kind}"));
-        assert_eq!(docs.len(), 1, "one {kind}");
-        &docs[0]
-    };
-
-    // The kustomization builds on the base and replaces its config with the file here.
-    let k = one("Kustomization");
-    let resources: Vec<&str> = k["resources"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|r| r.as_str().unwrap())
-        .collect();
-    assert!(
-        resources.contains(&"../"),
-        "the overlay builds on deploy/k8s"
-    );
-    for r in resources.iter().filter(|r| **r != "../") {
-        assert!(dir.join(r).is_file(), "{r} is listed but missing");
-    }
-    for p in k["patches"].as_array().unwrap() {
-        let path = p["path"].as_str().unwrap();
-        assert!(dir.join(path).is_file(), "patch {path} is missing");
-    }
-    let generator = &k["configMapGenerator"][0];
-    assert_eq!(generator["name"], "iotfwd-config");
-    assert_eq!(generator["behavior"], "replace");
-    assert_eq!(generator["files"], serde_json::json!(["iotfwd.toml"]));
-    assert_eq!(k["generatorOptions"]["disableNameSuffixHash"], true);
-
-    // The config: the base's, plus what the cluster shares.
-    let path = dir.join("iotfwd.toml");
-    let cluster = Config::load(&path).unwrap_or_else(|errors| {
-        let errors: Vec<String> = errors.iter().map(ToString::to_string).collect();
-        panic!("{} is invalid:\n{}", path.display(), errors.join("\n"))
-    });
-    assert_eq!(cluster.quota.backend, QuotaBackend::Redis);
-    assert!(cluster.redis.is_some());
-    assert_eq!(
-        cluster.source.amqp.as_ref().map(|a| a.queue_type),
-        Some(QueueType::Quorum)
-    );
-    assert!(!cluster.group.is_empty());
-    for g in &cluster.group {
-        assert_eq!(g.queue_type, QueueType::Quorum, "group {}", g.id);
-    }
-    let strip = |text: &str| -> toml::Table {
-        let mut t: toml::Table = toml::from_str(text).unwrap();
-        t.remove("redis");
-        if let Some(toml::Value::Table(q)) = t.get_mut("quota") {
-            for key in [
-                "backend",
-                "processes",
-                "on_backend_down",
-                "lease",
-                "lease_ttl_ms",
-            ] {
-                q.remove(key);
-            }
-        }
-        if let Some(toml::Value::Table(st)) = t.get_mut("store") {
-            for key in ["backend", "url", "password_env", "tls"] {
-                st.remove(key);
-            }
-        }
-        if let Some(toml::Value::Table(src)) = t.get_mut("source")
-            && let Some(toml::Value::Table(a)) = src.get_mut("amqp")
-        {
-            a.remove("queue_type");
-        }
-        if let Some(toml::Value::Array(groups)) = t.get_mut("group") {
-            for g in groups {
-                if let toml::Value::Table(g) = g {
-                    g.remove("queue_type");
-                }
-            }
-        }
-        t
-    };
-    assert_eq!(
-        strip(&read(&path)),
-        strip(&read(&deploy().join("iotfwd.toml"))),
-        "deploy/k8s/cluster/iotfwd.toml differs from deploy/iotfwd.toml in more than the \
-         cluster's keys: bring the change to both"
-    );
-
-    // The Deployment patch: as many replicas as the quota fallback divides by, a scratch data
-    // volume (no ReadWriteOnce claim pinning them to one node), rolled one at a time.
-    let d = one("Deployment");
-    let replicas = d["spec"]["replicas"].as_u64().expect("replicas");
-    assert!(replicas >= 2);
-    assert_eq!(
-        cluster.quota.processes.map(u64::from),
-        Some(replicas),
-        "[quota] processes = the Deployment's replicas"
-    );
-    assert_eq!(d["spec"]["strategy"]["type"], "RollingUpdate");
-    let data = d["spec"]["template"]["spec"]["volumes"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|v| v["name"] == "data")
-        .expect("the data volume");
-    assert!(data["emptyDir"].is_object() && data["persistentVolumeClaim"].is_null());
-    let pvc = one("PersistentVolumeClaim");
-    assert_eq!(pvc["$patch"], "delete");
-    let pdb = one("PodDisruptionBudget");
-    assert!(pdb["spec"]["minAvailable"].as_u64().unwrap() < replicas);
-    assert_eq!(
-        pdb["spec"]["selector"]["matchLabels"]["app.kubernetes.io/name"],
-        "iotfwd"
-    );
-
-    // Every secret the cluster config reads is in the Secret example.
-    let secret = one("Secret");
-    let vars = secret_env_vars(&path);
-    assert!(vars.contains("IOTFWD_REDIS_PASSWORD"));
-    for var in vars {
-        assert!(
-            secret["stringData"][&var].is_string(),
-            "deploy/k8s/cluster/secret.example.yaml lacks {var}"
-        );
-    }
-}
-
 // ---------------------------------------------------------------------------------------
 // Docker
 
@@ -1422,5 +1278,143 @@ fn dockerfile_builds_and_runs_what_the_config_needs() {
         .collect();
     for p in ["target/", "data/"] {
         assert!(patterns.contains(p), ".dockerignore must exclude {p}");
+    }
+}
+
+/// deploy/k8s-cluster: a kustomize overlay of deploy/k8s with three replicas, a data volume per
+/// pod, and a config (its ConfigMap verbatim) whose queues are quorum queues, quotas in Redis
+/// and records in PostgreSQL, with the passwords from the environment only.
+#[test]
+fn k8s_cluster_overlay_is_three_replicas_on_shared_engines() {
+    use iotfwd::config::broker::QueueType;
+    use iotfwd::config::store::StoreBackend;
+    let dir = deploy().join("k8s-cluster");
+    let mut docs = BTreeMap::new();
+    for path in files(&dir, ".yaml") {
+        let Some(d) = yaml_docs(&path) else { return };
+        assert_eq!(d.len(), 1, "{}", path.display());
+        docs.insert(
+            path.file_name().unwrap().to_str().unwrap().to_owned(),
+            d.into_iter().next().unwrap(),
+        );
+    }
+    let kustomization = &docs["kustomization.yaml"];
+    assert_eq!(kustomization["resources"][0], "../k8s");
+    let patches: BTreeSet<&str> = kustomization["patches"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|p| p["path"].as_str().unwrap())
+        .collect();
+    let resources: BTreeSet<&str> = kustomization["resources"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| r.as_str().unwrap())
+        .collect();
+    for name in docs
+        .keys()
+        .filter(|n| *n != "kustomization.yaml" && *n != "secret.example.yaml")
+    {
+        assert!(
+            patches.contains(name.as_str()) || resources.contains(name.as_str()),
+            "kustomization.yaml misses {name}"
+        );
+    }
+    let deployment = &docs["deployment-patch.yaml"];
+    assert_eq!(deployment["spec"]["replicas"], 3);
+    assert_eq!(deployment["spec"]["strategy"]["type"], "RollingUpdate");
+    let data = &deployment["spec"]["template"]["spec"]["volumes"][0];
+    assert_eq!(data["name"], "data");
+    assert!(data["persistentVolumeClaim"].is_null() && data["emptyDir"].is_object());
+    assert_eq!(docs["pvc-delete.yaml"]["$patch"], "delete");
+
+    let toml_path = dir.join("iotfwd.toml");
+    assert_eq!(
+        docs["configmap-config.yaml"]["data"]["iotfwd.toml"].as_str(),
+        Some(read(&toml_path).as_str()),
+        "configmap-config.yaml is not deploy/k8s-cluster/iotfwd.toml: regenerate it"
+    );
+    let c = Config::load(&toml_path).unwrap_or_else(|errors| {
+        let errors: Vec<String> = errors.iter().map(ToString::to_string).collect();
+        panic!("{} is invalid:\n{}", toml_path.display(), errors.join("\n"))
+    });
+    assert_eq!(
+        c.source.amqp.as_ref().unwrap().queue_type,
+        QueueType::Quorum
+    );
+    assert!(!c.group.is_empty());
+    assert!(c.group.iter().all(|g| g.queue_type == QueueType::Quorum));
+    let redis = c.redis.as_ref().expect("[redis]");
+    assert!(redis.password_env.is_some() && !redis.url.contains('@'));
+    assert_eq!(c.store.backend, StoreBackend::Postgres);
+    assert!(c.store.password_env.is_some());
+    let store_url = url::Url::parse(c.store.url.as_deref().expect("store.url")).unwrap();
+    assert!(store_url.password().is_none(), "no password in store.url");
+    assert!(redis.is_tls() && redis.tls.is_some(), "Redis over TLS");
+
+    // As many replicas as the quota fallback divides by; a drain takes one at a time.
+    assert_eq!(
+        c.quota.processes.map(u64::from),
+        deployment["spec"]["replicas"].as_u64(),
+        "[quota] processes = the Deployment's replicas"
+    );
+    let pdb = &docs["poddisruptionbudget.yaml"];
+    assert!(
+        pdb["spec"]["minAvailable"].as_u64().unwrap()
+            < deployment["spec"]["replicas"].as_u64().unwrap()
+    );
+    assert_eq!(
+        pdb["spec"]["selector"]["matchLabels"]["app.kubernetes.io/name"],
+        "iotfwd"
+    );
+
+    // The config is deploy/iotfwd.toml plus the cluster's keys only, so the two cannot drift.
+    let strip = |text: &str| -> toml::Table {
+        let mut t: toml::Table = toml::from_str(text).unwrap();
+        t.remove("redis");
+        let mut remove = |table: &str, keys: &[&str]| {
+            if let Some(toml::Value::Table(x)) = t.get_mut(table) {
+                for key in keys {
+                    x.remove(*key);
+                }
+            }
+        };
+        remove(
+            "quota",
+            &["backend", "processes", "on_backend_down", "lease", "lease_ttl_ms"],
+        );
+        // checkpoint_mib is SQLite's own.
+        remove("store", &["backend", "url", "password_env", "checkpoint_mib"]);
+        if let Some(toml::Value::Table(src)) = t.get_mut("source")
+            && let Some(toml::Value::Table(a)) = src.get_mut("amqp")
+        {
+            a.remove("queue_type");
+        }
+        if let Some(toml::Value::Array(groups)) = t.get_mut("group") {
+            for g in groups.iter_mut() {
+                if let toml::Value::Table(g) = g {
+                    g.remove("queue_type");
+                }
+            }
+        }
+        t
+    };
+    assert_eq!(
+        strip(&read(&toml_path)),
+        strip(&read(&deploy().join("iotfwd.toml"))),
+        "deploy/k8s-cluster/iotfwd.toml differs from deploy/iotfwd.toml in more than the \
+         cluster's keys: bring the change to both"
+    );
+
+    // Every secret the cluster config reads is in its Secret example.
+    let secret = &docs["secret.example.yaml"];
+    let vars = secret_env_vars(&toml_path);
+    assert!(vars.contains("IOTFWD_REDIS_PASSWORD") && vars.contains("IOTFWD_PG_PASSWORD"));
+    for var in vars {
+        assert!(
+            secret["stringData"][&var].is_string(),
+            "deploy/k8s-cluster/secret.example.yaml lacks {var}"
+        );
     }
 }

@@ -10,6 +10,7 @@ mod action_amqp;
 mod action_group;
 mod action_mqtt;
 mod cli;
+mod cluster;
 mod console;
 mod delivery;
 mod deploy;

@@ -267,14 +267,14 @@ impl Drop for SharedCleanup {
 
 /// What the publisher did.
 #[derive(Default)]
-struct Progress {
+pub(super) struct Progress {
     /// Messages the broker confirmed.
-    confirmed: AtomicUsize,
+    pub(super) confirmed: AtomicUsize,
     /// Messages sent again because their confirm never came (the connection dropped). Each may
     /// be in the source queue twice, so each may be one duplicate downstream.
-    republished: AtomicUsize,
+    pub(super) republished: AtomicUsize,
     /// Times the publisher had to connect again.
-    reconnects: AtomicUsize,
+    pub(super) reconnects: AtomicUsize,
 }
 
 async fn confirm_channel(url: &str) -> Result<(Connection, Channel), lapin::Error> {
@@ -295,7 +295,7 @@ async fn confirm_channel(url: &str) -> Result<(Connection, Channel), lapin::Erro
 /// Publishes `m0..m{n-1}` to `queue` (persistent, with publisher confirms) at about `per_sec`
 /// messages a second, in batches of 100. Survives the broker going away: reconnects, and sends
 /// again every message whose confirm did not come. Err if not done within `limit`.
-async fn publish_stream(
+pub(super) async fn publish_stream(
     url: String,
     queue: String,
     n: usize,
@@ -386,7 +386,7 @@ async fn publish_stream(
 
 /// Waits until the source queue is empty and the destination holds at least `n` messages and
 /// has stopped growing, or `limit` passes (the caller's count then shows what is missing).
-async fn wait_settled(url: &str, source: &str, dest: &str, n: usize, limit: Duration) {
+pub(super) async fn wait_settled(url: &str, source: &str, dest: &str, n: usize, limit: Duration) {
     let (conn, _ch) = channel(url).await;
     let deadline = Instant::now() + limit;
     let mut last = None;
@@ -403,7 +403,7 @@ async fn wait_settled(url: &str, source: &str, dest: &str, n: usize, limit: Dura
 }
 
 /// Takes every message of `dest` and counts them per message id: (missing ids, duplicates).
-async fn tally(url: &str, dest: &str, n: usize) -> (Vec<usize>, usize, usize) {
+pub(super) async fn tally(url: &str, dest: &str, n: usize) -> (Vec<usize>, usize, usize) {
     let (conn, ch) = channel(url).await;
     let got = drain(&ch, dest, n, Duration::from_secs(1)).await;
     let _ = conn.close(200, "".into()).await;
@@ -419,7 +419,7 @@ async fn tally(url: &str, dest: &str, n: usize) -> (Vec<usize>, usize, usize) {
     (missing, duplicates, got.len())
 }
 
-fn write_forward_rule(dir: &Path, exchange: &str) {
+pub(super) fn write_forward_rule(dir: &Path, exchange: &str) {
     std::fs::write(
         dir.join("forward.toml"),
         format!(

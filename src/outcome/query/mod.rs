@@ -16,7 +16,8 @@ mod params;
 mod sql;
 
 pub use params::{HTTP_PARAMS, LogParams, parse_duration, parse_time};
-pub(crate) use sql::{COLUMNS, Order};
+pub use sql::Dialect;
+pub(crate) use sql::{COLUMNS, Order, json_escaped};
 
 use std::fmt;
 

@@ -18,6 +18,12 @@
 //! (`ORDER BY +time_ms`), split by id ranges across the cores. Reading rows sequentially is
 //! about four times cheaper than walking the time index and looking each row up, so the worst
 //! case (a keyword that matches nothing) is one sequential pass, shared by the cores.
+//!
+//! The same query runs on a PostgreSQL store ([`Dialect::Postgres`], [`LogQuery::to_sql_for`]):
+//! the same conditions with `$n` placeholders, no SQLite index hints, and the keyword as
+//! `strpos()` on the same three columns for the keyword as typed and as JSON writes it
+//! ([`json_escaped`]): the same literal, case-sensitive match as `iotfwd_contains`. PostgreSQL's
+//! planner picks the indexes itself, so a PostgreSQL query is never split.
 
 use rusqlite::types::Value;
 
@@ -28,7 +34,27 @@ use crate::outcome::Code;
 pub(crate) const COLUMNS: &str = "id, time_ms, trace_id, message_id, product_key, device_name, \
      biz_code, operation, code, reason, content, tenant_id, instance_id";
 
+/// Which database's SQL to write.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Dialect {
+    Sqlite,
+    Postgres,
+}
+
+/// `needle` as it is written inside a JSON string, when that differs from `needle` (a quote, a
+/// backslash, a control character): a keyword also matches a payload in this form.
+pub(crate) fn json_escaped(needle: &str) -> Option<String> {
+    let quoted = serde_json::to_string(needle).ok()?;
+    let escaped = &quoted[1..quoted.len() - 1];
+    (escaped != needle).then(|| escaped.to_owned())
+}
+
 impl LogQuery {
+    /// [`LogQuery::to_sql`] in `dialect`: one index-ordered statement.
+    pub fn to_sql_for(&self, dialect: Dialect) -> (String, Vec<Value>) {
+        self.to_sql_in_dialect(dialect, Order::Index, None, None, None, self.limit + 1)
+    }
+
     /// The SQL and its bound parameters. The text is built only from constant fragments; every
     /// value the user gave is a parameter. Selects `limit + 1` rows so the store can tell whether
     /// a next page exists. This is the index-ordered form; the store splits queries for which
@@ -53,12 +79,25 @@ impl LogQuery {
         ids: Option<(i64, i64)>,
         rows: usize,
     ) -> (String, Vec<Value>) {
+        self.to_sql_in_dialect(Dialect::Sqlite, order, at_least, before, ids, rows)
+    }
+
+    fn to_sql_in_dialect(
+        &self,
+        dialect: Dialect,
+        order: Order,
+        at_least: Option<i64>,
+        before: Option<i64>,
+        ids: Option<(i64, i64)>,
+        rows: usize,
+    ) -> (String, Vec<Value>) {
         // In storage order, `+time_ms` keeps SQLite from using the time index for any term.
-        let time = match order {
-            Order::Index => "time_ms",
-            Order::Scan => "+time_ms",
+        let time = match (order, dialect) {
+            (Order::Scan, Dialect::Sqlite) => "+time_ms",
+            _ => "time_ms",
         };
         let mut sql = Sql::new(format!("SELECT {COLUMNS} FROM records"));
+        sql.dialect = dialect;
         self.conditions(&mut sql, true, time);
         if let Some(t) = at_least {
             let p = sql.param(Value::Integer(t));
@@ -74,9 +113,9 @@ impl LogQuery {
             sql.and(&format!("id > {lo} AND id <= {hi}"));
         }
         let limit = sql.param(Value::Integer(rows as i64));
-        let id = match order {
-            Order::Index => "id",
-            Order::Scan => "+id",
+        let id = match (order, dialect) {
+            (Order::Scan, Dialect::Sqlite) => "+id",
+            _ => "id",
         };
         sql.text
             .push_str(&format!(" ORDER BY {time} DESC, {id} DESC LIMIT {limit}"));
@@ -142,7 +181,26 @@ impl LogQuery {
         }
         if row_filters && let Some(keyword) = &self.keyword {
             let p = sql.param(Value::Text(keyword.clone()));
-            sql.and(&format!("iotfwd_contains({p}, operation, reason, content)"));
+            match sql.dialect {
+                Dialect::Sqlite => {
+                    sql.and(&format!("iotfwd_contains({p}, operation, reason, content)"));
+                }
+                Dialect::Postgres => {
+                    let mut any = format!(
+                        "(strpos(operation, {p}) > 0 OR strpos(reason, {p}) > 0 OR \
+                         strpos(content, {p}) > 0"
+                    );
+                    if let Some(escaped) = json_escaped(keyword) {
+                        let e = sql.param(Value::Text(escaped));
+                        any.push_str(&format!(
+                            " OR strpos(operation, {e}) > 0 OR strpos(reason, {e}) > 0 OR \
+                             strpos(content, {e}) > 0"
+                        ));
+                    }
+                    any.push(')');
+                    sql.and(&any);
+                }
+            }
         }
         if let Some(cursor) = &self.cursor {
             let t = sql.param(Value::Integer(cursor.time_ms));
@@ -158,6 +216,7 @@ struct Sql {
     text: String,
     values: Vec<Value>,
     has_where: bool,
+    dialect: Dialect,
 }
 
 impl Sql {
@@ -166,13 +225,17 @@ impl Sql {
             text,
             values: Vec::new(),
             has_where: false,
+            dialect: Dialect::Sqlite,
         }
     }
 
-    /// Binds a value; returns its placeholder (`?3`).
+    /// Binds a value; returns its placeholder (`?3`, or `$3` for PostgreSQL).
     fn param(&mut self, value: Value) -> String {
         self.values.push(value);
-        format!("?{}", self.values.len())
+        match self.dialect {
+            Dialect::Sqlite => format!("?{}", self.values.len()),
+            Dialect::Postgres => format!("${}", self.values.len()),
+        }
     }
 
     /// Appends a condition (constant text with placeholders).

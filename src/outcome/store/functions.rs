@@ -54,12 +54,9 @@ pub fn register_functions(conn: &Connection) -> rusqlite::Result<()> {
 fn finders(needle: &[u8]) -> Vec<memchr::memmem::Finder<'static>> {
     let mut out = vec![memchr::memmem::Finder::new(needle).into_owned()];
     if let Ok(text) = std::str::from_utf8(needle)
-        && let Ok(quoted) = serde_json::to_string(text)
+        && let Some(escaped) = crate::outcome::query::json_escaped(text)
     {
-        let escaped = &quoted.as_bytes()[1..quoted.len() - 1];
-        if escaped != needle {
-            out.push(memchr::memmem::Finder::new(escaped).into_owned());
-        }
+        out.push(memchr::memmem::Finder::new(escaped.as_bytes()).into_owned());
     }
     out
 }

@@ -44,6 +44,7 @@
 //! record sinks). This file is the API: [`Store`], its options and its errors.
 
 mod functions;
+mod postgres;
 mod reader;
 mod rows;
 mod schema;
@@ -53,7 +54,8 @@ pub(crate) mod testing;
 mod writer;
 
 pub use functions::register_functions;
-pub use reader::{Cancel, Page, Reader, SPLIT_AT, TRACE_MAX_RECORDS, Trace};
+pub use postgres::{BackendState, PgReader, PgTarget};
+pub use reader::{Cancel, Page, Reader, SPLIT_AT, SqliteReader, TRACE_MAX_RECORDS, Trace};
 pub use sinks::RecordSinks;
 pub use writer::{PURGE_CHUNK, WriterStats};
 
@@ -110,6 +112,14 @@ pub enum StoreError {
     },
     #[error("the record store writer has stopped")]
     Stopped,
+    #[error("record store {url}: {source}")]
+    Postgres {
+        url: String,
+        #[source]
+        source: tokio_postgres::Error,
+    },
+    #[error("record store: {0}")]
+    Config(String),
 }
 
 /// Tuning of the writer; [`StoreOptions::from_config`] gives the daemon's.
@@ -156,6 +166,9 @@ impl Default for StoreOptions {
 /// The writer side of the store: attach [`Store::sender`] to [`super::Outcomes::with_sink`].
 pub struct Store {
     path: PathBuf,
+    /// Set for a PostgreSQL store.
+    pub(super) postgres: Option<PgTarget>,
+    state: Arc<BackendState>,
     sender: RecordSender,
     control: mpsc::UnboundedSender<Control>,
     drain: tokio::task::JoinHandle<()>,
@@ -207,6 +220,8 @@ impl Store {
         ));
         Ok(Store {
             path: path.to_owned(),
+            postgres: None,
+            state: Arc::new(BackendState::new("sqlite", path.display().to_string())),
             sender,
             control,
             drain,
@@ -214,9 +229,63 @@ impl Store {
         })
     }
 
-    /// The file.
+    /// Opens (creating the table and partitions if needed) the PostgreSQL store at `target` and
+    /// starts its writer on the current runtime. A server that does not answer is not an
+    /// error: the writer holds records (up to `queue_capacity`) until it does, and
+    /// [`Store::state`] says so.
+    pub async fn open_postgres(
+        target: PgTarget,
+        options: StoreOptions,
+        metrics: Option<StoreMetrics>,
+    ) -> Result<Store, StoreError> {
+        let metrics = metrics.unwrap_or_else(|| StoreMetrics::new(None));
+        let state = Arc::new(BackendState::new("postgres", target.url.clone()));
+        let client = postgres::open_writer(&target, &state, &metrics).await;
+        let (sender, records) = mpsc::channel(options.queue_capacity);
+        let log = Arc::new(CommitLog::default());
+        let sender = RecordSender::new(sender, Arc::clone(&log));
+        let (control, control_rx) = mpsc::unbounded_channel();
+        let (jobs, jobs_rx) = mpsc::channel(2);
+        let (done_tx, done) = oneshot::channel();
+        let writer = postgres::pg_writer(
+            target.clone(),
+            client,
+            jobs_rx,
+            metrics.clone(),
+            log,
+            Arc::clone(&state),
+            options.queue_capacity,
+        );
+        tokio::spawn(async move {
+            let _ = done_tx.send(writer.await);
+        });
+        let drain = tokio::spawn(drain_task(
+            records,
+            control_rx,
+            jobs,
+            options,
+            metrics,
+            Arc::clone(sender.log()),
+        ));
+        Ok(Store {
+            path: PathBuf::from(&target.url),
+            postgres: Some(target),
+            state,
+            sender,
+            control,
+            drain,
+            done,
+        })
+    }
+
+    /// The file (for a PostgreSQL store, its URL as a path, for messages).
     pub fn path(&self) -> &Path {
         &self.path
+    }
+
+    /// Which backend, where, and whether its database answered the writer's last call.
+    pub fn state(&self) -> Arc<BackendState> {
+        Arc::clone(&self.state)
     }
 
     /// A sender for [`super::Outcomes::with_sink`].
@@ -229,9 +298,12 @@ impl Store {
         Arc::clone(self.sender.log())
     }
 
-    /// A reader of the same file.
+    /// A reader of the same store.
     pub fn reader(&self) -> Result<Reader, StoreError> {
-        Reader::open(&self.path)
+        match &self.postgres {
+            Some(target) => PgReader::open(target.clone()).map(Reader::Postgres),
+            None => Reader::open(&self.path),
+        }
     }
 
     /// Resolves once every record sent before the call is committed (visible to readers).

@@ -10,6 +10,7 @@ use std::sync::{Arc, Mutex};
 
 use rusqlite::{Connection, InterruptHandle, OptionalExtension, params};
 
+use super::postgres::{PgReader, PgTarget};
 use super::rows::{Stored, row_to_stored};
 use super::schema::open_reader;
 use super::{StoreError, sqlite_err};
@@ -90,11 +91,11 @@ impl Cancel {
     }
 }
 
-/// The read side: any number of readers, in any process, query while the daemon writes. Cheap to
-/// clone; keeps a few connections open for reuse. Queries block: call them from
-/// `spawn_blocking` in async code.
+/// The read side of a SQLite store: any number of readers, in any process, query while the
+/// daemon writes. Cheap to clone; keeps a few connections open for reuse. Queries block: call
+/// them from `spawn_blocking` in async code.
 #[derive(Clone)]
-pub struct Reader {
+pub struct SqliteReader {
     path: PathBuf,
     pool: Arc<Mutex<Vec<Connection>>>,
     split_at: usize,
@@ -104,14 +105,14 @@ pub struct Reader {
     cancel: Option<Cancel>,
 }
 
-impl Reader {
+impl SqliteReader {
     /// Opens an existing store; a missing file is [`StoreError::Missing`] (a reader never
     /// creates one).
-    pub fn open(path: &Path) -> Result<Reader, StoreError> {
+    pub fn open(path: &Path) -> Result<SqliteReader, StoreError> {
         if !path.is_file() {
             return Err(StoreError::Missing(path.to_owned()));
         }
-        let reader = Reader {
+        let reader = SqliteReader {
             path: path.to_owned(),
             pool: Arc::new(Mutex::new(Vec::new())),
             split_at: SPLIT_AT,
@@ -130,15 +131,15 @@ impl Reader {
     /// The same reader, splitting queries at `records` instead of [`SPLIT_AT`], and reading the
     /// storage-order part in parallel whatever its size: lets tests run every path of a split
     /// query on a small store. Results do not depend on it.
-    pub fn with_split_at(mut self, records: usize) -> Reader {
+    pub fn with_split_at(mut self, records: usize) -> SqliteReader {
         self.split_at = records;
         self.parallel_from = 0;
         self
     }
 
     /// The same reader, whose queries `cancel` can stop.
-    pub fn cancellable(&self, cancel: Cancel) -> Reader {
-        Reader {
+    pub fn cancellable(&self, cancel: Cancel) -> SqliteReader {
+        SqliteReader {
             cancel: Some(cancel),
             ..self.clone()
         }
@@ -415,6 +416,105 @@ impl Reader {
     }
 }
 
+/// The read side of either backend: the same queries and answers on a SQLite file or a
+/// PostgreSQL database. Cheap to clone; queries block (call them from `spawn_blocking` in async
+/// code).
+#[derive(Clone)]
+pub enum Reader {
+    Sqlite(SqliteReader),
+    Postgres(PgReader),
+}
+
+impl Reader {
+    /// Opens an existing SQLite store.
+    pub fn open(path: &Path) -> Result<Reader, StoreError> {
+        SqliteReader::open(path).map(Reader::Sqlite)
+    }
+
+    /// Opens the store `[store]` names: the SQLite file (`path`, default
+    /// `<data_dir>/outcomes.db`) or the PostgreSQL database (`url`).
+    pub fn open_config(
+        config: &crate::config::store::StoreConfig,
+        data_dir: &Path,
+    ) -> Result<Reader, StoreError> {
+        use crate::config::store::StoreBackend;
+        match (config.backend, &config.url) {
+            (StoreBackend::Postgres, Some(url)) => {
+                let target = PgTarget::new(url, config.password_env.as_deref())?;
+                PgReader::open(target).map(Reader::Postgres)
+            }
+            (StoreBackend::Postgres, None) => Err(StoreError::Config(
+                "store.backend = \"postgres\" needs store.url".into(),
+            )),
+            (StoreBackend::Sqlite, _) => Reader::open(&config.resolved_path(data_dir)),
+        }
+    }
+
+    /// The SQLite file, when the store is one.
+    pub fn path(&self) -> Option<&Path> {
+        match self {
+            Reader::Sqlite(r) => Some(r.path()),
+            Reader::Postgres(_) => None,
+        }
+    }
+
+    /// The file or the database URL, for messages.
+    pub fn location(&self) -> String {
+        match self {
+            Reader::Sqlite(r) => r.path().display().to_string(),
+            Reader::Postgres(r) => r.url().to_owned(),
+        }
+    }
+
+    /// See [`SqliteReader::with_split_at`]; a PostgreSQL reader does not split queries.
+    pub fn with_split_at(self, records: usize) -> Reader {
+        match self {
+            Reader::Sqlite(r) => Reader::Sqlite(r.with_split_at(records)),
+            other => other,
+        }
+    }
+
+    /// The same reader, whose queries `cancel` can stop.
+    pub fn cancellable(&self, cancel: Cancel) -> Reader {
+        match self {
+            Reader::Sqlite(r) => Reader::Sqlite(r.cancellable(cancel)),
+            Reader::Postgres(r) => Reader::Postgres(r.cancellable(cancel)),
+        }
+    }
+
+    /// One page, newest first.
+    pub fn query(&self, query: &LogQuery) -> Result<Page, StoreError> {
+        match self {
+            Reader::Sqlite(r) => r.query(query),
+            Reader::Postgres(r) => r.query(query),
+        }
+    }
+
+    /// Everything recorded about one message, oldest first.
+    pub fn trace(&self, id: &str) -> Result<Trace, StoreError> {
+        match self {
+            Reader::Sqlite(r) => r.trace(id),
+            Reader::Postgres(r) => r.trace(id),
+        }
+    }
+
+    /// How many records the store holds.
+    pub fn count(&self) -> Result<u64, StoreError> {
+        match self {
+            Reader::Sqlite(r) => r.count(),
+            Reader::Postgres(r) => r.count(),
+        }
+    }
+
+    /// The database's plan for a query.
+    pub fn explain(&self, query: &LogQuery) -> Result<String, StoreError> {
+        match self {
+            Reader::Sqlite(r) => r.explain(query),
+            Reader::Postgres(r) => r.explain(query),
+        }
+    }
+}
+
 /// How a split query ([`LogQuery::scans`]) runs: the newest part (time at or after `boundary`,
 /// the [`SPLIT_AT`]th newest record in range) through the time index; the rest in `rest` order.
 struct Split {
@@ -477,14 +577,25 @@ fn split_at(
 
 #[cfg(test)]
 mod tests {
-    use super::super::testing::{base, filled};
+    use super::super::testing::{Backend, base, filled, filled_on};
     use super::*;
     use crate::outcome::query::{LogParams, Status};
 
     #[tokio::test]
     async fn a_cancelled_reader_stops_and_the_pool_is_unharmed() {
+        a_cancelled_reader_stops_on(Backend::Sqlite).await;
+    }
+
+    #[tokio::test]
+    async fn a_cancelled_reader_stops_on_postgres() {
+        a_cancelled_reader_stops_on(Backend::Postgres).await;
+    }
+
+    async fn a_cancelled_reader_stops_on(backend: Backend) {
         let dir = tempfile::tempdir().unwrap();
-        let (_store, reader) = filled(dir.path(), 25).await;
+        let Some((_store, reader, _db)) = filled_on(backend, dir.path(), 25).await else {
+            return;
+        };
         let cancel = Cancel::default();
         let cancellable = reader.cancellable(cancel.clone());
         assert_eq!(
@@ -509,8 +620,19 @@ mod tests {
 
     #[tokio::test]
     async fn writes_queries_and_pages() {
+        writes_queries_and_pages_on(Backend::Sqlite).await;
+    }
+
+    #[tokio::test]
+    async fn writes_queries_and_pages_on_postgres() {
+        writes_queries_and_pages_on(Backend::Postgres).await;
+    }
+
+    async fn writes_queries_and_pages_on(backend: Backend) {
         let dir = tempfile::tempdir().unwrap();
-        let (store, reader) = filled(dir.path(), 25).await;
+        let Some((store, reader, _db)) = filled_on(backend, dir.path(), 25).await else {
+            return;
+        };
         assert_eq!(reader.count().unwrap(), 25);
         let q = LogQuery {
             limit: 10,

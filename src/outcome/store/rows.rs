@@ -1,4 +1,4 @@
-//! A row of the records table back to a [`Record`].
+//! A row of the records table (SQLite or PostgreSQL) back to a [`Record`].
 //!
 //! Rows are read as stored and checked only when they become records: a service type or code
 //! this build does not know (a newer iotfwd wrote it) is then reported as
@@ -42,6 +42,24 @@ pub(super) fn row_to_stored(r: &rusqlite::Row<'_>) -> rusqlite::Result<Stored> {
         content: r.get(10)?,
         tenant_id: r.get(11)?,
         instance_id: r.get(12)?,
+    })
+}
+
+pub(super) fn pg_row_to_stored(r: &tokio_postgres::Row) -> Result<Stored, tokio_postgres::Error> {
+    Ok(Stored {
+        id: r.try_get(0)?,
+        time_ms: r.try_get(1)?,
+        trace_id: r.try_get(2)?,
+        message_id: r.try_get(3)?,
+        product_key: r.try_get(4)?,
+        device_name: r.try_get(5)?,
+        biz_code: r.try_get(6)?,
+        operation: r.try_get(7)?,
+        code: r.try_get(8)?,
+        reason: r.try_get(9)?,
+        content: r.try_get(10)?,
+        tenant_id: r.try_get(11)?,
+        instance_id: r.try_get(12)?,
     })
 }
 

@@ -8,8 +8,10 @@
 //! enabled, else the JSON lines when they go somewhere, else none (then only the diagnostic
 //! log has the records, and nothing is waited for).
 
-use super::{Reader, Store, StoreOptions};
-use crate::config::store::Durability;
+use std::sync::Arc;
+
+use super::{BackendState, PgReader, PgTarget, Reader, Store, StoreOptions};
+use crate::config::store::{Durability, StoreBackend};
 use crate::outcome::Outcomes;
 use crate::outcome::jsonl::JsonlSink;
 
@@ -29,15 +31,27 @@ impl RecordSinks {
     ) -> anyhow::Result<RecordSinks> {
         let store_config = &config.store;
         let (store, reader) = if store_config.enabled {
-            let path = store_config.resolved_path(&config.data.dir);
-            let store = Store::open(
-                &path,
-                StoreOptions::from_config(store_config),
-                Some(metrics.store.clone()),
-            )?;
-            let reader = store.reader()?;
+            let options = StoreOptions::from_config(store_config);
+            let store = match (store_config.backend, &store_config.url) {
+                (StoreBackend::Postgres, Some(url)) => {
+                    let target = PgTarget::new(url, store_config.password_env.as_deref())?;
+                    Store::open_postgres(target, options, Some(metrics.store.clone())).await?
+                }
+                _ => Store::open(
+                    &store_config.resolved_path(&config.data.dir),
+                    options,
+                    Some(metrics.store.clone()),
+                )?,
+            };
+            // A PostgreSQL reader connects when it first queries, so a server that is down at
+            // start does not keep the daemon from starting.
+            let reader = match &store.postgres {
+                Some(target) => Reader::Postgres(PgReader::lazy(target.clone())),
+                None => store.reader()?,
+            };
             tracing::info!(
-                store = %path.display(),
+                store = %store.path().display(),
+                backend = store.state().backend,
                 retention_days = store_config.retention_days,
                 "record store open: query with `iotfwd logs` or GET /api/v1/logs"
             );
@@ -100,6 +114,11 @@ impl RecordSinks {
             }
         }
         outcomes
+    }
+
+    /// The store's backend and whether its database answers, when it is enabled.
+    pub fn state(&self) -> Option<Arc<BackendState>> {
+        self.store.as_ref().map(Store::state)
     }
 
     /// A reader of the store, when it is enabled.

@@ -291,7 +291,7 @@ fn purge_chunk(conn: &Connection, cutoff_ms: i64) -> rusqlite::Result<usize> {
 #[cfg(test)]
 mod tests {
     use super::super::Store;
-    use super::super::testing::{base, filled, record};
+    use super::super::testing::{Backend, base, filled_on, record};
     use super::*;
     use crate::outcome::Code;
 
@@ -369,8 +369,19 @@ mod tests {
 
     #[tokio::test]
     async fn purge_deletes_only_old_records() {
+        purge_deletes_only_old_records_on(Backend::Sqlite).await;
+    }
+
+    #[tokio::test]
+    async fn purge_deletes_only_old_records_on_postgres() {
+        purge_deletes_only_old_records_on(Backend::Postgres).await;
+    }
+
+    async fn purge_deletes_only_old_records_on(backend: Backend) {
         let dir = tempfile::tempdir().unwrap();
-        let (store, reader) = filled(dir.path(), 12_000).await;
+        let Some((store, reader, _db)) = filled_on(backend, dir.path(), 12_000).await else {
+            return;
+        };
         let deleted = store.purge_older_than(base() + 11_000).await.unwrap();
         assert_eq!(deleted, 11_000);
         assert_eq!(reader.count().unwrap(), 1000);
