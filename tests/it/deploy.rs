@@ -1382,10 +1382,19 @@ fn k8s_cluster_overlay_is_three_replicas_on_shared_engines() {
         };
         remove(
             "quota",
-            &["backend", "processes", "on_backend_down", "lease", "lease_ttl_ms"],
+            &[
+                "backend",
+                "processes",
+                "on_backend_down",
+                "lease",
+                "lease_ttl_ms",
+            ],
         );
         // checkpoint_mib is SQLite's own.
-        remove("store", &["backend", "url", "password_env", "checkpoint_mib"]);
+        remove(
+            "store",
+            &["backend", "url", "password_env", "checkpoint_mib"],
+        );
         if let Some(toml::Value::Table(src)) = t.get_mut("source")
             && let Some(toml::Value::Table(a)) = src.get_mut("amqp")
         {
