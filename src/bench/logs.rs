@@ -306,8 +306,14 @@ pub fn run(
     println!("PostgreSQL store at {url}: the same {records} records");
     let pg = runtime.block_on(async {
         let target = crate::outcome::store::PgTarget::new(&url, None)?;
-        let store = Store::open_postgres(target.clone(), options, None).await?;
+        let store = Store::open_postgres(target.clone(), options.clone(), None).await?;
         let filled = fill(store, records, n_msgs, end_ms).await?;
+        // One retention run, as the daemon makes every retention interval: it also refreshes
+        // the planner's statistics of the partitions written to, as after the first interval of
+        // a running daemon.
+        let store = Store::open_postgres(target.clone(), options, None).await?;
+        store.purge_older_than(0).await?;
+        store.shutdown().await;
         Ok::<_, crate::outcome::store::StoreError>((filled, target))
     });
     let ((pg_sent, pg_time, pg_stats), target) = match pg {

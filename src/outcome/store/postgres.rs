@@ -370,13 +370,31 @@ impl PgWriter {
             Job::Purge(cutoff, ack) => {
                 let mut done = 0;
                 if let Some(c) = &self.client {
-                    let _ = ensure_partitions(c, &self.target, crate::message::now_ms()).await;
+                    let now = crate::message::now_ms();
+                    let _ = ensure_partitions(c, &self.target, now).await;
                     match purge(c, &self.target, cutoff, ack.is_some()).await {
                         Ok(n) => done = n,
                         Err(e) => tracing::error!(
                             store = %self.target.url,
                             "record store: retention failed: {e}"
                         ),
+                    }
+                    // Fresh statistics for the partitions being written. Autovacuum analyzes a
+                    // partition only once a tenth of it changed, so a day's partition spends
+                    // hours with none or stale ones, and the planner then answers a messageId
+                    // lookup by walking the time index (measured: 390 ms instead of 0.1 ms
+                    // over 2 million records).
+                    let today = now.div_euclid(DAY_MS);
+                    let analyze = format!(
+                        "ANALYZE {}, {}",
+                        partition_name(today - 1),
+                        partition_name(today)
+                    );
+                    if let Err(e) = c.batch_execute(&analyze).await {
+                        tracing::warn!(
+                            store = %self.target.url,
+                            "record store: ANALYZE of the current partitions failed: {e}"
+                        );
                     }
                 }
                 if done > 0 {
