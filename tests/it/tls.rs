@@ -471,16 +471,49 @@ async fn amqps_with_client_certificates_and_clear_errors_for_a_wrong_ca_or_none(
         .unwrap();
 }
 
-/// A Mosquitto of the test's own with only a TLS listener (server certificate of `pki`),
-/// stopped when dropped; None (after `tool_missing`) without mosquitto.
-struct TlsMosquitto {
+/// A broker of the test's own (Mosquitto, Redis) with only a TLS listener on `port`,
+/// stopped when dropped.
+struct TlsServer {
     child: std::process::Child,
     port: u16,
     _dir: tempfile::TempDir,
 }
 
-impl TlsMosquitto {
-    fn start(pki: &Pki) -> Option<TlsMosquitto> {
+impl TlsServer {
+    /// Runs `cmd` and waits until it listens on `port`; `what` and `log` (in `dir`) name it in
+    /// the failure.
+    fn run(
+        what: &str,
+        mut cmd: Command,
+        port: u16,
+        dir: tempfile::TempDir,
+        log: &str,
+    ) -> TlsServer {
+        let child = cmd
+            .stdin(std::process::Stdio::null())
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .unwrap_or_else(|e| panic!("run {what}: {e}"));
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+            assert!(
+                Instant::now() < deadline,
+                "the TLS {what} did not listen on {port} within 10 s: {}",
+                std::fs::read_to_string(dir.path().join(log)).unwrap_or_default()
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        TlsServer {
+            child,
+            port,
+            _dir: dir,
+        }
+    }
+
+    /// A Mosquitto with the server certificate of `pki`; None (after `tool_missing`) without
+    /// mosquitto.
+    fn mosquitto(pki: &Pki) -> Option<TlsServer> {
         let Some(binary) = ["/usr/sbin/mosquitto", "/usr/bin/mosquitto"]
             .into_iter()
             .find(|p| Path::new(p).exists())
@@ -508,32 +541,13 @@ impl TlsMosquitto {
             ),
         )
         .unwrap();
-        let child = Command::new(binary)
-            .arg("-c")
-            .arg(&conf)
-            .stdin(std::process::Stdio::null())
-            .stdout(std::process::Stdio::null())
-            .stderr(std::process::Stdio::null())
-            .spawn()
-            .expect("run mosquitto");
-        let deadline = Instant::now() + Duration::from_secs(10);
-        while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
-            assert!(
-                Instant::now() < deadline,
-                "the TLS Mosquitto did not listen on {port} within 10 s: {}",
-                std::fs::read_to_string(dir.path().join("mosquitto.log")).unwrap_or_default()
-            );
-            std::thread::sleep(Duration::from_millis(20));
-        }
-        Some(TlsMosquitto {
-            child,
-            port,
-            _dir: dir,
-        })
+        let mut cmd = Command::new(binary);
+        cmd.arg("-c").arg(&conf);
+        Some(TlsServer::run("Mosquitto", cmd, port, dir, "mosquitto.log"))
     }
 }
 
-impl Drop for TlsMosquitto {
+impl Drop for TlsServer {
     fn drop(&mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();
@@ -557,7 +571,7 @@ fn mqtts_client(port: u16, ca: &Path) -> (AsyncClient, rumqttc::EventLoop) {
 async fn mqtts_source_and_destination() {
     let dir = tempfile::tempdir().unwrap();
     let pki = Pki::new(&dir.path().join("pki"));
-    let Some(mosquitto) = TlsMosquitto::start(&pki) else {
+    let Some(mosquitto) = TlsServer::mosquitto(&pki) else {
         return;
     };
     let ca = pki.path("ca.pem");
@@ -640,17 +654,10 @@ async fn mqtts_source_and_destination() {
     daemon.stop().await;
 }
 
-/// A Redis of the test's own with only a TLS listener (server certificate of `pki`; clients
-/// must show a certificate signed by its CA), stopped when dropped; None (after
-/// `tool_missing`) without redis-server.
-struct TlsRedis {
-    child: std::process::Child,
-    port: u16,
-    _dir: tempfile::TempDir,
-}
-
-impl TlsRedis {
-    fn start(pki: &Pki) -> Option<TlsRedis> {
+impl TlsServer {
+    /// A Redis with the server certificate of `pki` whose clients must show a certificate
+    /// signed by its CA; None (after `tool_missing`) without redis-server.
+    fn redis(pki: &Pki) -> Option<TlsServer> {
         let Some(binary) = ["/usr/bin/redis-server", "/usr/local/bin/redis-server"]
             .into_iter()
             .find(|p| Path::new(p).exists())
@@ -663,55 +670,30 @@ impl TlsRedis {
             .tempdir()
             .unwrap();
         let port = port_for_node();
-        let child = Command::new(binary)
-            .args([
-                "--bind",
-                "127.0.0.1",
-                "--port",
-                "0",
-                "--save",
-                "",
-                "--appendonly",
-                "no",
-            ])
-            .arg("--tls-port")
-            .arg(port.to_string())
-            .arg("--tls-cert-file")
-            .arg(pki.path("server.pem"))
-            .arg("--tls-key-file")
-            .arg(pki.path("server.key"))
-            .arg("--tls-ca-cert-file")
-            .arg(pki.path("ca.pem"))
-            .args(["--tls-auth-clients", "yes", "--dir"])
-            .arg(dir.path())
-            .arg("--logfile")
-            .arg(dir.path().join("redis.log"))
-            .stdin(std::process::Stdio::null())
-            .stdout(std::process::Stdio::null())
-            .stderr(std::process::Stdio::null())
-            .spawn()
-            .expect("run redis-server");
-        let deadline = Instant::now() + Duration::from_secs(10);
-        while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
-            assert!(
-                Instant::now() < deadline,
-                "the TLS Redis did not listen on {port} within 10 s: {}",
-                std::fs::read_to_string(dir.path().join("redis.log")).unwrap_or_default()
-            );
-            std::thread::sleep(Duration::from_millis(20));
-        }
-        Some(TlsRedis {
-            child,
-            port,
-            _dir: dir,
-        })
-    }
-}
-
-impl Drop for TlsRedis {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
+        let mut cmd = Command::new(binary);
+        cmd.args([
+            "--bind",
+            "127.0.0.1",
+            "--port",
+            "0",
+            "--save",
+            "",
+            "--appendonly",
+            "no",
+        ])
+        .arg("--tls-port")
+        .arg(port.to_string())
+        .arg("--tls-cert-file")
+        .arg(pki.path("server.pem"))
+        .arg("--tls-key-file")
+        .arg(pki.path("server.key"))
+        .arg("--tls-ca-cert-file")
+        .arg(pki.path("ca.pem"))
+        .args(["--tls-auth-clients", "yes", "--dir"])
+        .arg(dir.path())
+        .arg("--logfile")
+        .arg(dir.path().join("redis.log"));
+        Some(TlsServer::run("Redis", cmd, port, dir, "redis.log"))
     }
 }
 
@@ -725,7 +707,7 @@ async fn rediss_quotas_with_a_ca_and_a_client_certificate() {
     use iotfwd::limits::Limiter;
     let dir = tempfile::tempdir().unwrap();
     let pki = Pki::new(&dir.path().join("pki"));
-    let Some(redis) = TlsRedis::start(&pki) else {
+    let Some(redis) = TlsServer::redis(&pki) else {
         return;
     };
     let prefix = unique("itqtls");
