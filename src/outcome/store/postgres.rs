@@ -38,7 +38,7 @@ use super::writer::{Job, WriterStats};
 use super::{Cancel, StoreError};
 use crate::outcome::Record;
 use crate::outcome::commit::{CommitLog, StopOnDrop};
-use crate::outcome::query::{COLUMNS, Cursor, Dialect, LogQuery};
+use crate::outcome::query::{COLUMNS, Dialect, LogQuery};
 use crate::telemetry::StoreMetrics;
 
 const DAY_MS: i64 = 86_400_000;
@@ -706,30 +706,13 @@ impl PgReader {
                 .map(|p| p.as_ref() as &(dyn ToSql + Sync))
                 .collect();
             let rows = client.query(&sql, &refs).await.map_err(&err)?;
-            let mut stored = rows
+            let stored = rows
                 .iter()
                 .map(pg_row_to_stored)
                 .collect::<Result<Vec<Stored>, _>>()
                 .map_err(&err)?;
-            let more = stored.len() > query.limit;
-            stored.truncate(query.limit);
-            let next_cursor = match (more, stored.last()) {
-                (true, Some(last)) => Some(Cursor {
-                    time_ms: last.time_ms,
-                    id: last.id,
-                    high_water,
-                }),
-                _ => None,
-            };
             let path = std::path::PathBuf::from(&target.url);
-            let records = stored
-                .into_iter()
-                .map(|s| s.into_record(&path))
-                .collect::<Result<Vec<_>, _>>()?;
-            Ok(Page {
-                records,
-                next_cursor,
-            })
+            Page::from_rows(stored, query.limit, high_water, &path)
         })
     }
 

@@ -32,6 +32,37 @@ pub struct Page {
     pub next_cursor: Option<Cursor>,
 }
 
+impl Page {
+    /// The page of a query fetched with one row more than `limit`: that row, if there, says
+    /// a next page exists, whose cursor starts after the page's last record and keeps
+    /// `high_water` (the newest id the first page saw). `path` names the store in errors.
+    pub(super) fn from_rows(
+        mut rows: Vec<Stored>,
+        limit: usize,
+        high_water: i64,
+        path: &Path,
+    ) -> Result<Page, StoreError> {
+        let more = rows.len() > limit;
+        rows.truncate(limit);
+        let next_cursor = match (more, rows.last()) {
+            (true, Some(last)) => Some(Cursor {
+                time_ms: last.time_ms,
+                id: last.id,
+                high_water,
+            }),
+            _ => None,
+        };
+        let records = rows
+            .into_iter()
+            .map(|s| s.into_record(path))
+            .collect::<Result<Vec<_>, _>>()?;
+        Ok(Page {
+            records,
+            next_cursor,
+        })
+    }
+}
+
 /// Everything recorded about one message, oldest first.
 #[derive(Clone, Debug, PartialEq)]
 pub struct Trace {
@@ -215,7 +246,7 @@ impl SqliteReader {
                     rows.collect::<Result<Vec<_>, _>>().map_err(&err)
                 };
                 let want = query.limit + 1;
-                let mut stored = match split_at(conn, query, self.split_at).map_err(&err)? {
+                let stored = match split_at(conn, query, self.split_at).map_err(&err)? {
                     // Newest part through the time index; the rest only if the page is not full
                     // yet. Every row of the first part is newer than every row of the rest.
                     Some(split) => {
@@ -249,24 +280,7 @@ impl SqliteReader {
                     }
                     None => fetch(query.to_sql())?,
                 };
-                let more = stored.len() > query.limit;
-                stored.truncate(query.limit);
-                let next_cursor = match (more, stored.last()) {
-                    (true, Some(last)) => Some(Cursor {
-                        time_ms: last.time_ms,
-                        id: last.id,
-                        high_water,
-                    }),
-                    _ => None,
-                };
-                let records = stored
-                    .into_iter()
-                    .map(|s| s.into_record(&self.path))
-                    .collect::<Result<Vec<_>, _>>()?;
-                Ok(Page {
-                    records,
-                    next_cursor,
-                })
+                Page::from_rows(stored, query.limit, high_water, &self.path)
             })();
             let _ = conn.execute_batch("COMMIT");
             result
