@@ -19,8 +19,6 @@ use std::time::{Duration, Instant};
 use fe2o3_amqp::types::messaging::Body;
 use fe2o3_amqp::types::primitives::Value as AmqpValue;
 use iotfwd::client::{Consumer, ConsumerOptions, describe};
-use lapin::options::QueueDeclareOptions;
-use lapin::types::FieldTable;
 use serde_json::{Value, json};
 
 use super::harness::{ChildDaemon, daemon_binary, metric, tool_missing, unique};
@@ -125,16 +123,7 @@ async fn three_processes_share_quotas_records_and_the_source_queue() {
     let (conn, ch) = channel(BROKER).await;
     let dest_q = exchange_with_queue(&ch, &dest).await;
     let quota_q = exchange_with_queue(&ch, &quota_dest).await;
-    ch.queue_declare(
-        source.as_str().into(),
-        QueueDeclareOptions {
-            durable: true,
-            ..QueueDeclareOptions::default()
-        },
-        FieldTable::default(),
-    )
-    .await
-    .unwrap();
+    super::rabbit::durable_queue(&ch, &source).await;
     let prefix = unique("clq");
     let group = unique("clg");
     let dirs: Vec<tempfile::TempDir> = (0..3).map(|_| tempfile::tempdir().unwrap()).collect();

@@ -233,16 +233,7 @@ async fn take_all(ch: &Channel, queue: &str) -> HashSet<String> {
 async fn amqp_traffic_then_kill_9(dir: &Path, durability: &str, n: usize) -> Vec<String> {
     let queue = unique("durability-src");
     let (conn, ch) = channel(BROKER).await;
-    ch.queue_declare(
-        queue.as_str().into(),
-        QueueDeclareOptions {
-            durable: true,
-            ..QueueDeclareOptions::default()
-        },
-        FieldTable::default(),
-    )
-    .await
-    .unwrap();
+    super::rabbit::durable_queue(&ch, &queue).await;
     let prefix = format!("a{}-", &queue[queue.len() - 8..]);
     publish(&conn.create_channel().await.unwrap(), &queue, &prefix, n).await;
     let mut d = start(

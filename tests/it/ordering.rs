@@ -185,16 +185,7 @@ async fn load_source(queue: &str, count: usize, devices: usize) {
 async fn source_run(count: usize, devices: usize, prefetch: u16) -> (usize, usize) {
     let (conn, ch) = channel(BROKER).await;
     let source = unique("order-src");
-    ch.queue_declare(
-        source.as_str().into(),
-        QueueDeclareOptions {
-            durable: true,
-            ..Default::default()
-        },
-        FieldTable::default(),
-    )
-    .await
-    .unwrap();
+    super::rabbit::durable_queue(&ch, &source).await;
     load_source(&source, count, devices).await;
     assert_eq!(queue_depth(&conn, &source).await, Some(count as u32));
     let exchange = unique("order-dst");

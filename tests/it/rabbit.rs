@@ -20,6 +20,21 @@ pub async fn channel(url: &str) -> (Connection, Channel) {
 }
 
 /// Declares a fanout-free topic exchange bound to a fresh queue with routing key `#`.
+/// Declares the durable queue `name` with no arguments, as the daemon's `[source.amqp]`
+/// declares it, so a test can publish before the daemon is up.
+pub async fn durable_queue(ch: &Channel, name: &str) {
+    ch.queue_declare(
+        name.into(),
+        lapin::options::QueueDeclareOptions {
+            durable: true,
+            ..Default::default()
+        },
+        lapin::types::FieldTable::default(),
+    )
+    .await
+    .unwrap();
+}
+
 pub async fn exchange_with_queue(ch: &Channel, name: &str) -> String {
     declare_topic_exchange(ch, name).await;
     let queue = format!("{name}.q");

@@ -685,16 +685,7 @@ async fn daemon_kill_9_mid_stream_loses_nothing_and_duplicates_at_most_prefetch(
         queues: vec![source.clone(), dest_q.clone()],
     };
     // As the daemon declares it, so publishing can start before it is up.
-    ch.queue_declare(
-        source.as_str().into(),
-        QueueDeclareOptions {
-            durable: true,
-            ..QueueDeclareOptions::default()
-        },
-        FieldTable::default(),
-    )
-    .await
-    .unwrap();
+    super::rabbit::durable_queue(&ch, &source).await;
     let dir = tempfile::tempdir().unwrap();
     std::fs::create_dir(dir.path().join("rules")).unwrap();
     write_forward_rule(&dir.path().join("rules"), &dest);
