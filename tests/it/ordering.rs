@@ -180,6 +180,21 @@ async fn load_source(queue: &str, count: usize, devices: usize) {
     }
 }
 
+/// Posts `body` to `d`'s ingest while the test goes on; the task ends with the answer's
+/// status.
+fn post_in_background(d: &Daemon, body: String) -> tokio::task::JoinHandle<u16> {
+    let base = d.base.clone();
+    tokio::spawn(async move {
+        let r = reqwest::Client::new()
+            .post(format!("{base}/api/v1/messages"))
+            .body(body)
+            .send()
+            .await
+            .unwrap();
+        r.status().as_u16()
+    })
+}
+
 /// The RabbitMQ source over a pre-loaded queue (which delivers in order, `prefetch` at a
 /// time): (arrived, inversions).
 async fn source_run(count: usize, devices: usize, prefetch: u16) -> (usize, usize) {
@@ -275,19 +290,7 @@ async fn a_destination_that_fails_and_recovers_mid_stream_keeps_device_order() {
     );
     let d = Daemon::start(dir.path(), |_| {}).await;
     d.wait_ready().await;
-    let post = {
-        let body = ndjson(COUNT, 3);
-        let base = d.base.clone();
-        tokio::spawn(async move {
-            let r = reqwest::Client::new()
-                .post(format!("{base}/api/v1/messages"))
-                .body(body)
-                .send()
-                .await
-                .unwrap();
-            r.status().as_u16()
-        })
-    };
+    let post = post_in_background(&d, ndjson(COUNT, 3));
     // Let the queue fill and the publishes be refused before the consumer comes.
     let (conn, _) = channel(BROKER).await;
     eventually("the destination queue to fill up", || async {
@@ -885,19 +888,7 @@ async fn a_retry_on_one_destination_does_not_hold_the_devices_messages_to_anothe
     .unwrap();
     let d = Daemon::start(dir.path(), |_| {}).await;
     d.wait_ready().await;
-    let post = {
-        let body = ndjson(COUNT, 3);
-        let base = d.base.clone();
-        tokio::spawn(async move {
-            let r = reqwest::Client::new()
-                .post(format!("{base}/api/v1/messages"))
-                .body(body)
-                .send()
-                .await
-                .unwrap();
-            r.status().as_u16()
-        })
-    };
+    let post = post_in_background(&d, ndjson(COUNT, 3));
     eventually("the stuck destination's queue to fill up", || async {
         (queue_depth(&conn, &stuck_queue).await == Some(20)).then_some(())
     })
