@@ -990,6 +990,55 @@ mod tests {
 
     /// Tables are partitioned by day; background retention drops whole days, an explicit purge
     /// is exact.
+    /// A retention run analyzes the partitions being written (yesterday's and today's), so
+    /// the planner's statistics follow them long before autovacuum would (it waits for a tenth
+    /// of a partition to change): `reltuples` of today's partition follows the rows written
+    /// only through retention runs.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_retention_run_analyzes_the_partitions_being_written() {
+        let Some(db) = PgDb::create() else {
+            return;
+        };
+        let store = Store::open_postgres(db.target(), StoreOptions::default(), None)
+            .await
+            .unwrap();
+        // The run the store makes at start is over once this one is.
+        assert_eq!(store.purge_older_than(0).await.unwrap(), 0);
+        let now = crate::message::now_ms();
+        let tx = store.sender();
+        for i in 0..10 {
+            tx.send(record(i, now, Code::Ok)).await.unwrap();
+        }
+        store.flush().await.unwrap();
+        let today = partition_name(now.div_euclid(DAY_MS));
+        let reltuples = || {
+            let target = db.target();
+            let today = today.clone();
+            block(async move {
+                let c = target.connect().await.unwrap();
+                c.query_one(
+                    "SELECT reltuples::float8 FROM pg_class WHERE relname = $1",
+                    &[&today],
+                )
+                .await
+                .unwrap()
+                .get::<_, f64>(0)
+            })
+        };
+        assert_ne!(
+            reltuples(),
+            10.0,
+            "{today}'s statistics already count the new rows"
+        );
+        assert_eq!(store.purge_older_than(0).await.unwrap(), 0);
+        assert_eq!(
+            reltuples(),
+            10.0,
+            "{today} not analyzed by the retention run"
+        );
+        store.shutdown().await;
+    }
+
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn retention_drops_whole_day_partitions() {
         let Some(db) = PgDb::create() else {
