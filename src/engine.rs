@@ -14,6 +14,7 @@
 //! the `Arc<Rule>` that matched, so a message already evaluated finishes its actions under that
 //! version even when a newer one is in by then.
 
+use std::cell::OnceCell;
 use std::sync::Arc;
 
 use base64::Engine as _;
@@ -25,7 +26,7 @@ use tokio::sync::watch;
 
 use crate::message::Message;
 use crate::outcome::Failure;
-use crate::rules::compile::{Kind, VariantOutput};
+use crate::rules::compile::{Field, Kind, VariantOutput};
 use crate::rules::sql::{Item, ParsedSql};
 use crate::rules::{Compiler, Rule, RuleSet};
 
@@ -55,6 +56,8 @@ pub struct RuleResult {
 pub struct Engine {
     compiler: Arc<Compiler>,
     rules: Arc<RuleSet>,
+    /// The payload paths `rules` reference, as the decoder walks them.
+    paths: Arc<PathIndex>,
     /// Newer rule sets, published by the reloader; picked up by [`Engine::refresh`].
     updates: Option<watch::Receiver<Arc<RuleSet>>>,
     /// Fault injection ([`PANIC_TOPIC_ENV`]): evaluating a batch that holds a message with
@@ -71,6 +74,7 @@ impl Engine {
     pub fn new(compiler: Arc<Compiler>, rules: Arc<RuleSet>) -> Engine {
         Engine {
             compiler,
+            paths: Arc::new(PathIndex::new(rules.rules())),
             rules,
             updates: None,
             panic_topic: std::env::var(PANIC_TOPIC_ENV)
@@ -95,7 +99,17 @@ impl Engine {
             return false;
         }
         self.rules = Arc::clone(&updates.borrow_and_update());
+        self.paths = Arc::new(PathIndex::new(self.rules.rules()));
         true
+    }
+
+    /// This engine with the payload decoder's fast pass off (every payload parsed whole), to
+    /// compare the two.
+    #[cfg(test)]
+    pub fn full_parse_only(&self) -> Engine {
+        let mut engine = self.clone();
+        engine.paths = Arc::new(PathIndex::new(self.rules.rules()).full_parse_only());
+        engine
     }
 
     pub fn rules(&self) -> &Arc<RuleSet> {
@@ -111,20 +125,62 @@ impl Engine {
             panic!("fault injection: a message on {topic} ({PANIC_TOPIC_ENV})");
         }
         let rules = self.rules.rules();
+        let index = &self.paths;
         let mut results: Vec<Vec<RuleResult>> = (0..messages.len()).map(|_| Vec::new()).collect();
         let mut members: Vec<Vec<usize>> = vec![Vec::new(); rules.len()];
-        let mut payloads: Vec<Option<Result<Value, String>>> = vec![None; messages.len()];
+        // Each candidate message's referenced paths: `decoded[range[m]]`, from the fast pass
+        // over its text or, for the payloads it leaves, from `trees` (parsed whole).
+        let mut decoded: Vec<(u32, Slot<'_>)> = Vec::new();
+        let mut state: Vec<Decoded> = vec![Decoded::NotCandidate; messages.len()];
+        let mut trees: Vec<(usize, Value)> = Vec::new();
         let mut candidates = Vec::new();
         for (m, message) in messages.iter().enumerate() {
             self.rules.candidates_into(&message.topic, &mut candidates);
             if candidates.is_empty() {
                 continue;
             }
-            payloads[m] = Some(parse_payload(&message.payload));
+            let from = decoded.len();
+            state[m] = if index.decode_text(&message.payload, &mut decoded).is_some() {
+                Decoded::Paths(from, decoded.len())
+            } else {
+                match parse_payload(&message.payload) {
+                    Ok(tree) => {
+                        trees.push((m, tree));
+                        Decoded::Tree
+                    }
+                    Err(reason) => Decoded::Invalid(reason),
+                }
+            };
             for &r in &candidates {
                 members[r].push(m);
             }
         }
+        for (m, tree) in &trees {
+            let from = decoded.len();
+            index.decode_tree(
+                tree.as_object().expect("only objects are kept"),
+                &mut decoded,
+            );
+            state[*m] = Decoded::Paths(from, decoded.len());
+        }
+        let tree_of: Vec<Option<&Map<String, Value>>> = if index.wildcard {
+            let mut of = vec![None; messages.len()];
+            for (m, tree) in &trees {
+                of[*m] = tree.as_object();
+            }
+            of
+        } else {
+            Vec::new()
+        };
+        let batch = Batch {
+            messages,
+            decoded: &decoded,
+            state: &state,
+            tree_of: &tree_of,
+            whole: (0..if index.wildcard { messages.len() } else { 0 })
+                .map(|_| OnceCell::new())
+                .collect(),
+        };
         for (r, members) in members.iter().enumerate() {
             if members.is_empty() {
                 continue;
@@ -132,22 +188,21 @@ impl Engine {
             let rule = &rules[r];
             let mut ok = Vec::with_capacity(members.len());
             for &m in members {
-                match payloads[m].as_ref().expect("parsed for every candidate") {
-                    Ok(_) => ok.push(m),
-                    Err(reason) => results[m].push(RuleResult {
+                match &state[m] {
+                    Decoded::Paths(..) => ok.push(m),
+                    Decoded::Invalid(reason) => results[m].push(RuleResult {
                         rule: Arc::clone(rule),
                         outcome: RuleOutcome::Failed(Failure::payload_invalid(reason.clone())),
                     }),
+                    Decoded::NotCandidate | Decoded::Tree => {
+                        unreachable!("every candidate is decoded")
+                    }
                 }
             }
             if ok.is_empty() {
                 continue;
             }
-            let payload_of = |m: usize| match &payloads[m] {
-                Some(Ok(Value::Object(map))) => map,
-                _ => unreachable!("only objects are ok"),
-            };
-            let outcomes = self.run_rule(rule, messages, &ok, &payload_of);
+            let outcomes = self.run_rule(rule, index.slots(r), &batch, &ok);
             for (m, outcome) in ok.into_iter().zip(outcomes) {
                 results[m].push(RuleResult {
                     rule: Arc::clone(rule),
@@ -158,118 +213,198 @@ impl Engine {
         results
     }
 
-    /// Runs one rule over the messages `ok` (all with object payloads); one outcome each.
-    fn run_rule<'a>(
+    /// Runs one rule over the messages `ok` (all valid objects); one outcome each.
+    fn run_rule(
         &self,
         rule: &Rule,
-        messages: &'a [Message],
+        slots: &[u32],
+        batch: &Batch<'_, '_>,
         ok: &[usize],
-        payload_of: &dyn Fn(usize) -> &'a Map<String, Value>,
     ) -> Vec<RuleOutcome> {
-        let parsed = &rule.program.parsed;
-        let paths = parsed.paths.len();
-        let mut values: Vec<Option<&Value>> = Vec::with_capacity(ok.len() * paths);
+        let paths = slots.len();
+        let mut outcomes = vec![RuleOutcome::NoResult; ok.len()];
+        let mut raw: Vec<Option<Slot<'_>>> = Vec::with_capacity(ok.len() * paths);
+        let mut fields: Vec<Field<'_>> = Vec::with_capacity(ok.len() * paths);
         let mut kinds: Vec<Kind> = Vec::with_capacity(ok.len() * paths);
-        for &m in ok {
-            let payload = payload_of(m);
-            for path in &parsed.paths {
-                let v = lookup(payload, &path.segments);
-                values.push(v);
-                kinds.push(Kind::of(v));
+        let mut rows: Vec<usize> = Vec::with_capacity(ok.len());
+        'messages: for (row, &m) in ok.iter().enumerate() {
+            let decoded = batch.decoded_of(m);
+            let start = fields.len();
+            for &slot in slots {
+                let value = decode::find(decoded, slot);
+                match value.map(Slot::field).transpose() {
+                    Ok(field) => {
+                        let field = field.unwrap_or(Field::Null);
+                        kinds.push(field.kind());
+                        fields.push(field);
+                        raw.push(value);
+                    }
+                    Err(decode::OutOfRange) => {
+                        fields.truncate(start);
+                        kinds.truncate(start);
+                        raw.truncate(start);
+                        outcomes[row] =
+                            RuleOutcome::Failed(Failure::payload_invalid(batch.invalid_reason(m)));
+                        continue 'messages;
+                    }
+                }
             }
+            rows.push(row);
         }
-        // Group rows by type variant; nearly always one group.
+        // `rows[i]`'s values are at `i * paths`. Group them by type variant; nearly always one
+        // group.
         let mut groups: Vec<(usize, Vec<usize>)> = Vec::new();
-        for row in 0..ok.len() {
-            let sig = &kinds[row * paths..(row + 1) * paths];
+        for i in 0..rows.len() {
+            let sig = &kinds[i * paths..(i + 1) * paths];
             match groups
                 .iter_mut()
                 .find(|(rep, _)| &kinds[rep * paths..(rep + 1) * paths] == sig)
             {
-                Some((_, rows)) => rows.push(row),
-                None => groups.push((row, vec![row])),
+                Some((_, members)) => members.push(i),
+                None => groups.push((i, vec![i])),
             }
         }
-        let mut outcomes = vec![RuleOutcome::NoResult; ok.len()];
-        for (rep, rows) in groups {
+        let values = Values {
+            ok,
+            rows: &rows,
+            fields: &fields,
+            raw: &raw,
+            paths,
+        };
+        for (rep, members) in groups {
             let sig = &kinds[rep * paths..(rep + 1) * paths];
-            self.run_group(
-                rule,
-                messages,
-                ok,
-                &values,
-                sig,
-                &rows,
-                payload_of,
-                &mut outcomes,
-            );
+            self.run_group(rule, batch, &values, sig, &members, &mut outcomes);
         }
         outcomes
     }
 
-    #[allow(clippy::too_many_arguments)]
-    fn run_group<'a>(
+    /// Runs one type variant of a rule over `members` (indexes into `values.rows`).
+    fn run_group(
         &self,
         rule: &Rule,
-        messages: &'a [Message],
-        ok: &[usize],
-        values: &[Option<&Value>],
+        batch: &Batch<'_, '_>,
+        values: &Values<'_, '_>,
         sig: &[Kind],
-        rows: &[usize],
-        payload_of: &dyn Fn(usize) -> &'a Map<String, Value>,
+        members: &[usize],
         outcomes: &mut [RuleOutcome],
     ) {
         let parsed = &rule.program.parsed;
-        let paths = parsed.paths.len();
+        let paths = values.paths;
         let variant = match rule.program.variant(sig, self.compiler.state()) {
             Ok(v) => v,
             Err(reason) => {
-                for &row in rows {
-                    outcomes[row] = RuleOutcome::Failed(Failure::sql(reason.clone()));
+                for &i in members {
+                    outcomes[values.rows[i]] = RuleOutcome::Failed(Failure::sql(reason.clone()));
                 }
                 return;
             }
         };
-        let group_messages: Vec<&Message> = rows.iter().map(|&row| &messages[ok[row]]).collect();
-        let group_values: Vec<Option<&Value>> = rows
+        let group_messages: Vec<&Message> = members
             .iter()
-            .flat_map(|&row| values[row * paths..(row + 1) * paths].iter().copied())
+            .map(|&i| &batch.messages[values.ok[values.rows[i]]])
+            .collect();
+        let group_values: Vec<&Field<'_>> = members
+            .iter()
+            .flat_map(|&i| values.fields[i * paths..(i + 1) * paths].iter())
             .collect();
         match variant.run(parsed, &group_messages, &group_values, sig) {
             Ok(VariantOutput { passed, columns }) => {
                 for (out_row, &g) in passed.iter().enumerate() {
-                    let row = rows[g];
-                    let output = build_output(
+                    let i = members[g];
+                    let row = values.rows[i];
+                    let m = values.ok[row];
+                    outcomes[row] = match build_output(
                         parsed,
-                        payload_of(ok[row]),
-                        &values[row * paths..(row + 1) * paths],
+                        || batch.whole(m),
+                        &values.raw[i * paths..(i + 1) * paths],
                         &columns,
                         out_row,
-                    );
-                    outcomes[row] = RuleOutcome::Passed(output);
+                    ) {
+                        Ok(output) => RuleOutcome::Passed(output),
+                        Err(reason) => RuleOutcome::Failed(Failure::payload_invalid(reason)),
+                    };
                 }
             }
             // One bad row fails a whole Arrow evaluation: re-run the rows alone so only the
             // messages that cause the error get it.
-            Err(_) if rows.len() > 1 => {
-                for &row in rows {
-                    self.run_group(
-                        rule,
-                        messages,
-                        ok,
-                        values,
-                        sig,
-                        &[row],
-                        payload_of,
-                        outcomes,
-                    );
+            Err(_) if members.len() > 1 => {
+                for &i in members {
+                    self.run_group(rule, batch, values, sig, &[i], outcomes);
                 }
             }
             Err(reason) => {
-                outcomes[rows[0]] = RuleOutcome::Failed(Failure::sql(reason));
+                outcomes[values.rows[members[0]]] = RuleOutcome::Failed(Failure::sql(reason));
             }
         }
     }
+}
+
+/// How a message's payload was decoded for this batch.
+#[derive(Clone, Debug)]
+enum Decoded {
+    /// No rule is a candidate: never looked at.
+    NotCandidate,
+    /// Its referenced paths are `decoded[from..to]`.
+    Paths(usize, usize),
+    /// Parsed whole (kept in `trees`); becomes `Paths` once the trees are walked.
+    Tree,
+    /// Not a JSON object: the 9320 reason.
+    Invalid(String),
+}
+
+/// A batch's messages and what their decoding found, shared by every rule's run.
+struct Batch<'m, 'd> {
+    messages: &'m [Message],
+    decoded: &'d [(u32, Slot<'d>)],
+    state: &'d [Decoded],
+    /// The payloads parsed whole, by message (only when some rule selects `*`).
+    tree_of: &'d [Option<&'d Map<String, Value>>],
+    /// The whole object for `SELECT *`, parsed at most once per message.
+    whole: Vec<OnceCell<Result<Map<String, Value>, String>>>,
+}
+
+impl<'d> Batch<'_, 'd> {
+    fn decoded_of(&self, m: usize) -> &'d [(u32, Slot<'d>)] {
+        match self.state[m] {
+            Decoded::Paths(from, to) => &self.decoded[from..to],
+            _ => &[],
+        }
+    }
+
+    /// The whole payload object of message `m`, for `SELECT *`.
+    fn whole(&self, m: usize) -> Result<&Map<String, Value>, String> {
+        if let Some(Some(tree)) = self.tree_of.get(m) {
+            return Ok(tree);
+        }
+        self.whole[m]
+            .get_or_init(|| match parse_payload(&self.messages[m].payload) {
+                Ok(Value::Object(map)) => Ok(map),
+                Ok(_) => unreachable!("parse_payload keeps only objects"),
+                Err(reason) => Err(reason),
+            })
+            .as_ref()
+            .map_err(Clone::clone)
+    }
+
+    /// Why message `m`'s payload is refused when the fast pass took it but a value it holds is
+    /// beyond what the full parse accepts (a number out of a double's range).
+    fn invalid_reason(&self, m: usize) -> String {
+        match parse_payload(&self.messages[m].payload) {
+            Err(reason) => reason,
+            Ok(_) => "payload holds a number out of the range of a double".to_owned(),
+        }
+    }
+}
+
+/// One rule's decoded values for its candidate messages.
+struct Values<'o, 'd> {
+    /// The messages (batch indexes) the rule runs over.
+    ok: &'o [usize],
+    /// Rows of `ok` whose values decoded; row `rows[i]` has its values at `i * paths`.
+    rows: &'o [usize],
+    fields: &'o [Field<'d>],
+    raw: &'o [Option<Slot<'d>>],
+    paths: usize,
 }
 
 /// Parses a payload for the JSON rules: it must be a JSON object.
@@ -295,27 +430,20 @@ fn json_kind(v: &Value) -> &'static str {
     }
 }
 
-/// Walks a payload path; None when any step is missing or not an object.
-fn lookup<'a>(payload: &'a Map<String, Value>, segments: &[String]) -> Option<&'a Value> {
-    let (first, rest) = segments.split_first()?;
-    let mut v = payload.get(first)?;
-    for s in rest {
-        v = v.as_object()?.get(s)?;
-    }
-    Some(v)
-}
-
-fn build_output(
+fn build_output<'w>(
     parsed: &ParsedSql,
-    payload: &Map<String, Value>,
-    row_values: &[Option<&Value>],
+    whole: impl FnOnce() -> Result<&'w Map<String, Value>, String>,
+    row_values: &[Option<Slot<'_>>],
     columns: &[Option<ArrayRef>],
     out_row: usize,
-) -> Output {
+) -> Result<Output, String> {
     let mut out = Map::with_capacity(parsed.items.len());
+    let mut whole = Some(whole);
     for (i, item) in parsed.items.iter().enumerate() {
         match item {
             Item::Wildcard => {
+                // A rule has at most one `*`.
+                let payload = (whole.take().expect("one wildcard per rule"))()?;
                 for (k, v) in payload {
                     out.insert(k.clone(), v.clone());
                 }
@@ -323,7 +451,7 @@ fn build_output(
             Item::Path { key, path } => {
                 out.insert(
                     key.clone(),
-                    row_values[*path].cloned().unwrap_or(Value::Null),
+                    row_values[*path].map_or(Value::Null, Slot::json),
                 );
             }
             Item::Expr { key, .. } => {
@@ -332,7 +460,7 @@ fn build_output(
             }
         }
     }
-    out
+    Ok(out)
 }
 
 fn float(f: f64) -> Value {
@@ -399,8 +527,11 @@ pub fn arrow_to_json(array: &dyn Array, row: usize) -> Value {
     }
 }
 
+mod decode;
 #[cfg(test)]
 mod robustness;
+
+use decode::{PathIndex, Slot};
 
 #[cfg(test)]
 mod tests {

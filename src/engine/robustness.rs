@@ -268,6 +268,28 @@ fn evaluate_and_check(
     seen: &robustness::Seen,
 ) -> Result<(), String> {
     let results = engine.evaluate(messages);
+    // The decoder's fast pass reads exactly what the full parse reads.
+    let full = engine.full_parse_only().evaluate(messages);
+    for (m, (fast, full)) in messages.iter().zip(results.iter().zip(&full)) {
+        let same = fast.len() == full.len()
+            && fast
+                .iter()
+                .zip(full)
+                .all(|(a, b)| match (&a.outcome, &b.outcome) {
+                    (RuleOutcome::Passed(x), RuleOutcome::Passed(y)) => {
+                        x == y && x.keys().eq(y.keys())
+                    }
+                    (RuleOutcome::NoResult, RuleOutcome::NoResult) => true,
+                    (RuleOutcome::Failed(x), RuleOutcome::Failed(y)) => x.code() == y.code(),
+                    _ => false,
+                });
+        if !same {
+            return Err(format!(
+                "{:?}: the fast pass gives {fast:?}, the full parse {full:?}",
+                String::from_utf8_lossy(&m.payload)
+            ));
+        }
+    }
     if results.len() != messages.len() {
         return Err(format!(
             "{} results for {} messages",

@@ -7,6 +7,7 @@
 //! Grouping a batch by variant keeps batch evaluation exactly equal to evaluating each message on
 //! its own (an integer stays an integer; `5 / 2` is 2 whatever else is in the batch).
 
+use std::borrow::Cow;
 use std::sync::{Arc, Mutex, PoisonError};
 
 use datafusion::arrow::array::{
@@ -14,7 +15,7 @@ use datafusion::arrow::array::{
     StringBuilder,
 };
 use datafusion::arrow::compute::{filter_record_batch, prep_null_mask_filter};
-use datafusion::arrow::datatypes::{DataType, Field, Schema, SchemaRef};
+use datafusion::arrow::datatypes::{self as arrow_types, DataType, Schema, SchemaRef};
 use datafusion::arrow::record_batch::{RecordBatch, RecordBatchOptions};
 use datafusion::common::DFSchema;
 use datafusion::execution::context::SessionState;
@@ -22,7 +23,6 @@ use datafusion::logical_expr::simplify::SimplifyContext;
 use datafusion::optimizer::simplify_expressions::ExprSimplifier;
 use datafusion::physical_expr::PhysicalExpr;
 use datafusion::sql::sqlparser::ast::{Expr as SqlExpr, ExprWithAlias};
-use serde_json::Value;
 
 use super::sql::{Item, Meta, ParsedSql};
 use crate::message::Message;
@@ -42,18 +42,34 @@ pub enum Kind {
     Json,
 }
 
-impl Kind {
-    pub fn of(value: Option<&Value>) -> Kind {
-        match value {
-            None | Some(Value::Null) => Kind::Null,
-            Some(Value::Bool(_)) => Kind::Bool,
-            Some(Value::Number(n)) if n.is_i64() => Kind::Int,
-            Some(Value::Number(_)) => Kind::Float,
-            Some(Value::String(_)) => Kind::Str,
-            Some(Value::Array(_) | Value::Object(_)) => Kind::Json,
+/// One payload path's value in one message, decoded for the columns (src/engine/decode.rs
+/// decodes only the paths a rule references).
+#[derive(Clone, Debug, PartialEq)]
+pub enum Field<'a> {
+    /// Absent, or JSON null.
+    Null,
+    Bool(bool),
+    Int(i64),
+    Float(f64),
+    Str(Cow<'a, str>),
+    /// An object or array as its compact JSON text.
+    Json(Cow<'a, str>),
+}
+
+impl Field<'_> {
+    pub fn kind(&self) -> Kind {
+        match self {
+            Field::Null => Kind::Null,
+            Field::Bool(_) => Kind::Bool,
+            Field::Int(_) => Kind::Int,
+            Field::Float(_) => Kind::Float,
+            Field::Str(_) => Kind::Str,
+            Field::Json(_) => Kind::Json,
         }
     }
+}
 
+impl Kind {
     fn data_type(self) -> DataType {
         match self {
             Kind::Null => DataType::Null,
@@ -144,17 +160,17 @@ impl Variant {
         kinds: &[Kind],
         state: &SessionState,
     ) -> Result<Variant, String> {
-        let mut fields: Vec<Field> = parsed
+        let mut fields: Vec<arrow_types::Field> = parsed
             .paths
             .iter()
             .zip(kinds)
-            .map(|(p, k)| Field::new(&p.column, k.data_type(), true))
+            .map(|(p, k)| arrow_types::Field::new(&p.column, k.data_type(), true))
             .collect();
         fields.extend(
             parsed
                 .meta
                 .iter()
-                .map(|m| Field::new(m.column(), m.data_type(), true)),
+                .map(|m| arrow_types::Field::new(m.column(), m.data_type(), true)),
         );
         let schema = Arc::new(Schema::new(fields));
         let df_schema = DFSchema::try_from(schema.as_ref().clone()).map_err(|e| e.to_string())?;
@@ -214,7 +230,7 @@ impl Variant {
         &self,
         parsed: &ParsedSql,
         rows: &[&Message],
-        values: &[Option<&Value>],
+        values: &[&Field<'_>],
         kinds: &[Kind],
     ) -> Result<VariantOutput, String> {
         let n = rows.len();
@@ -285,36 +301,43 @@ impl Variant {
     }
 }
 
-fn build_path_column<'a>(
+fn build_path_column<'a, 'b: 'a>(
     kind: Kind,
-    values: impl Iterator<Item = Option<&'a Value>>,
+    values: impl Iterator<Item = &'a Field<'b>>,
     n: usize,
 ) -> ArrayRef {
     match kind {
         Kind::Null => Arc::new(NullArray::new(n)),
         Kind::Bool => {
             let mut b = BooleanBuilder::with_capacity(n);
-            values.for_each(|v| b.append_option(v.and_then(Value::as_bool)));
+            values.for_each(|v| match v {
+                Field::Bool(x) => b.append_value(*x),
+                _ => b.append_null(),
+            });
             Arc::new(b.finish())
         }
         Kind::Int => {
             let mut b = Int64Builder::with_capacity(n);
-            values.for_each(|v| b.append_option(v.and_then(Value::as_i64)));
+            values.for_each(|v| match v {
+                Field::Int(x) => b.append_value(*x),
+                _ => b.append_null(),
+            });
             Arc::new(b.finish())
         }
         Kind::Float => {
             let mut b = Float64Builder::with_capacity(n);
-            values.for_each(|v| b.append_option(v.and_then(Value::as_f64)));
+            values.for_each(|v| match v {
+                Field::Float(x) => b.append_value(*x),
+                _ => b.append_null(),
+            });
             Arc::new(b.finish())
         }
-        Kind::Str => {
+        Kind::Str | Kind::Json => {
             let mut b = StringBuilder::with_capacity(n, n * 16);
-            values.for_each(|v| b.append_option(v.and_then(Value::as_str)));
-            Arc::new(b.finish())
-        }
-        Kind::Json => {
-            let mut b = StringBuilder::with_capacity(n, n * 32);
-            values.for_each(|v| b.append_option(v.map(Value::to_string)));
+            values.for_each(|v| match v {
+                Field::Str(x) | Field::Json(x) => b.append_value(x),
+                _ => b.append_null(),
+            });
             Arc::new(b.finish())
         }
     }

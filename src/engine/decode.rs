@@ -1,0 +1,560 @@
+//! Payload decoding: only the paths that rules reference, never the whole document.
+//!
+//! A rule set's payload paths (`items.temperature.value`, `a`, …) form a trie of object keys
+//! ([`PathIndex`]). A payload is decoded in one pass over its top-level object with sonic-rs's
+//! lazy iterator, which validates every byte (the whole document must be valid JSON, as
+//! before) but builds nothing: a key that starts a referenced path keeps its value as a slice
+//! of the payload text, an object on the way to a deeper path is walked the same way, and
+//! everything else is skipped. A slice becomes a typed [`Field`] only when a candidate rule
+//! reads it, straight into that rule's Arrow columns; JSON values are built only for the
+//! output of bare paths and of `SELECT *`.
+//!
+//! The fast pass takes payloads with no backslash (so strings need no unescaping) and at most
+//! [`MAX_FAST_CONTAINERS`] objects and arrays (so no nesting can run deep). Every other payload,
+//! and any payload the fast pass refuses, is parsed whole with serde_json as before, which
+//! also gives the 9320 reason for an invalid one. Either way a message decodes the same way
+//! whatever batch it is in.
+
+use std::borrow::Cow;
+use std::collections::HashMap;
+
+use serde_json::{Map, Value};
+
+use crate::rules::Rule;
+use crate::rules::compile::Field;
+use crate::rules::sql::Item;
+
+/// Payloads with more objects and arrays than this take the full parse (its depth limit
+/// guards the stack; the fast pass has none).
+pub const MAX_FAST_CONTAINERS: usize = 100;
+
+/// Children above which a trie node looks keys up by hash rather than by scan.
+const SCAN_CHILDREN: usize = 12;
+
+/// The payload paths of a rule set as a trie. Nodes are numbered in pre-order, so a node's
+/// subtree is the range `id..id + size`; a node's number is the slot of the path ending there.
+pub struct PathIndex {
+    nodes: Vec<Node>,
+    /// Per rule of the set (by index), the slot of each of its paths.
+    rule_slots: Vec<Vec<u32>>,
+    /// Whether any rule selects `*` (its output needs the whole object).
+    pub wildcard: bool,
+    /// The fast pass is on (tests turn it off to compare against the full parse).
+    fast: bool,
+}
+
+struct Node {
+    children: Vec<(Box<str>, u32)>,
+    by_key: Option<HashMap<Box<str>, u32>>,
+    /// A path ends here.
+    end: bool,
+    /// Nodes in this subtree, itself included.
+    size: u32,
+}
+
+impl Node {
+    fn child(&self, key: &str) -> Option<u32> {
+        match &self.by_key {
+            Some(map) => map.get(key).copied(),
+            None => self
+                .children
+                .iter()
+                .find(|(k, _)| k.as_ref() == key)
+                .map(|(_, c)| *c),
+        }
+    }
+}
+
+#[derive(Default)]
+struct Building {
+    children: Vec<(String, Building)>,
+    end: bool,
+}
+
+impl Building {
+    fn insert(&mut self, segments: &[String]) {
+        match segments.split_first() {
+            None => self.end = true,
+            Some((first, rest)) => {
+                let i = match self.children.iter().position(|(k, _)| k == first) {
+                    Some(i) => i,
+                    None => {
+                        self.children.push((first.clone(), Building::default()));
+                        self.children.len() - 1
+                    }
+                };
+                self.children[i].1.insert(rest);
+            }
+        }
+    }
+
+    fn flatten(self, nodes: &mut Vec<Node>) -> u32 {
+        let me = nodes.len();
+        nodes.push(Node {
+            children: Vec::new(),
+            by_key: None,
+            end: self.end,
+            size: 1,
+        });
+        let children: Vec<(Box<str>, u32)> = self
+            .children
+            .into_iter()
+            .map(|(k, c)| (k.into_boxed_str(), c.flatten(nodes)))
+            .collect();
+        let size = (nodes.len() - me) as u32;
+        let node = &mut nodes[me];
+        if children.len() > SCAN_CHILDREN {
+            node.by_key = Some(children.iter().cloned().collect());
+        }
+        node.children = children;
+        node.size = size;
+        me as u32
+    }
+}
+
+/// Where a referenced path's value is: a slice of the payload text (fast pass) or a node of
+/// the fully parsed payload.
+#[derive(Clone, Copy, Debug)]
+pub enum Slot<'a> {
+    Text(&'a str),
+    Tree(&'a Value),
+}
+
+/// A referenced number that JSON allows but a double cannot hold (`1e400`).
+#[derive(Debug)]
+pub struct OutOfRange;
+
+impl<'a> Slot<'a> {
+    /// The value as a column field.
+    pub fn field(self) -> Result<Field<'a>, OutOfRange> {
+        match self {
+            Slot::Tree(v) => Ok(match v {
+                Value::Null => Field::Null,
+                Value::Bool(b) => Field::Bool(*b),
+                Value::Number(n) => match n.as_i64() {
+                    Some(i) => Field::Int(i),
+                    None => Field::Float(n.as_f64().unwrap_or(f64::NAN)),
+                },
+                Value::String(s) => Field::Str(Cow::Borrowed(s)),
+                Value::Array(_) | Value::Object(_) => Field::Json(Cow::Owned(v.to_string())),
+            }),
+            Slot::Text(raw) => Ok(match raw.as_bytes()[0] {
+                b'n' => Field::Null,
+                b't' => Field::Bool(true),
+                b'f' => Field::Bool(false),
+                // The fast pass only takes payloads without escapes.
+                b'"' => Field::Str(Cow::Borrowed(&raw[1..raw.len() - 1])),
+                b'{' | b'[' => Field::Json(Cow::Owned(
+                    serde_json::from_str::<Value>(raw)
+                        .map_err(|_| OutOfRange)?
+                        .to_string(),
+                )),
+                _ => number(raw)?,
+            }),
+        }
+    }
+
+    /// The value as JSON, for a bare path in the output.
+    pub fn json(self) -> Value {
+        match self {
+            Slot::Tree(v) => v.clone(),
+            Slot::Text(raw) => match raw.as_bytes()[0] {
+                b'n' => Value::Null,
+                b't' => Value::Bool(true),
+                b'f' => Value::Bool(false),
+                b'"' => Value::String(raw[1..raw.len() - 1].to_owned()),
+                _ => match integer(raw) {
+                    Some(i) => Value::from(i),
+                    None => serde_json::from_str(raw).unwrap_or(Value::Null),
+                },
+            },
+        }
+    }
+}
+
+/// A JSON number's text as a field: an integer when it is one that fits i64 (as serde_json
+/// reads it), any other number as a double read the way serde_json reads it.
+fn number(raw: &str) -> Result<Field<'_>, OutOfRange> {
+    if let Some(i) = integer(raw) {
+        return Ok(Field::Int(i));
+    }
+    serde_json::from_str::<f64>(raw)
+        .map(Field::Float)
+        .map_err(|_| OutOfRange)
+}
+
+/// A number's text as i64 when serde_json would read it as one: no fraction or exponent, in
+/// range, and not `-0` (a double to serde_json).
+fn integer(raw: &str) -> Option<i64> {
+    if raw == "-0" || raw.bytes().any(|b| matches!(b, b'.' | b'e' | b'E')) {
+        return None;
+    }
+    raw.parse().ok()
+}
+
+/// Whether `payload` may hold a number beyond a double's range, which the full parse refuses
+/// (the fast pass skips the numbers no rule reads without reading them): an exponent of three
+/// or more digits after a digit, or a run of more than 308 digits. Strings can only make this
+/// say yes when it need not, which costs the full parse and nothing else.
+fn may_overflow(payload: &[u8]) -> bool {
+    let exponent = memchr::memchr2_iter(b'e', b'E', payload).any(|i| {
+        if i == 0 || !matches!(payload[i - 1], b'0'..=b'9' | b'.') {
+            return false;
+        }
+        let mut j = i + 1;
+        if matches!(payload.get(j), Some(b'+' | b'-')) {
+            j += 1;
+        }
+        payload
+            .get(j..j + 3)
+            .is_some_and(|d| d.iter().all(u8::is_ascii_digit))
+    });
+    exponent
+        || (payload.len() > 308
+            && payload
+                .split(|b| !b.is_ascii_digit())
+                .any(|run| run.len() > 308))
+}
+
+/// JSON whitespace.
+fn ws(b: u8) -> bool {
+    matches!(b, b' ' | b'\t' | b'\n' | b'\r')
+}
+
+impl PathIndex {
+    /// The index of `rules` (a rule set's rules, in its order).
+    pub fn new(rules: &[std::sync::Arc<Rule>]) -> PathIndex {
+        let mut root = Building::default();
+        for rule in rules {
+            for path in &rule.program.parsed.paths {
+                root.insert(&path.segments);
+            }
+        }
+        let mut nodes = Vec::new();
+        root.flatten(&mut nodes);
+        let rule_slots = rules
+            .iter()
+            .map(|rule| {
+                rule.program
+                    .parsed
+                    .paths
+                    .iter()
+                    .map(|path| {
+                        path.segments.iter().fold(0u32, |node, key| {
+                            nodes[node as usize]
+                                .child(key)
+                                .expect("every path was inserted")
+                        })
+                    })
+                    .collect()
+            })
+            .collect();
+        let wildcard = rules.iter().any(|r| {
+            r.program
+                .parsed
+                .items
+                .iter()
+                .any(|i| matches!(i, Item::Wildcard))
+        });
+        PathIndex {
+            nodes,
+            rule_slots,
+            wildcard,
+            fast: true,
+        }
+    }
+
+    /// This index with the fast pass off: every payload is parsed whole.
+    #[cfg(test)]
+    pub fn full_parse_only(mut self) -> PathIndex {
+        self.fast = false;
+        self
+    }
+
+    /// The slots of rule `rule`'s paths, in the order of its `parsed.paths`.
+    pub fn slots(&self, rule: usize) -> &[u32] {
+        &self.rule_slots[rule]
+    }
+
+    /// The fast pass: appends `(slot, value)` for each referenced path present in `payload`.
+    /// None (and nothing appended) when the payload is not for the fast pass or is not a valid
+    /// JSON object; the caller then parses it whole.
+    pub fn decode_text<'a>(&self, payload: &'a [u8], out: &mut Vec<(u32, Slot<'a>)>) -> Option<()> {
+        let mut containers = 0usize;
+        let mut escaped = false;
+        for &b in payload {
+            containers += usize::from(b == b'{' || b == b'[');
+            escaped |= b == b'\\';
+        }
+        if !self.fast || escaped || containers > MAX_FAST_CONTAINERS || may_overflow(payload) {
+            return None;
+        }
+        let text = std::str::from_utf8(payload).ok()?;
+        let from = out.len();
+        let end = match self.object_text(0, text, out, from) {
+            Ok(end) => end,
+            Err(()) => {
+                out.truncate(from);
+                return None;
+            }
+        };
+        // The iterator stops at the closing brace; nothing but whitespace may follow it.
+        let rest = match end {
+            Some(end) => &text.as_bytes()[end..],
+            None => text
+                .as_bytes()
+                .iter()
+                .position(|&b| b == b'{')
+                .map_or(&[][..], |i| &text.as_bytes()[i + 1..]),
+        };
+        let mut rest = rest.iter().copied().skip_while(|&b| ws(b));
+        if rest.next() == Some(b'}') && rest.all(ws) {
+            Some(())
+        } else {
+            out.truncate(from);
+            None
+        }
+    }
+
+    /// Walks the object `text` at trie node `node`; the end offset (in `text`) of its last
+    /// value, None when it has none.
+    fn object_text<'a>(
+        &self,
+        node: u32,
+        text: &'a str,
+        out: &mut Vec<(u32, Slot<'a>)>,
+        from: usize,
+    ) -> Result<Option<usize>, ()> {
+        let node = &self.nodes[node as usize];
+        let mut end = None;
+        for entry in sonic_rs::to_object_iter(text) {
+            let (key, value) = entry.map_err(|_| ())?;
+            let raw = value.as_raw_str();
+            let offset = raw.as_ptr() as usize - text.as_ptr() as usize;
+            let raw = &text[offset..offset + raw.len()];
+            end = Some(offset + raw.len());
+            if let Some(child) = node.child(&key) {
+                self.forget(child, out, from);
+                let c = &self.nodes[child as usize];
+                if c.end {
+                    out.push((child, Slot::Text(raw)));
+                }
+                if c.size > 1 && raw.starts_with('{') {
+                    self.object_text(child, raw, out, from)?;
+                }
+            }
+        }
+        Ok(end)
+    }
+
+    /// A key seen again: the last occurrence wins (as in a parsed object), so what the earlier
+    /// one left in `out[from..]` under `node` goes.
+    fn forget(&self, node: u32, out: &mut Vec<(u32, Slot<'_>)>, from: usize) {
+        let under = node..node + self.nodes[node as usize].size;
+        if out[from..].iter().any(|(s, _)| under.contains(s)) {
+            let mut i = from;
+            while i < out.len() {
+                if under.contains(&out[i].0) {
+                    out.remove(i);
+                } else {
+                    i += 1;
+                }
+            }
+        }
+    }
+
+    /// The slow pass over a payload parsed whole: appends `(slot, value)` for each referenced
+    /// path present in `object`.
+    pub fn decode_tree<'a>(&self, object: &'a Map<String, Value>, out: &mut Vec<(u32, Slot<'a>)>) {
+        self.walk_tree(0, object, out);
+    }
+
+    fn walk_tree<'a>(
+        &self,
+        node: u32,
+        object: &'a Map<String, Value>,
+        out: &mut Vec<(u32, Slot<'a>)>,
+    ) {
+        for (key, child) in &self.nodes[node as usize].children {
+            let Some(value) = object.get(key.as_ref()) else {
+                continue;
+            };
+            let c = &self.nodes[*child as usize];
+            if c.end {
+                out.push((*child, Slot::Tree(value)));
+            }
+            if let Value::Object(inner) = value
+                && c.size > 1
+            {
+                self.walk_tree(*child, inner, out);
+            }
+        }
+    }
+}
+
+/// The value of slot `slot` among one message's decoded `(slot, value)` pairs.
+pub fn find<'a>(decoded: &[(u32, Slot<'a>)], slot: u32) -> Option<Slot<'a>> {
+    decoded.iter().find(|(s, _)| *s == slot).map(|(_, v)| *v)
+}
+
+#[cfg(test)]
+mod tests {
+    use std::path::Path;
+    use std::sync::Arc;
+
+    use proptest::prelude::*;
+
+    use super::*;
+    use crate::rules::Compiler;
+
+    fn index(sqls: &[&str]) -> PathIndex {
+        let c = Compiler::new(8);
+        let rules: Vec<Arc<Rule>> = sqls
+            .iter()
+            .enumerate()
+            .map(|(i, sql)| {
+                Arc::new(
+                    c.compile_text(
+                        &format!("r{i}"),
+                        Path::new("t.toml"),
+                        &format!("sql = '''{sql}'''\n"),
+                    )
+                    .unwrap(),
+                )
+            })
+            .collect();
+        PathIndex::new(&rules)
+    }
+
+    /// The fields of rule 0's paths: by the fast pass when it takes the payload, and always by
+    /// the slow pass; None where the payload is not a JSON object.
+    fn both(
+        index: &PathIndex,
+        payload: &str,
+    ) -> (
+        Option<Vec<Option<Field<'static>>>>,
+        Option<Vec<Option<Field<'static>>>>,
+    ) {
+        let own = |d: &[(u32, Slot<'_>)]| -> Vec<Option<Field<'static>>> {
+            index
+                .slots(0)
+                .iter()
+                .map(|&s| {
+                    find(d, s).map(|v| match v.field().expect("in range") {
+                        Field::Str(s) => Field::Str(Cow::Owned(s.into_owned())),
+                        Field::Json(s) => Field::Json(Cow::Owned(s.into_owned())),
+                        Field::Null => Field::Null,
+                        Field::Bool(b) => Field::Bool(b),
+                        Field::Int(i) => Field::Int(i),
+                        Field::Float(f) => Field::Float(f),
+                    })
+                })
+                .collect()
+        };
+        let mut out = Vec::new();
+        let fast = index
+            .decode_text(payload.as_bytes(), &mut out)
+            .map(|()| own(&out));
+        let slow = match serde_json::from_str::<Value>(payload) {
+            Ok(Value::Object(map)) => {
+                let mut out = Vec::new();
+                index.decode_tree(&map, &mut out);
+                Some(own(&out))
+            }
+            _ => None,
+        };
+        (fast, slow)
+    }
+
+    #[test]
+    fn the_fast_pass_reads_what_the_full_parse_reads() {
+        let ix = index(&[r#"SELECT a, b.c, b.d.e, s FROM "/p/+/up""#]);
+        for payload in [
+            r#"{"a": 1, "b": {"c": 2.5, "d": {"e": "x"}}, "s": [1, {"z": null}]}"#,
+            r#"{"b": {"d": 3}, "a": -0, "s": "t"}"#,
+            r#"{"a": 1, "a": 2, "b": {"c": 1}, "b": {"d": {"e": true}}}"#,
+            r#"{"a": 18446744073709551615, "s": {"k": [1, 2 ]}}"#,
+            r#" { } "#,
+            "{\"a\":1}\n",
+        ] {
+            let (fast, slow) = both(&ix, payload);
+            assert_eq!(fast, slow, "{payload}");
+            assert!(fast.is_some(), "{payload}");
+        }
+        let (fast, _) = both(
+            &ix,
+            r#"{"a": 1, "a": 2, "b": {"c": 1}, "b": {"d": {"e": true}}}"#,
+        );
+        assert_eq!(
+            fast.unwrap(),
+            [Some(Field::Int(2)), None, Some(Field::Bool(true)), None],
+            "the last of a repeated key wins, with what it holds"
+        );
+    }
+
+    #[test]
+    fn payloads_the_fast_pass_leaves_to_the_full_parse() {
+        let ix = index(&[r#"SELECT a FROM "/p/+/up""#]);
+        let deep = format!("{{\"a\":{}1{}}}", "[".repeat(150), "]".repeat(150));
+        for payload in [
+            r#"{"a": "with \"escapes\""}"#,
+            deep.as_str(),
+            r#"{"a": 1} {"#,
+            r#"{"a": 1}}"#,
+            r#"{"a": 1,}"#,
+            r#"[1]"#,
+            r#"{"a": 01}"#,
+            "{\"a\": \"\u{1}\"}",
+            r#"{"a": tru}"#,
+            r#"{"a": 1, "z": 1e400}"#,
+            r#"{"a": 1, "z": 2.5E-999}"#,
+        ] {
+            let mut out = Vec::new();
+            assert!(
+                ix.decode_text(payload.as_bytes(), &mut out).is_none(),
+                "{payload}"
+            );
+            assert!(out.is_empty());
+        }
+    }
+
+    fn json_text() -> impl Strategy<Value = String> {
+        let leaf = prop_oneof![
+            Just("null".to_owned()),
+            Just("true".to_owned()),
+            any::<i64>().prop_map(|i| i.to_string()),
+            any::<f64>()
+                .prop_filter("finite", |f| f.is_finite())
+                .prop_map(|f| f.to_string()),
+            "[a-c ]{0,4}".prop_map(|s| format!("\"{s}\"")),
+        ];
+        leaf.prop_recursive(3, 24, 4, |inner| {
+            prop_oneof![
+                prop::collection::vec(inner.clone(), 0..4)
+                    .prop_map(|v| format!("[{}]", v.join(","))),
+                prop::collection::vec(
+                    (prop::sample::select(vec!["a", "b", "c", "d", "e"]), inner),
+                    0..5
+                )
+                .prop_map(|kv| {
+                    let kv: Vec<String> =
+                        kv.iter().map(|(k, v)| format!("\"{k}\" : {v}")).collect();
+                    format!("{{ {} }}", kv.join(", "))
+                }),
+            ]
+        })
+    }
+
+    proptest! {
+        /// On any object the fast pass takes, it reads every referenced path exactly as the
+        /// full parse does; what it refuses, the full parse decides.
+        #[test]
+        fn fast_pass_equals_full_parse(payload in json_text()) {
+            let ix = index(&[r#"SELECT a, b.c, b.d.e, c, e.a.b FROM "/p/+/up""#]);
+            let (fast, slow) = both(&ix, &payload);
+            if let Some(fast) = fast {
+                prop_assert_eq!(Some(fast), slow);
+            }
+        }
+    }
+}
