@@ -317,6 +317,7 @@ impl Engine {
                         parsed,
                         || batch.whole(m),
                         &values.raw[i * paths..(i + 1) * paths],
+                        &values.fields[i * paths..(i + 1) * paths],
                         &columns,
                         out_row,
                     ) {
@@ -434,6 +435,7 @@ fn build_output<'w>(
     parsed: &ParsedSql,
     whole: impl FnOnce() -> Result<&'w Map<String, Value>, String>,
     row_values: &[Option<Slot<'_>>],
+    row_fields: &[Field<'_>],
     columns: &[Option<ArrayRef>],
     out_row: usize,
 ) -> Result<Output, String> {
@@ -451,7 +453,7 @@ fn build_output<'w>(
             Item::Path { key, path } => {
                 out.insert(
                     key.clone(),
-                    row_values[*path].map_or(Value::Null, Slot::json),
+                    row_values[*path].map_or(Value::Null, |v| v.json(&row_fields[*path])),
                 );
             }
             Item::Expr { key, .. } => {

@@ -24,9 +24,10 @@ use crate::rules::Rule;
 use crate::rules::compile::Field;
 use crate::rules::sql::Item;
 
-/// Payloads with more objects and arrays than this take the full parse (its depth limit
-/// guards the stack; the fast pass has none).
-pub const MAX_FAST_CONTAINERS: usize = 100;
+/// Payloads with more objects and arrays than this take the full parse: the fast pass's
+/// validation recurses once per level of nesting and has no depth limit of its own, so this
+/// bounds its stack (a test runs it at this depth on a small stack).
+pub const MAX_FAST_CONTAINERS: usize = 32;
 
 /// Children above which a trie node looks keys up by hash rather than by scan.
 const SCAN_CHILDREN: usize = 12;
@@ -154,11 +155,18 @@ impl<'a> Slot<'a> {
         }
     }
 
-    /// The value as JSON, for a bare path in the output.
-    pub fn json(self) -> Value {
-        match self {
-            Slot::Tree(v) => v.clone(),
-            Slot::Text(raw) => match raw.as_bytes()[0] {
+    /// The value as JSON, for a bare path in the output; `field` is what [`Slot::field`] gave.
+    pub fn json(self, field: &Field<'_>) -> Value {
+        match (self, field) {
+            (Slot::Tree(v), _) => v.clone(),
+            (_, Field::Int(i)) => Value::from(*i),
+            // A fraction or exponent: a double, already read the way serde_json reads it.
+            (Slot::Text(raw), Field::Float(f))
+                if raw.bytes().any(|b| matches!(b, b'.' | b'e' | b'E')) =>
+            {
+                serde_json::Number::from_f64(*f).map_or(Value::Null, Value::Number)
+            }
+            (Slot::Text(raw), _) => match raw.as_bytes()[0] {
                 b'n' => Value::Null,
                 b't' => Value::Bool(true),
                 b'f' => Value::Bool(false),
@@ -516,6 +524,34 @@ mod tests {
             );
             assert!(out.is_empty());
         }
+    }
+
+    /// The deepest payload the fast pass takes, in the debug build's large frames, on half the
+    /// stack of the smallest thread the engine runs on (a tokio worker's 2 MiB).
+    #[test]
+    fn the_deepest_fast_payload_fits_a_small_stack() {
+        let ix = index(&[r#"SELECT a FROM "/p/+/up""#]);
+        let depth = MAX_FAST_CONTAINERS - 1;
+        let arrays = format!("{{\"b\":{}1{}}}", "[".repeat(depth), "]".repeat(depth));
+        let objects = format!(
+            "{{{}\"a\":1{}}}",
+            "\"z\":{".repeat(depth),
+            "}".repeat(depth)
+        );
+        std::thread::Builder::new()
+            .stack_size(1024 * 1024)
+            .spawn(move || {
+                for payload in [arrays, objects] {
+                    let mut out = Vec::new();
+                    assert!(
+                        ix.decode_text(payload.as_bytes(), &mut out).is_some(),
+                        "{payload}"
+                    );
+                }
+            })
+            .unwrap()
+            .join()
+            .expect("no stack overflow");
     }
 
     fn json_text() -> impl Strategy<Value = String> {
