@@ -436,14 +436,11 @@ mod tests {
 
     /// The fields of rule 0's paths: by the fast pass when it takes the payload, and always by
     /// the slow pass; None where the payload is not a JSON object.
-    fn both(
-        index: &PathIndex,
-        payload: &str,
-    ) -> (
-        Option<Vec<Option<Field<'static>>>>,
-        Option<Vec<Option<Field<'static>>>>,
-    ) {
-        let own = |d: &[(u32, Slot<'_>)]| -> Vec<Option<Field<'static>>> {
+    /// Rule 0's fields, one per path, None where absent.
+    type Fields = Vec<Option<Field<'static>>>;
+
+    fn both(index: &PathIndex, payload: &str) -> (Option<Fields>, Option<Fields>) {
+        let own = |d: &[(u32, Slot<'_>)]| -> Fields {
             index
                 .slots(0)
                 .iter()
