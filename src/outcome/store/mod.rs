@@ -41,7 +41,9 @@
 //! One job per file: `schema` (the table, its version, opening connections), `writer` (the drain
 //! task and the writer thread: batching, commit shaping, retention), `reader` (pages and traces),
 //! `rows` (a row back to a record), `functions` (`iotfwd_contains`), `sinks` (the daemon's set of
-//! record sinks). This file is the API: [`Store`], its options and its errors.
+//! record sinks), `postgres` (the same store on PostgreSQL, `[store] backend = "postgres"`) and
+//! `pg_tls` (its TLS, `[store.tls]`). This file is the API: [`Store`], its options and its
+//! errors.
 
 mod functions;
 mod pg_tls;

@@ -19,6 +19,9 @@
 //! logged at ERROR (the records are still in the diagnostic log). `iotfwd_store_backend_up` and
 //! `GET /api/v1/health` show whether the server answers.
 //!
+//! With `[store.tls]` every connection, the writer's and the readers', is TLS (`sslmode=require`,
+//! never a plain fallback) through [`MakeRustls`] (`pg_tls.rs`); without it none is.
+//!
 //! Readers ([`PgReader`]) are synchronous like the SQLite ones (the CLI calls them directly, the
 //! API from `spawn_blocking`): their queries run on a small runtime of their own, so they work
 //! from any thread.
