@@ -8,7 +8,8 @@
 //! (`[rules]`, `[engine]`, `[data]`, `[log]`, `[shutdown]`), `broker.rs` (`[broker]`,
 //! `[source]`), `store.rs`, `quota/` (`[[tenant]]`, `[[instance]]`, `[quota]`: the model in
 //! `mod.rs`, its checks in `check.rs`), `subscription.rs` (`[subscription]`, `[[group]]`) and
-//! `tls.rs` (the `tls` tables of `[http]`, `[subscription]`, `[broker]` and `[mqtt]`).
+//! `tls.rs` (the `tls` tables of `[http]`, `[subscription]`, `[broker]`, `[mqtt]`, `[redis]`
+//! and `[store]`).
 //! Every check reports through the one reporter in `report.rs`. This file holds [`Config`], loading, and the order in which the
 //! sections are checked, which is the order their problems are listed in. Loading reads the
 //! config file and nothing else; the secrets it names are read (and the embedded default's
@@ -155,7 +156,8 @@ impl Config {
     }
 
     /// Every TLS section of the config, each with its key (`http`, `subscription`, `broker`,
-    /// `mqtt`): the ones that are used (a client section only with its TLS url).
+    /// `mqtt`, `redis`, `store`): the ones that are used (a client section only with its TLS
+    /// url; `[store.tls]` only with an enabled PostgreSQL store).
     pub fn tls_sections(&self) -> Vec<(&'static str, tls::TlsSection<'_>)> {
         let mut sections = Vec::new();
         if let Some(t) = &self.http.tls {
@@ -180,6 +182,12 @@ impl Config {
             && let Some(t) = &r.tls
         {
             sections.push(("redis", tls::TlsSection::Client(t)));
+        }
+        if self.store.enabled
+            && self.store.backend == store::StoreBackend::Postgres
+            && let Some(t) = &self.store.tls
+        {
+            sections.push(("store", tls::TlsSection::Client(t)));
         }
         sections
     }

@@ -32,6 +32,12 @@ pub struct StoreConfig {
     /// server wants one. Never logged. Default: unset.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub password_env: Option<String>,
+    /// `[store.tls]`, with `backend = "postgres"`: connect over TLS (required, never a plain
+    /// fallback), trusting `ca_file` (default: the system's roots) and checking the server's
+    /// certificate against the url's host; `cert` and `key` for a server that asks for a client
+    /// certificate. The same keys as `[broker.tls]`. Absent: no TLS. Default: unset.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub tls: Option<super::tls::ClientTls>,
     /// The SQLite file. Relative paths are relative to the daemon's working directory, like
     /// `data.dir`. Unset means `<data.dir>/outcomes.db`. Its `-wal` and `-shm` companions sit
     /// beside it. Default: unset.
@@ -119,6 +125,7 @@ impl Default for StoreConfig {
             backend: StoreBackend::Sqlite,
             url: None,
             password_env: None,
+            tls: None,
             path: None,
             retention_days: 7,
             batch_max_records: 16_384,
@@ -222,9 +229,21 @@ impl StoreConfig {
 }
 
 impl StoreConfig {
-    /// `backend`, `url` and `password_env` agree.
+    /// `backend`, `url`, `password_env` and `tls` agree.
     fn validate_backend(&self, r: &mut Reporter<'_>) {
         let at = |key: &'static str| [Seg::Key("store"), Seg::Key(key)];
+        match (&self.tls, self.backend) {
+            (Some(_), StoreBackend::Sqlite) => r.report(
+                &[&at("tls")],
+                "is only for backend = \"postgres\" (TLS to the PostgreSQL server; the SQLite \
+                 file is local)"
+                    .to_owned(),
+            ),
+            (Some(tls), StoreBackend::Postgres) => {
+                super::tls::validate_client_files("store", tls, r);
+            }
+            (None, _) => {}
+        }
         match (self.backend, &self.url) {
             (StoreBackend::Sqlite, Some(_)) => r.report(
                 &[&at("url")],
@@ -267,6 +286,12 @@ impl StoreConfig {
                                     .to_owned(),
                             );
                         }
+                        for (key, value) in u.query_pairs() {
+                            if let Some(problem) = tls_parameter(&key, &value, self.tls.is_some())
+                            {
+                                r.report(&[&at("url")], problem);
+                            }
+                        }
                     }
                     Ok(u) => r.report(
                         &[&at("url")],
@@ -286,6 +311,40 @@ impl StoreConfig {
             (StoreBackend::Sqlite, None) => {}
         }
     }
+}
+
+/// What is wrong with the TLS parameter `key=value` of `store.url`, given whether `[store.tls]`
+/// is there: TLS is on exactly when `[store.tls]` is, so `sslmode` may only repeat that
+/// (`require` with it, `disable` without), and the file parameters of libpq are keys of
+/// `[store.tls]`. `None` for any other parameter.
+fn tls_parameter(key: &str, value: &str, tls: bool) -> Option<String> {
+    let file_key = match key {
+        "sslmode" => {
+            return match (value, tls) {
+                ("require", true) | ("disable", false) => None,
+                (_, true) => Some(format!(
+                    "sslmode={value}: with [store.tls] the connection always uses TLS and checks \
+                     the server's certificate and host name (as libpq's verify-full); leave \
+                     sslmode out"
+                )),
+                ("require" | "verify-ca" | "verify-full", false) => Some(format!(
+                    "sslmode={value} asks for TLS: add a [store.tls] table (empty: trust the \
+                     system's root certificates; ca_file for a private CA) and leave sslmode out"
+                )),
+                (_, false) => Some(format!(
+                    "sslmode={value}: the connection uses TLS exactly when [store.tls] is given \
+                     (and then always); leave sslmode out"
+                )),
+            };
+        }
+        "sslrootcert" => "ca_file",
+        "sslcert" => "cert",
+        "sslkey" => "key",
+        _ => return None,
+    };
+    Some(format!(
+        "{key} is not read from the url: give the file as store.tls.{file_key}"
+    ))
 }
 
 /// Where the JSON-lines copy of the records goes. Written in the config as a string:
@@ -390,6 +449,73 @@ mod tests {
         assert!(e.contains("sqlite") && e.contains("postgres"), "{e}");
     }
 
+    /// `[store.tls]` turns TLS on; it is for PostgreSQL only, checked like the other client
+    /// tables, and the url's `sslmode` and libpq file parameters may not say otherwise.
+    #[test]
+    fn store_tls_is_for_postgres_and_the_url_agrees_with_it() {
+        let errors = |text: &str| crate::config::errors_of(text);
+        let pg = |url: &str, tls: &str| {
+            errors(&format!(
+                "[store]\nbackend = \"postgres\"\nurl = \"{url}\"\n{tls}"
+            ))
+        };
+        let tls = "[store.tls]\nca_file = \"/ca.pem\"\n";
+        assert!(pg("postgres://u@h/db", tls).is_empty());
+        assert!(pg("postgres://u@h/db", "[store.tls]\n").is_empty());
+        assert!(pg("postgres://u@h/db?sslmode=require", tls).is_empty());
+        assert!(pg("postgres://u@h/db?sslmode=disable", "").is_empty());
+        assert!(pg("postgres://u@h/db?channel_binding=require", tls).is_empty());
+
+        let e = errors("[store]\n[store.tls]\nca_file = \"/ca.pem\"\n");
+        assert_eq!(e.len(), 1, "{e:?}");
+        assert!(
+            e[0].starts_with("config:2:1: store.tls: is only for backend = \"postgres\""),
+            "{e:?}"
+        );
+        let e = pg(
+            "postgres://u@h/db",
+            "[store.tls]\ncert = \"/c.pem\"\nca_file = \"\"\n",
+        );
+        assert_eq!(e.len(), 2, "{e:?}");
+        assert!(
+            e[0].starts_with("config:6:11: store.tls.ca_file: must not be empty"),
+            "{e:?}"
+        );
+        assert!(
+            e[1].starts_with("config:5:8: store.tls.cert: a client certificate needs its key"),
+            "{e:?}"
+        );
+
+        let e = pg("postgres://u@h/db?sslmode=require", "");
+        assert_eq!(e.len(), 1, "{e:?}");
+        assert!(
+            e[0].starts_with(
+                "config:3:7: store.url: sslmode=require asks for TLS: add a [store.tls]"
+            ),
+            "{e:?}"
+        );
+        for mode in ["disable", "prefer", "verify-full"] {
+            let e = pg(&format!("postgres://u@h/db?sslmode={mode}"), tls);
+            assert_eq!(e.len(), 1, "{mode}: {e:?}");
+            assert!(
+                e[0].contains(&format!("store.url: sslmode={mode}: with [store.tls]"))
+                    && e[0].contains("leave sslmode out"),
+                "{e:?}"
+            );
+        }
+        let e = pg("postgres://u@h/db?sslmode=prefer", "");
+        assert!(e[0].contains("exactly when [store.tls] is given"), "{e:?}");
+        let e = pg("postgres://u@h/db?sslrootcert=/ca.pem&sslkey=/k.pem", tls);
+        assert_eq!(e.len(), 2, "{e:?}");
+        assert!(
+            e[0].contains(
+                "sslrootcert is not read from the url: give the file as store.tls.ca_file"
+            ),
+            "{e:?}"
+        );
+        assert!(e[1].contains("store.tls.key"), "{e:?}");
+    }
+
     #[test]
     fn jsonl_target_forms() {
         #[derive(Deserialize, Serialize)]
@@ -449,6 +575,7 @@ mod tests {
             backend: StoreBackend::Sqlite,
             url: None,
             password_env: None,
+            tls: None,
             path: Some(PathBuf::new()),
             retention_days: 0,
             batch_max_records: 0,

@@ -1,8 +1,8 @@
 //! The TLS sections: `[http.tls]` and `[subscription.tls]` (a server's certificate and key),
-//! `[broker.tls]` and `[mqtt.tls]` (what a client trusts, and its own certificate when the
-//! broker asks for one).
+//! `[broker.tls]`, `[mqtt.tls]`, `[redis.tls]` and `[store.tls]` (what a client trusts, and its
+//! own certificate when the server asks for one).
 //!
-//! One file for the four because they name the same kinds of PEM files and are checked the
+//! One file for them all because they name the same kinds of PEM files and are checked the
 //! same way. Loading checks only what the config itself says (paths not empty, a client's cert
 //! and key given together, a client section only with a TLS url); whether the files exist and
 //! parse is [`super::Config::check_tls_files`]'s, run by `iotfwd check` with
@@ -24,7 +24,7 @@ pub struct ServerTls {
     pub key: PathBuf,
 }
 
-/// `[broker.tls]`, `[mqtt.tls]`: what a TLS client trusts and, optionally, the certificate it
+/// `[broker.tls]`, `[mqtt.tls]`, `[redis.tls]`, `[store.tls]`: what a TLS client trusts and, optionally, the certificate it
 /// shows the server. Every key is optional; an empty table means "the system's roots, no
 /// client certificate".
 #[derive(Clone, Debug, Default, PartialEq, Eq, Deserialize, Serialize)]
@@ -110,6 +110,23 @@ pub(super) fn validate_client(
     tls_url: bool,
     r: &mut Reporter<'_>,
 ) {
+    validate_client_files(section, tls, r);
+    if !tls_url {
+        r.report(
+            &[&[Seg::Key(section), Seg::Key("tls")]],
+            format!(
+                "is used only with a {scheme}:// url; {section}.url is not one, so the \
+                 connection would not be encrypted"
+            ),
+        );
+    }
+}
+
+/// Reports what is wrong with the files of the client section `[<section>.tls]` as written
+/// (empty paths, a certificate without its key or a key without its certificate): for a
+/// section whose url has no TLS scheme of its own (`[store.tls]`), and for
+/// [`validate_client`].
+pub(super) fn validate_client_files(section: &'static str, tls: &ClientTls, r: &mut Reporter<'_>) {
     let at = |key: &'static str| [Seg::Key(section), Seg::Key("tls"), Seg::Key(key)];
     for (name, path) in [
         ("ca_file", &tls.ca_file),
@@ -130,15 +147,6 @@ pub(super) fn validate_client(
             "a client key needs its certificate: give cert too".into(),
         ),
         _ => {}
-    }
-    if !tls_url {
-        r.report(
-            &[&[Seg::Key(section), Seg::Key("tls")]],
-            format!(
-                "is used only with a {scheme}:// url; {section}.url is not one, so the \
-                 connection would not be encrypted"
-            ),
-        );
     }
 }
 

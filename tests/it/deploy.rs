@@ -1352,6 +1352,7 @@ fn k8s_cluster_overlay_is_three_replicas_on_shared_engines() {
     let store_url = url::Url::parse(c.store.url.as_deref().expect("store.url")).unwrap();
     assert!(store_url.password().is_none(), "no password in store.url");
     assert!(redis.is_tls() && redis.tls.is_some(), "Redis over TLS");
+    assert!(c.store.tls.is_some(), "PostgreSQL over TLS");
 
     // As many replicas as the quota fallback divides by; a drain takes one at a time.
     assert_eq!(
@@ -1393,7 +1394,7 @@ fn k8s_cluster_overlay_is_three_replicas_on_shared_engines() {
         // checkpoint_mib is SQLite's own.
         remove(
             "store",
-            &["backend", "url", "password_env", "checkpoint_mib"],
+            &["backend", "url", "password_env", "tls", "checkpoint_mib"],
         );
         if let Some(toml::Value::Table(src)) = t.get_mut("source")
             && let Some(toml::Value::Table(a)) = src.get_mut("amqp")

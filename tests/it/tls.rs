@@ -14,6 +14,10 @@
 //! - rediss: a Redis of the test's own with only a TLS listener that wants client certificates;
 //!   shared quotas take tokens over it, and a wrong CA or a missing client certificate leave the
 //!   backend down with a reason that names the certificate problem.
+//! - PostgreSQL (`[store.tls]`): a PostgreSQL of the test's own that takes only TLS
+//!   connections (`hostssl`, a SCRAM password bound to the session, a client certificate);
+//!   records are written and read back over TLS, a plain client is refused, and a wrong CA, no
+//!   client certificate or no TLS leave the store down with the reason in health.
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -343,6 +347,32 @@ async fn check_reports_bad_pem_files_at_their_lines() {
         )),
         "{err}"
     );
+
+    // [store.tls] (TLS to PostgreSQL) is read like the other client tables.
+    std::fs::write(
+        &file,
+        format!(
+            "[rules]\ndir = {:?}\n[store]\nbackend = \"postgres\"\n\
+             url = \"postgres://iotfwd@db:5432/iotfwd\"\n[store.tls]\nca_file = {:?}\n",
+            dir.path().join("rules"),
+            junk,
+        ),
+    )
+    .unwrap();
+    let (ok, _, err) = iotfwd(vec![
+        "check".into(),
+        "--config".into(),
+        file.to_str().unwrap().into(),
+    ])
+    .await;
+    assert!(!ok, "{err}");
+    assert!(
+        err.contains(&format!(
+            "{at}:7:11: store.tls.ca_file: {}: no certificate in the file",
+            junk.display()
+        )),
+        "{err}"
+    );
 }
 
 /// A RabbitMQ node of the test's own with a TLS listener that asks for client certificates
@@ -471,11 +501,14 @@ async fn amqps_with_client_certificates_and_clear_errors_for_a_wrong_ca_or_none(
         .unwrap();
 }
 
-/// A broker of the test's own (Mosquitto, Redis) with only a TLS listener on `port`,
-/// stopped when dropped.
+/// A server of the test's own (Mosquitto, Redis, PostgreSQL) with only a TLS listener on
+/// `port`, stopped when dropped.
 struct TlsServer {
     child: std::process::Child,
     port: u16,
+    /// Stop with SIGINT (and wait) rather than SIGKILL: PostgreSQL's fast shutdown, which
+    /// removes its shared memory and lets its backends end.
+    interrupt: bool,
     _dir: tempfile::TempDir,
 }
 
@@ -507,6 +540,7 @@ impl TlsServer {
         TlsServer {
             child,
             port,
+            interrupt: false,
             _dir: dir,
         }
     }
@@ -549,6 +583,18 @@ impl TlsServer {
 
 impl Drop for TlsServer {
     fn drop(&mut self) {
+        if self.interrupt {
+            let _ = Command::new("kill")
+                .args(["-INT", &self.child.id().to_string()])
+                .status();
+            let deadline = Instant::now() + Duration::from_secs(10);
+            while Instant::now() < deadline {
+                if let Ok(Some(_)) = self.child.try_wait() {
+                    return;
+                }
+                std::thread::sleep(Duration::from_millis(20));
+            }
+        }
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
@@ -773,5 +819,273 @@ async fn rediss_quotas_with_a_ca_and_a_client_certificate() {
             t.reason()
         );
         assert_eq!(l.backend().map(|(_, up)| up), Some(false), "{what}");
+    }
+}
+
+/// The newest PostgreSQL server binaries of the machine (`/usr/lib/postgresql/<version>/bin`).
+fn postgres_bin_dir() -> Option<PathBuf> {
+    let mut found: Vec<(u32, PathBuf)> = std::fs::read_dir("/usr/lib/postgresql")
+        .ok()?
+        .filter_map(|e| {
+            let e = e.ok()?;
+            let version = e.file_name().to_str()?.parse::<u32>().ok()?;
+            let bin = e.path().join("bin");
+            (bin.join("initdb").exists() && bin.join("postgres").exists()).then_some((version, bin))
+        })
+        .collect();
+    found.sort();
+    found.pop().map(|(_, bin)| bin)
+}
+
+impl TlsServer {
+    /// A PostgreSQL of the test's own, superuser `iotfwd` with `password`, whose pg_hba.conf
+    /// takes only TLS connections (`hostssl`) from 127.0.0.1 with a SCRAM password and a client
+    /// certificate signed by the CA of `pki` (`clientcert=verify-ca`); it serves the server
+    /// certificate of `pki`. None (after `tool_missing`) without PostgreSQL's server binaries.
+    /// As root, initdb and the server run as the `postgres` user (initdb refuses root).
+    fn postgres(pki: &Pki, password: &str) -> Option<TlsServer> {
+        use std::os::unix::fs::{MetadataExt, PermissionsExt};
+        let Some(bin) = postgres_bin_dir() else {
+            tool_missing(
+                "PostgreSQL's server binaries (initdb, postgres in /usr/lib/postgresql/<version>/bin) \
+                 are not installed (scripts/ensure-postgres installs them)",
+            );
+            return None;
+        };
+        let dir = tempfile::Builder::new()
+            .prefix("iotfwd-pg-tls-")
+            .tempdir()
+            .unwrap();
+        std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o777)).unwrap();
+        let root = std::fs::metadata(dir.path()).unwrap().uid() == 0;
+        let command = |program: &str| {
+            let program = bin.join(program);
+            if root {
+                let mut c = Command::new("setpriv");
+                c.args([
+                    "--reuid=postgres",
+                    "--regid=postgres",
+                    "--init-groups",
+                    "--",
+                ])
+                .arg(program);
+                c
+            } else {
+                Command::new(program)
+            }
+        };
+        let pwfile = dir.path().join("password");
+        std::fs::write(&pwfile, password).unwrap();
+        std::fs::set_permissions(&pwfile, std::fs::Permissions::from_mode(0o644)).unwrap();
+        let data = dir.path().join("data");
+        let initdb = command("initdb")
+            .arg("-D")
+            .arg(&data)
+            .args([
+                "-U",
+                "iotfwd",
+                "--auth=scram-sha-256",
+                "-E",
+                "UTF8",
+                "--no-sync",
+            ])
+            .arg(format!("--pwfile={}", pwfile.display()))
+            .output()
+            .unwrap_or_else(|e| panic!("run initdb (as root through setpriv: {root}): {e}"));
+        assert!(
+            initdb.status.success(),
+            "initdb failed: {}",
+            String::from_utf8_lossy(&initdb.stderr)
+        );
+        std::fs::remove_file(&pwfile).unwrap();
+        std::fs::write(
+            data.join("pg_hba.conf"),
+            "hostssl all all 127.0.0.1/32 scram-sha-256 clientcert=verify-ca\n",
+        )
+        .unwrap();
+        // The server reads its files as its own user; the key must be readable by it only.
+        let owner = std::fs::metadata(&data).unwrap();
+        for (file, mode) in [
+            ("server.pem", 0o644),
+            ("ca.pem", 0o644),
+            ("server.key", 0o600),
+        ] {
+            let path = data.join(file);
+            std::fs::copy(pki.path(file), &path).unwrap();
+            std::os::unix::fs::chown(&path, Some(owner.uid()), Some(owner.gid())).unwrap();
+            std::fs::set_permissions(&path, std::fs::Permissions::from_mode(mode)).unwrap();
+        }
+        let port = port_for_node();
+        let mut cmd = command("postgres");
+        cmd.arg("-D").arg(&data).arg("-p").arg(port.to_string());
+        for setting in [
+            "listen_addresses=127.0.0.1".to_owned(),
+            format!("unix_socket_directories={}", dir.path().display()),
+            "ssl=on".to_owned(),
+            "ssl_cert_file=server.pem".to_owned(),
+            "ssl_key_file=server.key".to_owned(),
+            "ssl_ca_file=ca.pem".to_owned(),
+            "fsync=off".to_owned(),
+            "max_connections=20".to_owned(),
+            "shared_buffers=16MB".to_owned(),
+            "logging_collector=on".to_owned(),
+            format!("log_directory={}", dir.path().display()),
+            "log_filename=postgres.log".to_owned(),
+        ] {
+            cmd.arg("-c").arg(setting);
+        }
+        let mut server = TlsServer::run("PostgreSQL", cmd, port, dir, "postgres.log");
+        server.interrupt = true;
+        // It listens before it takes connections ("the database system is starting up"); its
+        // status line in postmaster.pid says when it does.
+        let deadline = Instant::now() + Duration::from_secs(15);
+        while !std::fs::read_to_string(data.join("postmaster.pid"))
+            .is_ok_and(|pid| pid.lines().any(|l| l.trim() == "ready"))
+        {
+            assert!(
+                Instant::now() < deadline,
+                "PostgreSQL on {port} not ready within 15 s"
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        Some(server)
+    }
+}
+
+/// The record store on PostgreSQL over TLS (`[store.tls]`), against a PostgreSQL of the test's
+/// own that takes only TLS connections with a SCRAM password and a client certificate: records
+/// are written and read back over TLS (the API, and `iotfwd logs trace` with the config), with
+/// `channel_binding=require` so the password exchange is bound to the TLS session
+/// (SCRAM-SHA-256-PLUS); a client without TLS is refused by the server; a CA that did not sign
+/// the server's certificate, no client certificate, or no `[store.tls]` at all leave the store
+/// down with a reason in health that says why.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn postgres_store_over_tls_and_clear_errors_for_a_wrong_ca_or_none() {
+    use iotfwd::config::store::{StoreBackend, StoreConfig};
+    const PASSWORD_ENV: &str = "IOTFWD_TEST_PG_TLS_PASSWORD";
+    let dir = tempfile::tempdir().unwrap();
+    let pki = Pki::new(&dir.path().join("pki"));
+    let password = format!("pw-{}", uuid::Uuid::new_v4().simple());
+    let Some(pg) = TlsServer::postgres(&pki, &password) else {
+        return;
+    };
+    // SAFETY: nextest runs each test in a process of its own, and no other thread of it reads
+    // or writes the environment while this runs (the daemons below read it after).
+    unsafe { std::env::set_var(PASSWORD_ENV, &password) };
+
+    // The server refuses a client without TLS, whatever its password.
+    let plain = tokio_postgres::connect(
+        &format!(
+            "host=127.0.0.1 port={} user=iotfwd password={password} dbname=postgres \
+             sslmode=disable connect_timeout=5",
+            pg.port
+        ),
+        tokio_postgres::NoTls,
+    )
+    .await;
+    let refused = plain.err().expect("a client without TLS got in");
+    let why = refused
+        .as_db_error()
+        .map_or_else(|| refused.to_string(), |e| e.message().to_owned());
+    assert!(why.contains("no encryption"), "{why}");
+
+    let rules = dir.path().join("rules");
+    std::fs::create_dir_all(&rules).unwrap();
+    let url = format!(
+        "postgres://iotfwd@127.0.0.1:{}/postgres?channel_binding=require",
+        pg.port
+    );
+    let store = |tls: Option<ClientTls>| StoreConfig {
+        backend: StoreBackend::Postgres,
+        url: Some(url.clone()),
+        password_env: Some(PASSWORD_ENV.to_owned()),
+        tls,
+        ..StoreConfig::default()
+    };
+    let start = |tls: Option<ClientTls>, data: &str| {
+        let store = store(tls);
+        let data = dir.path().join(data);
+        Daemon::start_without_broker(&rules, move |c| {
+            c.subscription.enabled = false;
+            c.data.dir = data;
+            c.store = store;
+        })
+    };
+
+    // The CA that signed the server's certificate, and a client certificate it signed too.
+    let d = start(Some(pki.client("ca.pem", true)), "ok").await;
+    d.wait_ready().await;
+    let report = d
+        .post(json!({"topic": "/p1/d1/user/update", "payload": {"n": 1}}))
+        .await;
+    let id = report["messages"][0]["messageId"]
+        .as_str()
+        .unwrap_or_else(|| panic!("no messageId: {report}"))
+        .to_owned();
+    let page = eventually("the message's record, read back over TLS", || async {
+        let page = d.get_json(&format!("/api/v1/logs?messageId={id}")).await;
+        (page["count"].as_u64() > Some(0)).then_some(page)
+    })
+    .await;
+    assert_eq!(page["records"][0]["messageId"], id.as_str(), "{page}");
+    let health = d.get_json("/api/v1/health").await;
+    assert_eq!(health["store"]["up"], true, "{health}");
+    d.stop().await;
+
+    // The CLI reads the same records over TLS with a config naming the same [store.tls].
+    let file = dir.path().join("store.toml");
+    std::fs::write(
+        &file,
+        format!(
+            "[store]\nbackend = \"postgres\"\nurl = \"{url}\"\npassword_env = \"{PASSWORD_ENV}\"\n\
+             [store.tls]\nca_file = {:?}\ncert = {:?}\nkey = {:?}\n",
+            pki.path("ca.pem"),
+            pki.path("client.pem"),
+            pki.path("client.key"),
+        ),
+    )
+    .unwrap();
+    let (ok, out, err) = iotfwd(vec![
+        "logs".into(),
+        "trace".into(),
+        id.clone(),
+        "--json".into(),
+        "--config".into(),
+        file.to_str().unwrap().into(),
+    ])
+    .await;
+    assert!(ok, "iotfwd logs trace over TLS failed: {err}");
+    assert!(out.contains(&id), "{out}");
+
+    // Each failing case: the store is down, and health says why (and never the password).
+    let at = format!("127.0.0.1:{}", pg.port);
+    for (tls, data, why) in [
+        (
+            Some(pki.client("other-ca.pem", true)),
+            "other-ca",
+            "TLS handshake with 127.0.0.1 failed: the server's certificate is not signed by a \
+             CA this client trusts (store.tls.ca_file)",
+        ),
+        (
+            Some(pki.client("ca.pem", false)),
+            "no-client-cert",
+            "connection requires a valid client certificate",
+        ),
+        (None, "plain", "no encryption"),
+    ] {
+        let d = start(tls, data).await;
+        let store = eventually("the store's connection error in health", || async {
+            let h = d.get_json("/api/v1/health").await;
+            (h["store"]["up"] == false).then(|| h["store"].clone())
+        })
+        .await;
+        let error = store["lastError"].as_str().unwrap_or_default();
+        println!("{data}: {error}");
+        assert!(
+            error.contains(why) && error.contains(&at),
+            "{data}: {store}"
+        );
+        assert!(!error.contains(&password), "no password: {error}");
+        d.stop().await;
     }
 }

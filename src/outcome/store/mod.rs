@@ -41,9 +41,12 @@
 //! One job per file: `schema` (the table, its version, opening connections), `writer` (the drain
 //! task and the writer thread: batching, commit shaping, retention), `reader` (pages and traces),
 //! `rows` (a row back to a record), `functions` (`iotfwd_contains`), `sinks` (the daemon's set of
-//! record sinks). This file is the API: [`Store`], its options and its errors.
+//! record sinks), `postgres` (the same store on PostgreSQL, `[store] backend = "postgres"`) and
+//! `pg_tls` (its TLS, `[store.tls]`). This file is the API: [`Store`], its options and its
+//! errors.
 
 mod functions;
+mod pg_tls;
 mod postgres;
 mod reader;
 mod rows;
@@ -112,11 +115,12 @@ pub enum StoreError {
     },
     #[error("the record store writer has stopped")]
     Stopped,
-    #[error("record store {url}: {source}")]
+    /// A PostgreSQL error, with its causes in the message (tokio-postgres shows only its kind,
+    /// "error performing TLS handshake", and keeps why in its source).
+    #[error("record store {url}: {}", postgres::explain(.error))]
     Postgres {
         url: String,
-        #[source]
-        source: tokio_postgres::Error,
+        error: tokio_postgres::Error,
     },
     #[error("record store: {0}")]
     Config(String),

@@ -19,6 +19,9 @@
 //! logged at ERROR (the records are still in the diagnostic log). `iotfwd_store_backend_up` and
 //! `GET /api/v1/health` show whether the server answers.
 //!
+//! With `[store.tls]` every connection, the writer's and the readers', is TLS (`sslmode=require`,
+//! never a plain fallback) through [`MakeRustls`] (`pg_tls.rs`); without it none is.
+//!
 //! Readers ([`PgReader`]) are synchronous like the SQLite ones (the CLI calls them directly, the
 //! API from `spawn_blocking`): their queries run on a small runtime of their own, so they work
 //! from any thread.
@@ -29,13 +32,18 @@ use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Duration;
 
 use tokio::sync::{mpsc, oneshot};
+use tokio_postgres::config::SslMode;
 use tokio_postgres::types::ToSql;
 use tokio_postgres::{Client, NoTls};
+
+use super::pg_tls::MakeRustls;
 
 use super::reader::{Page, TRACE_MAX_RECORDS, Trace};
 use super::rows::{Stored, pg_row_to_stored};
 use super::writer::{Job, WriterStats};
 use super::{Cancel, StoreError};
+use crate::config::store::StoreConfig;
+use crate::config::tls::ClientTls;
 use crate::outcome::Record;
 use crate::outcome::commit::{CommitLog, StopOnDrop};
 use crate::outcome::query::{COLUMNS, Dialect, LogQuery};
@@ -76,21 +84,25 @@ const INSERT: &str = "INSERT INTO records (time_ms, trace_id, message_id, produc
      SELECT * FROM unnest($1::int8[], $2::text[], $3::text[], $4::text[], $5::text[], \
      $6::text[], $7::text[], $8::int8[], $9::text[], $10::text[], $11::text[], $12::text[])";
 
-/// Where the database is: the parsed `store.url` with the password from `store.password_env`.
+/// Where the database is: the parsed `store.url` with the password from `store.password_env`,
+/// and how to speak TLS to it (`[store.tls]`).
 #[derive(Clone)]
 pub struct PgTarget {
     config: tokio_postgres::Config,
     /// `store.url` as written (it holds no password), for logs, errors and health.
     pub url: String,
+    /// `[store.tls]`: every connection is TLS; `None`: none is.
+    tls: Option<MakeRustls>,
 }
 
 impl PgTarget {
     /// From `store.url` and `store.password_env` (validated by `iotfwd check`).
     pub fn new(url: &str, password_env: Option<&str>) -> Result<PgTarget, StoreError> {
-        let mut config: tokio_postgres::Config = url.parse().map_err(|e| StoreError::Postgres {
-            url: url.to_owned(),
-            source: e,
-        })?;
+        let mut config: tokio_postgres::Config =
+            url.parse().map_err(|error| StoreError::Postgres {
+                url: url.to_owned(),
+                error,
+            })?;
         if let Some(var) = password_env {
             let password = std::env::var(var).map_err(|_| {
                 StoreError::Config(format!(
@@ -104,24 +116,75 @@ impl PgTarget {
         Ok(PgTarget {
             config,
             url: url.to_owned(),
+            tls: None,
         })
     }
 
+    /// The database of `[store]`: `url`, `password_env` and, with `[store.tls]`, TLS.
+    pub fn from_config(store: &StoreConfig) -> Result<PgTarget, StoreError> {
+        let url = store.url.as_deref().ok_or_else(|| {
+            StoreError::Config("store.backend = \"postgres\" needs store.url".into())
+        })?;
+        let target = PgTarget::new(url, store.password_env.as_deref())?;
+        match &store.tls {
+            Some(tls) => target.with_tls(tls),
+            None => Ok(target),
+        }
+    }
+
+    /// Connects over TLS only (`sslmode=require`; the certificate and host name are always
+    /// checked, see [`MakeRustls`]). An unreadable file is an error naming its key.
+    pub fn with_tls(mut self, tls: &ClientTls) -> Result<PgTarget, StoreError> {
+        self.tls = Some(MakeRustls::new(tls).map_err(StoreError::Config)?);
+        self.config.ssl_mode(SslMode::Require);
+        Ok(self)
+    }
+
     fn err(&self) -> impl Fn(tokio_postgres::Error) -> StoreError + '_ {
-        move |source| StoreError::Postgres {
+        move |error| StoreError::Postgres {
             url: self.url.clone(),
-            source,
+            error,
         }
     }
 
     /// A connection whose driver runs on the current runtime.
     async fn connect(&self) -> Result<Client, StoreError> {
-        let (client, connection) = self.config.connect(NoTls).await.map_err(self.err())?;
-        tokio::spawn(async move {
-            let _ = connection.await;
-        });
+        let client = match &self.tls {
+            None => {
+                let (client, connection) = self.config.connect(NoTls).await.map_err(self.err())?;
+                tokio::spawn(async move {
+                    let _ = connection.await;
+                });
+                client
+            }
+            Some(tls) => {
+                let (client, connection) =
+                    self.config.connect(tls.clone()).await.map_err(self.err())?;
+                tokio::spawn(async move {
+                    let _ = connection.await;
+                });
+                client
+            }
+        };
         Ok(client)
     }
+}
+
+/// A PostgreSQL error as an operator reads it: tokio-postgres' words for its kind ("error
+/// performing TLS handshake", "db error") followed by each cause, e.g. the failed handshake
+/// explained by [`crate::tls::explain`] or the server's message.
+pub(super) fn explain(error: &tokio_postgres::Error) -> String {
+    let mut text = error.to_string();
+    let mut cause = std::error::Error::source(error);
+    while let Some(c) = cause {
+        let more = c.to_string();
+        if !text.contains(&more) {
+            text.push_str(": ");
+            text.push_str(&more);
+        }
+        cause = c.source();
+    }
+    text
 }
 
 /// Whether the writer's last contact with PostgreSQL worked; health and the

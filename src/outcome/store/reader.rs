@@ -452,15 +452,11 @@ impl Reader {
         data_dir: &Path,
     ) -> Result<Reader, StoreError> {
         use crate::config::store::StoreBackend;
-        match (config.backend, &config.url) {
-            (StoreBackend::Postgres, Some(url)) => {
-                let target = PgTarget::new(url, config.password_env.as_deref())?;
-                PgReader::open(target).map(Reader::Postgres)
+        match config.backend {
+            StoreBackend::Postgres => {
+                PgReader::open(PgTarget::from_config(config)?).map(Reader::Postgres)
             }
-            (StoreBackend::Postgres, None) => Err(StoreError::Config(
-                "store.backend = \"postgres\" needs store.url".into(),
-            )),
-            (StoreBackend::Sqlite, _) => Reader::open(&config.resolved_path(data_dir)),
+            StoreBackend::Sqlite => Reader::open(&config.resolved_path(data_dir)),
         }
     }
 

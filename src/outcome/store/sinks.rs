@@ -32,12 +32,12 @@ impl RecordSinks {
         let store_config = &config.store;
         let (store, reader) = if store_config.enabled {
             let options = StoreOptions::from_config(store_config);
-            let store = match (store_config.backend, &store_config.url) {
-                (StoreBackend::Postgres, Some(url)) => {
-                    let target = PgTarget::new(url, store_config.password_env.as_deref())?;
+            let store = match store_config.backend {
+                StoreBackend::Postgres => {
+                    let target = PgTarget::from_config(store_config)?;
                     Store::open_postgres(target, options, Some(metrics.store.clone())).await?
                 }
-                _ => Store::open(
+                StoreBackend::Sqlite => Store::open(
                     &store_config.resolved_path(&config.data.dir),
                     options,
                     Some(metrics.store.clone()),
