@@ -112,7 +112,9 @@ pub enum StoreError {
     },
     #[error("the record store writer has stopped")]
     Stopped,
-    #[error("record store {url}: {source}")]
+    #[error("record store {}: the query was cancelled", .0.display())]
+    Cancelled(PathBuf),
+    #[error("record store {url}: {}", pg_message(source))]
     Postgres {
         url: String,
         #[source]
@@ -339,6 +341,14 @@ impl Store {
         let _ = control.send(Control::Stop);
         let _ = drain.await;
         done.await.unwrap_or_default()
+    }
+}
+
+/// A PostgreSQL error with the server's own message (the driver shows only "db error").
+fn pg_message(e: &tokio_postgres::Error) -> String {
+    match e.as_db_error() {
+        Some(db) => format!("{} ({})", db.message(), db.code().code()),
+        None => e.to_string(),
     }
 }
 
