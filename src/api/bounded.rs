@@ -5,10 +5,10 @@
 //! A keyword query may scan with several threads, so without a bound a few clients could hold
 //! every core. A read beyond the limit is refused at once with 429 rather than queued: a
 //! queue would only hide the overload from the client. A read that outlives its time-out is
-//! answered 503 and cancelled ([`crate::outcome::store::Cancel`] interrupts the SQLite
-//! statements of a log query or a trace; a stats read, which opens its own connection, runs to
-//! its end). Either way it keeps its slot until it has really stopped, which keeps the bound
-//! true.
+//! answered 503 and cancelled: [`crate::outcome::store::Cancel`] interrupts the SQLite
+//! statements of a log query, a trace or a stats read, and sends PostgreSQL a cancel request for
+//! the connection its statement runs on. Either way it keeps its slot until it has really
+//! stopped, which keeps the bound true.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -214,6 +214,58 @@ mod tests {
         assert_eq!(count(&m, "query_timeout_ms"), 1);
     }
 
+    /// Whether a read gets a slot of `gate` within `within` (the read that held it stopped).
+    async fn slot_frees(gate: &QueryGate, metrics: &Metrics, within: Duration) -> bool {
+        let deadline = tokio::time::Instant::now() + within;
+        while tokio::time::Instant::now() < deadline {
+            if gate.run(metrics, |_| ()).await.is_ok() {
+                return true;
+            }
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        false
+    }
+
+    /// On PostgreSQL a read that outlives the time-out is answered 503 as on SQLite, and its
+    /// statement is cancelled on the server: the slot is free again while the lock the
+    /// statement waited for is still held (without the cancel request it would wait for it).
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_timed_out_stats_read_on_postgres_stops_on_the_server() {
+        use crate::outcome::stats::{GroupBy, StatsQuery, stats};
+        use crate::outcome::store::testing::{Backend, filled_on};
+        let dir = tempfile::tempdir().unwrap();
+        let Some((store, reader, Some(db))) = filled_on(Backend::Postgres, dir.path(), 5).await
+        else {
+            return;
+        };
+        let metrics = Metrics::new();
+        let gate = gate(1, 200);
+        let lock = db.lock_records();
+        let now = crate::message::now_ms();
+        let query = StatsQuery {
+            from_ms: now - 3_600_000,
+            to_ms: now,
+            bucket_ms: 60_000,
+            by: GroupBy::Code,
+            status: None,
+            service_type: None,
+        };
+        let answer = gate
+            .run(&metrics, move |cancel| {
+                stats(&reader.cancellable(cancel), &query, None, now).map(|s| s.total)
+            })
+            .await
+            .unwrap_err();
+        assert_eq!(answer.status(), StatusCode::SERVICE_UNAVAILABLE);
+        assert!(
+            slot_frees(&gate, &metrics, Duration::from_secs(5)).await,
+            "the timed-out statement still runs on the server"
+        );
+        assert_eq!(db.running_statements(), 0);
+        drop(lock);
+        store.shutdown().await;
+    }
+
     #[tokio::test]
     async fn a_read_is_cancelled_at_the_time_out_and_when_its_request_goes_away() {
         let metrics = Arc::new(Metrics::new());
@@ -235,16 +287,8 @@ mod tests {
         request.abort();
         let _ = request.await;
         // Its read stops and frees the slot.
-        let mut freed = false;
-        for _ in 0..200 {
-            if slow.run(&metrics, |_| ()).await.is_ok() {
-                freed = true;
-                break;
-            }
-            tokio::time::sleep(Duration::from_millis(5)).await;
-        }
         assert!(
-            freed,
+            slot_frees(&slow, &metrics, Duration::from_secs(1)).await,
             "the read of a request that went away still holds its slot"
         );
     }

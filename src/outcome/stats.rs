@@ -9,17 +9,19 @@
 //! in id order (ids follow time), so they read the table nearly sequentially. Measured in
 //! `docs/console.md`.
 //!
-//! It reads through its own short-lived connection to the file of a [`Reader`], so it adds
-//! nothing to the store's own code and never writes.
+//! The statement is the query layer's ([`StatsQuery::to_sql_for`], in either backend's dialect)
+//! and runs through the store's [`Reader`], SQLite or PostgreSQL alike, so a cancellable reader
+//! (the API's query time-out) stops it. This file chooses the buckets to read, keeps the settled
+//! ones, and assembles the answer.
 
 use std::collections::BTreeMap;
 
-use rusqlite::{Connection, OpenFlags};
 use serde::Serialize;
 
-use super::query::Status;
+use super::BizCode;
+use super::query::CountRow as Row;
+pub use super::query::{GroupBy, StatsQuery};
 use super::store::{Reader, StoreError};
-use super::{BizCode, Code};
 
 /// Most buckets one answer may have.
 pub const MAX_BUCKETS: i64 = 2000;
@@ -40,141 +42,6 @@ const BUCKETS_MS: [i64; 10] = [
     86_400_000,
     604_800_000,
 ];
-
-/// What the records are counted by.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize)]
-#[serde(rename_all = "camelCase")]
-pub enum GroupBy {
-    /// The status code (`200`, `9325`, ...).
-    Code,
-    /// The service type (`uplink`, `ruleengine`, `ServerSubscribe`).
-    ServiceType,
-    /// The rule: a `ruleengine` record's operation up to its first `/` (its rule's name).
-    Rule,
-    /// The whole operation: the topic, `rule/destination`, the rule, the group.
-    Operation,
-    /// The tenant id (9324 records carry the tenant over its quota).
-    Tenant,
-    /// The instance id (9326 records carry the instance over its specification).
-    Instance,
-    /// The product key.
-    Product,
-    /// The device name.
-    Device,
-}
-
-impl GroupBy {
-    /// Every grouping, with its name in `by=`.
-    pub const ALL: [(GroupBy, &'static str); 8] = [
-        (GroupBy::Code, "code"),
-        (GroupBy::ServiceType, "serviceType"),
-        (GroupBy::Rule, "rule"),
-        (GroupBy::Operation, "operation"),
-        (GroupBy::Tenant, "tenant"),
-        (GroupBy::Instance, "instance"),
-        (GroupBy::Product, "product"),
-        (GroupBy::Device, "device"),
-    ];
-
-    /// `code`, `serviceType`, ... (ASCII case ignored).
-    pub fn parse(s: &str) -> Result<GroupBy, String> {
-        GroupBy::ALL
-            .iter()
-            .find(|(_, name)| name.eq_ignore_ascii_case(s.trim()))
-            .map(|(by, _)| *by)
-            .ok_or_else(|| {
-                format!(
-                    "by {s:?} is not one of {}",
-                    GroupBy::ALL
-                        .iter()
-                        .map(|(_, n)| *n)
-                        .collect::<Vec<_>>()
-                        .join(", ")
-                )
-            })
-    }
-
-    pub fn as_str(self) -> &'static str {
-        GroupBy::ALL
-            .iter()
-            .find(|(by, _)| *by == self)
-            .map(|(_, n)| *n)
-            .expect("every GroupBy is listed")
-    }
-
-    /// The SQL expression of the group's key.
-    fn key_sql(self) -> &'static str {
-        match self {
-            GroupBy::Code => "CAST(code AS TEXT)",
-            GroupBy::ServiceType => "biz_code",
-            GroupBy::Rule => {
-                "CASE WHEN instr(operation, '/') > 0 \
-                 THEN substr(operation, 1, instr(operation, '/') - 1) ELSE operation END"
-            }
-            GroupBy::Operation => "operation",
-            GroupBy::Tenant => "tenant_id",
-            GroupBy::Instance => "instance_id",
-            GroupBy::Product => "product_key",
-            GroupBy::Device => "device_name",
-        }
-    }
-}
-
-/// A counting query: records with `from_ms <= time < to_ms`, narrowed by status and service
-/// type, counted by `by` in buckets of `bucket_ms` (aligned to the epoch).
-#[derive(Clone, Debug, PartialEq)]
-pub struct StatsQuery {
-    pub from_ms: i64,
-    pub to_ms: i64,
-    pub bucket_ms: i64,
-    pub by: GroupBy,
-    pub status: Option<Status>,
-    pub service_type: Option<BizCode>,
-}
-
-impl StatsQuery {
-    /// The same query's SQL and its values.
-    fn to_sql(&self) -> (String, Vec<rusqlite::types::Value>) {
-        use rusqlite::types::Value;
-        let mut sql = format!(
-            "SELECT time_ms / ?3 AS bucket, {} AS k, code, count(*) FROM records \
-             WHERE time_ms >= ?1 AND time_ms < ?2",
-            self.by.key_sql()
-        );
-        let mut values = vec![
-            Value::Integer(self.from_ms),
-            Value::Integer(self.to_ms),
-            Value::Integer(self.bucket_ms),
-        ];
-        let mut bind = |sql: &mut String, clause: &str, v: Value| {
-            values.push(v);
-            sql.push_str(&clause.replace('?', &format!("?{}", values.len())));
-        };
-        match self.status {
-            None => {}
-            Some(Status::Success) => sql.push_str(" AND code = 200"),
-            Some(Status::Failed) => sql.push_str(" AND code <> 200"),
-            Some(Status::Code(c)) => bind(
-                &mut sql,
-                " AND code = ?",
-                Value::Integer(i64::from(c.as_u16())),
-            ),
-        }
-        let service_type = match (self.by, self.service_type) {
-            (GroupBy::Rule, None) => Some(BizCode::RuleEngine),
-            (_, s) => s,
-        };
-        if let Some(b) = service_type {
-            bind(
-                &mut sql,
-                " AND biz_code = ?",
-                Value::Text(b.as_str().to_owned()),
-            );
-        }
-        sql.push_str(" GROUP BY bucket, k, code");
-        (sql, values)
-    }
-}
 
 /// The bucket width for a window: the smallest of 1 s, 10 s, 1 min, 5 min, 15 min, 1 h, 2 h,
 /// 6 h, 1 d, 1 w that gives at most 100 buckets.
@@ -222,9 +89,6 @@ pub struct Stats {
     pub buckets: Vec<Bucket>,
 }
 
-/// A counted row: bucket index, group key, code, records.
-type Row = (i64, String, u16, u64);
-
 /// How long after a bucket ends its counts are taken as final: records reach the store a little
 /// after their time (the writer commits in batches, and waits behind a full queue).
 pub const SETTLE_MS: i64 = 300_000;
@@ -265,11 +129,6 @@ pub fn stats(
     cache: Option<&StatsCache>,
     now_ms: i64,
 ) -> Result<Stats, StoreError> {
-    let path = sqlite_only(reader)?;
-    let err = |source| StoreError::Sqlite {
-        path: path.to_owned(),
-        source,
-    };
     let bucket_ms = query.bucket_ms.max(1);
     let first = query.from_ms.div_euclid(bucket_ms);
     let last = (query.to_ms - 1).max(query.from_ms).div_euclid(bucket_ms);
@@ -306,7 +165,6 @@ pub fn stats(
         None => missing.extend(first..=last),
     }
     if !missing.is_empty() {
-        let conn = connect(path).map_err(err)?;
         let mut fresh: Vec<Row> = Vec::new();
         // One statement per run of consecutive missing buckets, clipped to the window.
         let mut i = 0;
@@ -317,28 +175,12 @@ pub fn stats(
             }
             let from = (missing[i] * bucket_ms).max(query.from_ms);
             let to = ((missing[j] + 1) * bucket_ms).min(query.to_ms);
-            let (sql, values) = StatsQuery {
+            fresh.extend(reader.counts(&StatsQuery {
                 from_ms: from,
                 to_ms: to,
                 bucket_ms,
                 ..query.clone()
-            }
-            .to_sql();
-            let mut stmt = conn.prepare_cached(&sql).map_err(err)?;
-            let found = stmt
-                .query_map(rusqlite::params_from_iter(values), |r| {
-                    Ok((
-                        r.get::<_, i64>(0)?,
-                        r.get::<_, Option<String>>(1)?.unwrap_or_default(),
-                        // A code this build does not know still counts, under its number.
-                        u16::try_from(r.get::<_, i64>(2)?).unwrap_or(Code::Internal.as_u16()),
-                        r.get::<_, i64>(3)?.max(0) as u64,
-                    ))
-                })
-                .map_err(err)?;
-            for row in found {
-                fresh.push(row.map_err(err)?);
-            }
+            })?);
             i = j + 1;
         }
         if let Some(cache) = cache {
@@ -423,66 +265,18 @@ fn assemble(query: &StatsQuery, bucket_ms: i64, first: i64, last: i64, rows: Vec
     }
 }
 
-/// The SQLite file of `reader`: statistics read a SQLite store only, so far.
-fn sqlite_only(reader: &Reader) -> Result<&std::path::Path, StoreError> {
-    reader.path().ok_or_else(|| {
-        StoreError::Config(format!(
-            "per-bucket statistics are not available on a PostgreSQL store yet ({}); use \
-             `iotfwd logs` or GET /api/v1/logs",
-            reader.location()
-        ))
-    })
-}
-
-/// SQLite's plan for a query, one step per line (tests, diagnosis).
+/// The database's plan for a query, one step per line (tests, diagnosis).
 pub fn explain(reader: &Reader, query: &StatsQuery) -> Result<String, StoreError> {
-    let path = sqlite_only(reader)?;
-    let err = |source| StoreError::Sqlite {
-        path: path.to_owned(),
-        source,
-    };
-    let conn = connect(path).map_err(err)?;
-    let (sql, values) = query.to_sql();
-    let mut stmt = conn
-        .prepare(&format!("EXPLAIN QUERY PLAN {sql}"))
-        .map_err(err)?;
-    let plan = stmt
-        .query_map(rusqlite::params_from_iter(values), |r| {
-            r.get::<_, String>(3)
-        })
-        .map_err(err)?
-        .collect::<Result<Vec<_>, _>>()
-        .map_err(err)?;
-    Ok(plan.join("\n"))
-}
-
-/// A read-only connection to the store file (read-write open flags first, as the store's own
-/// readers do, so a WAL reader can set up the shared-memory index; `query_only` either way).
-fn connect(path: &std::path::Path) -> rusqlite::Result<Connection> {
-    let conn = Connection::open_with_flags(
-        path,
-        OpenFlags::SQLITE_OPEN_READ_WRITE | OpenFlags::SQLITE_OPEN_NO_MUTEX,
-    )
-    .or_else(|_| {
-        Connection::open_with_flags(
-            path,
-            OpenFlags::SQLITE_OPEN_READ_ONLY | OpenFlags::SQLITE_OPEN_NO_MUTEX,
-        )
-    })?;
-    conn.execute_batch(
-        "PRAGMA query_only = 1;
-         PRAGMA busy_timeout = 10000;
-         PRAGMA cache_size = -65536;
-         PRAGMA mmap_size = 2147418112;",
-    )?;
-    Ok(conn)
+    reader.explain_counts(query)
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::outcome::Record;
-    use crate::outcome::store::{Store, StoreOptions};
+    use crate::outcome::query::Status;
+    use crate::outcome::store::StoreOptions;
+    use crate::outcome::store::testing::{Backend, open_on};
+    use crate::outcome::{Code, Record};
 
     fn record(time_ms: i64, biz: BizCode, operation: &str, code: Code, tenant: &str) -> Record {
         Record {
@@ -503,8 +297,19 @@ mod tests {
 
     #[tokio::test]
     async fn counts_by_code_rule_and_tenant_in_buckets() {
+        counts_by_code_rule_and_tenant_in_buckets_on(Backend::Sqlite).await;
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn counts_by_code_rule_and_tenant_in_buckets_on_postgres() {
+        counts_by_code_rule_and_tenant_in_buckets_on(Backend::Postgres).await;
+    }
+
+    async fn counts_by_code_rule_and_tenant_in_buckets_on(backend: Backend) {
         let dir = tempfile::tempdir().unwrap();
-        let store = Store::open(&dir.path().join("o.db"), StoreOptions::default(), None).unwrap();
+        let Some((store, _db)) = open_on(backend, dir.path(), StoreOptions::default()).await else {
+            return;
+        };
         // Minutes 0..3 of a recent hour, aligned to a minute.
         let t0 = (crate::message::now_ms() - 3_600_000) / 60_000 * 60_000;
         let tx = store.sender();
@@ -612,8 +417,11 @@ mod tests {
         .unwrap();
         assert_eq!(failed.total, 3);
 
+        // Through the time index (PostgreSQL's planner may scan a table this small).
         let plan = explain(&reader, &q).unwrap();
-        assert!(plan.contains("records_time"), "{plan}");
+        if backend == Backend::Sqlite {
+            assert!(plan.contains("records_time"), "{plan}");
+        }
 
         // With a cache: the same answer; then a settled bucket is read from the cache (a
         // record written into it later is not seen) while the newest bucket is read again.

@@ -9,7 +9,8 @@
 //! - a kill -9 of one process mid-stream loses nothing (every message id reaches the
 //!   destination queue) and the other two take over its share;
 //! - consumers connected to different processes share one consumer group's backlog (a
-//!   RabbitMQ queue): each message reaches exactly one of them, and both get some.
+//!   RabbitMQ queue): each message reaches exactly one of them, and both get some;
+//! - the console's chart (`GET /api/v1/stats`) gives the same counts from either process.
 
 use std::path::Path;
 use std::sync::Arc;
@@ -114,6 +115,7 @@ async fn get_json(url: &str) -> Value {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn three_processes_share_quotas_records_and_the_source_queue() {
     let started = Instant::now();
+    let test_start_ms = iotfwd::message::now_ms();
     let Some(db) = PgDb::create().await else {
         return;
     };
@@ -299,6 +301,55 @@ async fn three_processes_share_quotas_records_and_the_source_queue() {
         let lines = String::from_utf8_lossy(&out.stdout).lines().count();
         assert_eq!(lines, records.len(), "{id}: CLI and API disagree");
     }
+    // The console's chart (`GET /api/v1/stats`) counts the shared records: the same answer
+    // from either process over one window (once the records of the last messages are
+    // committed), and every message of the stream has its uplink.
+    let window = {
+        let at = iotfwd::outcome::query::format_time_ms;
+        let now = iotfwd::message::now_ms();
+        format!(
+            "from={}&to={}",
+            at(test_start_ms - 60_000),
+            at(now + 60_000)
+        )
+    };
+    let deadline = Instant::now() + Duration::from_secs(15);
+    let charts = loop {
+        let mut charts = Vec::new();
+        for d in &daemons {
+            for by in ["code", "serviceType"] {
+                let url = format!("{}/api/v1/stats?{window}&by={by}", d.base);
+                let response = reqwest::get(&url).await.unwrap();
+                assert_eq!(response.status(), 200, "{url}");
+                charts.push(response.json::<Value>().await.unwrap());
+            }
+        }
+        if charts[0] == charts[2] && charts[1] == charts[3] {
+            break charts;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the two processes count differently: {} / {}",
+            charts[0],
+            charts[2]
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    };
+    let uplinks = charts[1]["groups"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|g| g["key"] == "uplink")
+        .map_or(0, |g| g["total"].as_u64().unwrap());
+    assert!(
+        uplinks >= N as u64,
+        "{uplinks} uplink records: {}",
+        charts[1]
+    );
+    println!(
+        "cluster stats: {} records, {uplinks} uplinks, the same from both processes",
+        charts[0]["total"]
+    );
     // (d) Consumers on the two surviving processes share the group's backlog.
     let mut consumers = Vec::new();
     for d in &daemons {

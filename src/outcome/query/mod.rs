@@ -4,7 +4,8 @@
 //! the user wrote them) and then into a [`LogQuery`] with [`LogParams::validate`]; the store runs
 //! a [`LogQuery`] as SQL built from constant fragments with every user value bound
 //! ([`LogQuery::to_sql`]). This file holds the validated query and its parts (the status filter,
-//! the cursor, the error), `params.rs` the user's side and `sql.rs` the store's.
+//! the cursor, the error), `params.rs` the user's side and `sql.rs` the store's; `counts.rs` the
+//! store's side of a stats query ([`StatsQuery`], the console's chart), on the same conditions.
 //!
 //! Results are newest first, ordered by (time, id), where id is the store's insertion
 //! sequence. A page's [`Cursor`] says "older than this (time, id)" and also carries the highest
@@ -12,9 +13,12 @@
 //! records written while an operator pages through (even with an older time) never shift,
 //! duplicate or slip into the pages.
 
+mod counts;
 mod params;
 mod sql;
 
+pub(crate) use counts::count_row;
+pub use counts::{CountRow, GroupBy, StatsQuery};
 pub use params::{HTTP_PARAMS, LogParams, parse_duration, parse_time};
 pub use sql::Dialect;
 pub(crate) use sql::{COLUMNS, Order, json_escaped};

@@ -41,6 +41,17 @@ pub enum Dialect {
     Postgres,
 }
 
+impl Dialect {
+    /// The 1-based position of `needle` in `haystack` (both SQL expressions), 0 when absent:
+    /// `instr()` in SQLite, `strpos()` in PostgreSQL (both count characters).
+    pub(super) fn position(self, haystack: &str, needle: &str) -> String {
+        match self {
+            Dialect::Sqlite => format!("instr({haystack}, {needle})"),
+            Dialect::Postgres => format!("strpos({haystack}, {needle})"),
+        }
+    }
+}
+
 /// `needle` as it is written inside a JSON string, when that differs from `needle` (a quote, a
 /// backslash, a control character): a keyword also matches a payload in this form.
 pub(crate) fn json_escaped(needle: &str) -> Option<String> {
@@ -137,7 +148,7 @@ impl LogQuery {
 
     /// The WHERE conditions: the filters (all, or only time range and cursor), with `time` for
     /// the time column (`time_ms`, or `+time_ms` to keep its index out).
-    fn conditions(&self, sql: &mut Sql, row_filters: bool, time: &str) {
+    pub(super) fn conditions(&self, sql: &mut Sql, row_filters: bool, time: &str) {
         if row_filters {
             for (column, value) in [
                 ("message_id", &self.message_id),
@@ -212,15 +223,15 @@ impl LogQuery {
 }
 
 /// SQL text from constant fragments, and the values bound to its numbered parameters.
-struct Sql {
-    text: String,
-    values: Vec<Value>,
+pub(super) struct Sql {
+    pub(super) text: String,
+    pub(super) values: Vec<Value>,
     has_where: bool,
-    dialect: Dialect,
+    pub(super) dialect: Dialect,
 }
 
 impl Sql {
-    fn new(text: String) -> Sql {
+    pub(super) fn new(text: String) -> Sql {
         Sql {
             text,
             values: Vec::new(),
@@ -230,7 +241,7 @@ impl Sql {
     }
 
     /// Binds a value; returns its placeholder (`?3`, or `$3` for PostgreSQL).
-    fn param(&mut self, value: Value) -> String {
+    pub(super) fn param(&mut self, value: Value) -> String {
         self.values.push(value);
         match self.dialect {
             Dialect::Sqlite => format!("?{}", self.values.len()),

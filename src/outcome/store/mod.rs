@@ -115,6 +115,8 @@ pub enum StoreError {
     },
     #[error("the record store writer has stopped")]
     Stopped,
+    #[error("record store {}: the query was cancelled", .0.display())]
+    Cancelled(PathBuf),
     /// A PostgreSQL error, with its causes in the message (tokio-postgres shows only its kind,
     /// "error performing TLS handshake", and keeps why in its source).
     #[error("record store {url}: {}", postgres::explain(.error))]

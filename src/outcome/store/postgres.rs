@@ -38,7 +38,7 @@ use tokio_postgres::{Client, NoTls};
 
 use super::pg_tls::MakeRustls;
 
-use super::reader::{Page, TRACE_MAX_RECORDS, Trace};
+use super::reader::{Page, Running, TRACE_MAX_RECORDS, Trace, cancelled};
 use super::rows::{Stored, pg_row_to_stored};
 use super::writer::{Job, WriterStats};
 use super::{Cancel, StoreError};
@@ -46,7 +46,7 @@ use crate::config::store::StoreConfig;
 use crate::config::tls::ClientTls;
 use crate::outcome::Record;
 use crate::outcome::commit::{CommitLog, StopOnDrop};
-use crate::outcome::query::{COLUMNS, Dialect, LogQuery};
+use crate::outcome::query::{COLUMNS, CountRow, Dialect, LogQuery, StatsQuery, count_row};
 use crate::telemetry::StoreMetrics;
 
 const DAY_MS: i64 = 86_400_000;
@@ -140,10 +140,17 @@ impl PgTarget {
         Ok(self)
     }
 
+    /// A driver's error as the store's; a statement the server cancelled (a [`Cancel`]'s
+    /// request) is [`StoreError::Cancelled`], as a cancelled SQLite query is.
     fn err(&self) -> impl Fn(tokio_postgres::Error) -> StoreError + '_ {
-        move |error| StoreError::Postgres {
-            url: self.url.clone(),
-            error,
+        move |source| {
+            if source.code() == Some(&tokio_postgres::error::SqlState::QUERY_CANCELED) {
+                return StoreError::Cancelled(std::path::PathBuf::from(&self.url));
+            }
+            StoreError::Postgres {
+                url: self.url.clone(),
+                error: source,
+            }
         }
     }
 
@@ -174,6 +181,9 @@ impl PgTarget {
 /// performing TLS handshake", "db error") followed by each cause, e.g. the failed handshake
 /// explained by [`crate::tls::explain`] or the server's message.
 pub(super) fn explain(error: &tokio_postgres::Error) -> String {
+    if let Some(db) = error.as_db_error() {
+        return format!("{} ({})", db.message(), db.code().code());
+    }
     let mut text = error.to_string();
     let mut cause = std::error::Error::source(error);
     while let Some(c) = cause {
@@ -654,31 +664,45 @@ fn reader_runtime() -> &'static tokio::runtime::Runtime {
 }
 
 /// Runs `fut` on [`reader_runtime`] and waits for it from this (synchronous) thread.
-fn block<T: Send + 'static>(fut: impl std::future::Future<Output = T> + Send + 'static) -> T {
+pub(super) fn block<T: Send + 'static>(
+    fut: impl std::future::Future<Output = T> + Send + 'static,
+) -> T {
     let (tx, rx) = std::sync::mpsc::channel();
     reader_runtime().spawn(async move {
-        let _ = tx.send(fut.await);
+        // `fut` (and what it holds, such as a pooled connection) is gone before the answer.
+        let out = fut.await;
+        let _ = tx.send(out);
     });
     rx.recv().expect("the PostgreSQL reader runtime ended")
 }
 
-/// A reader of a PostgreSQL store. Cheap to clone; shares one connection (queries are
-/// pipelined on it) and reconnects when it is lost.
+/// Asks the server to cancel what runs on `token`'s connection (from any thread; the request
+/// goes out on [`reader_runtime`], on a connection of its own).
+pub(super) fn send_cancel(token: tokio_postgres::CancelToken) {
+    reader_runtime().spawn(async move {
+        if let Err(e) = token.cancel_query(NoTls).await {
+            tracing::warn!("record store: could not cancel a PostgreSQL query: {e}");
+        }
+    });
+}
+
+/// Connections a reader keeps for reuse (as many as `store.max_concurrent_queries` by default).
+const POOL: usize = 4;
+
+/// A reader of a PostgreSQL store. Cheap to clone; keeps a few connections open for reuse, and
+/// gives each query one of its own for as long as it runs, so cancelling it (a cancel request
+/// names a connection, not a statement) stops that query and no other.
 #[derive(Clone)]
 pub struct PgReader {
     target: Arc<PgTarget>,
-    client: Arc<Mutex<Option<Arc<Client>>>>,
+    pool: Arc<Mutex<Vec<Client>>>,
     cancel: Option<Cancel>,
 }
 
 impl PgReader {
     /// Connects and checks that the store's table exists.
     pub fn open(target: PgTarget) -> Result<PgReader, StoreError> {
-        let reader = PgReader {
-            target: Arc::new(target),
-            client: Arc::new(Mutex::new(None)),
-            cancel: None,
-        };
+        let reader = PgReader::lazy(target);
         reader.run(|client, target| async move {
             client
                 .query_one("SELECT to_regclass('records') IS NOT NULL", &[])
@@ -704,7 +728,7 @@ impl PgReader {
     pub fn lazy(target: PgTarget) -> PgReader {
         PgReader {
             target: Arc::new(target),
-            client: Arc::new(Mutex::new(None)),
+            pool: Arc::new(Mutex::new(Vec::new())),
             cancel: None,
         }
     }
@@ -720,30 +744,57 @@ impl PgReader {
         }
     }
 
+    /// Runs `f` on a connection of its own (from the pool, or a new one), registered with the
+    /// reader's [`Cancel`] while it runs. A connection a cancel reached is closed rather than
+    /// pooled: its cancel request may still be on the way to the server.
     fn run<T, F>(&self, f: impl FnOnce(Arc<Client>, PgTarget) -> F) -> Result<T, StoreError>
     where
         T: Send + 'static,
         F: std::future::Future<Output = Result<T, StoreError>> + Send + 'static,
     {
+        let path = std::path::PathBuf::from(&self.target.url);
         if self.cancel.as_ref().is_some_and(Cancel::is_cancelled) {
-            return Err(StoreError::Config("the query was cancelled".into()));
+            return Err(cancelled(&path));
         }
-        let existing = self
-            .client
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .clone()
-            .filter(|c| !c.is_closed());
-        let client = match existing {
+        let pooled = {
+            let mut pool = self.pool.lock().unwrap_or_else(|p| p.into_inner());
+            pool.retain(|c| !c.is_closed());
+            pool.pop()
+        };
+        let client = match pooled {
             Some(c) => c,
             None => {
                 let target = PgTarget::clone(&self.target);
-                let c = Arc::new(block(async move { target.connect().await })?);
-                *self.client.lock().unwrap_or_else(|p| p.into_inner()) = Some(Arc::clone(&c));
-                c
+                block(async move { target.connect().await })?
             }
         };
-        block(f(client, PgTarget::clone(&self.target)))
+        let entered = match &self.cancel {
+            None => None,
+            Some(cancel) => match cancel.enter(Running::Postgres(client.cancel_token())) {
+                Some(id) => Some(id),
+                None => {
+                    self.release(client);
+                    return Err(cancelled(&path));
+                }
+            },
+        };
+        let client = Arc::new(client);
+        let result = block(f(Arc::clone(&client), PgTarget::clone(&self.target)));
+        let reached = match (&self.cancel, entered) {
+            (Some(cancel), Some(id)) => cancel.leave(id),
+            _ => false,
+        };
+        if !reached && let Ok(client) = Arc::try_unwrap(client) {
+            self.release(client);
+        }
+        result
+    }
+
+    fn release(&self, client: Client) {
+        let mut pool = self.pool.lock().unwrap_or_else(|p| p.into_inner());
+        if pool.len() < POOL && !client.is_closed() {
+            pool.push(client);
+        }
     }
 
     /// One page, newest first (the same [`LogQuery`] SQL as SQLite, in PostgreSQL's dialect).
@@ -764,11 +815,10 @@ impl PgReader {
             };
             let (sql, values) = query.to_sql_for(Dialect::Postgres);
             let params = pg_params(&values);
-            let refs: Vec<&(dyn ToSql + Sync)> = params
-                .iter()
-                .map(|p| p.as_ref() as &(dyn ToSql + Sync))
-                .collect();
-            let rows = client.query(&sql, &refs).await.map_err(&err)?;
+            let rows = client
+                .query(&sql, &param_refs(&params))
+                .await
+                .map_err(&err)?;
             let stored = rows
                 .iter()
                 .map(pg_row_to_stored)
@@ -843,17 +893,47 @@ impl PgReader {
         })
     }
 
-    /// PostgreSQL's plan for a query, one line per step.
-    pub fn explain(&self, query: &LogQuery) -> Result<String, StoreError> {
+    /// The rows of a stats query (the same statement as SQLite's, in PostgreSQL's dialect).
+    pub fn counts(&self, query: &StatsQuery) -> Result<Vec<CountRow>, StoreError> {
         let (sql, values) = query.to_sql_for(Dialect::Postgres);
         self.run(|client, target| async move {
             let params = pg_params(&values);
-            let refs: Vec<&(dyn ToSql + Sync)> = params
-                .iter()
-                .map(|p| p.as_ref() as &(dyn ToSql + Sync))
-                .collect();
             let rows = client
-                .query(&format!("EXPLAIN {sql}"), &refs)
+                .query(&sql, &param_refs(&params))
+                .await
+                .map_err(target.err())?;
+            rows.iter()
+                .map(|r| {
+                    Ok(count_row(
+                        r.try_get(0)?,
+                        r.try_get(1)?,
+                        r.try_get(2)?,
+                        r.try_get(3)?,
+                    ))
+                })
+                .collect::<Result<Vec<_>, tokio_postgres::Error>>()
+                .map_err(target.err())
+        })
+    }
+
+    /// PostgreSQL's plan for a query, one line per step.
+    pub fn explain(&self, query: &LogQuery) -> Result<String, StoreError> {
+        self.explain_sql(query.to_sql_for(Dialect::Postgres))
+    }
+
+    /// PostgreSQL's plan for a stats query.
+    pub fn explain_counts(&self, query: &StatsQuery) -> Result<String, StoreError> {
+        self.explain_sql(query.to_sql_for(Dialect::Postgres))
+    }
+
+    fn explain_sql(
+        &self,
+        (sql, values): (String, Vec<rusqlite::types::Value>),
+    ) -> Result<String, StoreError> {
+        self.run(|client, target| async move {
+            let params = pg_params(&values);
+            let rows = client
+                .query(&format!("EXPLAIN {sql}"), &param_refs(&params))
                 .await
                 .map_err(target.err())?;
             Ok(rows
@@ -863,6 +943,14 @@ impl PgReader {
                 .join("\n"))
         })
     }
+}
+
+/// [`pg_params`] as the driver takes them.
+fn param_refs(params: &[Box<dyn ToSql + Sync + Send>]) -> Vec<&(dyn ToSql + Sync)> {
+    params
+        .iter()
+        .map(|p| p.as_ref() as &(dyn ToSql + Sync))
+        .collect()
 }
 
 /// A query's bound values as PostgreSQL parameters.
@@ -915,11 +1003,11 @@ pub(super) async fn open_writer(
 
 #[cfg(test)]
 mod tests {
-    use super::super::testing::{Backend, PgDb, base, open_on, record};
+    use super::super::testing::{Backend, PgDb, base, filled_on, open_on, record};
     use super::super::{Store, StoreOptions};
     use super::*;
-    use crate::outcome::Code;
     use crate::outcome::query::LogParams;
+    use crate::outcome::{BizCode, Code};
 
     /// Records with the characters a keyword search must take literally.
     fn records() -> Vec<Record> {
@@ -961,6 +1049,19 @@ mod tests {
         store.flush().await.unwrap();
     }
 
+    /// A PostgreSQL store and a SQLite one (in `dir`) holding `records`; `None` when
+    /// PostgreSQL is missing outside CI.
+    async fn both_holding(
+        dir: &std::path::Path,
+        records: &[Record],
+    ) -> Option<(Store, Store, Option<PgDb>)> {
+        let (pg, db) = open_on(Backend::Postgres, dir, StoreOptions::default()).await?;
+        let (lite, _) = open_on(Backend::Sqlite, dir, StoreOptions::default()).await?;
+        fill(&pg, records).await;
+        fill(&lite, records).await;
+        Some((pg, lite, db))
+    }
+
     /// Every page of a query, in order.
     fn all_pages(reader: &super::super::Reader, q: &LogQuery) -> Vec<Record> {
         let mut out = Vec::new();
@@ -981,16 +1082,10 @@ mod tests {
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn both_backends_give_the_same_answers() {
         let dir = tempfile::tempdir().unwrap();
-        let Some((pg, _db)) = open_on(Backend::Postgres, dir.path(), StoreOptions::default()).await
-        else {
+        let records = records();
+        let Some((pg, lite, _db)) = both_holding(dir.path(), &records).await else {
             return;
         };
-        let (lite, _) = open_on(Backend::Sqlite, dir.path(), StoreOptions::default())
-            .await
-            .unwrap();
-        let records = records();
-        fill(&pg, &records).await;
-        fill(&lite, &records).await;
         let (pg_r, lite_r) = (pg.reader().unwrap(), lite.reader().unwrap());
         let lite_r = lite_r.with_split_at(50);
         assert_eq!(pg_r.count().unwrap(), records.len() as u64);
@@ -1049,6 +1144,135 @@ mod tests {
         assert_eq!(pg_r.trace("m17").unwrap().records.len(), 7);
         pg.shutdown().await;
         lite.shutdown().await;
+    }
+
+    /// The same stats on both backends: every grouping, with and without a status and a
+    /// service type, in buckets of several widths.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn both_backends_give_the_same_stats() {
+        use crate::outcome::query::Status;
+        use crate::outcome::stats::{GroupBy, StatsQuery, stats};
+        let dir = tempfile::tempdir().unwrap();
+        let mut records = records();
+        for (i, r) in records.iter_mut().enumerate() {
+            r.tenant_id = format!("tenant{}", i % 4);
+            r.instance_id = format!("inst{}", i % 5);
+            if i % 3 == 0 {
+                r.operation = format!("rule{}/amqp:dest{}", i % 4, i % 2);
+            }
+        }
+        let Some((pg, lite, _db)) = both_holding(dir.path(), &records).await else {
+            return;
+        };
+        let (pg_r, lite_r) = (pg.reader().unwrap(), lite.reader().unwrap());
+        let now = crate::message::now_ms();
+        let mut compared = 0;
+        for (by, _) in GroupBy::ALL {
+            for (status, service_type) in [
+                (None, None),
+                (Some(Status::Failed), None),
+                (Some(Status::Code(Code::Ok)), Some(BizCode::Uplink)),
+                (None, Some(BizCode::RuleEngine)),
+            ] {
+                for (from, to, bucket_ms) in [
+                    (base() - 50, base() + 600, 7),
+                    (base() + 20, base() + 90, 1_000),
+                    (now - 3_600_000, now, 60_000),
+                ] {
+                    let q = StatsQuery {
+                        from_ms: from,
+                        to_ms: to,
+                        bucket_ms,
+                        by,
+                        status,
+                        service_type,
+                    };
+                    let a = stats(&lite_r, &q, None, now).unwrap();
+                    let b = stats(&pg_r, &q, None, now).unwrap();
+                    assert_eq!(a, b, "{q:?}");
+                    compared += usize::from(a.total > 0);
+                }
+            }
+        }
+        // Not vacuous: every grouping counts records in most of its queries.
+        assert!(compared >= 8 * 9, "{compared} queries counted records");
+        let rules = stats(
+            &pg_r,
+            &StatsQuery {
+                from_ms: base() - 50,
+                to_ms: now,
+                bucket_ms: 60_000,
+                by: GroupBy::Rule,
+                status: None,
+                service_type: None,
+            },
+            None,
+            now,
+        )
+        .unwrap();
+        let keys: Vec<&str> = rules.groups.iter().map(|g| g.key.as_str()).collect();
+        assert!(
+            keys.contains(&"rule0") && keys.contains(&"rule3"),
+            "{keys:?}"
+        );
+        pg.shutdown().await;
+        lite.shutdown().await;
+    }
+
+    /// A cancel stops a statement that is running on the server, not only the ones a reader
+    /// would start: here the statement waits for a lock another session holds, for as long as
+    /// the test wants, and only the cancel request (the connection's, sent when [`Cancel`]
+    /// fires) ends it. A log query and a stats query alike; the other connections of the
+    /// reader are not touched.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_cancel_stops_a_statement_running_on_the_server() {
+        use crate::outcome::stats::{GroupBy, StatsQuery};
+        let dir = tempfile::tempdir().unwrap();
+        let Some((store, reader, Some(db))) = filled_on(Backend::Postgres, dir.path(), 1).await
+        else {
+            return;
+        };
+        let lock = db.lock_records();
+        for stats in [false, true] {
+            let cancel = Cancel::default();
+            let cancellable = reader.cancellable(cancel.clone());
+            let (tx, rx) = std::sync::mpsc::channel();
+            std::thread::spawn(move || {
+                let result = if stats {
+                    cancellable
+                        .counts(&StatsQuery {
+                            from_ms: 0,
+                            to_ms: i64::MAX,
+                            bucket_ms: 60_000,
+                            by: GroupBy::Code,
+                            status: None,
+                            service_type: None,
+                        })
+                        .map(|_| ())
+                } else {
+                    cancellable.query(&LogQuery::default()).map(|_| ())
+                };
+                let _ = tx.send(result);
+            });
+            let deadline = std::time::Instant::now() + Duration::from_secs(10);
+            while db.running_statements() == 0 {
+                assert!(std::time::Instant::now() < deadline, "the query never ran");
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            // It runs, and goes on running.
+            assert!(rx.recv_timeout(Duration::from_millis(300)).is_err());
+            cancel.cancel();
+            let answer = rx
+                .recv_timeout(Duration::from_secs(5))
+                .expect("the statement still runs on the server after the cancel");
+            let e = answer.unwrap_err();
+            assert!(matches!(e, StoreError::Cancelled(_)), "stats {stats}: {e}");
+            assert!(e.to_string().contains("cancelled"), "{e}");
+            assert_eq!(db.running_statements(), 0);
+        }
+        drop(lock);
+        assert_eq!(reader.count().unwrap(), 1);
+        store.shutdown().await;
     }
 
     /// Tables are partitioned by day; background retention drops whole days, an explicit purge

@@ -10,12 +10,14 @@ use std::sync::{Arc, Mutex};
 
 use rusqlite::{Connection, InterruptHandle, OptionalExtension, params};
 
-use super::postgres::{PgReader, PgTarget};
+use super::postgres::{PgReader, PgTarget, send_cancel};
 use super::rows::{Stored, row_to_stored};
 use super::schema::open_reader;
 use super::{StoreError, sqlite_err};
 use crate::outcome::Record;
-use crate::outcome::query::{COLUMNS, Cursor, LogQuery, Order};
+use crate::outcome::query::{
+    COLUMNS, CountRow, Cursor, Dialect, LogQuery, Order, StatsQuery, count_row,
+};
 
 /// A query narrowed only by row-by-row filters reads this many newest records (in its range)
 /// through the time index before it reads the rest in storage order.
@@ -72,8 +74,9 @@ pub struct Trace {
 }
 
 /// Stops the queries of a reader made with [`Reader::cancellable`], from any thread (the API's
-/// query time-out): the statements running on its connections are interrupted, and the ones it
-/// would start fail at once. Cheap to clone.
+/// query time-out): the statements running on its connections are interrupted (SQLite) or
+/// cancelled on the server (PostgreSQL: a cancel request for the connection's backend), and the
+/// ones it would start fail at once. Cheap to clone.
 #[derive(Clone, Default)]
 pub struct Cancel(Arc<Mutex<CancelState>>);
 
@@ -82,15 +85,24 @@ struct CancelState {
     cancelled: bool,
     next_id: u64,
     /// The connections in use by the reader's queries now.
-    running: Vec<(u64, InterruptHandle)>,
+    running: Vec<(u64, Running)>,
+}
+
+/// How to stop what runs on one connection.
+pub(super) enum Running {
+    Sqlite(InterruptHandle),
+    Postgres(tokio_postgres::CancelToken),
 }
 
 impl Cancel {
     pub fn cancel(&self) {
         let mut state = self.0.lock().expect("cancel state");
         state.cancelled = true;
-        for (_, handle) in &state.running {
-            handle.interrupt();
+        for (_, running) in &state.running {
+            match running {
+                Running::Sqlite(handle) => handle.interrupt(),
+                Running::Postgres(token) => send_cancel(token.clone()),
+            }
         }
     }
 
@@ -100,26 +112,30 @@ impl Cancel {
     }
 
     /// Registers a connection about to run; `None` once cancelled.
-    fn enter(&self, conn: &Connection) -> Option<u64> {
+    pub(super) fn enter(&self, running: Running) -> Option<u64> {
         let mut state = self.0.lock().expect("cancel state");
         if state.cancelled {
             return None;
         }
         let id = state.next_id;
         state.next_id += 1;
-        state.running.push((id, conn.get_interrupt_handle()));
+        state.running.push((id, running));
         Some(id)
     }
 
     /// The connection `id` is done: a later cancel must not interrupt it (it goes back to the
-    /// pool and may serve another query).
-    fn leave(&self, id: u64) {
-        self.0
-            .lock()
-            .expect("cancel state")
-            .running
-            .retain(|(i, _)| *i != id);
+    /// pool and may serve another query). True when a cancel reached it while it ran.
+    pub(super) fn leave(&self, id: u64) -> bool {
+        let mut state = self.0.lock().expect("cancel state");
+        state.running.retain(|(i, _)| *i != id);
+        state.cancelled
     }
+}
+
+/// The error of a query its [`Cancel`] stopped before it started (`path`: the file, or the URL
+/// of a PostgreSQL store).
+pub(super) fn cancelled(path: &Path) -> StoreError {
+    StoreError::Cancelled(path.to_owned())
 }
 
 /// The read side of a SQLite store: any number of readers, in any process, query while the
@@ -197,17 +213,11 @@ impl SqliteReader {
         let conn = self.connect()?;
         let entered = match &self.cancel {
             None => None,
-            Some(cancel) => match cancel.enter(&conn) {
+            Some(cancel) => match cancel.enter(Running::Sqlite(conn.get_interrupt_handle())) {
                 Some(id) => Some(id),
                 None => {
                     self.release(conn);
-                    return Err(StoreError::Sqlite {
-                        path: self.path.clone(),
-                        source: rusqlite::Error::SqliteFailure(
-                            rusqlite::ffi::Error::new(rusqlite::ffi::SQLITE_INTERRUPT),
-                            Some("the query was cancelled".into()),
-                        ),
-                    });
+                    return Err(cancelled(&self.path));
                 }
             },
         };
@@ -403,16 +413,42 @@ impl SqliteReader {
         })
     }
 
+    /// The rows of a stats query (see [`StatsQuery::to_sql_for`]).
+    pub fn counts(&self, query: &StatsQuery) -> Result<Vec<CountRow>, StoreError> {
+        self.with_conn(|conn| {
+            let err = sqlite_err(&self.path);
+            let (sql, values) = query.to_sql_for(Dialect::Sqlite);
+            let mut stmt = conn.prepare_cached(&sql).map_err(&err)?;
+            let rows = stmt
+                .query_map(rusqlite::params_from_iter(values), |r| {
+                    Ok(count_row(r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?))
+                })
+                .map_err(&err)?;
+            rows.collect::<Result<Vec<_>, _>>().map_err(&err)
+        })
+    }
+
     /// SQLite's plan for a query (`EXPLAIN QUERY PLAN`), one step per line; for a split query
     /// ([`LogQuery::scans`]) the plan of its storage-order part. For tests and diagnosis.
     pub fn explain(&self, query: &LogQuery) -> Result<String, StoreError> {
+        if query.scans() {
+            self.explain_sql(query.to_sql_in(Order::Scan, None, Some(0), None, query.limit + 1))
+        } else {
+            self.explain_sql(query.to_sql())
+        }
+    }
+
+    /// SQLite's plan for a stats query.
+    pub fn explain_counts(&self, query: &StatsQuery) -> Result<String, StoreError> {
+        self.explain_sql(query.to_sql_for(Dialect::Sqlite))
+    }
+
+    fn explain_sql(
+        &self,
+        (sql, values): (String, Vec<rusqlite::types::Value>),
+    ) -> Result<String, StoreError> {
         self.with_conn(|conn| {
             let err = sqlite_err(&self.path);
-            let (sql, values) = if query.scans() {
-                query.to_sql_in(Order::Scan, None, Some(0), None, query.limit + 1)
-            } else {
-                query.to_sql()
-            };
             let mut stmt = conn
                 .prepare(&format!("EXPLAIN QUERY PLAN {sql}"))
                 .map_err(&err)?;
@@ -523,6 +559,23 @@ impl Reader {
             Reader::Postgres(r) => r.explain(query),
         }
     }
+
+    /// The rows of a stats query: records counted by bucket, key and code (see
+    /// [`crate::outcome::stats`], which assembles and caches them).
+    pub fn counts(&self, query: &StatsQuery) -> Result<Vec<CountRow>, StoreError> {
+        match self {
+            Reader::Sqlite(r) => r.counts(query),
+            Reader::Postgres(r) => r.counts(query),
+        }
+    }
+
+    /// The database's plan for a stats query.
+    pub fn explain_counts(&self, query: &StatsQuery) -> Result<String, StoreError> {
+        match self {
+            Reader::Sqlite(r) => r.explain_counts(query),
+            Reader::Postgres(r) => r.explain_counts(query),
+        }
+    }
 }
 
 /// How a split query ([`LogQuery::scans`]) runs: the newest part (time at or after `boundary`,
@@ -620,6 +673,18 @@ mod tests {
         let e = cancellable.query(&LogQuery::default()).unwrap_err();
         assert!(e.to_string().contains("cancelled"), "{e}");
         assert!(cancellable.trace("nope").is_err());
+        let counts = StatsQuery {
+            from_ms: 0,
+            to_ms: i64::MAX,
+            bucket_ms: 60_000,
+            by: crate::outcome::query::GroupBy::Code,
+            status: None,
+            service_type: None,
+        };
+        let e = cancellable.counts(&counts).unwrap_err();
+        assert!(matches!(e, StoreError::Cancelled(_)), "{e}");
+        let counted: u64 = reader.counts(&counts).unwrap().iter().map(|r| r.3).sum();
+        assert_eq!(counted, 25);
         // The connections went back to the pool uninterrupted; the plain reader still reads.
         assert_eq!(
             reader.query(&LogQuery::default()).unwrap().records.len(),

@@ -122,6 +122,52 @@ impl PgDb {
     }
 }
 
+/// An `ACCESS EXCLUSIVE` lock on the `records` table of a [`PgDb`], held by a session of its
+/// own until dropped: every statement that reads the table waits for it on the server, so a
+/// test gets a query that runs for as long as it wants (and that only a cancel request stops).
+pub(crate) struct RecordsLock {
+    _session: tokio_postgres::Client,
+}
+
+impl PgDb {
+    pub(crate) fn lock_records(&self) -> RecordsLock {
+        let url = self.url.clone();
+        let session = super::postgres::block(async move {
+            let (client, conn) = tokio_postgres::connect(&url, tokio_postgres::NoTls)
+                .await
+                .unwrap();
+            tokio::spawn(conn);
+            client
+                .batch_execute("BEGIN; LOCK TABLE records IN ACCESS EXCLUSIVE MODE")
+                .await
+                .unwrap();
+            client
+        });
+        RecordsLock { _session: session }
+    }
+
+    /// The statements of iotfwd's sessions on this database running now (waiting for a lock
+    /// included).
+    pub(crate) fn running_statements(&self) -> i64 {
+        let url = self.url.clone();
+        super::postgres::block(async move {
+            let (client, conn) = tokio_postgres::connect(&url, tokio_postgres::NoTls)
+                .await
+                .unwrap();
+            tokio::spawn(conn);
+            client
+                .query_one(
+                    "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() \
+                     AND application_name = 'iotfwd' AND state = 'active'",
+                    &[],
+                )
+                .await
+                .unwrap()
+                .get(0)
+        })
+    }
+}
+
 impl Drop for PgDb {
     fn drop(&mut self) {
         let _ = pg_admin(format!(
