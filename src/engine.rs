@@ -128,10 +128,11 @@ impl Engine {
         let index = &self.paths;
         let mut results: Vec<Vec<RuleResult>> = (0..messages.len()).map(|_| Vec::new()).collect();
         let mut members: Vec<Vec<usize>> = vec![Vec::new(); rules.len()];
-        // Each candidate message's referenced paths: `decoded[range[m]]`, from the fast pass
-        // over its text or, for the payloads it leaves, from `trees` (parsed whole).
-        let mut decoded: Vec<(u32, Slot<'_>)> = Vec::new();
+        // Each candidate message's referenced paths: `decoded[from..to]`, from its sonic-rs
+        // document (`docs`, the fast pass) or, for the payloads the fast pass leaves, from its
+        // serde_json tree (`trees`, parsed whole).
         let mut state: Vec<Decoded> = vec![Decoded::NotCandidate; messages.len()];
+        let mut docs: Vec<(usize, sonic_rs::Value)> = Vec::new();
         let mut trees: Vec<(usize, Value)> = Vec::new();
         let mut candidates = Vec::new();
         for (m, message) in messages.iter().enumerate() {
@@ -139,14 +140,14 @@ impl Engine {
             if candidates.is_empty() {
                 continue;
             }
-            let from = decoded.len();
-            state[m] = if index.decode_text(&message.payload, &mut decoded).is_some() {
-                Decoded::Paths(from, decoded.len())
+            state[m] = if let Some(doc) = index.parse_fast(&message.payload) {
+                docs.push((m, doc));
+                Decoded::Parsed
             } else {
                 match parse_payload(&message.payload) {
                     Ok(tree) => {
                         trees.push((m, tree));
-                        Decoded::Tree
+                        Decoded::Parsed
                     }
                     Err(reason) => Decoded::Invalid(reason),
                 }
@@ -154,6 +155,12 @@ impl Engine {
             for &r in &candidates {
                 members[r].push(m);
             }
+        }
+        let mut decoded: Vec<(u32, Slot<'_>)> = Vec::with_capacity(docs.len() * 4);
+        for (m, doc) in &docs {
+            let from = decoded.len();
+            index.decode_dom(doc, &mut decoded);
+            state[*m] = Decoded::Paths(from, decoded.len());
         }
         for (m, tree) in &trees {
             let from = decoded.len();
@@ -194,7 +201,7 @@ impl Engine {
                         rule: Arc::clone(rule),
                         outcome: RuleOutcome::Failed(Failure::payload_invalid(reason.clone())),
                     }),
-                    Decoded::NotCandidate | Decoded::Tree => {
+                    Decoded::NotCandidate | Decoded::Parsed => {
                         unreachable!("every candidate is decoded")
                     }
                 }
@@ -347,8 +354,8 @@ enum Decoded {
     NotCandidate,
     /// Its referenced paths are `decoded[from..to]`.
     Paths(usize, usize),
-    /// Parsed whole (kept in `trees`); becomes `Paths` once the trees are walked.
-    Tree,
+    /// Parsed (kept in `docs` or `trees`); becomes `Paths` once they are walked.
+    Parsed,
     /// Not a JSON object: the 9320 reason.
     Invalid(String),
 }

@@ -1,13 +1,11 @@
 //! Payload decoding: only the paths that rules reference, never the whole document.
 //!
 //! A rule set's payload paths (`items.temperature.value`, `a`, …) form a trie of object keys
-//! ([`PathIndex`]). A payload is decoded in one pass over its top-level object with sonic-rs's
-//! lazy iterator, which validates every byte (the whole document must be valid JSON, as
-//! before) but builds nothing: a key that starts a referenced path keeps its value as a slice
-//! of the payload text, an object on the way to a deeper path is walked the same way, and
-//! everything else is skipped. A slice becomes a typed [`Field`] only when a candidate rule
-//! reads it, straight into that rule's Arrow columns; JSON values are built only for the
-//! output of bare paths and of `SELECT *`.
+//! ([`PathIndex`]). A payload is parsed by sonic-rs (SIMD, validating all of it, as before,
+//! into one arena per document) and only the trie's keys are walked: a referenced value stays
+//! a node of that document and becomes a typed [`Field`] only when a candidate rule reads it,
+//! straight into that rule's Arrow columns. serde_json values are built only for the output of
+//! bare paths and of `SELECT *`.
 //!
 //! The fast pass takes payloads with no backslash (so strings need no unescaping) and at most
 //! [`MAX_FAST_CONTAINERS`] objects and arrays (so no nesting can run deep). Every other payload,
@@ -19,6 +17,7 @@ use std::borrow::Cow;
 use std::collections::HashMap;
 
 use serde_json::{Map, Value};
+use sonic_rs::{JsonContainerTrait, JsonType, JsonValueTrait};
 
 use crate::rules::Rule;
 use crate::rules::compile::Field;
@@ -113,11 +112,11 @@ impl Building {
     }
 }
 
-/// Where a referenced path's value is: a slice of the payload text (fast pass) or a node of
-/// the fully parsed payload.
+/// Where a referenced path's value is: a node of the payload's sonic-rs document (fast pass)
+/// or of its serde_json tree (full parse).
 #[derive(Clone, Copy, Debug)]
 pub enum Slot<'a> {
-    Text(&'a str),
+    Dom(&'a sonic_rs::Value),
     Tree(&'a Value),
 }
 
@@ -139,18 +138,17 @@ impl<'a> Slot<'a> {
                 Value::String(s) => Field::Str(Cow::Borrowed(s)),
                 Value::Array(_) | Value::Object(_) => Field::Json(Cow::Owned(v.to_string())),
             }),
-            Slot::Text(raw) => Ok(match raw.as_bytes()[0] {
-                b'n' => Field::Null,
-                b't' => Field::Bool(true),
-                b'f' => Field::Bool(false),
-                // The fast pass only takes payloads without escapes.
-                b'"' => Field::Str(Cow::Borrowed(&raw[1..raw.len() - 1])),
-                b'{' | b'[' => Field::Json(Cow::Owned(
-                    serde_json::from_str::<Value>(raw)
-                        .map_err(|_| OutOfRange)?
-                        .to_string(),
-                )),
-                _ => number(raw)?,
+            Slot::Dom(v) => Ok(match v.get_type() {
+                JsonType::Null => Field::Null,
+                JsonType::Boolean => Field::Bool(v.as_bool().unwrap_or_default()),
+                JsonType::Number => match v.as_i64() {
+                    Some(i) => Field::Int(i),
+                    None => Field::Float(v.as_f64().ok_or(OutOfRange)?),
+                },
+                JsonType::String => Field::Str(Cow::Borrowed(v.as_str().unwrap_or_default())),
+                JsonType::Array | JsonType::Object => {
+                    Field::Json(Cow::Owned(dom_to_json(v)?.to_string()))
+                }
             }),
         }
     }
@@ -159,45 +157,64 @@ impl<'a> Slot<'a> {
     pub fn json(self, field: &Field<'_>) -> Value {
         match (self, field) {
             (Slot::Tree(v), _) => v.clone(),
+            (_, Field::Null) => Value::Null,
+            (_, Field::Bool(b)) => Value::Bool(*b),
             (_, Field::Int(i)) => Value::from(*i),
-            // A fraction or exponent: a double, already read the way serde_json reads it.
-            (Slot::Text(raw), Field::Float(f))
-                if raw.bytes().any(|b| matches!(b, b'.' | b'e' | b'E')) =>
-            {
-                serde_json::Number::from_f64(*f).map_or(Value::Null, Value::Number)
-            }
-            (Slot::Text(raw), _) => match raw.as_bytes()[0] {
-                b'n' => Value::Null,
-                b't' => Value::Bool(true),
-                b'f' => Value::Bool(false),
-                b'"' => Value::String(raw[1..raw.len() - 1].to_owned()),
-                _ => match integer(raw) {
-                    Some(i) => Value::from(i),
-                    None => serde_json::from_str(raw).unwrap_or(Value::Null),
-                },
+            (Slot::Dom(v), Field::Float(f)) => match v.as_u64() {
+                Some(u) => Value::from(u),
+                None => serde_json::Number::from_f64(*f).map_or(Value::Null, Value::Number),
             },
+            (_, Field::Str(s)) => Value::String(s.clone().into_owned()),
+            (Slot::Dom(v), Field::Json(_)) => dom_to_json(v).unwrap_or(Value::Null),
         }
     }
 }
 
-/// A JSON number's text as a field: an integer when it is one that fits i64 (as serde_json
-/// reads it), any other number as a double read the way serde_json reads it.
-fn number(raw: &str) -> Result<Field<'_>, OutOfRange> {
-    if let Some(i) = integer(raw) {
-        return Ok(Field::Int(i));
-    }
-    serde_json::from_str::<f64>(raw)
-        .map(Field::Float)
-        .map_err(|_| OutOfRange)
+/// A sonic-rs node as serde_json reads the same text: the same numbers (serde_json is built
+/// with `float_roundtrip`, so both read doubles exactly), and a repeated key keeps its last
+/// value in its first place.
+fn dom_to_json(v: &sonic_rs::Value) -> Result<Value, OutOfRange> {
+    Ok(match v.get_type() {
+        JsonType::Null => Value::Null,
+        JsonType::Boolean => Value::Bool(v.as_bool().unwrap_or_default()),
+        JsonType::Number => match (v.as_i64(), v.as_u64()) {
+            (Some(i), _) => Value::from(i),
+            (None, Some(u)) => Value::from(u),
+            _ => Value::Number(
+                v.as_f64()
+                    .and_then(serde_json::Number::from_f64)
+                    .ok_or(OutOfRange)?,
+            ),
+        },
+        JsonType::String => Value::String(v.as_str().unwrap_or_default().to_owned()),
+        JsonType::Array => Value::Array(
+            v.as_array()
+                .map(|a| a.iter().map(dom_to_json).collect::<Result<_, _>>())
+                .transpose()?
+                .unwrap_or_default(),
+        ),
+        JsonType::Object => {
+            let mut map = Map::new();
+            if let Some(o) = v.as_object() {
+                for (k, v) in o.iter() {
+                    map.insert(k.to_owned(), dom_to_json(v)?);
+                }
+            }
+            Value::Object(map)
+        }
+    })
 }
 
-/// A number's text as i64 when serde_json would read it as one: no fraction or exponent, in
-/// range, and not `-0` (a double to serde_json).
-fn integer(raw: &str) -> Option<i64> {
-    if raw == "-0" || raw.bytes().any(|b| matches!(b, b'.' | b'e' | b'E')) {
-        return None;
-    }
-    raw.parse().ok()
+/// Whether `payload` may hold a negative zero (`-0`, `-0.0`, `-0e5`): serde_json reads a
+/// double -0.0, sonic-rs reads 0 (or +0.0).
+fn negative_zero(payload: &[u8]) -> bool {
+    memchr::memchr_iter(b'-', payload).any(|i| {
+        payload.get(i + 1) == Some(&b'0')
+            && payload[i + 1..]
+                .iter()
+                .take_while(|b| matches!(b, b'0'..=b'9' | b'.'))
+                .all(|&b| b == b'0' || b == b'.')
+    })
 }
 
 /// Whether `payload` may hold a number beyond a double's range, which the full parse refuses
@@ -222,11 +239,6 @@ fn may_overflow(payload: &[u8]) -> bool {
             && payload
                 .split(|b| !b.is_ascii_digit())
                 .any(|run| run.len() > 308))
-}
-
-/// JSON whitespace.
-fn ws(b: u8) -> bool {
-    matches!(b, b' ' | b'\t' | b'\n' | b'\r')
 }
 
 impl PathIndex {
@@ -284,75 +296,59 @@ impl PathIndex {
         &self.rule_slots[rule]
     }
 
-    /// The fast pass: appends `(slot, value)` for each referenced path present in `payload`.
-    /// None (and nothing appended) when the payload is not for the fast pass or is not a valid
-    /// JSON object; the caller then parses it whole.
-    pub fn decode_text<'a>(&self, payload: &'a [u8], out: &mut Vec<(u32, Slot<'a>)>) -> Option<()> {
+    /// The fast pass's parse: the payload as a sonic-rs document, when the fast pass takes it
+    /// and it is a valid JSON object; None sends it to the full parse.
+    pub fn parse_fast(&self, payload: &[u8]) -> Option<sonic_rs::Value> {
         let mut containers = 0usize;
         let mut escaped = false;
         for &b in payload {
             containers += usize::from(b == b'{' || b == b'[');
             escaped |= b == b'\\';
         }
-        if !self.fast || escaped || containers > MAX_FAST_CONTAINERS || may_overflow(payload) {
+        if !self.fast
+            || escaped
+            || containers > MAX_FAST_CONTAINERS
+            || may_overflow(payload)
+            || negative_zero(payload)
+        {
             return None;
         }
-        let text = std::str::from_utf8(payload).ok()?;
-        let from = out.len();
-        let end = match self.object_text(0, text, out, from) {
-            Ok(end) => end,
-            Err(()) => {
-                out.truncate(from);
-                return None;
-            }
-        };
-        // The iterator stops at the closing brace; nothing but whitespace may follow it.
-        let rest = match end {
-            Some(end) => &text.as_bytes()[end..],
-            None => text
-                .as_bytes()
-                .iter()
-                .position(|&b| b == b'{')
-                .map_or(&[][..], |i| &text.as_bytes()[i + 1..]),
-        };
-        let mut rest = rest.iter().copied().skip_while(|&b| ws(b));
-        if rest.next() == Some(b'}') && rest.all(ws) {
-            Some(())
-        } else {
-            out.truncate(from);
-            None
+        let doc: sonic_rs::Value = sonic_rs::from_slice(payload).ok()?;
+        doc.is_object().then_some(doc)
+    }
+
+    /// Appends `(slot, value)` for each referenced path present in `doc` (an object from
+    /// [`PathIndex::parse_fast`]).
+    pub fn decode_dom<'a>(&self, doc: &'a sonic_rs::Value, out: &mut Vec<(u32, Slot<'a>)>) {
+        if let Some(object) = doc.as_object() {
+            let from = out.len();
+            self.walk_dom(0, object, out, from);
         }
     }
 
-    /// Walks the object `text` at trie node `node`; the end offset (in `text`) of its last
-    /// value, None when it has none.
-    fn object_text<'a>(
+    fn walk_dom<'a>(
         &self,
         node: u32,
-        text: &'a str,
+        object: &'a sonic_rs::Object,
         out: &mut Vec<(u32, Slot<'a>)>,
         from: usize,
-    ) -> Result<Option<usize>, ()> {
+    ) {
         let node = &self.nodes[node as usize];
-        let mut end = None;
-        for entry in sonic_rs::to_object_iter(text) {
-            let (key, value) = entry.map_err(|_| ())?;
-            let raw = value.as_raw_str();
-            let offset = raw.as_ptr() as usize - text.as_ptr() as usize;
-            let raw = &text[offset..offset + raw.len()];
-            end = Some(offset + raw.len());
-            if let Some(child) = node.child(&key) {
-                self.forget(child, out, from);
-                let c = &self.nodes[child as usize];
-                if c.end {
-                    out.push((child, Slot::Text(raw)));
-                }
-                if c.size > 1 && raw.starts_with('{') {
-                    self.object_text(child, raw, out, from)?;
-                }
+        for (key, value) in object.iter() {
+            let Some(child) = node.child(key) else {
+                continue;
+            };
+            self.forget(child, out, from);
+            let c = &self.nodes[child as usize];
+            if c.end {
+                out.push((child, Slot::Dom(value)));
+            }
+            if c.size > 1
+                && let Some(inner) = value.as_object()
+            {
+                self.walk_dom(child, inner, out, from);
             }
         }
-        Ok(end)
     }
 
     /// A key seen again: the last occurrence wins (as in a parsed object), so what the earlier
@@ -456,10 +452,11 @@ mod tests {
                 })
                 .collect()
         };
-        let mut out = Vec::new();
-        let fast = index
-            .decode_text(payload.as_bytes(), &mut out)
-            .map(|()| own(&out));
+        let fast = index.parse_fast(payload.as_bytes()).map(|doc| {
+            let mut out = Vec::new();
+            index.decode_dom(&doc, &mut out);
+            own(&out)
+        });
         let slow = match serde_json::from_str::<Value>(payload) {
             Ok(Value::Object(map)) => {
                 let mut out = Vec::new();
@@ -476,7 +473,7 @@ mod tests {
         let ix = index(&[r#"SELECT a, b.c, b.d.e, s FROM "/p/+/up""#]);
         for payload in [
             r#"{"a": 1, "b": {"c": 2.5, "d": {"e": "x"}}, "s": [1, {"z": null}]}"#,
-            r#"{"b": {"d": 3}, "a": -0, "s": "t"}"#,
+            r#"{"b": {"d": 3}, "a": -0.5, "s": "t"}"#,
             r#"{"a": 1, "a": 2, "b": {"c": 1}, "b": {"d": {"e": true}}}"#,
             r#"{"a": 18446744073709551615, "s": {"k": [1, 2 ]}}"#,
             r#" { } "#,
@@ -513,13 +510,10 @@ mod tests {
             r#"{"a": tru}"#,
             r#"{"a": 1, "z": 1e400}"#,
             r#"{"a": 1, "z": 2.5E-999}"#,
+            r#"{"a": 1, "z": [-0]}"#,
+            r#"{"a": 1, "z": [-0.00e3]}"#,
         ] {
-            let mut out = Vec::new();
-            assert!(
-                ix.decode_text(payload.as_bytes(), &mut out).is_none(),
-                "{payload}"
-            );
-            assert!(out.is_empty());
+            assert!(ix.parse_fast(payload.as_bytes()).is_none(), "{payload}");
         }
     }
 
@@ -539,11 +533,10 @@ mod tests {
             .stack_size(1024 * 1024)
             .spawn(move || {
                 for payload in [arrays, objects] {
+                    let doc = ix.parse_fast(payload.as_bytes());
+                    assert!(doc.is_some(), "{payload}");
                     let mut out = Vec::new();
-                    assert!(
-                        ix.decode_text(payload.as_bytes(), &mut out).is_some(),
-                        "{payload}"
-                    );
+                    ix.decode_dom(doc.as_ref().unwrap(), &mut out);
                 }
             })
             .unwrap()
