@@ -14,13 +14,15 @@
 //! Tokens of a lease left unused for `lease_ttl` are handed back (the script moves the
 //! bucket's theoretical arrival time back by that much, never before now).
 //!
-//! One forward makes at most one call: every scope whose lease is empty is refilled in the
-//! same script call, all or nothing (a bucket that cannot give one token refuses the forward,
-//! and then no bucket gives any), together with the hand-back of an expired lease. The tokens
-//! this forward took from the local leases of other scopes go back to them on refusal, as the
-//! local limiter refunds. When a forward leaves a lease below half, a refill of what is
-//! missing starts in the background (taking what the bucket has, possibly nothing), so busy
-//! scopes rarely make a forward wait for Redis.
+//! One forward waits for at most one call: every scope whose lease is empty is refilled in
+//! the same script call, all or nothing (a bucket that cannot give one token refuses the
+//! forward, and then no bucket gives any), together with the hand-back of an expired lease.
+//! The forwards that need Redis at about the same time (those of one batch, say) share that
+//! call: each is a group of its own in it, all or nothing per group, applied in order. The
+//! tokens this forward took from the local leases of other scopes go back to them on
+//! refusal, as the local limiter refunds. When a forward leaves a lease below half, a refill
+//! of what is missing starts in the background (taking what the bucket has, possibly
+//! nothing), so busy scopes rarely make a forward wait for Redis.
 //!
 //! Keys are `<prefix>:quota:<scope>:<id>:<tps>:<burst>`: the rate is part of the key, so a
 //! reload that changes a rate starts a fresh (full) bucket, as the local limiter does. Each
@@ -33,49 +35,80 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use tokio::sync::oneshot;
+
 use super::throttle::Refusal;
 use super::{Limiter, Resolved, Scope, Throttle, resolved};
 use crate::config::quota::{LeaseSize, Limit, OnBackendDown, OnLimit, Rate};
 use crate::config::redis::RedisConfig;
 
-/// Leases from, and hands back to, the GCRA buckets KEYS. For key i, ARGV[5i-4 .. 5i] are:
-/// the emission interval (µs), the tolerance (µs, burst × interval), the tokens wanted, the
-/// tokens handed back, and whether this forward needs one (1) or the tokens are a refill
-/// ahead (0). Hand-backs apply first. When a bucket that is needed cannot give one token,
-/// only the hand-backs are written and the reply is {i, µs until its next token}; otherwise
-/// every bucket gives up to what is wanted of it and the reply is {0, 0, taken 1, taken 2…}.
+/// Leases from, and hands back to, the GCRA buckets KEYS, for several forwards at once. For
+/// key i, ARGV[6i-5 .. 6i] are: the emission interval (µs), the tolerance (µs, burst ×
+/// interval), the tokens wanted, the tokens handed back, whether the forward needs one (1)
+/// or the tokens are a refill ahead (0), and the forward's group number. The keys of one
+/// group are consecutive; a key may appear in several groups. Group by group, in order: the
+/// hand-backs apply, then when a needed bucket cannot give one token the group takes
+/// nothing, else each bucket gives up to what is wanted. The reply holds two numbers per key:
+/// {taken, 0}, or for a refused group {-2, µs until its next token} at the bucket that
+/// refused and {-1, 0} at the others.
 const LEASE: &str = r"
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000000 + tonumber(t[2])
-local function a(i, j) return tonumber(ARGV[5 * (i - 1) + j]) end
-local tat, room = {}, {}
-for i = 1, #KEYS do
-  local v = tonumber(redis.call('GET', KEYS[i]) or '0') - a(i, 4) * a(i, 1)
-  if v < now then v = now end
-  tat[i] = v
-  room[i] = math.floor((now + a(i, 2) - v) / a(i, 1))
-end
-local function store(i)
-  if tat[i] <= now then
-    redis.call('DEL', KEYS[i])
-  else
-    redis.call('SET', KEYS[i], string.format('%.0f', tat[i]), 'PX', math.ceil((tat[i] - now) / 1000) + 1)
+local function a(i, j) return tonumber(ARGV[6 * (i - 1) + j]) end
+local tat, touched = {}, {}
+local function get(key)
+  local v = tat[key]
+  if v == nil then
+    v = tonumber(redis.call('GET', key) or '0')
+    if v < now then v = now end
+    tat[key] = v
   end
+  return v
 end
-for i = 1, #KEYS do
-  if a(i, 5) == 1 and room[i] < 1 then
-    for j = 1, #KEYS do
-      if a(j, 4) > 0 then store(j) end
+local out = {}
+local first, n = 1, #KEYS
+while first <= n do
+  local last = first
+  while last < n and a(last + 1, 6) == a(first, 6) do last = last + 1 end
+  for j = first, last do
+    if a(j, 4) > 0 then
+      local v = get(KEYS[j]) - a(j, 4) * a(j, 1)
+      if v < now then v = now end
+      tat[KEYS[j]] = v
+      touched[KEYS[j]] = true
     end
-    return {i, math.ceil(tat[i] + a(i, 1) - a(i, 2) - now)}
   end
+  local refused = 0
+  for j = first, last do
+    if a(j, 5) == 1 and now + a(j, 2) - get(KEYS[j]) < a(j, 1) then
+      refused = j
+      break
+    end
+  end
+  for j = first, last do
+    local v = get(KEYS[j])
+    if refused == j then
+      out[2 * j - 1], out[2 * j] = -2, math.ceil(v + a(j, 1) - a(j, 2) - now)
+    elseif refused > 0 then
+      out[2 * j - 1], out[2 * j] = -1, 0
+    else
+      local k = math.max(0, math.min(a(j, 3), math.floor((now + a(j, 2) - v) / a(j, 1))))
+      if k > 0 then
+        tat[KEYS[j]] = v + k * a(j, 1)
+        touched[KEYS[j]] = true
+      end
+      out[2 * j - 1], out[2 * j] = k, 0
+    end
+  end
+  first = last + 1
 end
-local out = {0, 0}
-for i = 1, #KEYS do
-  local k = math.max(0, math.min(a(i, 3), room[i]))
-  tat[i] = tat[i] + k * a(i, 1)
-  out[i + 2] = k
-  if k > 0 or a(i, 4) > 0 then store(i) end
+for key, _ in pairs(touched) do
+  local v = tat[key]
+  if v <= now then
+    redis.call('DEL', key)
+  else
+    redis.call('SET', key, string.format('%.0f', v), 'PX', math.ceil((v - now) / 1000) + 1)
+  end
 end
 return out
 ";
@@ -211,6 +244,20 @@ struct Ask {
     give: u32,
     /// The forward needs one of these tokens (else: a refill ahead, or a hand-back only).
     need: bool,
+    /// Which forward of a shared call it is for (all or nothing is per group).
+    group: u32,
+}
+
+/// A forward's part of a shared call's reply (two numbers per ask), or what went wrong.
+type Answer = Result<Vec<i64>, String>;
+
+/// The asks of the forwards that will share the next call.
+#[derive(Default)]
+struct Batch {
+    keys: Vec<(String, Rate)>,
+    asks: Vec<Ask>,
+    /// Per forward: where its asks start, how many, and where its answer goes.
+    groups: Vec<(usize, usize, oneshot::Sender<Answer>)>,
 }
 
 /// The shared buckets of one process. Cheap to share (`Arc`).
@@ -223,6 +270,8 @@ pub(super) struct SharedBuckets {
     size: LeaseSize,
     lease_ttl: Duration,
     leases: Mutex<HashMap<String, Lease>>,
+    /// The asks gathered for the next call, while one is being gathered.
+    batch: Mutex<Option<Batch>>,
     /// Calls made to the script (round trips), for tests and benchmarks.
     calls: AtomicU64,
     /// Whether the last call reached Redis (for health, the metric and the warning on change).
@@ -237,6 +286,9 @@ const RETRY_DOWN_AFTER: Duration = Duration::from_secs(1);
 
 /// Most buckets handed back in one call.
 const HAND_BACK_BATCH: usize = 256;
+
+/// Most forwards sharing one call.
+const BATCH_GROUPS: usize = 256;
 
 impl SharedBuckets {
     /// Connects lazily to `config`'s server: nothing is sent until the first forward, and an
@@ -300,6 +352,7 @@ impl SharedBuckets {
             size,
             lease_ttl,
             leases: Mutex::new(HashMap::new()),
+            batch: Mutex::new(None),
             calls: AtomicU64::new(0),
             up: AtomicBool::new(true),
             down: Mutex::new(None),
@@ -367,6 +420,7 @@ impl SharedBuckets {
                                 want,
                                 give: 0,
                                 need: false,
+                                group: 0,
                             });
                         }
                     }
@@ -380,6 +434,7 @@ impl SharedBuckets {
                             want,
                             give,
                             need: true,
+                            group: 0,
                         });
                     }
                     None => {
@@ -396,6 +451,7 @@ impl SharedBuckets {
                             want: size,
                             give: 0,
                             need: true,
+                            group: 0,
                         });
                     }
                 }
@@ -410,8 +466,8 @@ impl SharedBuckets {
             .map(|(_, error)| error.clone());
         if asks.is_empty() {
             if !ahead.is_empty() {
-                match (down, tokio::runtime::Handle::try_current()) {
-                    (None, Ok(runtime)) => {
+                match down {
+                    None => {
                         let keys: Vec<(String, Rate)> =
                             ahead.iter().map(|a| scopes[a.scope].clone()).collect();
                         let ahead: Vec<Ask> = ahead
@@ -420,12 +476,12 @@ impl SharedBuckets {
                             .map(|(n, a)| Ask { scope: n, ..*a })
                             .collect();
                         let this = Arc::clone(self);
-                        runtime.spawn(async move {
-                            let reply = this.call(&keys, &ahead).await;
-                            this.settle(&keys, &ahead, reply.as_ref().ok());
+                        tokio::spawn(async move {
+                            let reply = this.call_batched(&keys, &ahead).await;
+                            this.settle(&keys, &ahead, reply.as_deref().ok());
                         });
                     }
-                    _ => self.settle(scopes, &ahead, None),
+                    Some(_) => self.settle(scopes, &ahead, None),
                 }
             }
             return Ok(());
@@ -437,21 +493,18 @@ impl SharedBuckets {
             self.give_back_local(scopes, reserved);
             return Err((first, Denied::Down(error)));
         }
-        let reply = self.call(scopes, &asks).await;
-        self.settle(scopes, &asks, reply.as_ref().ok());
+        let reply = self.call_batched(scopes, &asks).await;
+        self.settle(scopes, &asks, reply.as_deref().ok());
         let denied = match reply {
-            Ok(r) if r.first() == Some(&0) => return Ok(()),
             Ok(r) => {
-                let refused = r
-                    .first()
-                    .and_then(|&n| usize::try_from(n).ok())
-                    .and_then(|n| asks.get(n.wrapping_sub(1)));
+                let refused = (0..asks.len()).find(|n| r.get(2 * n) == Some(&-2));
                 match refused {
-                    Some(ask) => {
-                        let wait = r.get(1).and_then(|&w| u64::try_from(w).ok());
+                    Some(n) => {
+                        let wait = r.get(2 * n + 1).and_then(|&w| u64::try_from(w).ok());
                         let wait = Duration::from_micros(wait.unwrap_or(1).max(1));
-                        (ask.scope, Denied::Empty(wait))
+                        (asks[n].scope, Denied::Empty(wait))
                     }
+                    None if r.len() == 2 * asks.len() => return Ok(()),
                     None => (
                         first,
                         Denied::Down(format!("unexpected reply from the quota script: {r:?}")),
@@ -462,6 +515,70 @@ impl SharedBuckets {
         };
         self.give_back_local(scopes, reserved);
         Err(denied)
+    }
+
+    /// `asks` (each naming its bucket in `keys`) as one group of the next call to the
+    /// script: the forwards that need Redis at about the same time share one call. The
+    /// reply's two numbers per ask, or what went wrong.
+    async fn call_batched(self: &Arc<Self>, keys: &[(String, Rate)], asks: &[Ask]) -> Answer {
+        let (tx, rx) = oneshot::channel();
+        let (full, first) = {
+            let mut gathering = self.batch.lock().unwrap_or_else(|e| e.into_inner());
+            let batch = gathering.get_or_insert_with(Batch::default);
+            let first = batch.groups.is_empty();
+            let start = batch.asks.len();
+            let group = u32::try_from(batch.groups.len()).unwrap_or(u32::MAX);
+            for ask in asks {
+                batch.keys.push(keys[ask.scope].clone());
+                batch.asks.push(Ask {
+                    scope: batch.keys.len() - 1,
+                    group,
+                    ..*ask
+                });
+            }
+            batch.groups.push((start, asks.len(), tx));
+            let full = batch.groups.len() >= BATCH_GROUPS;
+            (full.then(|| gathering.take()).flatten(), first)
+        };
+        // The call runs in a task of its own, so a forward given up (dropped) while it waits
+        // does not take the others' answers with it.
+        if full.is_some() || first {
+            let this = Arc::clone(self);
+            tokio::spawn(async move {
+                let batch = match full {
+                    Some(batch) => Some(batch),
+                    None => {
+                        // Let the forwards running beside this one add their asks.
+                        tokio::task::yield_now().await;
+                        this.batch.lock().unwrap_or_else(|e| e.into_inner()).take()
+                    }
+                };
+                if let Some(batch) = batch {
+                    this.flush(batch).await;
+                }
+            });
+        }
+        rx.await
+            .unwrap_or_else(|_| Err("the quota call was dropped".to_owned()))
+    }
+
+    /// Makes the call for `batch` and hands each forward its part of the reply.
+    async fn flush(&self, batch: Batch) {
+        let reply = self.call(&batch.keys, &batch.asks).await;
+        let asked = batch.asks.len();
+        for (start, len, tx) in batch.groups {
+            let part = match &reply {
+                Ok(r) => r.get(2 * start..2 * (start + len)).map(<[i64]>::to_vec).ok_or_else(|| {
+                    format!(
+                        "unexpected reply from the quota script: {} numbers for {asked} buckets",
+                        r.len()
+                    )
+                }),
+                Err(e) => Err(e.clone()),
+            };
+            // Its forward may have been given up.
+            let _ = tx.send(part);
+        }
     }
 
     /// One call to the script for `asks` (each naming its bucket in `keys`): its reply, or
@@ -476,7 +593,8 @@ impl SharedBuckets {
                 .arg(interval.saturating_mul(u64::from(rate.burst)))
                 .arg(ask.want)
                 .arg(ask.give)
-                .arg(u8::from(ask.need));
+                .arg(u8::from(ask.need))
+                .arg(ask.group);
         }
         self.calls.fetch_add(1, Ordering::Relaxed);
         let mut conn = self.conn.clone();
@@ -494,13 +612,12 @@ impl SharedBuckets {
 
     /// Books the answer to `asks` (`None`: no answer) into the leases: what each bucket
     /// gave, less the token a forward needed, and the asks are no longer pending.
-    fn settle(&self, keys: &[(String, Rate)], asks: &[Ask], reply: Option<&Vec<i64>>) {
-        let granted = reply.filter(|r| r.first() == Some(&0));
+    fn settle(&self, keys: &[(String, Rate)], asks: &[Ask], reply: Option<&[i64]>) {
         let now = Instant::now();
         let mut leases = self.leases();
         for (n, ask) in asks.iter().enumerate() {
-            let taken = granted
-                .and_then(|r| r.get(n + 2))
+            let taken = reply
+                .and_then(|r| r.get(2 * n))
                 .and_then(|&k| u32::try_from(k).ok())
                 .unwrap_or(0);
             let Some(lease) = leases.get_mut(keys[ask.scope].0.as_str()) else {
@@ -563,6 +680,7 @@ impl SharedBuckets {
                     want: 0,
                     give: *give,
                     need: false,
+                    group: 0,
                 })
                 .collect();
             if let Err(error) = self.call(&keys, &asks).await {

@@ -376,3 +376,33 @@ async fn a_scope_that_refuses_takes_nothing_from_the_others() {
         "the instance's tokens the refused forwards did not keep"
     );
 }
+
+// One thread: the three forwards are all waiting before the call goes out.
+#[tokio::test(flavor = "current_thread")]
+async fn concurrent_forwards_share_one_call_each_all_or_nothing_on_its_own() {
+    // A device may forward once (burst 1); the tenant has 10 tokens; lease 1 everywhere, so
+    // every forward needs Redis for both scopes.
+    let quota = "[[tenant]]\nid = \"acme\"\nforward_tps = 1\nburst = 10\n\
+                 [[instance]]\nid = \"acme-1\"\ntenant = \"acme\"\nproducts = [\"pk1\"]\n\
+                 [quota]\nbackend = \"redis\"\nlease = 1\n\
+                 [quota.device]\nforward_tps = 1\nburst = 1\n";
+    let config = shared_config(quota, REDIS);
+    let l = limiter(&config, None);
+    // Polled together, as the forwards of one batch: a, a again, b.
+    let (first, again, other) = tokio::join!(
+        l.acquire("pk1", "a", None, None),
+        l.acquire("pk1", "a", None, None),
+        l.acquire("pk1", "b", None, None)
+    );
+    assert_eq!(l.backend_calls(), Some(1), "three forwards, one call");
+    assert!(first.is_ok() && other.is_ok(), "{first:?} {other:?}");
+    assert_eq!(again.unwrap_err().scope, Scope::Device);
+    // The refused forward took nothing from the tenant: 8 of its 10 tokens are left.
+    let mut allowed = 0;
+    for n in 0..10 {
+        if l.acquire("pk1", &format!("d{n}"), None, None).await.is_ok() {
+            allowed += 1;
+        }
+    }
+    assert_eq!(allowed, 8);
+}
