@@ -165,6 +165,7 @@ pub async fn run_from_file(
                 url = limiter.backend().map(|(url, _)| url).unwrap_or_default(),
                 processes = config.quota.processes(),
                 lease = config.quota.lease(),
+                lease_rate_ms = config.quota.lease_rate_ms(),
                 on_backend_down = ?config.quota.on_backend_down,
                 "quotas shared through Redis"
             );

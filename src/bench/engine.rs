@@ -125,13 +125,24 @@ pub fn engine_rate(rules: usize, messages: usize) -> f64 {
     rate(messages, run_engine(&engine, &msgs, 512).0)
 }
 
+/// `[quota] lease` and `lease_rate_ms` for `bench engine --quotas --redis` (`None`: the
+/// default).
+#[derive(Clone, Copy, Debug, Default)]
+pub struct Leases {
+    pub lease: Option<u32>,
+    pub rate_ms: Option<u64>,
+}
+
 /// The quota set of `bench engine --quotas`: 100 tenants with one instance each; the ten
 /// generated products belong to the first ten instances; every device has a quota. The rates
 /// are high enough that nothing is throttled: the benchmark measures the bookkeeping.
-fn bench_quotas(lease: Option<u32>) -> crate::config::quota::QuotaSet {
-    let mut toml = String::new();
-    if let Some(lease) = lease {
-        toml.push_str(&format!("[quota]\nlease = {lease}\n"));
+fn bench_quotas(leases: Leases) -> crate::config::quota::QuotaSet {
+    let mut toml = String::from("[quota]\n");
+    if let Some(lease) = leases.lease {
+        toml.push_str(&format!("lease = {lease}\n"));
+    }
+    if let Some(ms) = leases.rate_ms {
+        toml.push_str(&format!("lease_rate_ms = {ms}\n"));
     }
     toml.push_str("[quota.device]\nforward_tps = 1000000\n");
     for t in 0..100 {
@@ -150,15 +161,17 @@ fn bench_quotas(lease: Option<u32>) -> crate::config::quota::QuotaSet {
     crate::config::quota::QuotaSet::from_toml_str(&toml).expect("benchmark quotas are valid")
 }
 
-/// Engine plus quota check for every passed output, as the daemon counts forwards.
+/// Engine plus quota check for every passed output, as the daemon counts forwards: the time
+/// taken, forwards throttled, and forwards counted.
 fn run_with_limiter(
     engine: &Engine,
     limiter: &crate::limits::Limiter,
     msgs: &[Message],
     batch: usize,
     runtime: &tokio::runtime::Runtime,
-) -> (Duration, usize) {
+) -> (Duration, usize, usize) {
     let mut throttled = 0;
+    let mut forwards = 0;
     let started = Instant::now();
     for chunk in msgs.chunks(batch) {
         let results = engine.evaluate(chunk);
@@ -169,27 +182,25 @@ fn run_with_limiter(
                 .filter(|x| matches!(x.outcome, RuleOutcome::Passed(_)))
                 .map(|_| limiter.acquire(&m.product_key, &m.device_name, None, None))
         });
-        throttled += runtime
-            .block_on(futures::future::join_all(acquires))
-            .iter()
-            .filter(|r| r.is_err())
-            .count();
+        let done = runtime.block_on(futures::future::join_all(acquires));
+        forwards += done.len();
+        throttled += done.iter().filter(|r| r.is_err()).count();
         black_box(results);
     }
-    (started.elapsed(), throttled)
+    (started.elapsed(), throttled, forwards)
 }
 
 /// `bench engine --quotas`: the engine with quotas on (100 tenants, `devices` devices, none
 /// throttled) against quotas off, in the same run; with `redis` (a URL), also with the buckets
-/// shared in that Redis (`[quota] backend = "redis"`, `lease` or the default), against local
-/// ones.
+/// shared in that Redis (`[quota] backend = "redis"`, `leases` or the defaults), against
+/// local ones.
 pub fn engine_quotas(
     rules: usize,
     messages: usize,
     batch: usize,
     devices: usize,
     redis: Option<&str>,
-    lease: Option<u32>,
+    leases: Leases,
 ) -> anyhow::Result<()> {
     let batch = batch.max(1);
     let engine = bench_engine(rules);
@@ -199,7 +210,8 @@ pub fn engine_quotas(
         .build()
         .expect("runtime");
     let off = crate::limits::Limiter::disabled();
-    let on = runtime.block_on(async { crate::limits::Limiter::new(&bench_quotas(None), None) });
+    let on = runtime
+        .block_on(async { crate::limits::Limiter::new(&bench_quotas(Leases::default()), None) });
     println!(
         "bench engine --quotas: {messages} messages from {devices} devices, {rules} rules, batch {batch}, 100 tenants"
     );
@@ -212,8 +224,8 @@ pub fn engine_quotas(
         &runtime,
     );
     run_with_limiter(&engine, &on, &msgs, batch, &runtime);
-    let (t_off, _) = run_with_limiter(&engine, &off, &msgs, batch, &runtime);
-    let (t_on, throttled) = run_with_limiter(&engine, &on, &msgs, batch, &runtime);
+    let (t_off, _, _) = run_with_limiter(&engine, &off, &msgs, batch, &runtime);
+    let (t_on, throttled, _) = run_with_limiter(&engine, &on, &msgs, batch, &runtime);
     let (r_off, r_on) = (rate(messages, t_off), rate(messages, t_on));
     println!("quotas off: {r_off:>12.0} msg/s");
     println!("quotas on:  {r_on:>12.0} msg/s  ({throttled} throttled)");
@@ -224,8 +236,9 @@ pub fn engine_quotas(
     // A key prefix of this run's own, so runs never share buckets.
     let mut config = crate::config::redis::RedisConfig::new(url);
     config.key_prefix = format!("iotfwd-bench-{}", uuid::Uuid::new_v4().simple());
+    let quotas = bench_quotas(leases);
     let shared = runtime.block_on(async {
-        crate::limits::Limiter::shared(&bench_quotas(lease), &config, None)
+        crate::limits::Limiter::shared(&quotas, &config, None)
             .map_err(|e| anyhow::anyhow!("the Redis quota backend: {e}"))
     })?;
     // Warm up: every device's first lease, as for the local buckets above.
@@ -235,13 +248,19 @@ pub fn engine_quotas(
         "Redis at {} did not answer",
         crate::config::broker::redact(url)
     );
-    let (t_local, _) = run_with_limiter(&engine, &on, &msgs, batch, &runtime);
-    let (t_shared, throttled) = run_with_limiter(&engine, &shared, &msgs, batch, &runtime);
+    let (t_local, _, _) = run_with_limiter(&engine, &on, &msgs, batch, &runtime);
+    let calls_before = shared.backend_calls().unwrap_or(0);
+    let (t_shared, throttled, forwards) =
+        run_with_limiter(&engine, &shared, &msgs, batch, &runtime);
+    let calls = shared.backend_calls().unwrap_or(0) - calls_before;
     let (r_local, r_shared) = (rate(messages, t_local), rate(messages, t_shared));
     println!("quotas on, local buckets again: {r_local:>12.0} msg/s");
     println!(
-        "quotas on, buckets in Redis (lease {}): {r_shared:>12.0} msg/s  ({throttled} throttled)",
-        bench_quotas(lease).quota.lease()
+        "quotas on, buckets in Redis (lease {}, lease_rate_ms {}): {r_shared:>12.0} msg/s  \
+         ({throttled} throttled; {calls} Redis calls for {forwards} forwards, {:.3} per forward)",
+        quotas.quota.lease(),
+        quotas.quota.lease_rate_ms(),
+        calls as f64 / forwards.max(1) as f64
     );
     println!("ratio Redis / local: {:.3}", r_shared / r_local);
     Ok(())

@@ -100,6 +100,7 @@ pub(super) fn run(command: BenchCommand) -> ExitCode {
             devices,
             redis,
             lease,
+            lease_rate_ms,
         } => {
             if quotas {
                 let run = crate::bench::engine::engine_quotas(
@@ -108,7 +109,10 @@ pub(super) fn run(command: BenchCommand) -> ExitCode {
                     batch,
                     devices,
                     redis.as_deref(),
-                    lease,
+                    crate::bench::engine::Leases {
+                        lease,
+                        rate_ms: lease_rate_ms,
+                    },
                 );
                 if let Err(e) = run {
                     eprintln!("error: {e:#}");

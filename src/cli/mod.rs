@@ -272,12 +272,17 @@ pub enum BenchCommand {
         #[arg(long, default_value_t = 100_000, requires = "quotas")]
         devices: usize,
         /// With --quotas: also measure the buckets shared in this Redis (`[quota] backend =
-        /// "redis"`, default lease) against local ones, e.g. redis://127.0.0.1:6379/0.
+        /// "redis"`, default leases) against local ones, e.g. redis://127.0.0.1:6379/0.
         #[arg(long, requires = "quotas")]
         redis: Option<String>,
-        /// With --redis: tokens leased per round trip (`[quota] lease`; default its default).
+        /// With --redis: the fewest tokens leased per round trip (`[quota] lease`; default its
+        /// default).
         #[arg(long, requires = "redis")]
         lease: Option<u32>,
+        /// With --redis: milliseconds of a scope's rate one lease may hold (`[quota]
+        /// lease_rate_ms`; default its default; 0: every scope leases --lease).
+        #[arg(long, requires = "redis")]
+        lease_rate_ms: Option<u64>,
     },
     /// RabbitMQ -> iotfwd (10 rules) -> RabbitMQ with confirms, against a bare lapin relay
     /// (consume -> publish -> ack, same prefetch and confirm window) in the same run; then the

@@ -11,7 +11,8 @@
 //! stores, refund), the layer a shared store for cluster mode would plug into; `hash.rs` the
 //! device fingerprint and the maps' hashers; `throttle.rs` what a refusal becomes (code,
 //! reason, metric); `shared.rs` the same buckets kept in Redis for a cluster
-//! (`[quota] backend = "redis"`, [`Limiter::shared`]), leased in small batches.
+//! (`[quota] backend = "redis"`, [`Limiter::shared`]), leased in batches sized by each
+//! scope's rate.
 //!
 //! # Resolution
 //!
@@ -215,7 +216,7 @@ impl Limiter {
         metrics: Option<Arc<Metrics>>,
     ) -> Result<Limiter, String> {
         let q = &set.quota;
-        let buckets = SharedBuckets::new(redis, q.lease(), q.lease_ttl())?;
+        let buckets = Arc::new(SharedBuckets::new(redis, q.lease_size(), q.lease_ttl())?);
         if let Some(m) = &metrics {
             m.export_quota_backend_gauge();
         }
@@ -235,6 +236,12 @@ impl Limiter {
     pub fn backend(&self) -> Option<(String, bool)> {
         let shared = self.inner.shared.as_ref()?;
         Some((shared.buckets.url().to_owned(), shared.buckets.is_up()))
+    }
+
+    /// With `[quota] backend = "redis"`: how many calls this limiter has made to Redis so far
+    /// (one per forward at most; none while leases last). `None` for local quotas.
+    pub fn backend_calls(&self) -> Option<u64> {
+        Some(self.inner.shared.as_ref()?.buckets.calls())
     }
 
     /// A limiter with quotas off.

@@ -2,15 +2,27 @@
 //! (`[quota] backend = "redis"`) so every process of a cluster counts against one quota.
 //!
 //! A process does not pay a round trip per forward. It *leases* tokens: one call to a
-//! server-side script takes up to `lease` tokens from a bucket at once (never more than the
+//! server-side script takes a lease of tokens from a bucket at once (never more than the
 //! bucket allows at that moment, so the cluster as a whole never takes more tokens than the
-//! quota gives), and the forwards of this process then spend them locally. The price is
-//! timing, not amount: a leased token may be spent up to `lease_ttl` later, so within one
-//! lease time-to-live a scope can see up to `lease` forwards per process more than its rate
-//! would allow at that instant. Tokens still unspent when their lease expires are handed back
-//! (the script moves the bucket's theoretical arrival time back by that much, never before
-//! now). A refusal in a later scope gives the earlier scopes' tokens back to the local lease,
-//! as the local limiter refunds.
+//! quota gives), and the forwards of this process then spend them locally. A bucket's lease
+//! size follows its rate ([`LeaseSize`]: `lease_rate_ms` of its rate, at least `lease`, at
+//! most its burst), so a busy tenant or instance refills rarely while a device leases little.
+//!
+//! The price is timing, not amount: a process never holds more than one lease of unspent
+//! tokens of a bucket (concurrent refills ask only for what is missing), so in any interval
+//! a scope can see at most `processes × lease size` forwards more than `burst + rate × t`.
+//! Tokens of a lease left unused for `lease_ttl` are handed back (the script moves the
+//! bucket's theoretical arrival time back by that much, never before now).
+//!
+//! One forward waits for at most one call: every scope whose lease is empty is refilled in
+//! the same script call, all or nothing (a bucket that cannot give one token refuses the
+//! forward, and then no bucket gives any), together with the hand-back of an expired lease.
+//! The forwards that need Redis at about the same time (those of one batch, say) share that
+//! call: each is a group of its own in it, all or nothing per group, applied in order. The
+//! tokens this forward took from the local leases of other scopes go back to them on
+//! refusal, as the local limiter refunds. When a forward leaves a lease below half, a refill
+//! of what is missing starts in the background (taking what the bucket has, possibly
+//! nothing), so busy scopes rarely make a forward wait for Redis.
 //!
 //! Keys are `<prefix>:quota:<scope>:<id>:<tps>:<burst>`: the rate is part of the key, so a
 //! reload that changes a rate starts a fresh (full) bucket, as the local limiter does. Each
@@ -19,52 +31,91 @@
 //! The clock is Redis's (`TIME` inside the script), one clock for every process.
 
 use std::collections::HashMap;
-use std::sync::Mutex;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
+
+use tokio::sync::oneshot;
 
 use super::throttle::Refusal;
 use super::{Limiter, Resolved, Scope, Throttle, resolved};
-use crate::config::quota::{Limit, OnBackendDown, OnLimit, Rate};
+use crate::config::quota::{LeaseSize, Limit, OnBackendDown, OnLimit, Rate};
 use crate::config::redis::RedisConfig;
 
-/// Takes up to ARGV[3] tokens from the GCRA bucket KEYS[1] (emission interval ARGV[1] µs,
-/// tolerance ARGV[2] µs = burst × interval). Returns {taken, µs until the next token}.
+/// Leases from, and hands back to, the GCRA buckets KEYS, for several forwards at once. For
+/// key i, ARGV[6i-5 .. 6i] are: the emission interval (µs), the tolerance (µs, burst ×
+/// interval), the tokens wanted, the tokens handed back, whether the forward needs one (1)
+/// or the tokens are a refill ahead (0), and the forward's group number. The keys of one
+/// group are consecutive; a key may appear in several groups. Group by group, in order: the
+/// hand-backs apply, then when a needed bucket cannot give one token the group takes
+/// nothing, else each bucket gives up to what is wanted. The reply holds two numbers per key:
+/// {taken, 0}, or for a refused group {-2, µs until its next token} at the bucket that
+/// refused and {-1, 0} at the others.
 const LEASE: &str = r"
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000000 + tonumber(t[2])
-local interval = tonumber(ARGV[1])
-local tolerance = tonumber(ARGV[2])
-local want = tonumber(ARGV[3])
-local tat = tonumber(redis.call('GET', KEYS[1]) or '0')
-if tat < now then tat = now end
-local room = math.floor((now + tolerance - tat) / interval)
-local k = math.min(want, room)
-if k <= 0 then
-  return {0, math.ceil(tat + interval - tolerance - now)}
+local function a(i, j) return tonumber(ARGV[6 * (i - 1) + j]) end
+local tat, touched = {}, {}
+local function get(key)
+  local v = tat[key]
+  if v == nil then
+    v = tonumber(redis.call('GET', key) or '0')
+    if v < now then v = now end
+    tat[key] = v
+  end
+  return v
 end
-tat = tat + k * interval
-redis.call('SET', KEYS[1], string.format('%.0f', tat), 'PX', math.ceil((tat - now) / 1000) + 1)
-return {k, 0}
-";
-
-/// Hands ARGV[2] unspent tokens back to bucket KEYS[1] (emission interval ARGV[1] µs).
-const GIVE_BACK: &str = r"
-local t = redis.call('TIME')
-local now = tonumber(t[1]) * 1000000 + tonumber(t[2])
-local tat = tonumber(redis.call('GET', KEYS[1]) or '0')
-tat = tat - tonumber(ARGV[2]) * tonumber(ARGV[1])
-if tat <= now then
-  redis.call('DEL', KEYS[1])
-else
-  redis.call('SET', KEYS[1], string.format('%.0f', tat), 'PX', math.ceil((tat - now) / 1000) + 1)
+local out = {}
+local first, n = 1, #KEYS
+while first <= n do
+  local last = first
+  while last < n and a(last + 1, 6) == a(first, 6) do last = last + 1 end
+  for j = first, last do
+    if a(j, 4) > 0 then
+      local v = get(KEYS[j]) - a(j, 4) * a(j, 1)
+      if v < now then v = now end
+      tat[KEYS[j]] = v
+      touched[KEYS[j]] = true
+    end
+  end
+  local refused = 0
+  for j = first, last do
+    if a(j, 5) == 1 and now + a(j, 2) - get(KEYS[j]) < a(j, 1) then
+      refused = j
+      break
+    end
+  end
+  for j = first, last do
+    local v = get(KEYS[j])
+    if refused == j then
+      out[2 * j - 1], out[2 * j] = -2, math.ceil(v + a(j, 1) - a(j, 2) - now)
+    elseif refused > 0 then
+      out[2 * j - 1], out[2 * j] = -1, 0
+    else
+      local k = math.max(0, math.min(a(j, 3), math.floor((now + a(j, 2) - v) / a(j, 1))))
+      if k > 0 then
+        tat[KEYS[j]] = v + k * a(j, 1)
+        touched[KEYS[j]] = true
+      end
+      out[2 * j - 1], out[2 * j] = k, 0
+    end
+  end
+  first = last + 1
 end
-return 1
+for key, _ in pairs(touched) do
+  local v = tat[key]
+  if v <= now then
+    redis.call('DEL', key)
+  else
+    redis.call('SET', key, string.format('%.0f', v), 'PX', math.ceil((v - now) / 1000) + 1)
+  end
+end
+return out
 ";
 
 /// Cluster mode: the buckets in Redis, and what to do while Redis cannot be reached.
 pub(super) struct Shared {
-    pub(super) buckets: SharedBuckets,
+    pub(super) buckets: Arc<SharedBuckets>,
     pub(super) on_down: OnBackendDown,
     /// This process's own buckets at `1/processes` of every quota, for `on_down = local`.
     pub(super) fallback: Limiter,
@@ -72,8 +123,9 @@ pub(super) struct Shared {
 }
 
 impl Limiter {
-    /// [`Limiter::acquire`] on the shared buckets: the same scopes in the same order, each a
-    /// take from Redis (through this process's lease), the same refunds, waits and codes.
+    /// [`Limiter::acquire`] on the shared buckets: the same scopes in the same order, taken
+    /// from this process's leases (at most one call to Redis for all of them), the same
+    /// refunds, waits and codes.
     pub(super) async fn acquire_shared(
         &self,
         shared: &Shared,
@@ -94,36 +146,30 @@ impl Limiter {
                 return Err(Throttle::unmapped(product_key, instance_hint));
             };
             let b = &shared.buckets;
-            let mut scopes: Vec<(String, Limit, Scope)> = Vec::with_capacity(3);
+            let mut scopes: Vec<(Limit, Scope)> = Vec::with_capacity(3);
+            let mut keys: Vec<(String, Rate)> = Vec::with_capacity(3);
             if let Some(rule) = plan.device_rule(product_key) {
                 let id = format!("{product_key}/{device_name}");
-                scopes.push((b.key("d", &id, rule.limit.rate), rule.limit, Scope::Device));
+                keys.push((b.key("d", &id, rule.limit.rate), rule.limit.rate));
+                scopes.push((rule.limit, Scope::Device));
             }
             if let Some(gate) = &instance.gate {
-                let key = b.key("i", &instance.id, gate.limit.rate);
-                scopes.push((key, gate.limit, Scope::Instance));
+                keys.push((b.key("i", &instance.id, gate.limit.rate), gate.limit.rate));
+                scopes.push((gate.limit, Scope::Instance));
             }
             if let Some(gate) = &instance.tenant.gate {
                 let key = b.key("t", &instance.tenant.id, gate.limit.rate);
-                scopes.push((key, gate.limit, Scope::Tenant));
+                keys.push((key, gate.limit.rate));
+                scopes.push((gate.limit, Scope::Tenant));
             }
-            let mut denied = None;
-            for (i, (key, limit, _)) in scopes.iter().enumerate() {
-                if let Err(d) = b.take(key, limit.rate).await {
-                    for (earlier, _, _) in &scopes[..i] {
-                        b.refund(earlier);
-                    }
-                    denied = Some((i, d));
-                    break;
-                }
-            }
+            let taken = b.take(&keys).await;
             if let Some(m) = metrics {
                 m.quota_backend_up.set(i64::from(b.is_up()));
             }
-            let Some((i, denied)) = denied else {
+            let Err((i, denied)) = taken else {
                 return Ok(resolved(instance));
             };
-            let (_, limit, scope) = &scopes[i];
+            let (limit, scope) = &scopes[i];
             match denied {
                 Denied::Down(error) => match shared.on_down {
                     OnBackendDown::Local => {
@@ -184,19 +230,50 @@ pub(super) enum Denied {
 struct Lease {
     tokens: u32,
     expires: Instant,
+    /// Tokens asked of Redis for this bucket whose answer has not come yet: a refill asks
+    /// only for what the lease misses beyond them, so unspent tokens stay within one lease.
+    pending: u32,
+}
+
+/// One bucket of a call to the script: where it is in the forward's scopes, and what is
+/// asked of it.
+#[derive(Clone, Copy)]
+struct Ask {
+    scope: usize,
+    want: u32,
+    give: u32,
+    /// The forward needs one of these tokens (else: a refill ahead, or a hand-back only).
+    need: bool,
+    /// Which forward of a shared call it is for (all or nothing is per group).
+    group: u32,
+}
+
+/// A forward's part of a shared call's reply (two numbers per ask), or what went wrong.
+type Answer = Result<Vec<i64>, String>;
+
+/// The asks of the forwards that will share the next call.
+#[derive(Default)]
+struct Batch {
+    keys: Vec<(String, Rate)>,
+    asks: Vec<Ask>,
+    /// Per forward: where its asks start, how many, and where its answer goes.
+    groups: Vec<(usize, usize, oneshot::Sender<Answer>)>,
 }
 
 /// The shared buckets of one process. Cheap to share (`Arc`).
 pub(super) struct SharedBuckets {
     conn: redis::aio::ConnectionManager,
     lease: redis::Script,
-    give_back: redis::Script,
     prefix: String,
     url: String,
     timeout: Duration,
-    max_lease: u32,
+    size: LeaseSize,
     lease_ttl: Duration,
     leases: Mutex<HashMap<String, Lease>>,
+    /// The asks gathered for the next call, while one is being gathered.
+    batch: Mutex<Option<Batch>>,
+    /// Calls made to the script (round trips), for tests and benchmarks.
+    calls: AtomicU64,
     /// Whether the last call reached Redis (for health, the metric and the warning on change).
     up: AtomicBool,
     /// While Redis is down: when to ask it again, and what failed. Until then forwards do not
@@ -207,12 +284,18 @@ pub(super) struct SharedBuckets {
 /// How long an unreachable Redis is left alone before the next forward tries it again.
 const RETRY_DOWN_AFTER: Duration = Duration::from_secs(1);
 
+/// Most buckets handed back in one call.
+const HAND_BACK_BATCH: usize = 256;
+
+/// Most forwards sharing one call.
+const BATCH_GROUPS: usize = 256;
+
 impl SharedBuckets {
     /// Connects lazily to `config`'s server: nothing is sent until the first forward, and an
     /// unreachable server shows as [`Denied::Down`] then.
     pub(super) fn new(
         config: &RedisConfig,
-        max_lease: u32,
+        size: LeaseSize,
         lease_ttl: Duration,
     ) -> Result<SharedBuckets, String> {
         let mut info = redis::IntoConnectionInfo::into_connection_info(config.url.as_str())
@@ -263,13 +346,14 @@ impl SharedBuckets {
         Ok(SharedBuckets {
             conn,
             lease: redis::Script::new(LEASE),
-            give_back: redis::Script::new(GIVE_BACK),
             prefix: config.key_prefix.clone(),
             url: redacted(&config.url),
             timeout,
-            max_lease: max_lease.max(1),
+            size,
             lease_ttl,
             leases: Mutex::new(HashMap::new()),
+            batch: Mutex::new(None),
+            calls: AtomicU64::new(0),
             up: AtomicBool::new(true),
             down: Mutex::new(None),
         })
@@ -285,6 +369,11 @@ impl SharedBuckets {
         self.up.load(Ordering::Relaxed)
     }
 
+    /// Calls made to Redis so far.
+    pub(super) fn calls(&self) -> u64 {
+        self.calls.load(Ordering::Relaxed)
+    }
+
     /// The key of a bucket: `scope` (`d`, `i`, `t`), its id and its rate.
     pub(super) fn key(&self, scope: &str, id: &str, rate: Rate) -> String {
         format!(
@@ -293,106 +382,315 @@ impl SharedBuckets {
         )
     }
 
-    /// Takes one token from bucket `key`: from this process's lease when it has one, else
-    /// by leasing more from Redis.
-    pub(super) async fn take(&self, key: &str, rate: Rate) -> Result<(), Denied> {
-        let expired = {
-            let mut leases = self.leases.lock().unwrap_or_else(|e| e.into_inner());
-            match leases.get_mut(key) {
-                Some(l) if l.tokens > 0 && l.expires > Instant::now() => {
-                    l.tokens -= 1;
-                    return Ok(());
-                }
-                Some(l) => std::mem::take(&mut l.tokens),
-                None => 0,
-            }
-        };
-        if let Some((retry_at, error)) = &*self.down.lock().unwrap_or_else(|e| e.into_inner())
-            && Instant::now() < *retry_at
+    fn leases(&self) -> std::sync::MutexGuard<'_, HashMap<String, Lease>> {
+        self.leases.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Takes one token from each bucket of `scopes` (key and rate, narrowest scope first)
+    /// for one forward: from this process's leases where they have tokens, and from Redis in
+    /// one call for the others. On refusal nothing is kept: the error names the first scope
+    /// (its index in `scopes`) that could not give a token, and why.
+    pub(super) async fn take(
+        self: &Arc<Self>,
+        scopes: &[(String, Rate)],
+    ) -> Result<(), (usize, Denied)> {
+        let now = Instant::now();
+        // Bit i: scope i's token came from the local lease (given back on refusal).
+        let mut reserved = 0u32;
+        let mut asks: Vec<Ask> = Vec::new();
+        let mut ahead: Vec<Ask> = Vec::new();
         {
-            return Err(Denied::Down(error.clone()));
-        }
-        if expired > 0 {
-            self.hand_back(key, rate, expired).await;
-        }
-        let interval = interval_us(rate);
-        let want = self.max_lease.min(rate.burst).max(1);
-        let mut conn = self.conn.clone();
-        let mut call = self.lease.key(key);
-        call.arg(interval)
-            .arg(interval.saturating_mul(u64::from(rate.burst)))
-            .arg(want);
-        let reply: Result<(u64, u64), String> =
-            match tokio::time::timeout(self.timeout, call.invoke_async(&mut conn)).await {
-                Ok(Ok(v)) => Ok(v),
-                Ok(Err(e)) => Err(e.to_string()),
-                Err(_) => Err(format!("no answer within {} ms", self.timeout.as_millis())),
-            };
-        let (taken, wait_us) = match reply {
-            Ok(v) => {
-                self.mark(true, "");
-                v
+            let mut leases = self.leases();
+            for (i, (key, rate)) in scopes.iter().enumerate() {
+                let size = self.size.of(*rate);
+                match leases.get_mut(key.as_str()) {
+                    Some(l) if l.tokens > 0 && l.expires > now => {
+                        l.tokens -= 1;
+                        // A lease in use stays; one left unused for `lease_ttl` goes back.
+                        l.expires = now + self.lease_ttl;
+                        reserved |= 1 << i;
+                        // Just fell below half, and no refill under way: top it up.
+                        let half = size / 2;
+                        // (Less the token just taken, which a refusal gives back.)
+                        if l.tokens < half && l.tokens + 1 >= half && l.pending == 0 {
+                            let want = size - l.tokens - 1;
+                            l.pending += want;
+                            ahead.push(Ask {
+                                scope: i,
+                                want,
+                                give: 0,
+                                need: false,
+                                group: 0,
+                            });
+                        }
+                    }
+                    Some(l) => {
+                        // Empty, or expired: what it still holds goes back in the same call.
+                        let give = std::mem::take(&mut l.tokens);
+                        let want = size.saturating_sub(l.pending).max(1);
+                        l.pending += want;
+                        asks.push(Ask {
+                            scope: i,
+                            want,
+                            give,
+                            need: true,
+                            group: 0,
+                        });
+                    }
+                    None => {
+                        leases.insert(
+                            key.clone(),
+                            Lease {
+                                tokens: 0,
+                                expires: now,
+                                pending: size,
+                            },
+                        );
+                        asks.push(Ask {
+                            scope: i,
+                            want: size,
+                            give: 0,
+                            need: true,
+                            group: 0,
+                        });
+                    }
+                }
             }
-            Err(e) => {
-                self.mark(false, &e);
-                return Err(Denied::Down(e));
+        }
+        let down = self
+            .down
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .as_ref()
+            .filter(|(retry_at, _)| Instant::now() < *retry_at)
+            .map(|(_, error)| error.clone());
+        if asks.is_empty() {
+            if !ahead.is_empty() {
+                match down {
+                    None => {
+                        let keys: Vec<(String, Rate)> =
+                            ahead.iter().map(|a| scopes[a.scope].clone()).collect();
+                        let ahead: Vec<Ask> = ahead
+                            .iter()
+                            .enumerate()
+                            .map(|(n, a)| Ask { scope: n, ..*a })
+                            .collect();
+                        let this = Arc::clone(self);
+                        tokio::spawn(async move {
+                            let reply = this.call_batched(&keys, &ahead).await;
+                            this.settle(&keys, &ahead, reply.as_deref().ok());
+                        });
+                    }
+                    Some(_) => self.settle(scopes, &ahead, None),
+                }
             }
+            return Ok(());
+        }
+        asks.extend(ahead);
+        let first = asks[0].scope;
+        if let Some(error) = down {
+            self.settle(scopes, &asks, None);
+            self.give_back_local(scopes, reserved);
+            return Err((first, Denied::Down(error)));
+        }
+        let reply = self.call_batched(scopes, &asks).await;
+        self.settle(scopes, &asks, reply.as_deref().ok());
+        let denied = match reply {
+            Ok(r) => {
+                let refused = (0..asks.len()).find(|n| r.get(2 * n) == Some(&-2));
+                match refused {
+                    Some(n) => {
+                        let wait = r.get(2 * n + 1).and_then(|&w| u64::try_from(w).ok());
+                        let wait = Duration::from_micros(wait.unwrap_or(1).max(1));
+                        (asks[n].scope, Denied::Empty(wait))
+                    }
+                    None if r.len() == 2 * asks.len() => return Ok(()),
+                    None => (
+                        first,
+                        Denied::Down(format!("unexpected reply from the quota script: {r:?}")),
+                    ),
+                }
+            }
+            Err(e) => (first, Denied::Down(e)),
         };
-        if taken == 0 {
-            return Err(Denied::Empty(Duration::from_micros(wait_us.max(1))));
+        self.give_back_local(scopes, reserved);
+        Err(denied)
+    }
+
+    /// `asks` (each naming its bucket in `keys`) as one group of the next call to the
+    /// script: the forwards that need Redis at about the same time share one call. The
+    /// reply's two numbers per ask, or what went wrong.
+    async fn call_batched(self: &Arc<Self>, keys: &[(String, Rate)], asks: &[Ask]) -> Answer {
+        let (tx, rx) = oneshot::channel();
+        let (full, first) = {
+            let mut gathering = self.batch.lock().unwrap_or_else(|e| e.into_inner());
+            let batch = gathering.get_or_insert_with(Batch::default);
+            let first = batch.groups.is_empty();
+            let start = batch.asks.len();
+            let group = u32::try_from(batch.groups.len()).unwrap_or(u32::MAX);
+            for ask in asks {
+                batch.keys.push(keys[ask.scope].clone());
+                batch.asks.push(Ask {
+                    scope: batch.keys.len() - 1,
+                    group,
+                    ..*ask
+                });
+            }
+            batch.groups.push((start, asks.len(), tx));
+            let full = batch.groups.len() >= BATCH_GROUPS;
+            (full.then(|| gathering.take()).flatten(), first)
+        };
+        // The call runs in a task of its own, so a forward given up (dropped) while it waits
+        // does not take the others' answers with it.
+        if full.is_some() || first {
+            let this = Arc::clone(self);
+            tokio::spawn(async move {
+                let batch = match full {
+                    Some(batch) => Some(batch),
+                    None => {
+                        // Let the forwards running beside this one add their asks.
+                        tokio::task::yield_now().await;
+                        this.batch.lock().unwrap_or_else(|e| e.into_inner()).take()
+                    }
+                };
+                if let Some(batch) = batch {
+                    this.flush(batch).await;
+                }
+            });
         }
-        let mut leases = self.leases.lock().unwrap_or_else(|e| e.into_inner());
-        let lease = leases.entry(key.to_owned()).or_insert(Lease {
-            tokens: 0,
-            expires: Instant::now(),
-        });
-        lease.tokens += (taken - 1) as u32;
-        lease.expires = Instant::now() + self.lease_ttl;
-        Ok(())
+        rx.await
+            .unwrap_or_else(|_| Err("the quota call was dropped".to_owned()))
     }
 
-    /// Gives one token of bucket `key` back to this process's lease (a later scope refused
-    /// the forward it was taken for).
-    pub(super) fn refund(&self, key: &str) {
-        let mut leases = self.leases.lock().unwrap_or_else(|e| e.into_inner());
-        let lease = leases.entry(key.to_owned()).or_insert(Lease {
-            tokens: 0,
-            expires: Instant::now() + self.lease_ttl,
-        });
-        lease.tokens += 1;
+    /// Makes the call for `batch` and hands each forward its part of the reply.
+    async fn flush(&self, batch: Batch) {
+        let reply = self.call(&batch.keys, &batch.asks).await;
+        let asked = batch.asks.len();
+        for (start, len, tx) in batch.groups {
+            let part = match &reply {
+                Ok(r) => r.get(2 * start..2 * (start + len)).map(<[i64]>::to_vec).ok_or_else(|| {
+                    format!(
+                        "unexpected reply from the quota script: {} numbers for {asked} buckets",
+                        r.len()
+                    )
+                }),
+                Err(e) => Err(e.clone()),
+            };
+            // Its forward may have been given up.
+            let _ = tx.send(part);
+        }
     }
 
-    /// Hands every lease that expired back to Redis, and forgets it. Call it on an interval;
-    /// a lease is also handed back when its bucket is next used.
+    /// One call to the script for `asks` (each naming its bucket in `keys`): its reply, or
+    /// what went wrong. Marks the backend up or down.
+    async fn call(&self, keys: &[(String, Rate)], asks: &[Ask]) -> Result<Vec<i64>, String> {
+        let mut call = self.lease.prepare_invoke();
+        for ask in asks {
+            let (key, rate) = &keys[ask.scope];
+            let interval = interval_us(*rate);
+            call.key(key)
+                .arg(interval)
+                .arg(interval.saturating_mul(u64::from(rate.burst)))
+                .arg(ask.want)
+                .arg(ask.give)
+                .arg(u8::from(ask.need))
+                .arg(ask.group);
+        }
+        self.calls.fetch_add(1, Ordering::Relaxed);
+        let mut conn = self.conn.clone();
+        let reply = match tokio::time::timeout(self.timeout, call.invoke_async(&mut conn)).await {
+            Ok(Ok(v)) => Ok(v),
+            Ok(Err(e)) => Err(e.to_string()),
+            Err(_) => Err(format!("no answer within {} ms", self.timeout.as_millis())),
+        };
+        match &reply {
+            Ok(_) => self.mark(true, ""),
+            Err(e) => self.mark(false, e),
+        }
+        reply
+    }
+
+    /// Books the answer to `asks` (`None`: no answer) into the leases: what each bucket
+    /// gave, less the token a forward needed, and the asks are no longer pending.
+    fn settle(&self, keys: &[(String, Rate)], asks: &[Ask], reply: Option<&[i64]>) {
+        let now = Instant::now();
+        let mut leases = self.leases();
+        for (n, ask) in asks.iter().enumerate() {
+            let taken = reply
+                .and_then(|r| r.get(2 * n))
+                .and_then(|&k| u32::try_from(k).ok())
+                .unwrap_or(0);
+            let Some(lease) = leases.get_mut(keys[ask.scope].0.as_str()) else {
+                continue;
+            };
+            lease.pending = lease.pending.saturating_sub(ask.want);
+            let kept = taken.saturating_sub(u32::from(ask.need));
+            if kept > 0 {
+                lease.tokens += kept;
+                lease.expires = now + self.lease_ttl;
+            }
+        }
+    }
+
+    /// Gives the tokens a refused forward took from local leases (bits of `reserved`) back
+    /// to them; never beyond one lease with what is pending (a token that would go beyond,
+    /// because a refill came meanwhile, is dropped: the bucket then refills a token late).
+    fn give_back_local(&self, scopes: &[(String, Rate)], reserved: u32) {
+        if reserved == 0 {
+            return;
+        }
+        let mut leases = self.leases();
+        for (i, (key, rate)) in scopes.iter().enumerate() {
+            if reserved & (1 << i) != 0 {
+                let lease = leases.entry(key.clone()).or_insert(Lease {
+                    tokens: 0,
+                    expires: Instant::now() + self.lease_ttl,
+                    pending: 0,
+                });
+                let room = self.size.of(*rate).saturating_sub(lease.pending);
+                lease.tokens = (lease.tokens + 1).min(room.max(lease.tokens));
+            }
+        }
+    }
+
+    /// Hands every lease that expired back to Redis (in batches of calls), and forgets it.
+    /// Call it on an interval; a lease is also handed back when its bucket is next used.
     pub(super) async fn hand_back_expired(&self) {
         let now = Instant::now();
-        let expired: Vec<(String, u32)> = {
-            let mut leases = self.leases.lock().unwrap_or_else(|e| e.into_inner());
+        let expired: Vec<(String, Rate, u32)> = {
+            let mut leases = self.leases();
             let keys: Vec<String> = leases
                 .iter()
-                .filter(|(_, l)| l.expires <= now)
+                .filter(|(_, l)| l.expires <= now && l.pending == 0)
                 .map(|(k, _)| k.clone())
                 .collect();
             keys.into_iter()
                 .filter_map(|k| leases.remove(&k).map(|l| (k, l.tokens)))
                 .filter(|(_, n)| *n > 0)
+                .filter_map(|(k, n)| rate_of(&k).map(|rate| (k, rate, n)))
                 .collect()
         };
-        for (key, tokens) in expired {
-            if let Some(rate) = rate_of(&key) {
-                self.hand_back(&key, rate, tokens).await;
+        for batch in expired.chunks(HAND_BACK_BATCH) {
+            let keys: Vec<(String, Rate)> = batch.iter().map(|(k, r, _)| (k.clone(), *r)).collect();
+            let asks: Vec<Ask> = batch
+                .iter()
+                .enumerate()
+                .map(|(scope, (_, _, give))| Ask {
+                    scope,
+                    want: 0,
+                    give: *give,
+                    need: false,
+                    group: 0,
+                })
+                .collect();
+            if let Err(error) = self.call(&keys, &asks).await {
+                // Not handed back: the buckets refill on their own, a little later.
+                tracing::debug!(
+                    buckets = batch.len(),
+                    error,
+                    "unspent quota tokens not handed back to Redis"
+                );
             }
-        }
-    }
-
-    async fn hand_back(&self, key: &str, rate: Rate, tokens: u32) {
-        let mut conn = self.conn.clone();
-        let mut call = self.give_back.key(key);
-        call.arg(interval_us(rate)).arg(tokens);
-        let done = tokio::time::timeout(self.timeout, call.invoke_async::<i64>(&mut conn)).await;
-        if !matches!(done, Ok(Ok(_))) {
-            // Not handed back: the bucket refills on its own, a little later than it could.
-            tracing::debug!(key, tokens, "unspent quota tokens not handed back to Redis");
         }
     }
 

@@ -659,3 +659,39 @@ fn bench_ingest_prints_each_rate_beside_the_engine() {
         );
     }
 }
+
+/// `bench engine --quotas --redis URL` runs end to end on a small load against the machine's
+/// Redis and prints the shared buckets' rate, its Redis calls per forward, and the ratio to
+/// the local buckets.
+#[test]
+fn bench_engine_quotas_on_redis_prints_the_ratio_to_local_buckets() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = iotfwd(
+        &[
+            "bench",
+            "engine",
+            "--quotas",
+            "--redis",
+            "redis://127.0.0.1:6379/0",
+            "--messages",
+            "2000",
+            "--devices",
+            "100",
+        ],
+        dir.path(),
+    );
+    let stdout = text(&out.stdout);
+    assert!(out.status.success(), "{stdout}\n{}", text(&out.stderr));
+    let shared = stdout
+        .lines()
+        .find(|l| l.starts_with("quotas on, buckets in Redis (lease 10, lease_rate_ms 100):"))
+        .unwrap_or_else(|| panic!("no Redis line in:\n{stdout}"));
+    assert!(shared.contains("(0 throttled;"), "{shared}");
+    assert!(shared.contains("per forward)"), "{shared}");
+    let ratio = stdout
+        .lines()
+        .find_map(|l| l.strip_prefix("ratio Redis / local: "))
+        .unwrap_or_else(|| panic!("no ratio line in:\n{stdout}"));
+    let ratio: f64 = ratio.parse().unwrap_or_else(|e| panic!("{ratio:?}: {e}"));
+    assert!(ratio > 0.0, "{ratio}");
+}

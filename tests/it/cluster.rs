@@ -3,7 +3,7 @@
 //! shared in one PostgreSQL database.
 //!
 //! - the forwards of one tenant, posted to all three processes at once, stay within its quota
-//!   plus the lease margin (3 processes × `lease`);
+//!   plus the lease margin (3 processes × the tenant's lease size, `lease` at this rate);
 //! - a message handled by any process is traced completely from every process (API) and from
 //!   the CLI with any process's config;
 //! - a kill -9 of one process mid-stream loses nothing (every message id reaches the

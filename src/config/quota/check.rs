@@ -258,6 +258,19 @@ fn check_backend(config: &Config, r: &mut Reporter<'_>) {
     if let Some(ms) = q.lease_ttl_ms {
         r.in_range(&at("lease_ttl_ms"), ms, 10..=60_000, " ms");
     }
+    if let Some(ms) = q.lease_rate_ms {
+        r.in_range(&at("lease_rate_ms"), ms, 0..=10_000, " ms");
+        let ttl = q.lease_ttl().as_millis();
+        if (1..=10_000).contains(&ms) && u128::from(ms) > ttl {
+            r.report(
+                &[&at("lease_rate_ms")],
+                format!(
+                    "{ms} ms is longer than lease_ttl_ms ({ttl} ms): a lease would hold more of \
+                     a scope's rate than its lifetime lets it spend, and hand the rest back"
+                ),
+            );
+        }
+    }
     if q.backend == super::QuotaBackend::Redis && config.redis.is_none() {
         r.report(
             &[&at("backend")],
@@ -374,6 +387,30 @@ on_limit = "wait"
         );
         // An explicit default is harmless.
         assert!(Config::from_toml_str("[quota]\nunmapped = \"refuse\"\n", None).is_ok());
+    }
+
+    #[test]
+    fn a_lease_rate_out_of_range_or_longer_than_the_lease_ttl_is_named() {
+        let base = "[[tenant]]\nid = \"t\"\nforward_tps = 5\n\
+                    [[instance]]\nid = \"i\"\ntenant = \"t\"\n[quota]\n";
+        let errs = errors(&format!("{base}lease_rate_ms = 20000\n"));
+        assert_eq!(
+            errs,
+            ["q.toml:8:17: quota.lease_rate_ms: 20000 is out of range (expected 0..=10000 ms)"]
+        );
+        let errs = errors(&format!("{base}lease_ttl_ms = 200\nlease_rate_ms = 500\n"));
+        assert_eq!(
+            errs,
+            [
+                "q.toml:9:17: quota.lease_rate_ms: 500 ms is longer than lease_ttl_ms (200 ms): \
+                 a lease would hold more of a scope's rate than its lifetime lets it spend, and \
+                 hand the rest back"
+            ]
+        );
+        let ok = format!("{base}lease_ttl_ms = 200\nlease_rate_ms = 200\n");
+        assert!(Config::from_toml_str(&ok, None).is_ok());
+        let ok = format!("{base}lease_rate_ms = 0\n");
+        assert!(Config::from_toml_str(&ok, None).is_ok());
     }
 
     #[test]

@@ -165,12 +165,20 @@ pub struct QuotaConfig {
     /// gives each `1/processes` of every quota. Range 1..=1000. Default `1`.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub processes: Option<u32>,
-    /// With `backend = "redis"`: the most tokens a process leases from one bucket in one
-    /// round trip (fewer when the bucket's burst is smaller). Larger means fewer round trips;
-    /// the cluster can then run ahead of a quota by at most this many forwards per scope and
-    /// process, within one `lease_ttl_ms`. Range 1..=10000. Default `10`.
+    /// With `backend = "redis"`: the fewest tokens a process leases from one bucket in one
+    /// round trip (fewer only when the bucket's burst is smaller); a busy scope leases more,
+    /// see `lease_rate_ms` and [`LeaseSize`]. Larger means fewer round trips; the cluster can
+    /// then run ahead of a quota by at most one lease per scope and process.
+    /// Range 1..=10000. Default `10`.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub lease: Option<u32>,
+    /// With `backend = "redis"`: a scope's lease holds up to this many milliseconds of its
+    /// own rate when that is more than `lease` (still at most its burst), so a scope with a
+    /// high rate (a tenant, an instance) makes at most about `1000 / lease_rate_ms` round
+    /// trips a second per process. `0`: every scope leases `lease`. Range 0..=10000, and
+    /// not longer than `lease_ttl_ms`. Default `100` (or `lease_ttl_ms` when shorter).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub lease_rate_ms: Option<u64>,
     /// With `backend = "redis"`: how long leased tokens stay usable; unused ones are handed
     /// back after it. Range 10..=60000. Default `1000`.
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -191,6 +199,44 @@ impl QuotaConfig {
     /// `lease_ttl_ms` as a duration, default 1 s.
     pub fn lease_ttl(&self) -> Duration {
         Duration::from_millis(self.lease_ttl_ms.unwrap_or(1000))
+    }
+
+    /// `lease_rate_ms`, default 100 (`lease_ttl_ms` when that is shorter).
+    pub fn lease_rate_ms(&self) -> u64 {
+        self.lease_rate_ms
+            .unwrap_or_else(|| self.lease_ttl_ms.unwrap_or(1000).min(100))
+    }
+
+    /// How many tokens a process leases from each bucket (`lease`, `lease_rate_ms`).
+    pub fn lease_size(&self) -> LeaseSize {
+        LeaseSize {
+            min: self.lease(),
+            rate_ms: self.lease_rate_ms(),
+        }
+    }
+}
+
+/// How many tokens a process leases from a shared bucket of rate `tps`, burst `burst`:
+///
+/// `min(burst, max(lease, tps × lease_rate_ms / 1000))`
+///
+/// This is also the margin: a process never holds more unspent tokens of one bucket than
+/// this, so in any interval of `t` seconds a scope allows at most
+/// `burst + tps × t + processes × lease size` forwards across the cluster.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct LeaseSize {
+    /// `[quota] lease`.
+    pub min: u32,
+    /// `[quota] lease_rate_ms`.
+    pub rate_ms: u64,
+}
+
+impl LeaseSize {
+    /// The lease of a bucket with this rate (at least 1).
+    pub fn of(self, rate: Rate) -> u32 {
+        let by_rate = u64::from(rate.tps).saturating_mul(self.rate_ms) / 1000;
+        let size = by_rate.max(u64::from(self.min)).min(u64::from(rate.burst));
+        u32::try_from(size).unwrap_or(u32::MAX).max(1)
     }
 }
 
@@ -445,6 +491,36 @@ impl From<&Config> for QuotaSet {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_lease_is_the_rate_s_share_between_lease_and_burst() {
+        let size = LeaseSize {
+            min: 10,
+            rate_ms: 100,
+        };
+        let rate = |tps, burst| Rate { tps, burst };
+        // 100 ms of 50 000 msg/s.
+        assert_eq!(size.of(rate(50_000, 50_000)), 5_000);
+        // A slow scope leases `lease`...
+        assert_eq!(size.of(rate(20, 20)), 10);
+        // ...never more than its burst.
+        assert_eq!(size.of(rate(20, 4)), 4);
+        assert_eq!(size.of(rate(50_000, 1_000)), 1_000);
+        // lease_rate_ms = 0: `lease` for every scope, as before.
+        let flat = LeaseSize {
+            min: 10,
+            rate_ms: 0,
+        };
+        assert_eq!(flat.of(rate(50_000, 50_000)), 10);
+        // The defaults, and a lease_ttl_ms shorter than the default lease_rate_ms.
+        let q = QuotaConfig::default();
+        assert_eq!(q.lease_size(), size);
+        let q = QuotaConfig {
+            lease_ttl_ms: Some(40),
+            ..QuotaConfig::default()
+        };
+        assert_eq!(q.lease_rate_ms(), 40);
+    }
 
     const GOOD: &str = r#"
 [[tenant]]
