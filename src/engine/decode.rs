@@ -299,15 +299,9 @@ impl PathIndex {
     /// The fast pass's parse: the payload as a sonic-rs document, when the fast pass takes it
     /// and it is a valid JSON object; None sends it to the full parse.
     pub fn parse_fast(&self, payload: &[u8]) -> Option<sonic_rs::Value> {
-        let mut containers = 0usize;
-        let mut escaped = false;
-        for &b in payload {
-            containers += usize::from(b == b'{' || b == b'[');
-            escaped |= b == b'\\';
-        }
         if !self.fast
-            || escaped
-            || containers > MAX_FAST_CONTAINERS
+            || memchr::memchr(b'\\', payload).is_some()
+            || payload.iter().filter(|&&b| b == b'{' || b == b'[').count() > MAX_FAST_CONTAINERS
             || may_overflow(payload)
             || negative_zero(payload)
         {
