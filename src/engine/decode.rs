@@ -301,7 +301,10 @@ impl PathIndex {
     pub fn parse_fast(&self, payload: &[u8]) -> Option<sonic_rs::Value> {
         if !self.fast
             || memchr::memchr(b'\\', payload).is_some()
-            || payload.iter().filter(|&&b| b == b'{' || b == b'[').count() > MAX_FAST_CONTAINERS
+            || memchr::memchr2_iter(b'{', b'[', payload)
+                .take(MAX_FAST_CONTAINERS + 1)
+                .count()
+                > MAX_FAST_CONTAINERS
             || may_overflow(payload)
             || negative_zero(payload)
         {
