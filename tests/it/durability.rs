@@ -370,19 +370,10 @@ async fn amqp_nacks_with_requeue_when_the_records_cannot_be_committed() {
     .await;
     d.wait_ready().await;
     let (conn, ch) = channel(BROKER).await;
+    // queue_depth asks on a channel of its own each time: a passive declare of a queue the
+    // daemon has not declared yet closes the channel it runs on.
     let deadline = Instant::now() + Duration::from_secs(15);
-    while ch
-        .queue_declare(
-            queue.as_str().into(),
-            QueueDeclareOptions {
-                passive: true,
-                ..QueueDeclareOptions::default()
-            },
-            FieldTable::default(),
-        )
-        .await
-        .is_err()
-    {
+    while super::rabbit::queue_depth(&conn, &queue).await.is_none() {
         assert!(
             Instant::now() < deadline,
             "the source queue was not declared"
