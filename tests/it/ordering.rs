@@ -929,13 +929,18 @@ async fn a_retry_on_one_destination_does_not_hold_the_devices_messages_to_anothe
 }
 
 /// One NDJSON request of `count` messages of `devices` devices through a rule that publishes
-/// each output at QoS 1 to `<prefix>/out/<device>` on the machine's Mosquitto
-/// (127.0.0.1:1883), read by a real subscriber: (arrived, inversions).
-async fn mqtt_run(ordering: Ordering, count: usize, devices: usize) -> (usize, usize) {
+/// each output at QoS 1 to `<prefix>/out/<device>` on `broker`, read by a real subscriber:
+/// (arrived, inversions).
+async fn mqtt_run(
+    broker: &super::source_mqtt::Mosquitto,
+    ordering: Ordering,
+    count: usize,
+    devices: usize,
+) -> (usize, usize) {
     use iotfwd::config::mqtt::MqttConfig;
     use rumqttc::{AsyncClient, Event, MqttOptions, Packet, QoS};
     let prefix = unique("order-mqtt-out");
-    let mut options = MqttOptions::new(format!("sub-{prefix}"), "127.0.0.1", 1883);
+    let mut options = MqttOptions::new(format!("sub-{prefix}"), "127.0.0.1", broker.port);
     options.set_keep_alive(Duration::from_secs(30));
     let (subscriber, mut events) = AsyncClient::new(options, 1000);
     subscriber
@@ -946,7 +951,7 @@ async fn mqtt_run(ordering: Ordering, count: usize, devices: usize) -> (usize, u
         match events
             .poll()
             .await
-            .expect("the subscriber connects to 127.0.0.1:1883")
+            .expect("the subscriber connects to the test's Mosquitto")
         {
             Event::Incoming(Packet::SubAck(_)) => break,
             _ => continue,
@@ -984,7 +989,7 @@ async fn mqtt_run(ordering: Ordering, count: usize, devices: usize) -> (usize, u
     let d = Daemon::start_without_broker(dir.path(), |c| {
         c.engine.ordering = ordering;
         c.subscription.enabled = false;
-        let mut mqtt = MqttConfig::new("mqtt://127.0.0.1:1883");
+        let mut mqtt = MqttConfig::new(broker.url());
         mqtt.client_id = unique("out");
         c.mqtt = Some(mqtt);
     })
@@ -998,14 +1003,19 @@ async fn mqtt_run(ordering: Ordering, count: usize, devices: usize) -> (usize, u
     (arrived.len(), inversions(&arrived))
 }
 
-/// Into an MQTT topic: 3000 messages of 3 devices reach a real subscriber on the machine's
-/// Mosquitto in device order; without order the same run prints its inversions.
+/// Into an MQTT topic: 3000 messages of 3 devices reach a real subscriber on a real Mosquitto
+/// in device order; without order the same run prints its inversions.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn into_an_mqtt_topic_3_devices_arrive_in_device_order() {
-    let (arrived, inverted) = mqtt_run(Ordering::Device, 3000, 3).await;
+    // A Mosquitto of the test's own, without the shared one's per-client queue bound (1000
+    // messages), which drops what a subscriber on a loaded machine has not read yet.
+    let Some(broker) = super::source_mqtt::Mosquitto::start() else {
+        return;
+    };
+    let (arrived, inverted) = mqtt_run(&broker, Ordering::Device, 3000, 3).await;
     assert_eq!(arrived, 3000, "every message arrives once");
     assert_eq!(inverted, 0, "per-device inversions at the MQTT subscriber");
-    let (arrived, inverted) = mqtt_run(Ordering::None, 3000, 3).await;
+    let (arrived, inverted) = mqtt_run(&broker, Ordering::None, 3000, 3).await;
     assert_eq!(arrived, 3000);
     println!(
         "ordering = none: {inverted} per-device inversions in 3000 messages of 3 devices into MQTT"
