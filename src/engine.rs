@@ -160,30 +160,26 @@ impl Engine {
         for (m, doc) in &docs {
             let from = decoded.len();
             index.decode_dom(doc, &mut decoded);
-            state[*m] = Decoded::Paths(from, decoded.len());
+            state[*m] = Decoded::Paths {
+                from,
+                to: decoded.len(),
+                source: Source::Dom(doc),
+            };
         }
         for (m, tree) in &trees {
             let from = decoded.len();
-            index.decode_tree(
-                tree.as_object().expect("only objects are kept"),
-                &mut decoded,
-            );
-            state[*m] = Decoded::Paths(from, decoded.len());
+            let object = tree.as_object().expect("only objects are kept");
+            index.decode_tree(object, &mut decoded);
+            state[*m] = Decoded::Paths {
+                from,
+                to: decoded.len(),
+                source: Source::Tree(object),
+            };
         }
-        let tree_of: Vec<Option<&Map<String, Value>>> = if index.wildcard {
-            let mut of = vec![None; messages.len()];
-            for (m, tree) in &trees {
-                of[*m] = tree.as_object();
-            }
-            of
-        } else {
-            Vec::new()
-        };
         let batch = Batch {
             messages,
             decoded: &decoded,
             state: &state,
-            tree_of: &tree_of,
             whole: (0..if index.wildcard { messages.len() } else { 0 })
                 .map(|_| OnceCell::new())
                 .collect(),
@@ -196,7 +192,7 @@ impl Engine {
             let mut ok = Vec::with_capacity(members.len());
             for &m in members {
                 match &state[m] {
-                    Decoded::Paths(..) => ok.push(m),
+                    Decoded::Paths { .. } => ok.push(m),
                     Decoded::Invalid(reason) => results[m].push(RuleResult {
                         rule: Arc::clone(rule),
                         outcome: RuleOutcome::Failed(Failure::payload_invalid(reason.clone())),
@@ -349,53 +345,71 @@ impl Engine {
 
 /// How a message's payload was decoded for this batch.
 #[derive(Clone, Debug)]
-enum Decoded {
+enum Decoded<'d> {
     /// No rule is a candidate: never looked at.
     NotCandidate,
-    /// Its referenced paths are `decoded[from..to]`.
-    Paths(usize, usize),
+    /// Its referenced paths are `decoded[from..to]`, taken from `source`.
+    Paths {
+        from: usize,
+        to: usize,
+        source: Source<'d>,
+    },
     /// Parsed (kept in `docs` or `trees`); becomes `Paths` once they are walked.
     Parsed,
     /// Not a JSON object: the 9320 reason.
     Invalid(String),
 }
 
+/// A payload as parsed: its sonic-rs document (the fast pass) or its serde_json object.
+#[derive(Clone, Copy, Debug)]
+enum Source<'d> {
+    Dom(&'d sonic_rs::Value),
+    Tree(&'d Map<String, Value>),
+}
+
 /// A batch's messages and what their decoding found, shared by every rule's run.
 struct Batch<'m, 'd> {
     messages: &'m [Message],
     decoded: &'d [(u32, Slot<'d>)],
-    state: &'d [Decoded],
-    /// The payloads parsed whole, by message (only when some rule selects `*`).
-    tree_of: &'d [Option<&'d Map<String, Value>>],
-    /// The whole object for `SELECT *`, parsed at most once per message.
+    state: &'d [Decoded<'d>],
+    /// The whole object for `SELECT *` of a message the fast pass took, converted from its
+    /// document at most once.
     whole: Vec<OnceCell<Result<Map<String, Value>, String>>>,
 }
 
 impl<'d> Batch<'_, 'd> {
     fn decoded_of(&self, m: usize) -> &'d [(u32, Slot<'d>)] {
         match self.state[m] {
-            Decoded::Paths(from, to) => &self.decoded[from..to],
+            Decoded::Paths { from, to, .. } => &self.decoded[from..to],
             _ => &[],
         }
     }
 
     /// The whole payload object of message `m`, for `SELECT *`.
     fn whole(&self, m: usize) -> Result<&Map<String, Value>, String> {
-        if let Some(Some(tree)) = self.tree_of.get(m) {
-            return Ok(tree);
-        }
+        let doc = match self.state[m] {
+            Decoded::Paths {
+                source: Source::Tree(object),
+                ..
+            } => return Ok(object),
+            Decoded::Paths {
+                source: Source::Dom(doc),
+                ..
+            } => doc,
+            _ => unreachable!("only decoded messages have outputs"),
+        };
         self.whole[m]
-            .get_or_init(|| match parse_payload(&self.messages[m].payload) {
+            .get_or_init(|| match decode::dom_to_json(doc) {
                 Ok(Value::Object(map)) => Ok(map),
-                Ok(_) => unreachable!("parse_payload keeps only objects"),
-                Err(reason) => Err(reason),
+                _ => Err(self.invalid_reason(m)),
             })
             .as_ref()
             .map_err(Clone::clone)
     }
 
     /// Why message `m`'s payload is refused when the fast pass took it but a value it holds is
-    /// beyond what the full parse accepts (a number out of a double's range).
+    /// beyond what the full parse accepts (a number out of a double's range): the full parse's
+    /// own reason.
     fn invalid_reason(&self, m: usize) -> String {
         match parse_payload(&self.messages[m].payload) {
             Err(reason) => reason,

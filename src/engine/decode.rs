@@ -4,13 +4,14 @@
 //! ([`PathIndex`]). A payload is parsed by sonic-rs (SIMD, validating all of it, as before,
 //! into one arena per document) and only the trie's keys are walked: a referenced value stays
 //! a node of that document and becomes a typed [`Field`] only when a candidate rule reads it,
-//! straight into that rule's Arrow columns. serde_json values are built only for the output of
-//! bare paths and of `SELECT *`.
+//! straight into that rule's Arrow columns. serde_json values are built, from the document, only
+//! for the output of bare paths and of `SELECT *`.
 //!
-//! The fast pass takes payloads with no backslash (so strings need no unescaping) and at most
-//! [`MAX_FAST_CONTAINERS`] objects and arrays (so no nesting can run deep). Every other payload,
-//! and any payload the fast pass refuses, is parsed whole with serde_json as before, which
-//! also gives the 9320 reason for an invalid one. Either way a message decodes the same way
+//! The fast pass takes payloads with no backslash (so strings need no unescaping), at most
+//! [`MAX_FAST_CONTAINERS`] objects and arrays (so no nesting can run deep), no negative zero and
+//! no number beyond a double's range (where sonic-rs and serde_json read differently). Every
+//! other payload, and any payload sonic-rs refuses, is parsed whole with serde_json as before,
+//! which also gives the 9320 reason for an invalid one. Either way a message decodes the same way
 //! whatever batch it is in.
 
 use std::borrow::Cow;
@@ -173,7 +174,7 @@ impl<'a> Slot<'a> {
 /// A sonic-rs node as serde_json reads the same text: the same numbers (serde_json is built
 /// with `float_roundtrip`, so both read doubles exactly), and a repeated key keeps its last
 /// value in its first place.
-fn dom_to_json(v: &sonic_rs::Value) -> Result<Value, OutOfRange> {
+pub fn dom_to_json(v: &sonic_rs::Value) -> Result<Value, OutOfRange> {
     Ok(match v.get_type() {
         JsonType::Null => Value::Null,
         JsonType::Boolean => Value::Bool(v.as_bool().unwrap_or_default()),
