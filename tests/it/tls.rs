@@ -279,6 +279,18 @@ async fn https_ingest_trusts_the_ca_and_refuses_plain_http_and_strangers() {
     let _ = conn.close(200, "".into()).await;
 }
 
+/// Writes `text` to the config file `file` and runs `iotfwd check` on it: (ok, stderr).
+async fn check(file: &Path, text: String) -> (bool, String) {
+    std::fs::write(file, text).unwrap();
+    let (ok, _, err) = iotfwd(vec![
+        "check".into(),
+        "--config".into(),
+        file.to_str().unwrap().into(),
+    ])
+    .await;
+    (ok, err)
+}
+
 #[tokio::test]
 async fn check_reports_bad_pem_files_at_their_lines() {
     let dir = tempfile::tempdir().unwrap();
@@ -287,7 +299,7 @@ async fn check_reports_bad_pem_files_at_their_lines() {
     std::fs::write(&junk, "not a certificate\n").unwrap();
     std::fs::create_dir_all(dir.path().join("rules")).unwrap();
     let file = dir.path().join("iotfwd.toml");
-    std::fs::write(
+    let (ok, err) = check(
         &file,
         format!(
             "[rules]\ndir = {:?}\n[http.tls]\ncert = {:?}\nkey = {:?}\n\
@@ -299,12 +311,6 @@ async fn check_reports_bad_pem_files_at_their_lines() {
             pki.path("client.key"),
         ),
     )
-    .unwrap();
-    let (ok, _, err) = iotfwd(vec![
-        "check".into(),
-        "--config".into(),
-        file.to_str().unwrap().into(),
-    ])
     .await;
     assert!(!ok, "{err}");
     let at = file.display();
@@ -324,21 +330,11 @@ async fn check_reports_bad_pem_files_at_their_lines() {
 
     // A file that is not here is a warning: it may be a secret mounted where the daemon runs.
     let missing = dir.path().join("mounted-elsewhere.pem");
-    std::fs::write(
-        &file,
-        format!(
-            "[rules]\ndir = {:?}\n[broker]\nurl = \"amqps://h/%2f\"\n[broker.tls]\nca_file = {:?}\n",
-            dir.path().join("rules"),
-            missing,
-        ),
-    )
-    .unwrap();
-    let (ok, _, err) = iotfwd(vec![
-        "check".into(),
-        "--config".into(),
-        file.to_str().unwrap().into(),
-    ])
-    .await;
+    let (ok, err) = check(&file, format!(
+        "[rules]\ndir = {:?}\n[broker]\nurl = \"amqps://h/%2f\"\n[broker.tls]\nca_file = {:?}\n",
+        dir.path().join("rules"),
+        missing,
+    )).await;
     assert!(ok, "{err}");
     assert!(
         err.contains(&format!(
@@ -349,21 +345,15 @@ async fn check_reports_bad_pem_files_at_their_lines() {
     );
 
     // [store.tls] (TLS to PostgreSQL) is read like the other client tables.
-    std::fs::write(
+    let (ok, err) = check(
         &file,
         format!(
             "[rules]\ndir = {:?}\n[store]\nbackend = \"postgres\"\n\
-             url = \"postgres://iotfwd@db:5432/iotfwd\"\n[store.tls]\nca_file = {:?}\n",
+         url = \"postgres://iotfwd@db:5432/iotfwd\"\n[store.tls]\nca_file = {:?}\n",
             dir.path().join("rules"),
             junk,
         ),
     )
-    .unwrap();
-    let (ok, _, err) = iotfwd(vec![
-        "check".into(),
-        "--config".into(),
-        file.to_str().unwrap().into(),
-    ])
     .await;
     assert!(!ok, "{err}");
     assert!(
