@@ -21,7 +21,7 @@ pub(crate) use counts::count_row;
 pub use counts::{CountRow, GroupBy, StatsQuery};
 pub use params::{HTTP_PARAMS, LogParams, parse_duration, parse_time};
 pub use sql::Dialect;
-pub(crate) use sql::{COLUMNS, Order, json_escaped};
+pub(crate) use sql::{COLUMNS, KEY_TABLES, Order, json_escaped};
 
 use std::fmt;
 

@@ -34,6 +34,17 @@ use crate::outcome::Code;
 pub(crate) const COLUMNS: &str = "id, time_ms, trace_id, message_id, product_key, device_name, \
      biz_code, operation, code, reason, content, tenant_id, instance_id";
 
+/// The lookup tables of a SQLite store of schema version 2 (`outcome::store::schema` creates
+/// them): (table, its key column, the records column it stands for). Each row is (key,
+/// time_ms, record id) for the records with ids up to `indexed.through`; a query for a device
+/// or a product walks its key's rows backwards from the newest, as it would a B-tree index on
+/// (key, time), and reads the newer records (the tail) from `records` itself
+/// ([`LogQuery::to_sql_by_key`]).
+pub(crate) const KEY_TABLES: [(&str, &str, &str); 2] = [
+    ("by_device", "device", "device_name"),
+    ("by_product", "product", "product_key"),
+];
+
 /// Which database's SQL to write.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Dialect {
@@ -72,6 +83,55 @@ impl LogQuery {
     /// [`LogQuery::scans`] holds (see the module doc).
     pub fn to_sql(&self) -> (String, Vec<Value>) {
         self.to_sql_in(Order::Index, None, None, None, self.limit + 1)
+    }
+
+    /// [`LogQuery::to_sql`] on a SQLite store with lookup tables ([`KEY_TABLES`]), for a query
+    /// that names a device or a product (`None` for any other): the records up to `through`
+    /// found through the device's (else the product's) lookup rows, newest first, and the newer
+    /// ones read from `records`, merged in one statement. SQLite merges the two ordered parts
+    /// and stops after the page.
+    pub fn to_sql_by_key(&self, through: i64) -> Option<(String, Vec<Value>)> {
+        let ((table, key, _), value) = match (&self.device, &self.product) {
+            (Some(device), _) => (KEY_TABLES[0], device),
+            (None, Some(product)) => (KEY_TABLES[1], product),
+            (None, None) => return None,
+        };
+        let columns = COLUMNS.replacen("id, time_ms", "rid AS id, t AS time_ms", 1);
+        let mut sql = Sql::new(format!(
+            "SELECT {columns} FROM {table} JOIN records ON records.id = {table}.rid"
+        ));
+        let v = sql.param(Value::Text(value.clone()));
+        sql.and(&format!("{key} = {v}"));
+        let t = sql.param(Value::Integer(through));
+        sql.and(&format!("rid <= {t}"));
+        // The same bounds on the lookup rows' own columns, so the walk starts and stops there.
+        if let Some(from) = self.from_ms {
+            let p = sql.param(Value::Integer(from));
+            sql.and(&format!("t >= {p}"));
+        }
+        if let Some(to) = self.to_ms {
+            let p = sql.param(Value::Integer(to));
+            sql.and(&format!("t <= {p}"));
+        }
+        if let Some(cursor) = &self.cursor {
+            let ct = sql.param(Value::Integer(cursor.time_ms));
+            let cid = sql.param(Value::Integer(cursor.id));
+            sql.and(&format!("(t, rid) < ({ct}, {cid})"));
+        }
+        self.conditions(&mut sql, true, "time_ms");
+        // The tail by its ids: without NOT INDEXED, SQLite walks the time index for the order
+        // and tests every record in the time range.
+        sql.text.push_str(&format!(
+            " UNION ALL SELECT {COLUMNS} FROM records NOT INDEXED"
+        ));
+        sql.has_where = false;
+        let t = sql.param(Value::Integer(through));
+        sql.and(&format!("id > {t}"));
+        self.conditions(&mut sql, true, "time_ms");
+        let limit = sql.param(Value::Integer(self.limit as i64 + 1));
+        sql.text
+            .push_str(&format!(" ORDER BY time_ms DESC, id DESC LIMIT {limit}"));
+        Some((sql.text, sql.values))
     }
 
     /// The id of the oldest record at or after `from_ms` (for estimating how many records a

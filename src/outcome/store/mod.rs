@@ -2,8 +2,8 @@
 //! with [`LogQuery`](super::query::LogQuery) by `iotfwd logs` and `GET /api/v1/logs`.
 //!
 //! Why SQLite: it is one file beside the daemon that survives restarts, has the B-tree indexes
-//! the console's queries need (messageId, traceId, (deviceName, time), (productKey, time),
-//! time), lets any number of readers (the CLI, the HTTP API) query while the writer writes (WAL),
+//! the console's queries need (messageId, traceId, time; (deviceName, time) and (productKey,
+//! time) as lookup tables filled in sorted runs, [`INDEX_RUN`]), lets any number of readers (the CLI, the HTTP API) query while the writer writes (WAL),
 //! and needs no server. The bundled build pins the SQLite version.
 //!
 //! The write path stays off the hot path and never drops a record silently:
@@ -60,7 +60,7 @@ pub use functions::register_functions;
 pub use postgres::{BackendState, PgReader, PgTarget};
 pub use reader::{Cancel, Page, Reader, SPLIT_AT, SqliteReader, TRACE_MAX_RECORDS, Trace};
 pub use sinks::RecordSinks;
-pub use writer::{PURGE_CHUNK, WriterStats};
+pub use writer::{INDEX_RUN, PURGE_CHUNK, WriterStats};
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -145,6 +145,9 @@ pub struct StoreOptions {
     pub retention: Duration,
     /// How often retention runs (the first run is at open).
     pub retention_interval: Duration,
+    /// How far the device and product lookup tables may lag ([`INDEX_RUN`]; tests make it
+    /// small so that a small store has both parts).
+    pub index_run: i64,
 }
 
 impl StoreOptions {
@@ -159,6 +162,7 @@ impl StoreOptions {
             queue_capacity: config.queue_capacity.max(1),
             retention: Duration::from_secs(u64::from(config.retention_days) * 86_400),
             retention_interval: Duration::from_secs(600),
+            index_run: INDEX_RUN,
         }
     }
 }
@@ -204,12 +208,22 @@ impl Store {
         let (control, control_rx) = mpsc::unbounded_channel();
         let (jobs, jobs_rx) = mpsc::channel(2);
         let (done_tx, done) = oneshot::channel();
+        let (spent, spent_rx) = mpsc::unbounded_channel();
         let thread_path = path.to_owned();
         let thread_metrics = metrics.clone();
+        let index_run = options.index_run.max(1);
         std::thread::Builder::new()
             .name("iotfwd-store".into())
             .spawn(move || {
-                let stats = writer_thread(conn, &thread_path, jobs_rx, &thread_metrics, log);
+                let stats = writer_thread(
+                    conn,
+                    &thread_path,
+                    jobs_rx,
+                    spent,
+                    index_run,
+                    &thread_metrics,
+                    log,
+                );
                 let _ = done_tx.send(stats);
             })
             .map_err(|source| StoreError::Thread {
@@ -220,6 +234,7 @@ impl Store {
             records,
             control_rx,
             jobs,
+            Some(spent_rx),
             options,
             metrics,
             Arc::clone(sender.log()),
@@ -269,6 +284,7 @@ impl Store {
             records,
             control_rx,
             jobs,
+            None,
             options,
             metrics,
             Arc::clone(sender.log()),

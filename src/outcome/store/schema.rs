@@ -12,9 +12,13 @@ use rusqlite::{Connection, OpenFlags, OptionalExtension};
 
 use super::functions::register_functions;
 use super::{StoreError, sqlite_err};
+use crate::outcome::query::KEY_TABLES;
 
-/// The schema version this build writes (`PRAGMA user_version`).
-pub(super) const SCHEMA_VERSION: i64 = 1;
+/// The schema version this build writes (`PRAGMA user_version`). Version 1 had B-tree indexes
+/// on (device_name, time_ms) and (product_key, time_ms); version 2 keeps those lookups in
+/// [`KEY_TABLES`], filled in sorted runs (see [`super::writer`]). The writer upgrades a
+/// version 1 file when it opens it; a reader reads either.
+pub(super) const SCHEMA_VERSION: i64 = 2;
 
 const SCHEMA: &str = "
 CREATE TABLE IF NOT EXISTS records (
@@ -34,14 +38,25 @@ CREATE TABLE IF NOT EXISTS records (
 );
 CREATE INDEX IF NOT EXISTS records_message_id ON records (message_id);
 CREATE INDEX IF NOT EXISTS records_trace_id ON records (trace_id);
-CREATE INDEX IF NOT EXISTS records_device_time ON records (device_name, time_ms);
-CREATE INDEX IF NOT EXISTS records_product_time ON records (product_key, time_ms);
 CREATE INDEX IF NOT EXISTS records_time ON records (time_ms);
+CREATE TABLE IF NOT EXISTS by_device (
+    device TEXT NOT NULL,
+    t      INTEGER NOT NULL,
+    rid    INTEGER NOT NULL,
+    PRIMARY KEY (device, t, rid)
+) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS by_product (
+    product TEXT NOT NULL,
+    t       INTEGER NOT NULL,
+    rid     INTEGER NOT NULL,
+    PRIMARY KEY (product, t, rid)
+) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS indexed (through INTEGER NOT NULL);
 ";
 
-pub(super) const INSERT: &str = "INSERT INTO records (time_ms, trace_id, message_id, product_key, \
-     device_name, biz_code, operation, code, reason, content, tenant_id, instance_id) \
-     VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12)";
+pub(super) const INSERT: &str = "INSERT INTO records (id, time_ms, trace_id, message_id, \
+     product_key, device_name, biz_code, operation, code, reason, content, tenant_id, \
+     instance_id) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13)";
 
 /// Opens (creating if needed) the file for the one writer, creates the table and indexes, and
 /// refuses a file written by a newer iotfwd.
@@ -73,10 +88,79 @@ pub(super) fn open_writer(path: &Path, checkpoint_pages: u32) -> Result<Connecti
             found: version,
         });
     }
-    conn.execute_batch(SCHEMA).map_err(&err)?;
-    conn.execute_batch(&format!("PRAGMA user_version = {SCHEMA_VERSION}"))
-        .map_err(&err)?;
+    let upgrade = version == 1;
+    let started = std::time::Instant::now();
+    if upgrade {
+        tracing::info!(
+            store = %path.display(),
+            "record store: upgrading from schema version 1 to {SCHEMA_VERSION} (the device \
+             and product lookups move into sorted tables; this reads every record once)"
+        );
+    }
+    // One transaction: a crash during the upgrade leaves version 1 as it was.
+    conn.execute_batch("BEGIN IMMEDIATE").map_err(&err)?;
+    let created = (|| {
+        conn.execute_batch(SCHEMA)?;
+        let rows: i64 = conn.query_row("SELECT count(*) FROM indexed", [], |r| r.get(0))?;
+        if rows == 0 {
+            // A new file indexes nothing yet; a version 1 file indexes all it has.
+            for (table, key, column) in KEY_TABLES {
+                conn.execute_batch(&format!(
+                    "INSERT INTO {table} ({key}, t, rid) \
+                     SELECT {column}, time_ms, id FROM records ORDER BY 1, 2, 3"
+                ))?;
+            }
+            conn.execute_batch(
+                "INSERT INTO indexed (through) SELECT coalesce(max(id), 0) FROM records",
+            )?;
+        }
+        conn.execute_batch(
+            "DROP INDEX IF EXISTS records_device_time;
+             DROP INDEX IF EXISTS records_product_time;",
+        )?;
+        conn.execute_batch(&format!("PRAGMA user_version = {SCHEMA_VERSION}"))
+    })();
+    match created {
+        Ok(()) => conn.execute_batch("COMMIT").map_err(&err)?,
+        Err(e) => {
+            let _ = conn.execute_batch("ROLLBACK");
+            return Err(err(e));
+        }
+    }
+    if upgrade {
+        tracing::info!(
+            store = %path.display(),
+            "record store: upgraded to schema version {SCHEMA_VERSION} in {:.1} s",
+            started.elapsed().as_secs_f64()
+        );
+    }
     Ok(conn)
+}
+
+/// Which layout a store file has: version 2's lookup tables, or version 1's indexes (a file the
+/// writer of this version has not opened yet).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Layout {
+    /// (device_name, time_ms) and (product_key, time_ms) B-tree indexes on `records`.
+    Indexes,
+    /// [`KEY_TABLES`] and `indexed.through`.
+    KeyTables,
+}
+
+/// The file's layout, from its schema.
+pub(super) fn layout(conn: &Connection) -> rusqlite::Result<Layout> {
+    let tables: Option<i64> = conn
+        .query_row(
+            "SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'indexed'",
+            [],
+            |r| r.get(0),
+        )
+        .optional()?;
+    Ok(if tables.is_some() {
+        Layout::KeyTables
+    } else {
+        Layout::Indexes
+    })
 }
 
 /// Opens an existing file for a reader. A reader checks the schema version instead of creating
@@ -132,6 +216,114 @@ mod tests {
     use super::*;
     use crate::config::store::StoreConfig;
     use crate::outcome::store::StoreOptions;
+
+    /// A file as iotfwd wrote it before schema version 2: its device and product indexes.
+    const VERSION_1: &str = "
+        CREATE TABLE records (
+            id INTEGER PRIMARY KEY, time_ms INTEGER NOT NULL, trace_id TEXT NOT NULL,
+            message_id TEXT NOT NULL, product_key TEXT NOT NULL, device_name TEXT NOT NULL,
+            biz_code TEXT NOT NULL, operation TEXT NOT NULL, code INTEGER NOT NULL,
+            reason TEXT NOT NULL, content TEXT NOT NULL, tenant_id TEXT NOT NULL,
+            instance_id TEXT NOT NULL);
+        CREATE INDEX records_message_id ON records (message_id);
+        CREATE INDEX records_trace_id ON records (trace_id);
+        CREATE INDEX records_device_time ON records (device_name, time_ms);
+        CREATE INDEX records_product_time ON records (product_key, time_ms);
+        CREATE INDEX records_time ON records (time_ms);
+        PRAGMA user_version = 1;";
+
+    /// The writer upgrades a version 1 file: its records move into the lookup tables, its
+    /// device and product indexes go, and every query answers as before, also from a reader
+    /// opened before the upgrade; new records follow the old ids.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_version_1_file_is_upgraded_and_answers_the_same() {
+        use crate::outcome::Code;
+        use crate::outcome::query::LogQuery;
+        use crate::outcome::store::testing::{base, record};
+        use crate::outcome::store::{Reader, Store};
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("o.db");
+        {
+            let conn = Connection::open(&path).unwrap();
+            conn.execute_batch(VERSION_1).unwrap();
+            for i in 0..50 {
+                let r = record(i, base() + (i as i64 * 13) % 50, Code::Ok);
+                conn.execute(
+                    "INSERT INTO records (time_ms, trace_id, message_id, product_key, \
+                     device_name, biz_code, operation, code, reason, content, tenant_id, \
+                     instance_id) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12)",
+                    rusqlite::params![
+                        r.time_ms,
+                        r.trace_id,
+                        r.message_id,
+                        r.product_key,
+                        r.device_name,
+                        r.biz_code.as_str(),
+                        r.operation,
+                        r.code.as_u16(),
+                        r.reason,
+                        r.content,
+                        r.tenant_id,
+                        r.instance_id
+                    ],
+                )
+                .unwrap();
+            }
+        }
+        let queries: Vec<LogQuery> = [
+            (Some("d1"), None),
+            (None, Some("p0")),
+            (Some("d2"), Some("p1")),
+            (None, None),
+        ]
+        .into_iter()
+        .map(|(device, product)| LogQuery {
+            device: device.map(str::to_owned),
+            product: product.map(str::to_owned),
+            limit: 100,
+            ..LogQuery::default()
+        })
+        .collect();
+        let before = Reader::open(&path).unwrap();
+        let answers = |reader: &Reader| -> Vec<Vec<String>> {
+            queries
+                .iter()
+                .map(|q| {
+                    let page = reader.query(q).unwrap();
+                    page.records.into_iter().map(|r| r.message_id).collect()
+                })
+                .collect()
+        };
+        let expected = answers(&before);
+        assert_eq!(expected[0].len(), 17);
+        let store = Store::open(&path, Default::default(), None).unwrap();
+        let conn = Connection::open(&path).unwrap();
+        let (version, through, by_device, old_indexes): (i64, i64, i64, i64) = conn
+            .query_row(
+                "SELECT (SELECT user_version FROM pragma_user_version), \
+                 (SELECT through FROM indexed), (SELECT count(*) FROM by_device), \
+                 (SELECT count(*) FROM sqlite_master WHERE name IN \
+                  ('records_device_time', 'records_product_time'))",
+                [],
+                |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?)),
+            )
+            .unwrap();
+        assert_eq!((version, through, by_device, old_indexes), (2, 50, 50, 0));
+        assert_eq!(answers(&Reader::open(&path).unwrap()), expected);
+        assert_eq!(answers(&before), expected);
+        let tx = store.sender();
+        tx.send(record(50, base() + 60, Code::Ok)).await.unwrap();
+        store.flush().await.unwrap();
+        let newest = Reader::open(&path).unwrap().query(&queries[3]).unwrap();
+        assert_eq!(newest.records[0].message_id, "m50");
+        let id: i64 = conn
+            .query_row("SELECT id FROM records WHERE message_id = 'm50'", [], |r| {
+                r.get(0)
+            })
+            .unwrap();
+        assert_eq!(id, 51);
+        store.shutdown().await;
+    }
 
     /// `store.checkpoint_mib` reaches the writer's connection as pages of 4 KiB.
     #[test]

@@ -39,9 +39,18 @@ pub(crate) fn base() -> i64 {
     *BASE.get_or_init(|| crate::message::now_ms() - 1_000_000)
 }
 
+/// The writer's options for tests: lookup tables that lag by at most 7 records, so that even a
+/// small store is read through both the lookup tables and the tail.
+pub(crate) fn test_options() -> StoreOptions {
+    StoreOptions {
+        index_run: 7,
+        ..StoreOptions::default()
+    }
+}
+
 /// A store at `dir/o.db` holding records `0..n` (every fourth a 9325), committed.
 pub(super) async fn filled(dir: &Path, n: usize) -> (Store, Reader) {
-    let store = Store::open(&dir.join("o.db"), StoreOptions::default(), None).unwrap();
+    let store = Store::open(&dir.join("o.db"), test_options(), None).unwrap();
     let tx = store.sender();
     for i in 0..n {
         let code = if i % 4 == 0 {
@@ -202,7 +211,7 @@ pub(crate) async fn filled_on(
     dir: &Path,
     n: usize,
 ) -> Option<(Store, Reader, Option<PgDb>)> {
-    let (store, db) = open_on(backend, dir, StoreOptions::default()).await?;
+    let (store, db) = open_on(backend, dir, test_options()).await?;
     let tx = store.sender();
     for i in 0..n {
         let code = if i % 4 == 0 {
