@@ -139,7 +139,7 @@ pub struct TopicIndex<T> {
 
 #[derive(Clone, Debug)]
 struct Node<T> {
-    literal: HashMap<Box<str>, Node<T>>,
+    literal: HashMap<Box<str>, Node<T>, foldhash::fast::RandomState>,
     single: Option<Box<Node<T>>>,
     /// Values of filters ending in '#' right below this node; kept sorted.
     multi: Vec<T>,
@@ -150,7 +150,7 @@ struct Node<T> {
 impl<T> Default for Node<T> {
     fn default() -> Self {
         Node {
-            literal: HashMap::new(),
+            literal: HashMap::default(),
             single: None,
             multi: Vec::new(),
             exact: Vec::new(),
