@@ -245,7 +245,7 @@ pub fn run(
          checkpoint every {} MiB)",
         path.display(),
         options.batch_max_records,
-        options.checkpoint_pages / 256
+        options.checkpoint_mib
     );
     let engine = engine_rate();
     let target_rate = 3.0 * engine;

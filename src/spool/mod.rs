@@ -120,6 +120,7 @@ impl Spool {
             source,
         };
         let open = || -> Result<Connection, SpoolError> {
+            crate::outcome::store::configure_sqlite();
             let conn = Connection::open(path).map_err(err)?;
             conn.query_row("PRAGMA journal_mode = WAL", [], |r| r.get::<_, String>(0))
                 .map_err(err)?;

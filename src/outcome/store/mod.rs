@@ -59,6 +59,7 @@ mod writer;
 pub use functions::register_functions;
 pub use postgres::{BackendState, PgReader, PgTarget};
 pub use reader::{Cancel, Page, Reader, SPLIT_AT, SqliteReader, TRACE_MAX_RECORDS, Trace};
+pub(crate) use schema::configure_sqlite;
 pub use sinks::RecordSinks;
 pub use writer::{INDEX_RUN, PURGE_CHUNK, WriterStats};
 
@@ -137,8 +138,9 @@ pub struct StoreOptions {
     pub commit_interval: Duration,
     /// The same while a source waits for a commit (see `store.ack_commit_interval_ms`).
     pub ack_commit_interval: Duration,
-    /// WAL pages (4 KiB) after which the WAL is checkpointed (see `store.checkpoint_mib`).
-    pub checkpoint_pages: u32,
+    /// MiB of WAL after which the WAL is checkpointed (see `store.checkpoint_mib`); the
+    /// writer turns it into pages of the file's own page size.
+    pub checkpoint_mib: u32,
     /// Records that may wait for the writer (the backpressure bound).
     pub queue_capacity: usize,
     /// Records older than this are deleted.
@@ -158,7 +160,7 @@ impl StoreOptions {
             ack_commit_interval: Duration::from_millis(
                 config.ack_commit_interval_ms.min(config.commit_interval_ms),
             ),
-            checkpoint_pages: config.checkpoint_mib.max(1) * 256,
+            checkpoint_mib: config.checkpoint_mib.max(1),
             queue_capacity: config.queue_capacity.max(1),
             retention: Duration::from_secs(u64::from(config.retention_days) * 86_400),
             retention_interval: Duration::from_secs(600),
@@ -200,7 +202,7 @@ impl Store {
                 source,
             })?;
         }
-        let conn = schema::open_writer(path, options.checkpoint_pages)?;
+        let conn = schema::open_writer(path, options.checkpoint_mib)?;
         let metrics = metrics.unwrap_or_else(|| StoreMetrics::new(None));
         let (sender, records) = mpsc::channel(options.queue_capacity);
         let log = Arc::new(CommitLog::default());
