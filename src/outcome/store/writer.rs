@@ -32,7 +32,7 @@ pub const PURGE_CHUNK: usize = 5000;
 ///
 /// Why: a B-tree index on (device_name, time_ms) takes each record at its device's place, so a
 /// commit rewrites one index page per device it touches: with 1000 devices, about 1000 pages
-/// of 4 KiB for a commit of 1000 – 16 000 records, and every page is written twice (WAL, then
+/// for a commit of 1000 – 16 000 records, and every page is written twice (WAL, then
 /// checkpoint). Added in runs of this size, sorted, each page takes all its device's records of
 /// the run at once. A query for a device or a product reads the lookup table for the records up
 /// to `indexed.through` and the newer ones (fewer than this) from the table itself.
