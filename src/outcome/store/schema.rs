@@ -12,7 +12,7 @@ use rusqlite::{Connection, OpenFlags, OptionalExtension};
 
 use super::functions::register_functions;
 use super::{StoreError, sqlite_err};
-use crate::outcome::query::KEY_TABLES;
+use crate::outcome::query::{COLUMNS, KEY_TABLES};
 
 /// The schema version this build writes (`PRAGMA user_version`). Version 1 had B-tree indexes
 /// on (device_name, time_ms) and (product_key, time_ms); version 2 keeps those lookups in
@@ -60,11 +60,11 @@ pub(super) const INSERT_COLUMNS: usize = 13;
 /// An `INSERT` of `rows` records in one statement: SQLite prepares, steps and resets a
 /// statement once for all of them instead of once per record (with `rows` of 64, 13 × 64
 /// parameters, far below SQLite's limit of 32 766).
+/// The columns are [`COLUMNS`], the order every query reads a row in.
 pub(super) fn insert_rows(rows: usize) -> String {
     let one = format!("({})", vec!["?"; INSERT_COLUMNS].join(", "));
     format!(
-        "INSERT INTO records (id, time_ms, trace_id, message_id, product_key, device_name, \
-         biz_code, operation, code, reason, content, tenant_id, instance_id) VALUES {}",
+        "INSERT INTO records ({COLUMNS}) VALUES {}",
         vec![one; rows].join(", ")
     )
 }

@@ -10,7 +10,7 @@
 //! never stalls intake.
 
 use std::path::Path;
-use std::sync::Arc;
+use std::sync::{Arc, LazyLock};
 use std::time::Duration;
 
 use rusqlite::{Connection, Statement, params};
@@ -356,7 +356,7 @@ fn try_write_batch(
     let tx = conn.transaction()?;
     let mut next = ids.next;
     {
-        let mut many = tx.prepare_cached(&insert_rows(INSERT_ROWS))?;
+        let mut many = tx.prepare_cached(&INSERT_MANY)?;
         let mut chunks = batch.chunks_exact(INSERT_ROWS);
         for chunk in &mut chunks {
             for (i, r) in chunk.iter().enumerate() {
@@ -365,7 +365,7 @@ fn try_write_batch(
             }
             many.raw_execute()?;
         }
-        let mut one = tx.prepare_cached(&insert_rows(1))?;
+        let mut one = tx.prepare_cached(&INSERT_ONE)?;
         for r in chunks.remainder() {
             bind_record(&mut one, 0, next, r)?;
             one.raw_execute()?;
@@ -392,6 +392,10 @@ fn try_write_batch(
 /// Records per `INSERT` statement (the rest of a batch goes one by one). In a fill through the
 /// real write path, 64 rows per statement against one: see docs/benchmarks.md.
 const INSERT_ROWS: usize = 64;
+
+/// The statements' text, built once: the statement cache is looked up by it on every batch.
+static INSERT_MANY: LazyLock<String> = LazyLock::new(|| insert_rows(INSERT_ROWS));
+static INSERT_ONE: LazyLock<String> = LazyLock::new(|| insert_rows(1));
 
 /// Binds record `r`, numbered `id`, to the parameters after `offset` of an [`insert_rows`]
 /// statement.
@@ -554,10 +558,10 @@ mod tests {
         let after = try_write_batch(&mut conn, &batch, ids, i64::MAX).unwrap();
         assert_eq!((after.next, after.through), (10 + n as i64, 9));
         let mut stmt = conn
-            .prepare(
-                "SELECT id, time_ms, trace_id, message_id, product_key, device_name, biz_code, \
-                 operation, code, reason, content, tenant_id, instance_id FROM records ORDER BY id",
-            )
+            .prepare(&format!(
+                "SELECT {} FROM records ORDER BY id",
+                crate::outcome::query::COLUMNS
+            ))
             .unwrap();
         let rows: Vec<(i64, Record)> = stmt
             .query_map([], super::super::rows::row_to_stored)
